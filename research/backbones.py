@@ -1,0 +1,222 @@
+"""Backbone registry: builder, preprocessing, input sizes, and ordered named blocks.
+
+Every entry can say, for each layer of the built base model, which named block
+it belongs to. Blocks are ordered input to output; `research/unfreeze.py` picks
+variables by block. Block membership follows the Keras layer names, which for
+`keras.applications` models are stable (`block3_conv1`, `conv_dw_5_bn`, ...).
+
+The classifier built on top is always
+
+    inputs -> base(x, training=False) -> GlobalAveragePooling -> Dropout -> Dense (float32 logits)
+
+with the head layers named `head_pool`, `head_dropout`, `head` so that weights
+can be loaded "everything but the head".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import keras
+from keras import layers
+
+from research.config import UserError
+
+HEAD_LAYERS = ("head_pool", "head_dropout", "head")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One registry entry.
+
+    Attributes:
+      name: registry key.
+      build: `build(input_shape, weights, alpha) -> keras.Model` (no top).
+      preprocess: maps float32 RGB pixels in [0, 255] to the model's input range.
+      default_size / min_size: square input side.
+      block_of: maps the base model to `{layer_name: block_name}`.
+      has_imagenet: whether `weights="imagenet"` exists for it.
+    """
+
+    name: str
+    build: Callable[..., keras.Model]
+    preprocess: Callable
+    default_size: int
+    min_size: int
+    block_of: Callable[[keras.Model], dict[str, str]]
+    has_imagenet: bool = True
+
+
+def _by_prefix(rules: list[tuple[str, str]], first: str) -> Callable[[keras.Model], dict[str, str]]:
+    """Assigns layers to blocks by name regex.
+
+    `rules` are `(regex, block template)` pairs; the template may use the regex's
+    groups (`r"block\\1"`). A layer matching no rule (auto-named shortcut convs,
+    `add` layers, padding) joins the block of the previous layer in order, or
+    `first` when it comes before any matched layer.
+    """
+    compiled = [(re.compile(p), t) for p, t in rules]
+
+    def block_of(base: keras.Model) -> dict[str, str]:
+        out, current = {}, first
+        for layer in base.layers:
+            for pat, tmpl in compiled:
+                mt = pat.match(layer.name)
+                if mt:
+                    current = mt.expand(tmpl)
+                    break
+            out[layer.name] = current
+        return out
+
+    return block_of
+
+
+def _inception_blocks(base: keras.Model) -> dict[str, str]:
+    """InceptionV3: `stem`, then `mixed0` ... `mixed10`.
+
+    Inside the stem the layers are auto-named, so the stem is defined by
+    structure: it is the sequential part before the first layer whose output
+    feeds several branches (the input of `mixed0`). Keras orders functional
+    layers by depth, so each `mixedN` block is every layer after the previous
+    block's end up to the concatenation `mixedN` itself.
+    """
+    out, current, in_stem = {}, "stem", True
+    for layer in base.layers:
+        out[layer.name] = current
+        if in_stem and len(layer._outbound_nodes) > 1:
+            in_stem, current = False, "mixed0"
+        elif not in_stem and re.fullmatch(r"mixed\d+", layer.name):
+            current = f"mixed{int(layer.name[5:]) + 1}"
+    return out
+
+
+def _small_cnn(input_shape, weights=None, alpha=1.0) -> keras.Model:
+    """Three conv-BN-ReLU-pool blocks: a fast backbone for CPU tests and digits."""
+    del weights, alpha
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for i, filters in enumerate((32, 64, 128), start=1):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = layers.ReLU(name=f"block{i}_relu")(x)
+        if i < 3:
+            x = layers.MaxPooling2D(name=f"block{i}_pool")(x)
+    return keras.Model(inputs, x, name="small_cnn")
+
+
+def _app(fn, **fixed):
+    def build(input_shape, weights=None, alpha=1.0):
+        kw = dict(fixed)
+        if "alpha" in fixed:
+            kw["alpha"] = alpha
+        return fn(input_shape=input_shape, include_top=False, weights=weights, **kw)
+    return build
+
+
+def _scale_01(x):
+    return x / 255.0
+
+
+A = keras.applications
+BACKBONES: dict[str, Backbone] = {
+    "small_cnn": Backbone(
+        "small_cnn", _small_cnn, _scale_01, 32, 8,
+        _by_prefix([(r"block(\d+)_", r"block\1")], "block1"), has_imagenet=False),
+    "vgg16": Backbone(
+        "vgg16", _app(A.VGG16), A.vgg16.preprocess_input, 224, 32,
+        _by_prefix([(r"block(\d+)_", r"block\1")], "block1")),
+    "inception_v3": Backbone(
+        "inception_v3", _app(A.InceptionV3), A.inception_v3.preprocess_input, 299, 75,
+        _inception_blocks),
+    "mobilenet": Backbone(
+        "mobilenet", _app(A.MobileNet, alpha=1.0), A.mobilenet.preprocess_input, 224, 32,
+        _by_prefix([(r"conv1", "stem"), (r"conv_(?:dw|pw|pad)_(\d+)", r"conv_dw_\1")], "stem")),
+    "mobilenet_v2": Backbone(
+        "mobilenet_v2", _app(A.MobileNetV2, alpha=1.0), A.mobilenet_v2.preprocess_input, 224, 32,
+        _by_prefix([(r"(?:bn_)?Conv1", "stem"), (r"expanded_conv_", "block_0"),
+                    (r"block_(\d+)_", r"block_\1"), (r"Conv_1|out_relu", "top")], "stem")),
+    "resnet50": Backbone(
+        "resnet50", _app(A.ResNet50), A.resnet50.preprocess_input, 224, 32,
+        _by_prefix([(r"(?:conv1|pool1)_", "stem"), (r"(conv\d_block\d+)_", r"\1")], "stem")),
+    "efficientnet_b0": Backbone(
+        "efficientnet_b0", _app(A.EfficientNetB0), A.efficientnet.preprocess_input, 224, 32,
+        _by_prefix([(r"stem_", "stem"), (r"block(\d)[a-z]_", r"block\1"), (r"top_", "top")], "stem")),
+    "xception": Backbone(
+        "xception", _app(A.Xception), A.xception.preprocess_input, 299, 71,
+        _by_prefix([(r"block(\d+)_", r"block\1")], "block1")),
+}
+
+
+def get(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise UserError(f"unknown backbone {name!r}; allowed values: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def build_base(name: str, *, image_size: int, weights: str = "none", alpha: float = 1.0) -> keras.Model:
+    """Builds the base (no top) and loads `imagenet` or `.h5` weights.
+
+    `ckpt:WORKDIR` weights are loaded later by `research.checkpoints.init_from_run`,
+    once the whole classifier exists.
+
+    Raises:
+      UserError: unknown backbone, unreadable weights file, or weights that do not fit.
+    """
+    entry = get(name)
+    shape = (image_size, image_size, 3)
+    if weights in ("none", "") or weights.startswith("ckpt:"):
+        return entry.build(shape, weights=None, alpha=alpha)
+    if weights == "imagenet":
+        if not entry.has_imagenet:
+            raise UserError(f"--weights=imagenet is not available for backbone {name!r}")
+        try:
+            return entry.build(shape, weights="imagenet", alpha=alpha)
+        except ValueError as e:
+            raise UserError(f"--weights=imagenet for {name!r}: {e}") from None
+        except Exception as e:  # download failures (no network) land here
+            raise UserError(f"could not fetch ImageNet weights for {name!r} ({type(e).__name__}: {e}); "
+                            "on an offline machine pass --weights=PATH.h5 or --weights=none") from None
+    import os
+    if not os.path.isfile(weights):
+        raise UserError(f"--weights={weights!r}: no such file")
+    try:
+        # keras.applications loads a path with by_name=False, exactly like its own download.
+        return entry.build(shape, weights=weights, alpha=alpha)
+    except Exception as e:
+        raise UserError(f"--weights={weights!r} could not be loaded into {name!r} "
+                        f"(alpha={alpha}, image_size={image_size}): {type(e).__name__}: {e}") from None
+
+
+def build_classifier(base: keras.Model, num_classes: int, *, dropout: float = 0.2) -> keras.Model:
+    """Wraps a base model into the classifier the loop trains.
+
+    The base is called with `training=False`; note that Keras 3.15 lets the outer
+    call's `training=True` override it (keras issue 20285), which is why
+    `research/unfreeze.py` freezes BatchNormalization layers themselves.
+    """
+    inputs = keras.Input(base.input_shape[1:], name="image")
+    x = base(inputs, training=False)
+    x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+    x = layers.Dropout(dropout, name="head_dropout")(x)
+    # The logits stay float32 under mixed precision: softmax/loss need the range.
+    outputs = layers.Dense(num_classes, dtype="float32", name="head")(x)
+    return keras.Model(inputs, outputs, name=f"{base.name}_classifier")
+
+
+def base_of(model: keras.Model) -> keras.Model:
+    """The nested base model of a classifier built by `build_classifier`."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    raise ValueError("model has no nested base model")
+
+
+def blocks(base: keras.Model, backbone: str) -> list[str]:
+    """The ordered block names of a built base."""
+    seen: list[str] = []
+    for b in get(backbone).block_of(base).values():
+        if b not in seen:
+            seen.append(b)
+    return seen

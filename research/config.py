@@ -1,0 +1,352 @@
+"""Frozen dataclasses describing one experiment, and their validation.
+
+A config is built once (by `launch/train.py` from flags, or by a test directly),
+validated, saved as `config.json` in the workdir, and passed read-only to the
+library. Nothing in `research/` reads absl flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (flags, data, spec).
+
+    Entry points turn it into one clear message and exit status 2.
+    """
+
+
+OPTIMIZERS = ("adam", "sgd", "adamw")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+ES_MODES = ("auto", "min", "max")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are batched.
+
+    Attributes:
+      dataset: `digits`, `folder:PATH` or `tfds:NAME`.
+      data_dir: TFDS data directory (None: TFDS's default).
+      train_split / val_split: TFDS split names; an empty `val_split` means
+        "carve `val_fraction` out of the training split".
+      val_fraction: held-out fraction when the source has no validation split.
+      classes: subset of classes by name or index (`0-4`, `ants,bees`), relabelled 0..k-1.
+      image_size: side of the square model input; 0 means the backbone's default.
+      batch_size: the global batch size.
+      shuffle_buffer: tf.data shuffle buffer (capped at the dataset size).
+      cache: keep decoded, resized images in memory after the first epoch.
+      skip_bad_images: drop unreadable images (and report how many) instead of failing.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    train_split: str = "train"
+    val_split: str = ""
+    val_fraction: float = 0.2
+    classes: str = ""
+    image_size: int = 0
+    batch_size: int = 32
+    shuffle_buffer: int = 10000
+    cache: bool = True
+    skip_bad_images: bool = False
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Keras preprocessing-layer augmentation, the ImageDataGenerator knobs.
+
+    Attributes:
+      horizontal_flip: random left-right flips.
+      rotation: maximum rotation in degrees (ImageDataGenerator's rotation_range).
+      width_shift / height_shift: maximum shift as a fraction of the side.
+      zoom: maximum zoom in or out as a fraction (0.1 means 90%..110%).
+      contrast: maximum contrast change as a fraction.
+    """
+
+    horizontal_flip: bool = False
+    rotation: float = 0.0
+    width_shift: float = 0.0
+    height_shift: float = 0.0
+    zoom: float = 0.0
+    contrast: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.horizontal_flip or self.rotation or self.width_shift
+                    or self.height_shift or self.zoom or self.contrast)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and head.
+
+    Attributes:
+      backbone: a name from `research.backbones.BACKBONES`.
+      weights: `imagenet`, `none`, a path to a `.h5` weights file, or
+        `ckpt:WORKDIR` (another run's backbone, head skipped).
+      alpha: width multiplier for `mobilenet` / `mobilenet_v2`.
+      dropout: dropout rate before the classification Dense.
+      train_bn: let BatchNormalization layers in unfrozen blocks train (batch
+        statistics, moving-average updates, gamma/beta). Off by default: the
+        standard fine-tuning advice, and what keeps small-data runs stable.
+    """
+
+    backbone: str = "small_cnn"
+    weights: str = "none"
+    alpha: float = 1.0
+    dropout: float = 0.2
+    train_bn: bool = False
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Keras-compatible early stopping, applied to each stage separately.
+
+    `patience=0` with `enabled=False` (the default) never stops; the best
+    checkpoint is kept whether or not stopping is enabled.
+    """
+
+    enabled: bool = False
+    monitor: str = "val/loss"
+    mode: str = "auto"
+    min_delta: float = 0.0
+    patience: int = 5
+    baseline: float | None = None
+    start_from_epoch: int = 0
+    restore_best_weights: bool = False
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage: what is trainable, for how long, how fast.
+
+    Attributes:
+      name: label used in logs, TensorBoard and results.
+      unfreeze: an unfreeze spec (`none`, `all`, `top:K`, `blocks:a,b`,
+        `from:NAME`, `regex:PATTERN`), see `research/unfreeze.py`.
+      epochs: maximum epochs of this stage.
+      lr: peak learning rate.
+      schedule: `constant` or `cosine` (decays to 0 over the stage).
+      warmup_epochs: linear warmup from 0 to `lr`.
+      gradual_every: if > 0, gradual unfreezing: the stage starts with the top
+        block of its spec and unfreezes one more block every this many epochs.
+      lr_decay_per_block: layer-wise LR decay; block i below the top block
+        trains at lr * decay**i (1.0 disables it).
+      patience: per-stage override of the early-stopping patience (None: global).
+    """
+
+    name: str = "train"
+    unfreeze: str = "all"
+    epochs: int = 10
+    lr: float = 1e-3
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    gradual_every: int = 0
+    lr_decay_per_block: float = 1.0
+    patience: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, loop and run-control settings shared by all stages."""
+
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    clipnorm: float = 0.0
+    steps_per_loop: int = 20
+    seed: int = 0
+    deterministic: bool = False
+    jit_compile: bool = False
+    precision: str = "float32"
+    strategy: str = "auto"
+    grad_accum_steps: int = 1
+    checkpoint_keep: int = 3
+    checkpoint_every_steps: int = 0
+    histogram_every_epochs: int = 0
+    cache_features: bool = False
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: tuple[StageConfig, ...] = (StageConfig(),)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
+        es = EarlyStoppingConfig(**d["train"].get("early_stopping", {}))
+        train = dict(d["train"], early_stopping=es)
+        return cls(
+            data=DataConfig(**d["data"]),
+            augment=AugmentConfig(**d["augment"]),
+            model=ModelConfig(**d["model"]),
+            train=TrainConfig(**train),
+            stages=tuple(StageConfig(**s) for s in d["stages"]),
+        )
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+def _choice(name: str, value: str, allowed) -> None:
+    _check(value in allowed, f"--{name}={value!r} is not valid; allowed values: {', '.join(allowed)}")
+
+
+def validate(config: ExperimentConfig) -> ExperimentConfig:
+    """Checks everything that can be checked without building the model or data.
+
+    Args:
+      config: the experiment to check.
+
+    Returns:
+      The same config, for chaining.
+
+    Raises:
+      UserError: naming the bad value and the allowed values.
+    """
+    from research import backbones  # local import: backbones imports keras
+
+    d, m, t = config.data, config.model, config.train
+    ds = d.dataset
+    _check(ds == "digits" or ds.startswith("folder:") or ds.startswith("tfds:"),
+           f"--dataset={ds!r} is not valid; allowed values: digits, folder:PATH, tfds:NAME")
+    _check(not (ds.startswith("folder:") and not ds[len("folder:"):]), "--dataset=folder: needs a path, e.g. folder:/data/flowers")
+    _check(not (ds.startswith("tfds:") and not ds[len("tfds:"):]), "--dataset=tfds: needs a dataset name, e.g. tfds:tf_flowers")
+    _check(0.0 < d.val_fraction < 1.0, f"--val_fraction={d.val_fraction} must be strictly between 0 and 1")
+    _check(d.batch_size >= 1, f"--batch_size={d.batch_size} must be >= 1")
+    _check(d.image_size >= 0, f"--image_size={d.image_size} must be >= 0 (0 means the backbone's default)")
+    _check(d.shuffle_buffer >= 1, f"--shuffle_buffer={d.shuffle_buffer} must be >= 1")
+
+    a = config.augment
+    for name in ("rotation", "width_shift", "height_shift", "zoom", "contrast"):
+        v = getattr(a, name)
+        _check(v >= 0 and math.isfinite(v), f"--{name}={v} must be a finite number >= 0")
+    _check(a.rotation <= 180, f"--rotation={a.rotation} is in degrees and must be <= 180")
+    for name in ("width_shift", "height_shift", "zoom", "contrast"):
+        _check(getattr(a, name) < 1, f"--{name}={getattr(a, name)} is a fraction and must be < 1")
+
+    _choice("backbone", m.backbone, tuple(backbones.BACKBONES))
+    entry = backbones.BACKBONES[m.backbone]
+    size = d.image_size or entry.default_size
+    _check(size >= entry.min_size,
+           f"--image_size={size} is below the minimum input size {entry.min_size} of backbone {m.backbone!r}")
+    w = m.weights
+    _check(w in ("imagenet", "none") or w.startswith("ckpt:") or w.endswith((".h5", ".weights.h5", ".keras")),
+           f"--weights={w!r} is not valid; allowed values: imagenet, none, a .h5 weights file, ckpt:WORKDIR")
+    _check(not (w == "imagenet" and not entry.has_imagenet),
+           f"--weights=imagenet is not available for backbone {m.backbone!r}; use none, a .h5 file or ckpt:WORKDIR")
+    _check(0.0 <= m.dropout < 1.0, f"--dropout={m.dropout} must be in [0, 1)")
+    _check(m.alpha > 0, f"--alpha={m.alpha} must be > 0")
+
+    _choice("optimizer", t.optimizer, OPTIMIZERS)
+    _choice("precision", t.precision, PRECISIONS)
+    _choice("strategy", t.strategy, STRATEGIES)
+    _check(t.steps_per_loop >= 1, f"--steps_per_loop={t.steps_per_loop} must be >= 1")
+    _check(t.clipnorm >= 0, f"--clipnorm={t.clipnorm} must be >= 0 (0 disables clipping)")
+    _check(t.grad_accum_steps >= 1, f"--grad_accum_steps={t.grad_accum_steps} must be >= 1")
+    _check(t.checkpoint_keep >= 1, f"--checkpoint_keep={t.checkpoint_keep} must be >= 1")
+    _check(t.checkpoint_every_steps >= 0, f"--checkpoint_every_steps={t.checkpoint_every_steps} must be >= 0")
+    es = t.early_stopping
+    _choice("early_stopping_mode", es.mode, ES_MODES)
+    _check(es.monitor in MONITORS,
+           f"--early_stopping_monitor={es.monitor!r} is not valid; allowed values: {', '.join(MONITORS)}")
+    _check(es.patience >= 0, f"--early_stopping_patience={es.patience} must be >= 0")
+    _check(es.start_from_epoch >= 0, f"--early_stopping_start_from_epoch={es.start_from_epoch} must be >= 0")
+
+    _check(len(config.stages) >= 1, "at least one stage with epochs > 0 is needed (see --stages, --head_epochs, --finetune_epochs)")
+    names = [s.name for s in config.stages]
+    _check(len(set(names)) == len(names), f"stage names must be unique, got {names}")
+    for s in config.stages:
+        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) is not None,
+               f"stage name {s.name!r} may only contain letters, digits, '_', '.', '-'")
+        _check(s.epochs >= 1, f"stage {s.name!r}: epochs={s.epochs} must be >= 1")
+        _check(s.lr > 0 and math.isfinite(s.lr), f"stage {s.name!r}: lr={s.lr} must be a finite number > 0")
+        _choice("schedule", s.schedule, SCHEDULES)
+        _check(0 <= s.warmup_epochs <= s.epochs, f"stage {s.name!r}: warmup_epochs={s.warmup_epochs} must be in [0, epochs]")
+        _check(s.gradual_every >= 0, f"stage {s.name!r}: gradual_every={s.gradual_every} must be >= 0")
+        _check(0 < s.lr_decay_per_block <= 1, f"stage {s.name!r}: lr_decay_per_block={s.lr_decay_per_block} must be in (0, 1]")
+        _check(s.patience is None or s.patience >= 0, f"stage {s.name!r}: patience must be >= 0")
+    return config
+
+
+MONITORS = ("val/loss", "val/accuracy", "val/top5_accuracy", "train/loss", "train/accuracy")
+
+
+# --- The `--stages` mini-language -------------------------------------------------
+
+_STAGE_KEYS = {
+    "name": str, "unfreeze": str, "epochs": int, "lr": float, "schedule": str,
+    "warmup": float, "warmup_epochs": float, "gradual_every": int,
+    "lr_decay_per_block": float, "patience": int,
+}
+
+
+def parse_stages(text: str) -> tuple[StageConfig, ...]:
+    """Parses `--stages`.
+
+    Stages are separated by `;`; each is whitespace-separated `key=value` pairs:
+
+        unfreeze=none epochs=10 lr=1e-3; unfreeze=top:2 epochs=5 lr=1e-4 warmup=1
+
+    Keys: name, unfreeze, epochs, lr, schedule, warmup (epochs), gradual_every,
+    lr_decay_per_block, patience. Unnamed stages are called `stage0`, `stage1`, ...
+
+    Raises:
+      UserError: on an unknown key or a value of the wrong type.
+    """
+    stages = []
+    parts = [p.strip() for p in text.split(";") if p.strip()]
+    _check(bool(parts), f"--stages={text!r} defines no stage; example: "
+           "'unfreeze=none epochs=10 lr=1e-3; unfreeze=top:2 epochs=5 lr=1e-4'")
+    for i, part in enumerate(parts):
+        kwargs: dict[str, Any] = {"name": f"stage{i}"}
+        for tok in part.split():
+            key, sep, value = tok.partition("=")
+            _check(bool(sep) and key in _STAGE_KEYS,
+                   f"--stages: {tok!r} in stage {i} is not key=value with a known key; "
+                   f"allowed keys: {', '.join(_STAGE_KEYS)}")
+            try:
+                kwargs["warmup_epochs" if key == "warmup" else key] = _STAGE_KEYS[key](value)
+            except ValueError:
+                raise UserError(f"--stages: {key}={value!r} in stage {i} is not a valid {_STAGE_KEYS[key].__name__}") from None
+        stages.append(StageConfig(**kwargs))
+    return tuple(stages)
+
+
+def simple_stages(*, head_epochs: int, lr: float, unfreeze: str, finetune_epochs: int,
+                  finetune_lr: float | None, schedule: str = "constant",
+                  warmup_epochs: float = 0.0, gradual_every: int = 0,
+                  lr_decay_per_block: float = 1.0) -> tuple[StageConfig, ...]:
+    """The common recipe: an optional head-only stage, then a fine-tuning stage."""
+    stages = []
+    if head_epochs > 0:
+        stages.append(StageConfig(name="head", unfreeze="none", epochs=head_epochs, lr=lr,
+                                  schedule=schedule, warmup_epochs=min(warmup_epochs, head_epochs)))
+    if finetune_epochs > 0:
+        stages.append(StageConfig(
+            name="finetune" if head_epochs > 0 else "train", unfreeze=unfreeze,
+            epochs=finetune_epochs, lr=finetune_lr if finetune_lr else lr, schedule=schedule,
+            warmup_epochs=min(warmup_epochs, finetune_epochs), gradual_every=gradual_every,
+            lr_decay_per_block=lr_decay_per_block))
+    return tuple(stages)

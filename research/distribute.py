@@ -1,0 +1,84 @@
+"""Distribution strategy and precision policy selection.
+
+`--strategy=auto` picks MirroredStrategy when more than one GPU is visible,
+else the default strategy. `--cpu_devices=N` splits the CPU into N logical
+devices (it must run before TensorFlow initialises its devices), so mirrored
+training can be run and tested on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from research.config import UserError
+
+
+def split_cpu(n: int) -> None:
+    """Splits the physical CPU into `n` logical devices (call before any TF op)."""
+    if n <= 1:
+        return
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError:
+        # Already initialised: fine if the split is already in place.
+        if len(tf.config.list_logical_devices("CPU")) < n:
+            raise UserError(f"--cpu_devices={n}: TensorFlow was initialised before the CPU could be split")
+
+
+def make_strategy(name: str, *, collective_timeout: float = 0.0) -> tf.distribute.Strategy:
+    """Returns the strategy for `--strategy`.
+
+    Raises:
+      UserError: unknown name, or a strategy this machine cannot provide.
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    cpus = tf.config.list_logical_devices("CPU")
+    if name == "auto":
+        name = "mirrored" if len(gpus) > 1 else "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    if name == "mirrored":
+        devices = [d.name for d in gpus] or [d.name for d in cpus]
+        # NCCL needs GPUs; on logical CPU devices reduce with plain copies.
+        cross = None if gpus else tf.distribute.ReductionToOneDevice()
+        return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross)
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise UserError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                            "(see README: multi-worker training, or use launch/multiworker.py)")
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=collective_timeout or None)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    if name == "tpu":
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, tf.errors.OpError) as e:
+            raise UserError(f"--strategy=tpu: no TPU found ({str(e).splitlines()[0]})") from None
+        return tf.distribute.TPUStrategy(resolver)
+    raise UserError(f"--strategy={name!r} is not valid; allowed values: auto, default, one_device, mirrored, multi_worker, tpu")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's files (always, except non-chief workers)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
+    if "chief" in cluster:
+        return kind == "chief"
+    return kind == "worker" and index == 0
+
+
+def set_precision(policy: str) -> None:
+    """Sets the global Keras dtype policy (`float32`, `mixed_float16`, `mixed_bfloat16`)."""
+    keras.mixed_precision.set_global_policy(policy)

@@ -1,0 +1,90 @@
+"""Optimizers, learning-rate schedules with warmup, loss scaling.
+
+One optimizer serves the whole run (see DESIGN: Keras checkpoints optimizer
+slots by position). Stages differ only in their learning-rate settings, which
+live in `StageSchedule`'s variables and are set eagerly at each stage start, so
+the traced step reads them and needs no retrace for a new learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from research.config import StageConfig, TrainConfig, UserError
+
+
+class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup to `peak`, then constant or cosine decay to 0, over one stage.
+
+    The step is the optimizer's own `iterations` counter; `start` is its value at
+    the start of the stage.
+    """
+
+    def __init__(self):
+        self.start = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage_start_step")
+        self.peak = tf.Variable(1e-3, dtype=tf.float32, trainable=False, name="stage_peak_lr")
+        self.warmup = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage_warmup_steps")
+        self.total = tf.Variable(1, dtype=tf.int64, trainable=False, name="stage_total_steps")
+        self.cosine = tf.Variable(False, trainable=False, name="stage_cosine")
+
+    def set_stage(self, stage: StageConfig, *, start_step: int, steps_per_epoch: int) -> None:
+        self.start.assign(start_step)
+        self.peak.assign(stage.lr)
+        self.warmup.assign(int(round(stage.warmup_epochs * steps_per_epoch)))
+        self.total.assign(max(1, stage.epochs * steps_per_epoch))
+        self.cosine.assign(stage.schedule == "cosine")
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.int64) - self.start
+        peak = self.peak
+        warm = tf.cast(self.warmup, tf.float32)
+        s = tf.cast(step, tf.float32)
+        # Warmup reaches the peak at the end of step `warmup` (step counts from 0).
+        warm_factor = tf.where(self.warmup > 0, tf.minimum(1.0, (s + 1.0) / tf.maximum(warm, 1.0)), 1.0)
+        decay_span = tf.cast(tf.maximum(self.total - self.warmup, 1), tf.float32)
+        progress = tf.clip_by_value((s - warm) / decay_span, 0.0, 1.0)
+        cos_factor = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        factor = tf.where(self.cosine & (step >= self.warmup), cos_factor, 1.0)
+        return peak * warm_factor * factor
+
+    def get_config(self):
+        return {}
+
+
+def build_optimizer(cfg: TrainConfig, schedule, *, loss_scale: bool = False) -> keras.optimizers.Optimizer:
+    """Builds the run's optimizer.
+
+    Args:
+      cfg: optimizer name, momentum, weight decay, clipping.
+      schedule: a learning rate or schedule.
+      loss_scale: wrap in `LossScaleOptimizer` (dynamic loss scaling, for
+        mixed_float16). Clipping stays on the inner optimizer, which then sees
+        unscaled gradients.
+    """
+    clip = {"global_clipnorm": cfg.clipnorm} if cfg.clipnorm > 0 else {}
+    if cfg.optimizer == "adam":
+        opt = keras.optimizers.Adam(schedule, **clip)
+    elif cfg.optimizer == "sgd":
+        opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum, **clip)
+    elif cfg.optimizer == "adamw":
+        opt = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, **clip)
+    else:
+        raise UserError(f"--optimizer={cfg.optimizer!r} is not valid; allowed values: adam, sgd, adamw")
+    if loss_scale:
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+def current_lr(optimizer) -> float:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    lr = inner.learning_rate
+    return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+
+
+def loss_scale_value(optimizer) -> float | None:
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return float(optimizer.dynamic_scale.numpy())
+    return None

@@ -1,0 +1,245 @@
+"""Which variables train: unfreeze specs, the BatchNorm policy, gradual unfreezing.
+
+An unfreeze spec picks blocks of the backbone (ordered input -> output, see
+`research/backbones.py`); the head is always trainable:
+
+    none             head only (linear probe)
+    all              every block
+    top:K            the last K blocks
+    blocks:a,b,...   exactly these blocks (surgical fine-tuning)
+    from:NAME        block NAME and every block above it
+    regex:PATTERN    base variables whose path matches PATTERN (re.search)
+
+A spec resolves to an explicit, ordered list of variables (`Selection.variables`);
+the training step differentiates and updates exactly that list and nothing else.
+
+BatchNorm policy: by default every BatchNormalization layer is frozen *as a layer*
+(`layer.trainable = False`), which in Keras means inference mode (moving
+statistics used, never updated) and gamma/beta excluded. Passing
+`base(x, training=False)` is not enough in Keras 3.15: an outer call with
+`training=True` overrides it (keras issue 20285). With `train_bn=True` the BN
+layers of unfrozen blocks train (batch statistics, moving-average updates,
+gamma/beta); BN layers of frozen blocks stay frozen.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from research import backbones
+from research.config import UserError
+
+SPEC_HELP = "none, all, top:K, blocks:a,b,..., from:NAME, regex:PATTERN"
+
+
+@dataclass
+class Selection:
+    """The resolved result of one spec on one model.
+
+    Attributes:
+      spec: the spec text.
+      blocks: unfrozen block names, input to output.
+      variables: every variable that trains (base selection, then head), in model order.
+      bn_trainable: names of BN layers that train (empty under the default policy).
+      lr_multipliers: `{variable path: multiplier}` for layer-wise LR decay (only != 1 entries).
+    """
+
+    spec: str
+    blocks: list[str]
+    variables: list
+    bn_trainable: list[str]
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[str]:
+        return [v.path for v in self.variables]
+
+
+def resolve_blocks(spec: str, block_names: list[str], *, backbone: str = "") -> list[str]:
+    """Resolves a block-based spec to the unfrozen blocks, input to output.
+
+    `regex:` specs select variables, not blocks: they return [] here and are
+    handled by `select`.
+
+    Raises:
+      UserError: unknown spec kind, unknown block, K out of range; the message
+        lists the backbone's valid blocks.
+    """
+    valid = f"valid blocks of {backbone or 'this backbone'} (input to output): {', '.join(block_names)}"
+    kind, _, arg = spec.partition(":")
+    n = len(block_names)
+    if spec == "none":
+        return []
+    if spec == "all":
+        return list(block_names)
+    if kind == "top":
+        if not re.fullmatch(r"\d+", arg) or not 0 <= int(arg) <= n:
+            raise UserError(f"unfreeze spec {spec!r}: K must be an integer in 0..{n}; {valid}")
+        k = int(arg)
+        return list(block_names[n - k:]) if k else []
+    if kind == "blocks":
+        wanted = [b.strip() for b in arg.split(",") if b.strip()]
+        unknown = [b for b in wanted if b not in block_names]
+        if not wanted or unknown:
+            raise UserError(f"unfreeze spec {spec!r}: unknown block {', '.join(unknown) or '(none given)'}; {valid}")
+        return [b for b in block_names if b in wanted]
+    if kind == "from":
+        if arg not in block_names:
+            raise UserError(f"unfreeze spec {spec!r}: unknown block {arg!r}; {valid}")
+        return list(block_names[block_names.index(arg):])
+    if kind == "regex":
+        try:
+            re.compile(arg)
+        except re.error as e:
+            raise UserError(f"unfreeze spec {spec!r}: invalid regular expression ({e})") from None
+        if not arg:
+            raise UserError(f"unfreeze spec {spec!r}: empty regular expression")
+        return []
+    raise UserError(f"unfreeze spec {spec!r} is not valid; allowed forms: {SPEC_HELP}; {valid}")
+
+
+def _is_bn(layer) -> bool:
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _candidates(layer) -> list:
+    """Variables created trainable, whatever `layer.trainable` says now.
+
+    `layer.trainable_weights` is empty once a layer is frozen, but a later stage
+    may unfreeze it again; Keras keeps the created-trainable list privately.
+    """
+    return list(layer._trainable_variables)
+
+
+def head_variables(model: keras.Model) -> list:
+    return [v for name in backbones.HEAD_LAYERS for v in _candidates(model.get_layer(name))]
+
+
+def layer_blocks(model: keras.Model, backbone: str) -> tuple[keras.Model, dict[str, str], list[str]]:
+    base = backbones.base_of(model)
+    block_of = backbones.get(backbone).block_of(base)
+    return base, block_of, backbones.blocks(base, backbone)
+
+
+def select(model: keras.Model, backbone: str, spec: str, *, train_bn: bool = False,
+           lr_decay_per_block: float = 1.0, limit_top: int | None = None) -> Selection:
+    """Resolves `spec` on a classifier built by `backbones.build_classifier`.
+
+    Args:
+      model: the classifier.
+      backbone: its registry name (gives the block map).
+      spec: the unfreeze spec.
+      train_bn: the BatchNorm policy (see module docstring).
+      lr_decay_per_block: LR multiplier per block below the top block of the
+        whole backbone (timm's layer decay; 1.0 disables it).
+      limit_top: gradual unfreezing: keep only the top `limit_top` of the spec's blocks.
+
+    Returns:
+      The selection; it does not change the model (see `apply_policy`).
+
+    Raises:
+      UserError: invalid spec, or a regex that matches no base variable.
+    """
+    base, block_of, names = layer_blocks(model, backbone)
+    chosen = resolve_blocks(spec, names, backbone=backbone)
+    regex = re.compile(spec[len("regex:"):]) if spec.startswith("regex:") else None
+    if limit_top is not None:
+        chosen = chosen[max(0, len(chosen) - limit_top):]
+    chosen_set = set(chosen)
+    variables, bn_trainable, regex_blocks = [], [], []
+    for layer in base.layers:
+        in_block = block_of[layer.name] in chosen_set
+        if _is_bn(layer) and not train_bn:
+            continue
+        for v in _candidates(layer):
+            take = bool(regex.search(v.path)) if regex else in_block
+            if take:
+                variables.append(v)
+                if _is_bn(layer) and layer.name not in bn_trainable:
+                    bn_trainable.append(layer.name)
+                if regex and block_of[layer.name] not in regex_blocks:
+                    regex_blocks.append(block_of[layer.name])
+    if regex is not None:
+        if not variables:
+            paths = [v.path for layer in base.layers for v in _candidates(layer)][:8]
+            raise UserError(f"unfreeze spec {spec!r} matches no trainable base variable "
+                            f"(BN gamma/beta count only with --train_bn); example paths: {', '.join(paths)}; "
+                            f"blocks: {', '.join(names)}")
+        chosen = [b for b in names if b in regex_blocks]
+    mult = {}
+    if lr_decay_per_block != 1.0:
+        depth = {b: len(names) - 1 - i for i, b in enumerate(names)}
+        layer_of = {id(v): layer.name for layer in base.layers for v in layer.weights}
+        for v in variables:
+            m = lr_decay_per_block ** depth[block_of[layer_of[id(v)]]]
+            if m != 1.0:
+                mult[v.path] = float(m)
+    return Selection(spec, chosen, variables + head_variables(model), bn_trainable, mult)
+
+
+def apply_policy(model: keras.Model, backbone: str, selection: Selection) -> None:
+    """Sets `layer.trainable` to match a selection.
+
+    The step's variable list is what decides what trains; the flags matter for
+    BatchNormalization (inference mode) and keep `model.trainable_variables`
+    and summaries honest. Call before the step function is traced.
+    """
+    base, block_of, _ = layer_blocks(model, backbone)
+    chosen = set(selection.blocks)
+    selected = {id(v) for v in selection.variables}
+    for layer in base.layers:
+        if _is_bn(layer):
+            layer.trainable = layer.name in selection.bn_trainable
+        elif layer.weights:
+            layer.trainable = block_of[layer.name] in chosen and any(id(v) in selected for v in layer.weights)
+
+
+def trainable_union(model: keras.Model, backbone: str, specs: list[str], *, train_bn: bool) -> list:
+    """Every variable any of `specs` can train, in model order: what the single
+    optimizer is built on, so its checkpoint layout never changes between stages."""
+    ids = set()
+    for spec in specs:
+        ids |= {id(v) for v in select(model, backbone, spec, train_bn=train_bn).variables}
+    ordered = []
+    base = backbones.base_of(model)
+    for v in list(base.weights) + head_variables(model):
+        if id(v) in ids and all(v is not o for o in ordered):
+            ordered.append(v)
+    return ordered
+
+
+def count_params(variables) -> int:
+    return int(sum(np.prod(v.shape) for v in variables))
+
+
+def describe(selection: Selection, model: keras.Model, *, stage: str) -> dict:
+    """The `trainable.json` record of one stage."""
+    trainable = count_params(selection.variables)
+    total = count_params(model.weights)
+    return {
+        "stage": stage,
+        "spec": selection.spec,
+        "blocks": selection.blocks,
+        "bn_trainable": selection.bn_trainable,
+        "trainable_params": trainable,
+        "frozen_params": total - trainable,
+        "num_variables": len(selection.variables),
+        "variables": selection.paths,
+        "lr_multipliers": selection.lr_multipliers,
+    }
+
+
+def summary_text(record: dict) -> str:
+    """A short Markdown summary for logs and TensorBoard."""
+    blocks = ", ".join(record["blocks"]) or "(none: head only)"
+    lines = [
+        f"**stage {record['stage']}** spec `{record['spec']}`",
+        f"- unfrozen blocks: {blocks}",
+        f"- trainable params: {record['trainable_params']:,}; frozen params: {record['frozen_params']:,}",
+        f"- trainable variables: {record['num_variables']}; BN layers training: {len(record['bn_trainable'])}",
+    ]
+    return "\n".join(lines)
