@@ -79,6 +79,8 @@ class Preemption:
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v):
+            v = {str(i): x for i, x in enumerate(v)}
         if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
@@ -130,10 +132,12 @@ def prepare_workdir(workdir: str, config: ExperimentConfig, *, allow_config_chan
     if existing:
         with open(path) as f:
             old = json.load(f)
-        diff = _diff_configs(old, config.to_dict())
+        new = json.loads(json.dumps(config.to_dict()))
+        diff = _diff_configs(old, new)
         if diff and not allow_config_change:
-            shown = "; ".join(f"{k}: {_flatten(old).get(k)!r} -> {_flatten(config.to_dict()).get(k)!r}" for k in diff[:6])
-            raise UserError(f"--workdir={workdir!r} holds a run with a different config ({shown}); "
+            shown = "; ".join(f"{k}: {_flatten(old).get(k)!r} -> {_flatten(new).get(k)!r}" for k in diff[:6])
+            raise UserError(f"--workdir={workdir!r} holds a run with a different config; changed: "
+                            f"{', '.join(diff)} ({shown}); "
                             "use another --workdir, or pass --allow_config_change to resume anyway")
     if write:
         _atomic_write_json(path, config.to_dict())

@@ -1,0 +1,49 @@
+"""Shared test helpers: quiet TensorFlow, the shared real data, launcher subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get("RESEARCH_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
+
+
+def shared_path(*parts: str) -> str:
+    """A path under ../shared/data, or skip the test with the reason."""
+    path = os.path.join(SHARED_DATA, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"real data not found at {path} (set RESEARCH_SHARED_DATA to the shared data folder)")
+    return path
+
+
+def run_module(module: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs `python -m module args...` from the project root and captures output."""
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """A folder dataset of real digits written as PNG/JPEG files (3 classes, names with spaces)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    root = tmp_path / "imgs"
+    for c in (0, 1, 2):
+        (root / f"class {c}").mkdir(parents=True)
+        idx = np.flatnonzero(d.target == c)[:30]
+        for j, i in enumerate(idx):
+            img = (d.images[i] * 255 / 16).astype("uint8")
+            ext = "png" if j % 2 else "jpg"
+            Image.fromarray(img).convert("RGB").resize((20 + j % 5, 16)).save(root / f"class {c}" / f"img {j}.{ext}")
+    return root

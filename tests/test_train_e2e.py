@@ -1,0 +1,72 @@
+"""End to end through `launch/train.py`: files in the workdir, the default job, real data."""
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import run_module, shared_path
+
+
+def test_smoke_tiny_run_writes_the_workdir_contract(tmp_path, tiny_folder):
+    wd = tmp_path / "run"
+    r = run_module("launch.train", f"--workdir={wd}", f"--dataset=folder:{tiny_folder}", "--image_size=16",
+                   "--batch_size=8", "--head_epochs=1", "--unfreeze=top:1", "--finetune_epochs=1",
+                   "--horizontal_flip", "--rotation=10", "--zoom=0.1", "--contrast=0.1",
+                   "--width_shift=0.1", "--height_shift=0.1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tensorboard --logdir" in r.stdout
+    for name in ("config.json", "trainable.json", "results.json", "ckpt/checkpoint", "best/checkpoint"):
+        assert (wd / name).exists(), name
+    assert any(f.startswith("events") for f in os.listdir(wd / "train"))
+    assert any(f.startswith("events") for f in os.listdir(wd / "val"))
+    res = json.loads((wd / "results.json").read_text())
+    assert [s["name"] for s in res["stages"]] == ["head", "finetune"]
+    assert res["class_names"] == ["class 0", "class 1", "class 2"]
+    for key in ("final", "best", "best_epoch", "epochs_run", "wall_time_s", "train_images_per_sec"):
+        assert key in res
+    assert res["epochs_run"] == 2
+
+    # The event files hold the contract's scalar tags.
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(str(wd / "train")); acc.Reload()
+    tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+    assert {"loss", "accuracy", "learning_rate", "images_per_second"} <= tags, tags
+
+    # Running again resumes (nothing left to do) and says so.
+    r2 = run_module("launch.train", f"--workdir={wd}", f"--dataset=folder:{tiny_folder}", "--image_size=16",
+                    "--batch_size=8", "--head_epochs=1", "--unfreeze=top:1", "--finetune_epochs=1",
+                    "--horizontal_flip", "--rotation=10", "--zoom=0.1", "--contrast=0.1",
+                    "--width_shift=0.1", "--height_shift=0.1")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "Resuming from" in r2.stdout
+    assert json.loads((wd / "results.json").read_text())["epochs_run"] == 2
+
+    # A different config on the same workdir is refused.
+    r3 = run_module("launch.train", f"--workdir={wd}", f"--dataset=folder:{tiny_folder}", "--image_size=16",
+                    "--batch_size=8", "--backbone=mobilenet", "--image_size=32", "--finetune_epochs=1")
+    assert r3.returncode == 2 and "different config" in r3.stderr and "model.backbone" in r3.stderr
+
+
+def test_default_job_reaches_095_on_digits(tmp_path):
+    """The Quickstart command, nothing else: val accuracy >= 0.95."""
+    wd = tmp_path / "quickstart"
+    r = run_module("launch.train", f"--workdir={wd}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((wd / "results.json").read_text())
+    assert res["final"]["val_accuracy"] >= 0.95, res["final"]
+    assert res["num_train"] + res["num_val"] == 1797
+
+
+def test_hymenoptera_mobilenet_head_only(tmp_path):
+    """Real photos (ants vs bees) with ImageNet MobileNet-0.25, head only: val accuracy >= 0.80."""
+    folder = shared_path("hymenoptera")
+    weights = shared_path("weights", "mobilenet_2_5_224_tf_no_top.h5")
+    wd = tmp_path / "ants"
+    r = run_module("launch.train", f"--workdir={wd}", f"--dataset=folder:{folder}", "--backbone=mobilenet",
+                   "--alpha=0.25", f"--weights={weights}", "--image_size=224", "--unfreeze=none",
+                   "--finetune_epochs=8", "--lr=3e-3", "--batch_size=16", "--horizontal_flip", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((wd / "results.json").read_text())
+    assert res["num_train"] == 244 and res["num_val"] == 153
+    assert res["final"]["val_accuracy"] >= 0.80, res["final"]
