@@ -77,7 +77,7 @@ class Checkpoints:
         for path in reversed(self.latest.checkpoints):
             try:
                 self.full.restore(path).assert_existing_objects_matched()
-            except (tf.errors.OpError, ValueError, AssertionError) as e:
+            except Exception as e:  # noqa: BLE001  damaged files raise OpError, IndexError, ValueError...
                 logging.warning("checkpoint %s is unreadable (%s: %s); trying an older one",
                                 path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 continue

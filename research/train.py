@@ -156,6 +156,38 @@ def _monitor_value(monitor: str, train: dict, val: dict) -> float | None:
     return (val if split == "val" else train).get(name)
 
 
+def build_model_and_optimizer(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.Strategy):
+    """Builds the classifier, loads its initial weights, and the run's one optimizer.
+
+    The optimizer is built on the union of every stage's variables, inside the
+    strategy scope (keras issue 23085), so its slot layout is the same for
+    every stage and every checkpoint.
+
+    Returns:
+      (model, base, optimizer, schedule).
+
+    Raises:
+      UserError: bad weights or an invalid unfreeze spec in any stage (checked
+        before anything trains).
+    """
+    cfg_m, cfg_t = config.model, config.train
+    size = config.data.image_size or backbones.get(cfg_m.backbone).default_size
+    with strategy.scope():
+        base = backbones.build_base(cfg_m.backbone, image_size=size, weights=cfg_m.weights, alpha=cfg_m.alpha)
+        model = backbones.build_classifier(base, num_classes, dropout=cfg_m.dropout)
+        if cfg_m.weights.startswith("ckpt:"):
+            path = checkpoints.init_from_run(base, cfg_m.weights[len("ckpt:"):])
+            logging.info("initialised the backbone from %s", path)
+        for s in config.stages:
+            unfreeze.select(model, cfg_m.backbone, s.unfreeze, train_bn=cfg_m.train_bn)
+        schedule = StageSchedule()
+        optimizer = build_optimizer(cfg_t, schedule, loss_scale=cfg_t.precision == "mixed_float16")
+        union = unfreeze.trainable_union(model, cfg_m.backbone, [s.unfreeze for s in config.stages],
+                                         train_bn=cfg_m.train_bn)
+        optimizer.build(union)
+    return model, base, optimizer, schedule
+
+
 def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_change: bool = False,
                        preemption: Preemption | None = None, verbose: bool = True) -> dict:
     """Runs (or resumes) one experiment.
@@ -202,22 +234,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
         raise UserError(f"one optimizer step needs batch_size*grad_accum_steps = {cfg_d.batch_size * accum} "
                         f"images but the training set has {source.num_train}")
 
-    with strategy.scope():
-        base = backbones.build_base(cfg_m.backbone, image_size=size, weights=cfg_m.weights, alpha=cfg_m.alpha)
-        model = backbones.build_classifier(base, source.num_classes, dropout=cfg_m.dropout)
-        if cfg_m.weights.startswith("ckpt:"):
-            path = checkpoints.init_from_run(base, cfg_m.weights[len("ckpt:"):])
-            logging.info("initialised the backbone from %s", path)
-        # Fail fast on every stage's spec, before any training.
-        for s in config.stages:
-            unfreeze.select(model, cfg_m.backbone, s.unfreeze, train_bn=cfg_m.train_bn)
-        schedule = StageSchedule()
-        optimizer = build_optimizer(cfg_t, schedule, loss_scale=cfg_t.precision == "mixed_float16")
-        union = unfreeze.trainable_union(model, cfg_m.backbone, [s.unfreeze for s in config.stages],
-                                         train_bn=cfg_m.train_bn)
-        # Build on the union now, inside the scope (keras issue 23085), so the
-        # slot layout is the same for every stage and every checkpoint.
-        optimizer.build(union)
+    model, base, optimizer, schedule = build_model_and_optimizer(config, source.num_classes, strategy)
     trainer = Trainer(model, optimizer, strategy=strategy, grad_accum_steps=accum, jit_compile=cfg_t.jit_compile)
 
     scratch = None if chief else tempfile.mkdtemp(prefix="worker_ckpt_")

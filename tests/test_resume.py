@@ -1,0 +1,162 @@
+"""Exact resume and faults: SIGKILL, SIGTERM, damaged checkpoints, best/ and restore_best_weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import ROOT, run_module
+
+# Deterministic, with dropout and random augmentation, so every source of randomness is exercised.
+BASE = ["--deterministic", "--image_size=16", "--classes=0-4", "--batch_size=32", "--steps_per_loop=5",
+        "--dropout=0.3", "--horizontal_flip", "--rotation=10", "--zoom=0.1", "--checkpoint_keep=10"]
+ONE_STAGE = BASE + ["--finetune_epochs=4"]
+TWO_STAGES = BASE + ["--stages=name=head unfreeze=none epochs=2 lr=3e-3; name=ft unfreeze=top:2 epochs=2 lr=1e-3"]
+
+
+def _model_tensors(ckpt_dir):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(ckpt_dir)))
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if "VARIABLE_VALUE" in k and not k.startswith(("meta/", "save_counter/"))}
+
+
+def _assert_bit_identical(a_dir, b_dir):
+    a, b = _model_tensors(a_dir), _model_tensors(b_dir)
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+def _start(wd, args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen([sys.executable, "-m", "launch.train", f"--workdir={wd}", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(wd, number, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = os.path.join(wd, "ckpt", "checkpoint")
+        if os.path.exists(state) and f"ckpt-{number}\"" in open(state).read():
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError("checkpoint never appeared")
+
+
+@pytest.mark.parametrize("args,kill_after", [(ONE_STAGE, 2), (TWO_STAGES, 3)], ids=["mid-stage", "stage-boundary"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, args, kill_after):
+    ref = tmp_path / "ref"
+    r = run_module("launch.train", f"--workdir={ref}", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    wd = tmp_path / "killed"
+    proc = _start(wd, args)
+    # Save 2 is epoch 2 (one stage); save 3 is the stage-end save after the head stage.
+    _wait_for_checkpoint(wd, kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (wd / "results.json").exists(), "the run finished before it could be killed"
+
+    r = run_module("launch.train", f"--workdir={wd}", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resuming from" in r.stdout
+    _assert_bit_identical(ref / "ckpt", wd / "ckpt")
+    a = json.loads((ref / "results.json").read_text())
+    b = json.loads((wd / "results.json").read_text())
+    assert a["final"] == b["final"]
+
+
+def test_sigterm_saves_a_resumable_checkpoint_mid_epoch(tmp_path):
+    args = BASE + ["--finetune_epochs=6", "--steps_per_loop=1"]
+    ref = tmp_path / "ref"
+    assert run_module("launch.train", f"--workdir={ref}", *args).returncode == 0
+    wd = tmp_path / "term"
+    proc = _start(wd, args)
+    _wait_for_checkpoint(wd, 1, proc)
+    time.sleep(0.3)  # somewhere inside epoch 2
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "interrupted by SIGTERM" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    meta = _model_meta(wd)
+    assert meta["epoch"] >= 1
+    r = run_module("launch.train", f"--workdir={wd}", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_bit_identical(ref / "ckpt", wd / "ckpt")
+
+
+def _model_meta(wd):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(wd / "ckpt")))
+    key = next(k for k in reader.get_variable_to_shape_map() if k.startswith("meta/"))
+    return json.loads(reader.get_tensor(key).decode())
+
+
+def test_damaged_checkpoints_are_never_restored(tmp_path):
+    args = ONE_STAGE
+    ref = tmp_path / "ref"
+    assert run_module("launch.train", f"--workdir={ref}", *args).returncode == 0
+    wd = tmp_path / "damaged"
+    proc = _start(wd, args)
+    _wait_for_checkpoint(wd, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    latest = tf.train.latest_checkpoint(str(wd / "ckpt"))
+    data = latest + ".data-00000-of-00001"
+    with open(data, "r+b") as f:  # truncate the newest checkpoint's data
+        f.truncate(os.path.getsize(data) // 2)
+    # Leftovers of a save killed mid-write: a temp folder and an unreferenced index.
+    os.makedirs(wd / "ckpt" / "ckpt-99_temp", exist_ok=True)
+    (wd / "ckpt" / "ckpt-99_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"\0" * 100)
+    (wd / "ckpt" / "ckpt-99.index").write_bytes(b"garbage")
+    r = run_module("launch.train", f"--workdir={wd}", *args, "--verbosity=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "unreadable" in r.stderr and os.path.basename(latest) in r.stderr
+    assert "Resuming from" in r.stdout and os.path.basename(latest) + " " not in r.stdout.split("Resuming from")[1][:80]
+    _assert_bit_identical(ref / "ckpt", wd / "ckpt")
+
+
+def test_best_checkpoint_and_restore_best_weights(tmp_path):
+    wd = tmp_path / "best"
+    # train_bn so that BatchNorm statistics move and their restoration is visible; a high
+    # lr so that val accuracy is not monotonic.
+    args = ["--image_size=16", "--classes=0-4", "--finetune_epochs=6", "--lr=0.03", "--schedule=constant",
+            "--train_bn", "--checkpoint_keep=20", "--early_stopping", "--early_stopping_monitor=val/accuracy",
+            "--early_stopping_patience=10", "--restore_best_weights"]
+    r = run_module("launch.train", f"--workdir={wd}", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((wd / "results.json").read_text())
+    best_epoch = res["stages"][0]["best_epoch"]
+    accs = [h["val"]["accuracy"] for h in res["history"]]
+    assert best_epoch == int(np.argmax(accs))  # Keras's rule: first epoch reaching the max
+    assert "best/ckpt-" in res["final_weights_from"]
+
+    from research import train as train_lib
+    from research.config import ExperimentConfig
+    cfg = ExperimentConfig.from_dict(json.loads((wd / "config.json").read_text()))
+    model, _, _, _ = train_lib.build_model_and_optimizer(cfg, 5, tf.distribute.get_strategy())
+
+    def model_vars(path):
+        tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
+        return {v.path: v.numpy().copy() for v in model.weights}
+
+    best = model_vars(tf.train.latest_checkpoint(str(wd / "best")))
+    at_best_epoch = model_vars(str(wd / "ckpt" / f"ckpt-{best_epoch + 1}"))  # save k = end of epoch k
+    final = model_vars(tf.train.latest_checkpoint(str(wd / "ckpt")))
+    last_epoch = model_vars(str(wd / "ckpt" / f"ckpt-{len(accs)}"))
+    assert best.keys() == final.keys()
+    moving = [k for k in best if "moving" in k or "_bn" in k]
+    assert moving
+    for k in best:
+        assert np.array_equal(best[k], at_best_epoch[k]), k
+        assert np.array_equal(final[k], best[k]), k
+    if best_epoch != len(accs) - 1:
+        assert any(not np.array_equal(last_epoch[k], best[k]) for k in moving)
+    assert res["final"]["val_accuracy"] == pytest.approx(max(accs), abs=1e-6)

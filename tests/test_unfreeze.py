@@ -1,0 +1,198 @@
+"""Unfreeze specs: parsing, exact variable selection, BN policy, stages, one optimizer."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from research import backbones, unfreeze
+from research.config import (DataConfig, ExperimentConfig, ModelConfig, StageConfig, TrainConfig, UserError,
+                             parse_stages)
+from research.loop import Trainer
+from research.optim import build_optimizer
+
+SIZES = {"small_cnn": 16, "vgg16": 32, "inception_v3": 75, "mobilenet": 32}
+
+
+@pytest.fixture(scope="module")
+def block_names():
+    out = {}
+    for name, size in SIZES.items():
+        base = backbones.build_base(name, image_size=size, alpha=0.25 if name == "mobilenet" else 1.0)
+        out[name] = backbones.blocks(base, name)
+    return out
+
+
+@pytest.mark.parametrize("backbone", list(SIZES))
+def test_spec_parsing_valid(block_names, backbone):
+    names = block_names[backbone]
+    n = len(names)
+    assert unfreeze.resolve_blocks("none", names) == []
+    assert unfreeze.resolve_blocks("all", names) == names
+    assert unfreeze.resolve_blocks("top:0", names) == []
+    assert unfreeze.resolve_blocks("top:2", names) == names[-2:]
+    assert unfreeze.resolve_blocks(f"top:{n}", names) == names
+    assert unfreeze.resolve_blocks(f"from:{names[1]}", names) == names[1:]
+    # blocks: keeps model order whatever the order given.
+    assert unfreeze.resolve_blocks(f"blocks:{names[-1]},{names[0]}", names) == [names[0], names[-1]]
+    assert unfreeze.resolve_blocks("regex:kernel", names) == []
+
+
+@pytest.mark.parametrize("backbone", list(SIZES))
+@pytest.mark.parametrize("spec", ["top:-1", "top:99", "top:x", "from:nope", "blocks:nope", "blocks:", "bottom:2",
+                                  "regex:(", "regex:"])
+def test_spec_parsing_invalid_names_the_blocks(block_names, backbone, spec):
+    names = block_names[backbone]
+    with pytest.raises(UserError) as e:
+        unfreeze.resolve_blocks(spec, names, backbone=backbone)
+    if not spec.startswith("regex:"):
+        assert f"valid blocks of {backbone}" in str(e.value) and names[-1] in str(e.value)
+
+
+def test_regex_matching_nothing_is_an_error():
+    model = backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 3)
+    with pytest.raises(UserError, match="matches no trainable base variable"):
+        unfreeze.select(model, "small_cnn", "regex:^zzz")
+
+
+def _tiny_data(n=64, size=16):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = np.repeat(d.images[:n, :, :, None], 3, -1).astype("float32") / 16.0
+    x = tf.image.resize(x, (size, size)).numpy()
+    return tf.data.Dataset.from_tensor_slices((x, d.target[:n] % 3)).batch(16, drop_remainder=True).repeat()
+
+
+def _snapshot(model):
+    return {v.path: v.numpy().copy() for v in model.weights}
+
+
+EXPECTED = {  # spec -> base layers whose kernels must change
+    "none": set(),
+    "all": {"block1_conv", "block2_conv", "block3_conv"},
+    "top:1": {"block3_conv"},
+    "blocks:block1,block3": {"block1_conv", "block3_conv"},
+    "from:block2": {"block2_conv", "block3_conv"},
+    "regex:block2_conv": {"block2_conv"},
+}
+
+
+@pytest.mark.parametrize("spec", list(EXPECTED))
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_only_selected_variables_change(spec, train_bn):
+    model = backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 3, dropout=0.0)
+    sel = unfreeze.select(model, "small_cnn", spec, train_bn=train_bn)
+    unfreeze.apply_policy(model, "small_cnn", sel)
+    opt = build_optimizer(TrainConfig(optimizer="adam"), 1e-2)
+    opt.build(sel.variables)
+    trainer = Trainer(model, opt, strategy=tf.distribute.get_strategy())
+    trainer.set_trainable(sel.variables)
+    before = _snapshot(model)
+    trainer.train(iter(_tiny_data()), 4)
+    after = _snapshot(model)
+    selected = set(sel.paths)
+    trained_blocks = {f"block{p[5]}" for p in EXPECTED[spec]}
+    for path, old in before.items():
+        layer, var = path.split("/")
+        changed = not np.array_equal(old, after[path])
+        if path in selected:
+            assert changed, f"{spec}: selected {path} did not change"
+        elif var in ("moving_mean", "moving_variance"):
+            # Default policy: BN statistics bit-identical everywhere. With train_bn,
+            # only the BN layers of unfrozen blocks update their statistics.
+            should = train_bn and layer[:6] in trained_blocks and spec != "regex:block2_conv"
+            assert changed == should, f"{spec} train_bn={train_bn}: {path} changed={changed}"
+        else:
+            assert not changed, f"{spec}: {path} is outside the spec but changed"
+    assert {p.split("/")[0] for p in selected if p.endswith("kernel") and p.startswith("block")} == EXPECTED[spec]
+    assert {"head/kernel", "head/bias"} <= selected
+    if not train_bn:
+        assert not any("_bn/" in p for p in selected)
+
+
+def _config(tmp_path, stages, weights="none", **train):
+    return ExperimentConfig(data=DataConfig(dataset="digits", image_size=16, batch_size=32, classes="0-4"),
+                            model=ModelConfig(backbone="small_cnn", weights=weights, dropout=0.0),
+                            train=TrainConfig(steps_per_loop=10, **train), stages=stages)
+
+
+def test_second_stage_trains_newly_unfrozen_variables_and_keeps_slots_aligned(tmp_path):
+    """Stale-trace trap: stage 2 must update block3; the optimizer's slots stay aligned."""
+    from research import train as train_lib
+    import keras
+
+    # Run A is head-only, so its saved backbone is the untouched initialisation.
+    run_a = tmp_path / "a"
+    train_lib.train_and_evaluate(_config(tmp_path, (StageConfig(name="probe", unfreeze="none", epochs=1),)),
+                                 str(run_a), verbose=False)
+
+    stages = parse_stages("name=head unfreeze=none epochs=1 lr=1e-2; name=ft unfreeze=top:1 epochs=2 lr=1e-3")
+    cfg = _config(tmp_path, stages, weights=f"ckpt:{run_a}")
+    run_b = tmp_path / "b"
+    res = train_lib.train_and_evaluate(cfg, str(run_b), verbose=False)
+    assert [s["name"] for s in res["stages"]] == ["head", "ft"]
+
+    # Rebuild the run's model and optimizer and restore B's final checkpoint into them.
+    model, base, opt, _ = train_lib.build_model_and_optimizer(cfg, 5, tf.distribute.get_strategy())
+    tf.train.Checkpoint(model=model, base=base, optimizer=opt, meta=tf.Variable("")).restore(
+        tf.train.latest_checkpoint(str(run_b / "ckpt"))).assert_existing_objects_matched()
+    init_ckpt = tf.train.Checkpoint(base=backbones.build_base("small_cnn", image_size=16))
+    init_ckpt.restore(tf.train.latest_checkpoint(str(run_a / "ckpt"))).expect_partial()
+    init_vals = {v.path: v.numpy() for v in init_ckpt.base.weights}
+    for v in base.weights:
+        changed = not np.array_equal(v.numpy(), init_vals[v.path])
+        assert changed == v.path.startswith("block3_conv"), v.path
+
+    # One optimizer built on the union (head + block3); each slot matches its variable.
+    records = json.loads((run_b / "trainable.json").read_text())
+    assert [r["key"] for r in records] == ["head", "ft"]
+    assert records[0]["variables"] == ["head/kernel", "head/bias"]
+    assert records[1]["variables"] == ["block3_conv/kernel", "head/kernel", "head/bias"]
+    assert records[1]["trainable_params"] + records[1]["frozen_params"] == sum(int(np.prod(w.shape)) for w in model.weights)
+    assert len(opt._trainable_variables) == 3
+    for v in opt._trainable_variables:
+        i = opt._get_variable_index(v)
+        m, vel = opt._momentums[i], opt._velocities[i]
+        assert m.shape == v.shape and vel.shape == v.shape
+        assert np.any(m.numpy() != 0), v.path  # every union variable trained in some stage
+
+
+def test_gradual_unfreezing_and_layerwise_lr(tmp_path):
+    model = backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 3)
+    sel1 = unfreeze.select(model, "small_cnn", "all", limit_top=1)
+    sel2 = unfreeze.select(model, "small_cnn", "all", limit_top=2)
+    assert sel1.blocks == ["block3"] and sel2.blocks == ["block2", "block3"]
+    sel = unfreeze.select(model, "small_cnn", "all", lr_decay_per_block=0.5)
+    assert sel.lr_multipliers == {"block1_conv/kernel": 0.25, "block2_conv/kernel": 0.5}
+
+
+def test_layerwise_lr_equals_scaled_learning_rate():
+    """With SGD+momentum and Adam, a multiplier m on a variable equals training it at lr*m."""
+    for name in ("sgd", "adam"):
+        ref = backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 3, dropout=0.0)
+        ours = backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 3, dropout=0.0)
+        ours.set_weights(ref.get_weights())
+        sel_ours = unfreeze.select(ours, "small_cnn", "top:1", lr_decay_per_block=1.0)
+        for m, sel in ((ref, unfreeze.select(ref, "small_cnn", "top:1")), (ours, sel_ours)):
+            unfreeze.apply_policy(m, "small_cnn", sel)
+        # Reference: block3 alone at lr*0.5 and the head at lr, two optimizers.
+        data = _tiny_data()
+        cfg = TrainConfig(optimizer=name)
+        o_ours = build_optimizer(cfg, 1e-2); o_ours.build(sel_ours.variables)
+        t = Trainer(ours, o_ours, strategy=tf.distribute.get_strategy())
+        t.set_trainable(sel_ours.variables, {"block3_conv/kernel": 0.5})
+        t.train(iter(data), 3)
+        ref_vars = unfreeze.select(ref, "small_cnn", "top:1").variables
+        o_body, o_head = build_optimizer(cfg, 5e-3), build_optimizer(cfg, 1e-2)
+        o_body.build(ref_vars[:1]); o_head.build(ref_vars[1:])
+        it = iter(data)
+        loss = __import__("keras").losses.SparseCategoricalCrossentropy(from_logits=True)
+        for _ in range(3):
+            x, y = next(it)
+            with tf.GradientTape() as tape:
+                l = loss(y, ref(x, training=True))
+            g = tape.gradient(l, ref_vars)
+            o_body.apply(g[:1], ref_vars[:1]); o_head.apply(g[1:], ref_vars[1:])
+        for a, b in zip(ref.weights, ours.weights):
+            np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{name} {a.path}")
