@@ -105,7 +105,7 @@ def config_from_flags():
             optimizer=F.optimizer, momentum=F.momentum, weight_decay=F.weight_decay, clipnorm=F.clipnorm,
             steps_per_loop=F.steps_per_loop, seed=F.seed, deterministic=F.deterministic,
             jit_compile=F.jit_compile, precision=F.precision, strategy=F.strategy,
-            grad_accum_steps=F.grad_accum_steps, checkpoint_keep=F.checkpoint_keep,
+            grad_accum_steps=F.grad_accum_steps, collective_timeout=F.collective_timeout, checkpoint_keep=F.checkpoint_keep,
             checkpoint_every_steps=F.checkpoint_every_steps, histogram_every_epochs=F.histogram_every_epochs,
             early_stopping=C.EarlyStoppingConfig(
                 enabled=F.early_stopping, monitor=F.early_stopping_monitor, mode=F.early_stopping_mode,

@@ -40,13 +40,16 @@ class Checkpoints:
       base: its backbone (saved separately for `init_from_run`).
       optimizer: the single run optimizer.
       keep: how many latest checkpoints to keep.
-      write: False on non-chief multi-worker replicas, which save to a
-        throw-away directory as TF's multi-worker guide prescribes.
+      scratch_dir: where non-chief multi-worker replicas save (a throw-away
+        directory, as TF's multi-worker guide prescribes); they still restore
+        from `workdir/ckpt`.
     """
 
     def __init__(self, workdir: str, *, model, base, optimizer, keep: int = 3, scratch_dir: str | None = None):
         self.meta = tf.Variable("", dtype=tf.string, trainable=False, name="run_meta")
         root = scratch_dir or workdir
+        # Every worker restores from the run's own ckpt/, even those that save elsewhere.
+        self.restore_dir = os.path.join(workdir, "ckpt")
         self.full = tf.train.Checkpoint(model=model, base=base, optimizer=optimizer, meta=self.meta)
         self.weights_only = tf.train.Checkpoint(model=model, base=base, meta=self.meta)
         self.latest = tf.train.CheckpointManager(self.full, os.path.join(root, "ckpt"), max_to_keep=keep)
@@ -74,7 +77,11 @@ class Checkpoints:
         Returns:
           Its meta dict, or None when there is no checkpoint to resume.
         """
-        for path in reversed(self.latest.checkpoints):
+        state = tf.train.get_checkpoint_state(self.restore_dir)
+        paths = list(state.all_model_checkpoint_paths) if state else []
+        for path in reversed(paths):
+            if not os.path.isabs(path):
+                path = os.path.join(self.restore_dir, path)
             try:
                 self.full.restore(path).assert_existing_objects_matched()
             except Exception as e:  # noqa: BLE001  damaged files raise OpError, IndexError, ValueError...
@@ -83,8 +90,8 @@ class Checkpoints:
                 continue
             logging.info("restored checkpoint %s", path)
             return dict(json.loads(self.meta.numpy().decode()), path=path)
-        if self.latest.checkpoints:
-            raise UserError(f"no readable checkpoint in {self.latest.directory!r}; "
+        if paths:
+            raise UserError(f"no readable checkpoint in {self.restore_dir!r}; "
                             "move it aside to start the run again")
         return None
 

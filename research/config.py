@@ -170,6 +170,7 @@ class TrainConfig:
     precision: str = "float32"
     strategy: str = "auto"
     grad_accum_steps: int = 1
+    collective_timeout: float = 0.0
     checkpoint_keep: int = 3
     checkpoint_every_steps: int = 0
     histogram_every_epochs: int = 0

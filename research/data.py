@@ -342,6 +342,9 @@ class Pipeline:
     def _options(self) -> tf.data.Options:
         opts = tf.data.Options()
         opts.deterministic = True
+        # In-memory sources have no files to shard: each worker keeps its share of
+        # elements (multi-worker); explicit, so TF does not warn and fall back.
+        opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         return opts
 
     def train_dataset(self, epoch: int, *, augment: bool = True) -> tf.data.Dataset:

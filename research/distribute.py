@@ -36,6 +36,15 @@ def make_strategy(name: str, *, collective_timeout: float = 0.0) -> tf.distribut
     Raises:
       UserError: unknown name, or a strategy this machine cannot provide.
     """
+    if name == "multi_worker":
+        # Before anything lists devices: collectives must be configured before
+        # the TF context initialises.
+        if "TF_CONFIG" not in os.environ:
+            raise UserError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                            "(see README: multi-worker training, or use launch/multiworker.py)")
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=collective_timeout or None)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     gpus = tf.config.list_logical_devices("GPU")
     cpus = tf.config.list_logical_devices("CPU")
     if name == "auto":
@@ -49,13 +58,6 @@ def make_strategy(name: str, *, collective_timeout: float = 0.0) -> tf.distribut
         # NCCL needs GPUs; on logical CPU devices reduce with plain copies.
         cross = None if gpus else tf.distribute.ReductionToOneDevice()
         return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross)
-    if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise UserError("--strategy=multi_worker needs the TF_CONFIG environment variable "
-                            "(see README: multi-worker training, or use launch/multiworker.py)")
-        options = tf.distribute.experimental.CommunicationOptions(
-            timeout_seconds=collective_timeout or None)
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if name == "tpu":
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -33,7 +34,7 @@ from research.summaries import Summaries
 
 # Config fields that may change on resume: they change speed or bookkeeping, not the maths.
 RESUME_SAFE_FIELDS = {"train.steps_per_loop", "train.checkpoint_keep", "train.checkpoint_every_steps",
-                      "train.histogram_every_epochs", "train.strategy"}
+                      "train.histogram_every_epochs", "train.strategy", "train.collective_timeout"}
 
 
 class Interrupted(Exception):
@@ -214,11 +215,12 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
     entry = backbones.get(cfg_m.backbone)
     size = cfg_d.image_size or entry.default_size
 
+    # First: MultiWorkerMirroredStrategy must exist before any other TF op runs.
+    strategy = distribute.make_strategy(cfg_t.strategy, collective_timeout=cfg_t.collective_timeout)
     if cfg_t.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(cfg_t.seed)
     distribute.set_precision(cfg_t.precision)
-    strategy = distribute.make_strategy(cfg_t.strategy)
     chief = distribute.is_chief(strategy)
     resumed_dir = prepare_workdir(workdir, config, allow_config_change=allow_config_change, write=chief)
 
@@ -430,5 +432,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
     }
     if chief:
         _atomic_write_json(os.path.join(workdir, "results.json"), results)
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
     summaries.flush()
     return results

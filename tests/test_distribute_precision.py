@@ -1,0 +1,100 @@
+"""Mixed precision, MirroredStrategy over logical CPU devices, gradient accumulation."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from research import backbones, unfreeze
+from research.config import TrainConfig
+from research.loop import Trainer
+from research.optim import build_optimizer
+from tests.conftest import run_module
+
+
+def _data(n=128, size=16, batch=32):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = np.repeat(d.images[:n, :, :, None], 3, -1).astype("float32") / 16.0
+    x = tf.image.resize(x, (size, size)).numpy()
+    return x, d.target[:n].astype("int32")
+
+
+def _trainer(opt_name="adam", accum=1, loss_scale=False):
+    keras.utils.set_random_seed(3)
+    model = backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 10, dropout=0.0)
+    sel = unfreeze.select(model, "small_cnn", "all")
+    unfreeze.apply_policy(model, "small_cnn", sel)
+    opt = build_optimizer(TrainConfig(optimizer=opt_name), 1e-3, loss_scale=loss_scale)
+    opt.build(sel.variables)
+    t = Trainer(model, opt, strategy=tf.distribute.get_strategy(), grad_accum_steps=accum)
+    t.set_trainable(sel.variables)
+    return t
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_grad_accumulation_equals_one_big_batch(opt_name):
+    x, y = _data()
+    big, small = _trainer(opt_name), _trainer(opt_name, accum=4)
+    small.model.set_weights(big.model.get_weights())
+    big.train(iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(32)), 4)
+    small.train(iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(8)), 4)
+    assert int(big.optimizer.iterations) == int(small.optimizer.iterations) == 4
+    for a, b in zip(big.model.weights, small.model.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
+
+
+def test_float16_overflow_skips_the_step_and_lowers_the_scale():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        t = _trainer(loss_scale=True)
+        x, y = _data(32)
+        assert t.model.get_layer("head").compute_dtype == "float32"
+        t.optimizer.dynamic_scale.assign(2.0 ** 60)  # scaled float16 gradients overflow
+        before = [v.numpy().copy() for v in t.model.weights]
+        sums, bad = t.train(iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat()), 1)
+        assert bad == -1 and np.isfinite(sums[0])  # the loss itself is finite: not an error
+        assert float(t.optimizer.dynamic_scale) == 2.0 ** 59
+        for b, v in zip(before, t.model.weights):
+            assert np.array_equal(b, v.numpy()), v.path
+        sums, _ = t.train(iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat()), 40)
+        assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, t.model.weights))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+COMMON = ["--classes=0-4", "--image_size=16", "--finetune_epochs=1", "--deterministic", "--dropout=0",
+          "--batch_size=32", "--steps_per_loop=4"]
+
+
+def _weights(wd):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(wd / "ckpt")))
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if "VARIABLE_VALUE" in k and k.startswith(("base/", "model/"))}
+
+
+def test_mirrored_two_cpu_replicas_match_one_device(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = run_module("launch.train", f"--workdir={one}", "--strategy=default", *COMMON)
+    r2 = run_module("launch.train", f"--workdir={two}", "--strategy=mirrored", "--cpu_devices=2", *COMMON)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = _weights(one), _weights(two)
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    ra, rb = (json.loads((w / "results.json").read_text()) for w in (one, two))
+    assert abs(ra["final"]["val_accuracy"] - rb["final"]["val_accuracy"]) <= 0.02
+    assert ra["final"]["val_accuracy"] > 0.5  # it trained
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", pytest.param("mixed_float16", marks=pytest.mark.slow)])
+def test_mixed_precision_digits_run(tmp_path, precision):
+    """float16 arithmetic is emulated on CPUs (~20x slower than bfloat16 here), hence slow and 16 px."""
+    wd = tmp_path / precision
+    r = run_module("launch.train", f"--workdir={wd}", f"--precision={precision}", "--image_size=16", timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((wd / "results.json").read_text())
+    assert np.isfinite(res["final"]["val_loss"]) and res["final"]["val_accuracy"] >= 0.9, res["final"]
