@@ -39,6 +39,7 @@ flags.DEFINE_string("backbone", "small_cnn", "small_cnn | vgg16 | inception_v3 |
 flags.DEFINE_string("weights", "none", "imagenet | none | PATH.h5 | ckpt:WORKDIR (another run's backbone)")
 flags.DEFINE_float("alpha", 1.0, "Width multiplier for mobilenet / mobilenet_v2.")
 flags.DEFINE_float("dropout", 0.2, "Dropout before the classifier.")
+flags.DEFINE_integer("init_blocks", 0, "With --weights=ckpt:DIR, copy only the first N blocks (0: all).")
 flags.DEFINE_bool("train_bn", False, "Let BatchNorm layers in unfrozen blocks train (default: frozen, inference mode).")
 # Stages
 flags.DEFINE_integer("head_epochs", 0, "Epochs of a head-only first stage (0: none).")
@@ -100,7 +101,7 @@ def config_from_flags():
         augment=C.AugmentConfig(horizontal_flip=F.horizontal_flip, rotation=F.rotation, width_shift=F.width_shift,
                                 height_shift=F.height_shift, zoom=F.zoom, contrast=F.contrast),
         model=C.ModelConfig(backbone=F.backbone, weights=F.weights, alpha=F.alpha, dropout=F.dropout,
-                            train_bn=F.train_bn),
+                            train_bn=F.train_bn, init_blocks=F.init_blocks),
         train=C.TrainConfig(
             optimizer=F.optimizer, momentum=F.momentum, weight_decay=F.weight_decay, clipnorm=F.clipnorm,
             steps_per_loop=F.steps_per_loop, seed=F.seed, deterministic=F.deterministic,

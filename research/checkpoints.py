@@ -117,18 +117,35 @@ def find_run_checkpoint(run_dir: str) -> str:
     raise UserError(f"--weights=ckpt:{run_dir}: no checkpoint in {run_dir}/best or {run_dir}/ckpt")
 
 
-def init_from_run(base, run_dir: str) -> str:
+def init_from_run(base, run_dir: str, *, first_blocks: list[str] | None = None,
+                  block_of: dict[str, str] | None = None) -> str:
     """Loads another run's backbone into `base`, skipping its head.
 
     This is how a transfer study starts from a base pretrained on other classes.
 
+    Args:
+      base: the freshly built backbone.
+      run_dir: the other run's workdir.
+      first_blocks: copy only these blocks' layers (the rest keep their fresh
+        initialisation); None copies everything.
+      block_of: layer name -> block name, needed with `first_blocks`.
+
     Raises:
       UserError: no checkpoint, or one whose backbone does not fit this one.
     """
+    import keras
+
     path = find_run_checkpoint(run_dir)
+    target = base if first_blocks is None else keras.models.clone_model(base)
     try:
-        tf.train.Checkpoint(base=base).restore(path).expect_partial().assert_existing_objects_matched()
+        tf.train.Checkpoint(base=target).restore(path).expect_partial().assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as e:
         raise UserError(f"--weights=ckpt:{run_dir}: checkpoint {path} does not hold a backbone compatible "
                         f"with this one (same --backbone and --alpha?): {str(e).splitlines()[0]}") from None
+    if first_blocks is not None:
+        wanted = set(first_blocks)
+        for layer, source in zip(base.layers, target.layers):
+            if block_of[layer.name] in wanted:
+                for v, src in zip(layer.weights, source.weights):
+                    v.assign(src)
     return path

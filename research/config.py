@@ -98,6 +98,9 @@ class ModelConfig:
       train_bn: let BatchNormalization layers in unfrozen blocks train (batch
         statistics, moving-average updates, gamma/beta). Off by default: the
         standard fine-tuning advice, and what keeps small-data runs stable.
+      init_blocks: with `ckpt:` weights, copy only the first N blocks of the
+        other run's backbone and keep the rest freshly initialised (0: all);
+        the transfer study's "copy the first n layers".
     """
 
     backbone: str = "small_cnn"
@@ -105,6 +108,7 @@ class ModelConfig:
     alpha: float = 1.0
     dropout: float = 0.2
     train_bn: bool = False
+    init_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -259,6 +263,8 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
            f"--weights=imagenet is not available for backbone {m.backbone!r}; use none, a .h5 file or ckpt:WORKDIR")
     _check(0.0 <= m.dropout < 1.0, f"--dropout={m.dropout} must be in [0, 1)")
     _check(m.alpha > 0, f"--alpha={m.alpha} must be > 0")
+    _check(m.init_blocks >= 0, f"--init_blocks={m.init_blocks} must be >= 0")
+    _check(m.init_blocks == 0 or w.startswith("ckpt:"), "--init_blocks needs --weights=ckpt:WORKDIR")
 
     _choice("optimizer", t.optimizer, OPTIMIZERS)
     _choice("precision", t.precision, PRECISIONS)

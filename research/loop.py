@@ -23,8 +23,8 @@ import numpy as np
 import tensorflow as tf
 
 # Indices of the summed metrics the step functions return.
-LOSS_SUM, CORRECT, TOP5, COUNT = 0, 1, 2, 3
-NUM_SUMS = 4
+LOSS_SUM, CORRECT, TOP5, COUNT, GRAD_NORM, STEPS = 0, 1, 2, 3, 4, 5
+NUM_SUMS = 6
 
 
 def _sums(y, logits, per_example_loss) -> tf.Tensor:
@@ -37,6 +37,7 @@ def _sums(y, logits, per_example_loss) -> tf.Tensor:
         tf.reduce_sum(tf.cast(tf.equal(pred, y), tf.float32)),
         tf.reduce_sum(tf.cast(top5, tf.float32)),
         tf.cast(tf.shape(y)[0], tf.float32),
+        0.0, 0.0,
     ])
 
 
@@ -103,7 +104,12 @@ class Trainer:
         self.optimizer.apply(grads, self.variables)
         if scaled:
             self._rescale_updates(scaled, old)
-        return sums
+        # Diagnostic: the unscaled global gradient norm, averaged over replicas.
+        # Computed after the update so it cannot alter how the update is computed.
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync if tf.distribute.has_strategy() else 1
+        with tf.control_dependencies([self.optimizer.iterations]):
+            norm = tf.linalg.global_norm(grads) / tf.cast(self.optimizer.scale_loss(1.0), tf.float32)
+        return sums + tf.stack([0.0, 0.0, 0.0, 0.0, norm / replicas, 1.0 / replicas])
 
     def _rescale_updates(self, scaled, old) -> None:
         """Layer-wise LR decay: variable v moves by `mult` times the optimizer's update.
@@ -182,5 +188,8 @@ class Trainer:
 
 def metrics_from_sums(sums: np.ndarray) -> dict[str, float]:
     n = max(sums[COUNT], 1.0)
-    return {"loss": float(sums[LOSS_SUM] / n), "accuracy": float(sums[CORRECT] / n),
-            "top5_accuracy": float(sums[TOP5] / n), "count": int(sums[COUNT])}
+    out = {"loss": float(sums[LOSS_SUM] / n), "accuracy": float(sums[CORRECT] / n),
+           "top5_accuracy": float(sums[TOP5] / n), "count": int(sums[COUNT])}
+    if sums[STEPS] > 0:
+        out["grad_norm"] = float(sums[GRAD_NORM] / sums[STEPS])
+    return out

@@ -91,7 +91,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _diff_configs(old: dict, new: dict) -> list[str]:
     a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_SAFE_FIELDS)
+    # A key the old config lacks was added to the code since: its default applies.
+    return sorted(k for k in set(a) | set(b) if k in a and a.get(k) != b.get(k) and k not in RESUME_SAFE_FIELDS)
 
 
 def _atomic_write_json(path: str, obj) -> None:
@@ -177,8 +178,16 @@ def build_model_and_optimizer(config: ExperimentConfig, num_classes: int, strate
         base = backbones.build_base(cfg_m.backbone, image_size=size, weights=cfg_m.weights, alpha=cfg_m.alpha)
         model = backbones.build_classifier(base, num_classes, dropout=cfg_m.dropout)
         if cfg_m.weights.startswith("ckpt:"):
-            path = checkpoints.init_from_run(base, cfg_m.weights[len("ckpt:"):])
-            logging.info("initialised the backbone from %s", path)
+            first = None
+            block_of = backbones.get(cfg_m.backbone).block_of(base)
+            if cfg_m.init_blocks:
+                names = backbones.blocks(base, cfg_m.backbone)
+                if cfg_m.init_blocks > len(names):
+                    raise UserError(f"--init_blocks={cfg_m.init_blocks} exceeds the {len(names)} blocks of "
+                                    f"{cfg_m.backbone}: {', '.join(names)}")
+                first = names[:cfg_m.init_blocks]
+            path = checkpoints.init_from_run(base, cfg_m.weights[len("ckpt:"):], first_blocks=first, block_of=block_of)
+            logging.info("initialised the backbone from %s%s", path, f" (blocks {first})" if first else "")
         for s in config.stages:
             unfreeze.select(model, cfg_m.backbone, s.unfreeze, train_bn=cfg_m.train_bn)
         schedule = StageSchedule()
@@ -356,7 +365,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
             ips = state["train_images"] / max(state["train_seconds"], 1e-9)
             train_scalars = {"loss": train_m["loss"], "accuracy": train_m["accuracy"],
                              "learning_rate": current_lr(optimizer), "images_per_second": ips,
-                             "loss_scale": loss_scale_value(optimizer)}
+                             "loss_scale": loss_scale_value(optimizer), "grad_norm": train_m.get("grad_norm")}
             if source.num_classes > 5:
                 train_scalars["top5_accuracy"] = train_m["top5_accuracy"]
             summaries.scalars("train", train_scalars, step)

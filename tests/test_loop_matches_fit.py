@@ -34,7 +34,9 @@ def test_one_epoch_equals_model_fit(opt, train_bn):
     ref, _ = _model(train_bn)
     ours, sel = _model(train_bn)
     ours.set_weights(ref.get_weights())
-    lr = 0.05 if opt == "sgd" else 1e-3
+    # A moderate SGD step: with BN training, lr 0.05 + momentum amplifies float32
+    # rounding (the order of reductions) past the tolerance within 8 steps.
+    lr = 0.01 if opt == "sgd" else 1e-3
     cfg = TrainConfig(optimizer=opt, momentum=0.9)
 
     ref.compile(optimizer=build_optimizer(cfg, lr), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

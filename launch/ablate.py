@@ -1,0 +1,99 @@
+"""Ablations in one command: sweeps over any train flag, and the transfer study.
+
+    # which blocks to unfreeze, three seeds each (train flags after --)
+    python -m launch.ablate --root=runs/unfreeze --sweep=unfreeze:none,top:1,top:2,all --sweep=seed:0,1,2 -- \\
+        --dataset=folder:../shared/data/hymenoptera --backbone=mobilenet --alpha=0.25 --weights=... \\
+        --head_epochs=5 --finetune_epochs=5 --finetune_lr=1e-4
+
+    # Yosinski et al. (2014) at small scale, on the embedded digits (~10 min on 2 CPU cores)
+    python -m launch.ablate --study=transfer
+
+Writes results.csv, results.md, results.png (and transfer.md, transfer.png) in
+--root; `tensorboard --logdir ROOT` shows every trial, with the HParams
+dashboard. Re-running skips finished trials and resumes unfinished ones.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from launch import common
+
+F = flags.FLAGS
+flags.DEFINE_string("root", None, "Sweep directory (default: /tmp/ablate_<study>).")
+flags.DEFINE_multi_string("sweep", [], "KEY:V1,V2,... over any launch.train flag (repeat for a grid; "
+                          "use ';' between values that contain commas).")
+flags.DEFINE_enum("study", "sweep", ["sweep", "transfer"], "sweep: the --sweep grid; transfer: Yosinski et al.")
+flags.DEFINE_integer("parallel", 1, "Trials run at the same time (subprocesses).")
+flags.DEFINE_string("seeds", "0,1,2", "Transfer study: seeds.")
+flags.DEFINE_string("classes_a", "0-4", "Transfer study: the classes of half A.")
+flags.DEFINE_string("classes_b", "5-9", "Transfer study: the classes of half B.")
+flags.DEFINE_integer("epochs", 10, "Transfer study: epochs of every run (bases and transfers).")
+
+
+def parse_args(argv):
+    """Own flags before `--`, train flags after it."""
+    if "--" in argv:
+        cut = argv.index("--")
+        return common.parse_flags_or_exit(argv[:cut]) + argv[cut + 1:]
+    return common.parse_flags_or_exit(argv)
+
+
+def _transfer(root, train_flags):
+    from research import ablation, backbones
+    backbone = next((a.split("=", 1)[1] for a in train_flags if a.startswith("--backbone=")), "small_cnn")
+    base = backbones.build_base(backbone, image_size=backbones.get(backbone).min_size * 4 if backbone != "small_cnn" else 16)
+    num_blocks = len(backbones.blocks(base, backbone))
+    flags_ = [f"--finetune_epochs={F.epochs}", *train_flags]
+    seeds = [s.strip() for s in F.seeds.split(",") if s.strip()]
+    bases, transfers = ablation.transfer_trials(root, num_blocks=num_blocks, classes_a=F.classes_a,
+                                                classes_b=F.classes_b, seeds=seeds, base_flags=flags_)
+    ablation.run_all(root, bases, parallel=F.parallel)
+    ablation.run_all(root, transfers, parallel=F.parallel)
+    trials = bases + transfers
+    rows = ablation.collect(root, trials)
+    keys = ["n", "condition", "seed"]
+    ablation.write_tables(root, rows, keys, title="Transfer study: every trial")
+    ablation.write_hparams(root, trials)
+    summary = ablation.transfer_report(root, rows, title=f"Transfer study ({backbone}, A={F.classes_a}, B={F.classes_b})")
+    with open(f"{root}/transfer.md") as f:
+        print(f.read())
+    return rows, summary
+
+
+def main(argv):
+    from research import ablation
+    from research.config import UserError
+
+    train_flags = argv[1:]
+    if any(a.startswith("--workdir") for a in train_flags):
+        common.die("do not pass --workdir: each trial gets ROOT/trials/NAME", common.EXIT_USER_ERROR)
+    root = F.root or f"/tmp/ablate_{F.study}"
+    try:
+        if F.study == "transfer":
+            rows, _ = _transfer(root, train_flags)
+        else:
+            if not F.sweep:
+                common.die("give at least one --sweep=KEY:V1,V2 (or --study=transfer)", common.EXIT_USER_ERROR)
+            sweep = ablation.parse_sweep(F.sweep)
+            trials = ablation.expand(sweep, train_flags)
+            ablation.run_all(root, trials, parallel=F.parallel)
+            rows = ablation.collect(root, trials)
+            keys = [k for k, _ in sweep]
+            ablation.write_tables(root, rows, keys)
+            ablation.plot(root, rows, keys)
+            ablation.write_hparams(root, trials)
+            with open(f"{root}/results.md") as f:
+                print(f.read())
+    except UserError as e:
+        common.die(str(e), common.EXIT_USER_ERROR)
+    failed = [r for r in rows if r["status"] != "done"]
+    print(f"{len(rows) - len(failed)} trials done, {len(failed)} failed; tables and plots in {root}")
+    print(f"inspect: tensorboard --logdir {root}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_args)

@@ -1,0 +1,373 @@
+"""Sweeps and studies: expand trials, run them resumably, tabulate, plot, HParams.
+
+A sweep root holds one workdir per trial under `trials/`, and at the top
+`results.csv`, `results.md`, `results.png` and the TensorBoard HParams
+experiment, so `tensorboard --logdir ROOT` compares every trial.
+
+A trial is finished when its `results.json` exists: re-running a sweep skips
+it. An unfinished trial is simply launched again, and `launch/train.py`
+resumes it from its checkpoint. A failed trial leaves `error.txt` and a row
+marked failed; the others still run.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from research.config import UserError
+
+SEED_KEY = "seed"
+
+
+@dataclass
+class Trial:
+    """One run of `launch/train.py`.
+
+    Attributes:
+      name: directory name under `trials/` (stable: derived from the values).
+      values: the swept values, `{flag: value}` (shown in tables and HParams).
+      flags: every `--flag=value` passed to the run (base flags, then values).
+      group: rows with the same group are aggregated over seeds.
+    """
+
+    name: str
+    values: dict[str, str]
+    flags: list[str]
+    group: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def parse_sweep(items: list[str]) -> list[tuple[str, list[str]]]:
+    """Parses `--sweep=key:v1,v2` items (`;` separates values that contain commas).
+
+    Raises:
+      UserError: malformed item or an empty value list.
+    """
+    out = []
+    for item in items:
+        key, sep, values = item.partition(":")
+        key = key.strip().lstrip("-")
+        if not sep or not re.fullmatch(r"[a-z_0-9]+", key):
+            raise UserError(f"--sweep={item!r} is not KEY:V1,V2,... (for example unfreeze:none,top:1,all)")
+        parts = values.split(";") if ";" in values else values.split(",")
+        parts = [p.strip() for p in parts if p.strip()]
+        if not parts:
+            raise UserError(f"--sweep={item!r} lists no values")
+        out.append((key, parts))
+    keys = [k for k, _ in out]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--sweep names a flag twice: {keys}")
+    return out
+
+
+def trial_name(values: dict[str, str]) -> str:
+    return "__".join(f"{k}-{re.sub(r'[^A-Za-z0-9.+-]', '_', v)}" for k, v in values.items()) or "trial"
+
+
+def expand(sweep: list[tuple[str, list[str]]], base_flags: list[str]) -> list[Trial]:
+    """The cartesian product of the swept values, in the order given."""
+    keys = [k for k, _ in sweep]
+    trials = []
+    for combo in itertools.product(*[v for _, v in sweep]):
+        values = dict(zip(keys, combo))
+        group = trial_name({k: v for k, v in values.items() if k != SEED_KEY})
+        trials.append(Trial(trial_name(values), values, list(base_flags) + [f"--{k}={v}" for k, v in values.items()],
+                            group))
+    return trials
+
+
+# --- running --------------------------------------------------------------------------
+
+def trial_dir(root: str, trial: Trial) -> str:
+    return os.path.join(root, "trials", trial.name)
+
+
+def is_finished(root: str, trial: Trial) -> bool:
+    return os.path.exists(os.path.join(trial_dir(root, trial), "results.json"))
+
+
+def run_trial(root: str, trial: Trial, *, log=print) -> dict:
+    """Runs (or resumes, or skips) one trial in a subprocess.
+
+    Returns:
+      `{"status": "done"|"skipped"|"failed", ...}`.
+    """
+    wd = trial_dir(root, trial)
+    if is_finished(root, trial):
+        return {"status": "skipped"}
+    os.makedirs(wd, exist_ok=True)
+    err_path = os.path.join(wd, "error.txt")
+    if os.path.exists(err_path):
+        os.remove(err_path)
+    cmd = [sys.executable, "-m", "launch.train", f"--workdir={wd}", *trial.flags]
+    log(f"[ablate] running {trial.name}")
+    t0 = time.time()
+    with open(os.path.join(wd, "stdout.log"), "a") as out, open(os.path.join(wd, "stderr.log"), "a") as err:
+        rc = subprocess.call(cmd, stdout=out, stderr=err, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    if rc != 0 or not is_finished(root, trial):
+        tail = ""
+        with open(os.path.join(wd, "stderr.log")) as f:
+            lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("error:")]
+        tail = (errors or lines or ["(no output)"])[-1]
+        with open(err_path, "w") as f:
+            f.write(f"exit status {rc}\n{tail}\n")
+        log(f"[ablate] {trial.name} FAILED (exit {rc}): {tail}")
+        return {"status": "failed", "returncode": rc, "error": tail}
+    log(f"[ablate] {trial.name} done in {time.time() - t0:.0f}s")
+    return {"status": "done"}
+
+
+def run_all(root: str, trials: list[Trial], *, parallel: int = 1, log=print) -> dict[str, dict]:
+    """Runs every trial (`parallel` subprocesses at a time); failures do not stop the others."""
+    os.makedirs(os.path.join(root, "trials"), exist_ok=True)
+    if parallel <= 1:
+        return {t.name: run_trial(root, t, log=log) for t in trials}
+    with ThreadPoolExecutor(parallel) as pool:
+        futures = {t.name: pool.submit(run_trial, root, t, log=log) for t in trials}
+        return {name: f.result() for name, f in futures.items()}
+
+
+# --- results ----------------------------------------------------------------------------
+
+COLUMNS = ["best_val_accuracy", "final_val_accuracy", "final_val_loss", "epochs", "early_stopped",
+           "trainable_params", "wall_time_s", "images_per_sec"]
+
+
+def collect(root: str, trials: list[Trial]) -> list[dict]:
+    """One row per trial: its swept values and metrics (or its error)."""
+    rows = []
+    for t in trials:
+        wd = trial_dir(root, t)
+        row = {"trial": t.name, **t.values, "group": t.group, **t.extra}
+        path = os.path.join(wd, "results.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                r = json.load(f)
+            trainable = [s.get("trainable_params") for s in r["stages"] if s.get("trainable_params") is not None]
+            row.update(status="done", best_val_accuracy=r["best"]["val_accuracy"] if r["best"] else None,
+                       final_val_accuracy=r["final"]["val_accuracy"], final_val_loss=r["final"]["val_loss"],
+                       epochs=r["epochs_run"], early_stopped=r["early_stopping_fired"],
+                       trainable_params=trainable[-1] if trainable else None,
+                       wall_time_s=round(r["wall_time_s"], 1), images_per_sec=round(r["train_images_per_sec"], 1))
+        else:
+            err = os.path.join(wd, "error.txt")
+            row.update(status="failed" if os.path.exists(err) else "missing",
+                       error=open(err).read().strip().replace("\n", ": ") if os.path.exists(err) else "")
+        rows.append(row)
+    return rows
+
+
+def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
+    """Mean and std of the metrics over rows sharing `group` (i.e. over seeds)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    out = []
+    for g, rs in groups.items():
+        done = [r for r in rs if r["status"] == "done"]
+        agg = {k: rs[0].get(k) for k in keys if k != SEED_KEY}
+        agg.update(group=g, n=len(done), failed=len(rs) - len(done))
+        for m in ("best_val_accuracy", "final_val_accuracy", "final_val_loss", "wall_time_s"):
+            vals = [r[m] for r in done if r.get(m) is not None]
+            agg[m + "_mean"] = float(np.mean(vals)) if vals else None
+            agg[m + "_std"] = float(np.std(vals)) if len(vals) > 1 else 0.0 if vals else None
+        out.append(agg)
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "Sweep results") -> None:
+    """`results.csv` (every trial) and `results.md` (trials, then mean ± std over seeds)."""
+    cols = ["trial", *keys, "status", *COLUMNS, "error"]
+    with open(os.path.join(root, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in cols})
+    lines = [f"# {title}", "", "| " + " | ".join(cols[1:-1]) + " |", "|" + "---|" * (len(cols) - 2)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols[1:-1]) + " |")
+    failed = [r for r in rows if r["status"] != "done"]
+    if failed:
+        lines += ["", "Failed or missing trials:", ""] + [f"- `{r['trial']}`: {r.get('error') or r['status']}" for r in failed]
+    if SEED_KEY in keys:
+        agg = aggregate(rows, keys)
+        ks = [k for k in keys if k != SEED_KEY]
+        lines += ["", "## Mean ± std over seeds", "",
+                  "| " + " | ".join(ks + ["seeds", "best val acc", "final val acc", "final val loss"]) + " |",
+                  "|" + "---|" * (len(ks) + 4)]
+        for a in agg:
+            def ms(m):
+                return "" if a[m + "_mean"] is None else f"{a[m + '_mean']:.4f} ± {a[m + '_std']:.4f}"
+            lines.append("| " + " | ".join([_fmt(a.get(k)) for k in ks] + [str(a["n"]), ms("best_val_accuracy"),
+                                                                           ms("final_val_accuracy"), ms("final_val_loss")]) + " |")
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(root: str, rows: list[dict], keys: list[str], *, metric: str = "final_val_accuracy",
+         filename: str = "results.png", baseline: tuple[str, float, float] | None = None,
+         title: str = "") -> str | None:
+    """Metric vs the first swept key, one line per combination of the other keys,
+    error bars = std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs_key = next((k for k in keys if k != SEED_KEY), None)
+    if xs_key is None:
+        return None
+    others = [k for k in keys if k not in (xs_key, SEED_KEY)]
+    xs = list(dict.fromkeys(r[xs_key] for r in rows))
+    lines: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        if r["status"] != "done" or r.get(metric) is None:
+            continue
+        label = ", ".join(f"{k}={r[k]}" for k in others) or metric
+        lines.setdefault(label, {}).setdefault(r[xs_key], []).append(r[metric])
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, pts in lines.items():
+        px = [i for i, x in enumerate(xs) if x in pts]
+        means = [float(np.mean(pts[xs[i]])) for i in px]
+        stds = [float(np.std(pts[xs[i]])) for i in px]
+        ax.errorbar(px, means, yerr=stds, marker="o", capsize=3, label=label)
+    if baseline is not None:
+        label, mean, std = baseline
+        ax.axhline(mean, color="k", ls="--", lw=1, label=label)
+        ax.axhspan(mean - std, mean + std, color="k", alpha=0.08)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_xlabel(xs_key)
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(root, filename)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_hparams(root: str, trials: list[Trial]) -> None:
+    """TensorBoard HParams: the experiment at the root, one session per finished trial.
+
+    Metrics point at the trial's own `val/` and `train/` scalars, so the
+    dashboard shows each trial's last values.
+    """
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    keys = list(dict.fromkeys(k for t in trials for k in t.values))
+    hparams = {k: hp.HParam(k, hp.Discrete(sorted({str(t.values.get(k, "")) for t in trials}))) for k in keys}
+    metrics = [hp.Metric("accuracy", group="val", display_name="val accuracy"),
+               hp.Metric("loss", group="val", display_name="val loss"),
+               hp.Metric("loss", group="train", display_name="train loss"),
+               hp.Metric("accuracy", group="train", display_name="train accuracy")]
+    with tf.summary.create_file_writer(os.path.join(root, "trials")).as_default():
+        hp.hparams_config(hparams=list(hparams.values()), metrics=metrics)
+    for t in trials:
+        wd = trial_dir(root, t)
+        marker = os.path.join(wd, ".hparams_written")
+        if not is_finished(root, t) or os.path.exists(marker):
+            continue
+        with tf.summary.create_file_writer(wd).as_default():
+            hp.hparams({hparams[k]: str(v) for k, v in t.values.items()}, trial_id=t.name)
+        open(marker, "w").close()
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return (float(np.mean(values)), float(np.std(values))) if values else (math.nan, math.nan)
+
+
+# --- the transfer study (Yosinski et al., 2014) -------------------------------------------
+
+TRANSFER_CONDITIONS = ("AnB", "AnB+", "BnB", "BnB+")
+
+
+def transfer_trials(root: str, *, num_blocks: int, classes_a: str, classes_b: str, seeds: list[str],
+                    base_flags: list[str]) -> tuple[list[Trial], list[Trial]]:
+    """The two phases of "How transferable are features in deep neural networks?".
+
+    Phase 1 trains a base on each half of the classes (baseA, baseB; baseB is
+    also the control: B trained from scratch). Phase 2, for n = 1..num_blocks,
+    copies the first n blocks of baseA (AnB) or baseB (BnB, the selffer) into a
+    fresh network for B and either freezes them (AnB, BnB) or fine-tunes
+    everything (AnB+, BnB+). BatchNorm trains in the trainable blocks and stays
+    frozen, with the copied statistics, in the frozen ones.
+
+    Returns:
+      (phase-1 trials, phase-2 trials).
+    """
+    bases, transfers = [], []
+    common = list(base_flags) + ["--train_bn"]
+    for seed in seeds:
+        for half, classes in (("A", classes_a), ("B", classes_b)):
+            values = {"n": "0", "condition": f"base{half}", "seed": seed}
+            bases.append(Trial(f"base{half}__seed-{seed}", values,
+                               common + [f"--classes={classes}", "--unfreeze=all", f"--seed={seed}"],
+                               group=f"base{half}"))
+    for seed in seeds:
+        for n in range(1, num_blocks + 1):
+            for cond in TRANSFER_CONDITIONS:
+                src = cond[0]
+                frozen = not cond.endswith("+")
+                spec = ("none" if n == num_blocks else f"top:{num_blocks - n}") if frozen else "all"
+                values = {"n": str(n), "condition": cond, "seed": seed}
+                transfers.append(Trial(
+                    f"{cond.replace('+', 'plus')}__n-{n}__seed-{seed}", values,
+                    common + [f"--classes={classes_b}", f"--weights=ckpt:{os.path.join(root, 'trials', f'base{src}__seed-{seed}')}",
+                              f"--init_blocks={n}", f"--unfreeze={spec}", f"--seed={seed}"],
+                    group=f"{cond}__n-{n}"))
+    return bases, transfers
+
+
+def transfer_report(root: str, rows: list[dict], *, title: str) -> dict:
+    """Writes `transfer.md` and `transfer.png`: mean ± std accuracy on B per condition and n.
+
+    Returns:
+      `{condition: {n: (mean, std, count)}}` plus `"baseB"`: (mean, std, count).
+    """
+    done = [r for r in rows if r["status"] == "done"]
+    table: dict = {}
+    for r in done:
+        table.setdefault(r["condition"], {}).setdefault(int(r["n"]), []).append(r["final_val_accuracy"])
+    summary = {c: {n: (*mean_std(v), len(v)) for n, v in sorted(d.items())} for c, d in table.items()}
+    base_b = summary.get("baseB", {}).get(0, (math.nan, math.nan, 0))
+    ns = sorted({int(r["n"]) for r in done if r["condition"] in TRANSFER_CONDITIONS})
+    lines = [f"# {title}", "", f"Validation accuracy on the B classes, mean ± std over seeds "
+             f"(control, B trained from scratch: {base_b[0]:.4f} ± {base_b[1]:.4f}, {base_b[2]} seeds).", "",
+             "| condition | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for c in TRANSFER_CONDITIONS:
+        if c in summary:
+            cells = [f"{summary[c][n][0]:.4f} ± {summary[c][n][1]:.4f}" if n in summary[c] else "" for n in ns]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    with open(os.path.join(root, "transfer.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_rows = [r for r in rows if r.get("condition") in TRANSFER_CONDITIONS]
+    plot(root, plot_rows, ["n", "condition", SEED_KEY], filename="transfer.png",
+         baseline=("baseB (B from scratch)", base_b[0], base_b[1]), title=title)
+    summary["baseB"] = base_b
+    return summary
