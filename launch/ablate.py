@@ -67,7 +67,8 @@ def main(argv):
     from research import ablation
     from research.config import UserError
 
-    train_flags = argv[1:]
+    # Trials are compared, not shipped: skip the export unless asked (--export after --).
+    train_flags = ["--noexport", *argv[1:]]
     if any(a.startswith("--workdir") for a in train_flags):
         common.die("do not pass --workdir: each trial gets ROOT/trials/NAME", common.EXIT_USER_ERROR)
     root = F.root or f"/tmp/ablate_{F.study}"

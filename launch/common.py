@@ -19,10 +19,14 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again (the run resumes)
 def parse_flags_or_exit(argv):
     """absl's flag parser, but a bad flag is a user error: exit 2, one message, no usage dump."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    from absl import logging
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # TF's INFO chatter drowns the progress bars
+    return rest
 
 
 def die(message: str, status: int) -> None:

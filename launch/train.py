@@ -79,6 +79,7 @@ flags.DEFINE_integer("early_stopping_patience", 5, "Epochs without improvement b
 flags.DEFINE_float("early_stopping_baseline", None, "Value the monitor must beat to reset patience.")
 flags.DEFINE_integer("early_stopping_start_from_epoch", 0, "Epochs (per stage) before monitoring starts.")
 flags.DEFINE_bool("restore_best_weights", False, "At the end of each stage, restore its best epoch's weights.")
+flags.DEFINE_bool("export", True, "At the end, export the final model to WORKDIR/export (.keras, SavedModel, labels).")
 flags.DEFINE_bool("allow_config_change", False, "Resume a workdir even though the config changed.")
 
 
@@ -108,6 +109,7 @@ def config_from_flags():
             jit_compile=F.jit_compile, precision=F.precision, strategy=F.strategy,
             grad_accum_steps=F.grad_accum_steps, collective_timeout=F.collective_timeout, checkpoint_keep=F.checkpoint_keep,
             checkpoint_every_steps=F.checkpoint_every_steps, histogram_every_epochs=F.histogram_every_epochs,
+            export=F.export,
             early_stopping=C.EarlyStoppingConfig(
                 enabled=F.early_stopping, monitor=F.early_stopping_monitor, mode=F.early_stopping_mode,
                 min_delta=F.early_stopping_min_delta, patience=F.early_stopping_patience,
@@ -121,9 +123,6 @@ def main(argv):
         common.die(f"unexpected arguments {argv[1:]}; all options are --flags", common.EXIT_USER_ERROR)
     if not F.workdir:
         common.die("--workdir is required, e.g. --workdir=/tmp/run1", common.EXIT_USER_ERROR)
-    from absl import logging
-    if not F["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # TF's INFO chatter drowns the progress bars
     from research import distribute
     from research.config import UserError
     try:
@@ -151,6 +150,8 @@ def main(argv):
           f"({results['epochs_run']} epochs, {results['wall_time_s']:.0f}s, "
           f"{results['train_images_per_sec']:.0f} train images/s)")
     print(f"results: {F.workdir}/results.json")
+    if F.export:
+        print(f"model:   {F.workdir}/export (model.keras, saved_model, labels.json)")
     print(f"inspect: tensorboard --logdir {F.workdir}")
 
 

@@ -179,6 +179,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     histogram_every_epochs: int = 0
     cache_features: bool = False
+    export: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 

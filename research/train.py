@@ -34,7 +34,7 @@ from research.summaries import Summaries
 
 # Config fields that may change on resume: they change speed or bookkeeping, not the maths.
 RESUME_SAFE_FIELDS = {"train.steps_per_loop", "train.checkpoint_keep", "train.checkpoint_every_steps",
-                      "train.histogram_every_epochs", "train.strategy", "train.collective_timeout"}
+                      "train.histogram_every_epochs", "train.strategy", "train.collective_timeout", "train.export"}
 
 
 class Interrupted(Exception):
@@ -440,6 +440,10 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
         "config": dataclasses.asdict(config),
     }
     if chief:
+        if cfg_t.export:
+            from research.export import export_run
+            # The final weights: the latest checkpoint (the best epoch's, with restore_best_weights).
+            export_run(workdir, checkpoint="latest", class_names=source.class_names)
         _atomic_write_json(os.path.join(workdir, "results.json"), results)
     else:
         shutil.rmtree(scratch, ignore_errors=True)

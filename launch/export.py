@@ -1,0 +1,33 @@
+"""Exports a run: `python -m launch.export --workdir=DIR [--checkpoint=latest]`.
+
+Writes DIR/export/model.keras, DIR/export/saved_model/ and DIR/export/labels.json.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from launch import common
+
+F = flags.FLAGS
+flags.DEFINE_string("workdir", None, "The run to export.")
+flags.DEFINE_string("checkpoint", "latest", "latest (the final weights) | best | a checkpoint path.")
+flags.DEFINE_string("out", None, "Output directory (default: DIR/export).")
+
+
+def main(argv):
+    if len(argv) > 1 or not F.workdir:
+        common.die("usage: python -m launch.export --workdir=DIR [--checkpoint=latest|best|PATH]",
+                   common.EXIT_USER_ERROR)
+    from research.config import UserError
+    from research.export import export_run
+    try:
+        meta = export_run(F.workdir, checkpoint=F.checkpoint, out_dir=F.out)
+    except UserError as e:
+        common.die(str(e), common.EXIT_USER_ERROR)
+    out = F.out or f"{F.workdir}/export"
+    print(f"exported {meta['checkpoint']} ({len(meta['class_names'])} classes) to {out}/model.keras and {out}/saved_model")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=common.parse_flags_or_exit)

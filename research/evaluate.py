@@ -1,0 +1,143 @@
+"""Evaluating a finished run on any split or dataset: metrics, confusion matrix, figure.
+
+`evaluate_run(workdir, ...)` writes `eval/<name>.json` (loss, accuracy, top-5
+accuracy with more than 5 classes, per-class precision/recall/F1, the
+confusion matrix), `eval/<name>_confusion.png`, and the same figure as a
+TensorBoard image in `eval/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from research import backbones, data
+from research.config import UserError
+from research.export import load_run
+
+
+def per_class_metrics(confusion: np.ndarray, class_names: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support per class from a confusion matrix (rows = true)."""
+    out = []
+    for i, name in enumerate(class_names):
+        tp = float(confusion[i, i])
+        predicted = float(confusion[:, i].sum())
+        actual = float(confusion[i, :].sum())
+        p = tp / predicted if predicted else 0.0
+        r = tp / actual if actual else 0.0
+        out.append({"class": name, "precision": p, "recall": r,
+                    "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": int(actual)})
+    return out
+
+
+def confusion_figure(confusion: np.ndarray, class_names: list[str], title: str) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(min(2 + 0.5 * n, 12), min(1.6 + 0.5 * n, 11)))
+    im = ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if confusion[i, j] > confusion.max() / 2 else "black")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def predict_dataset(model, ds) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) over a whole dataset."""
+    step = tf.function(lambda x: model(x, training=False))
+    logits, labels = [], []
+    for x, y in ds:
+        logits.append(step(x).numpy())
+        labels.append(y.numpy())
+    return np.concatenate(logits).astype(np.float64), np.concatenate(labels)
+
+
+def evaluate_run(workdir: str, *, dataset: str | None = None, split: str = "val", checkpoint: str = "best",
+                 name: str | None = None, data_dir: str | None = None) -> dict:
+    """Evaluates a run's checkpoint.
+
+    Args:
+      workdir: the run.
+      dataset: another source (`folder:PATH`, `tfds:NAME`, `digits`) with the
+        same class names; None means the run's own dataset.
+      split: `val` or `train` of the source (for TFDS, `val` may also be any
+        split name such as `test`).
+      checkpoint: `best`, `latest` or a checkpoint path.
+      name: the report's name (default: derived from dataset and split).
+
+    Raises:
+      UserError: no run, a bad checkpoint, or class names that differ.
+    """
+    config, model, class_names, path = load_run(workdir, checkpoint=checkpoint)
+    entry = backbones.get(config.model.backbone)
+    size = model.input_shape[1]
+    cfg = config.data
+    if split not in ("val", "train") and not (dataset or cfg.dataset).startswith("tfds:"):
+        raise UserError(f"--split={split!r} is not valid for this dataset; allowed values: val, train")
+    if dataset:
+        cfg = dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir or cfg.data_dir)
+    if split not in ("val", "train"):
+        cfg = dataclasses.replace(cfg, val_split=split)
+    if dataset:
+        # Another source: take its classes by the run's names, so indices line up.
+        probe = dataclasses.replace(cfg, classes="", batch_size=1)
+        other = data.load_source(probe, size).class_names
+        missing = [c for c in class_names if c not in other]
+        extra = [c for c in other if c not in class_names]
+        if missing or extra:
+            raise UserError(f"class names of {dataset} differ from the run's: missing {missing or 'none'}, "
+                            f"unexpected {extra or 'none'}; the run's classes are {class_names}")
+        cfg = dataclasses.replace(cfg, classes=",".join(class_names))
+    source = data.load_source(dataclasses.replace(cfg, batch_size=1), size)
+    if source.class_names != class_names:
+        raise UserError(f"class names differ: {source.class_names} vs the run's {class_names}")
+    split_ds = source.val if split != "train" else source.train
+    ds = split_ds.batch(64).map(lambda x, y: (entry.preprocess(tf.cast(x, tf.float32)), y))
+    logits, labels = predict_dataset(model, ds)
+    k = len(class_names)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    pred = logits.argmax(axis=1)
+    confusion = np.zeros((k, k), np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    report = {
+        "workdir": workdir, "checkpoint": path, "dataset": cfg.dataset, "split": split,
+        "num_examples": int(len(labels)), "class_names": class_names,
+        "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+        "accuracy": float((pred == labels).mean()),
+        "per_class": per_class_metrics(confusion, class_names),
+        "confusion_matrix": confusion.tolist(),
+    }
+    if k > 5:
+        top5 = np.argsort(-logits, axis=1)[:, :5]
+        report["top5_accuracy"] = float((top5 == labels[:, None]).any(axis=1).mean())
+    report["macro_f1"] = float(np.mean([c["f1"] for c in report["per_class"]]))
+    name = name or f"{(dataset or 'own').replace(':', '_').replace('/', '_').strip('_')}_{split}"
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    png = confusion_figure(confusion, class_names, f"{name}: accuracy {report['accuracy']:.4f}")
+    with open(os.path.join(out, f"{name}_confusion.png"), "wb") as f:
+        f.write(png)
+    with tf.summary.create_file_writer(out).as_default(step=0):
+        tf.summary.image(f"confusion/{name}", tf.io.decode_png(png)[None], max_outputs=1)
+    return report

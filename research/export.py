@@ -1,0 +1,168 @@
+"""Loading a finished run, and exporting it for use without this codebase.
+
+`export/` in a workdir holds:
+  model.keras     the classifier with its preprocessing, float pixels [0, 255] in,
+                  class probabilities out; standard Keras layers only, so
+                  `keras.models.load_model` needs no custom code
+  saved_model/    a TF SavedModel with two signatures: `serving_default` takes a
+                  batch of encoded images (JPEG/PNG/BMP/GIF bytes) and
+                  `predict_float` a float batch in [0, 255]; both return
+                  `probabilities` (and `serving_default` also `classes`)
+  labels.json     class names, input size, backbone, the checkpoint exported
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from research import backbones
+from research.config import ExperimentConfig, UserError
+
+# BGR mean of keras.applications' "caffe" preprocessing (vgg16, resnet50).
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+def preprocessing_layers(backbone: str) -> list[keras.layers.Layer]:
+    """Standard Keras layers that compute the backbone's `preprocess_input` exactly.
+
+    "tf" mode (x/127.5 - 1) and small_cnn's x/255 are a Rescaling; "caffe" mode
+    (RGB->BGR, minus the ImageNet mean) is a fixed 1x1 convolution whose kernel
+    is the channel permutation and whose bias is minus the mean. EfficientNet
+    preprocesses inside the model.
+    """
+    if backbone == "small_cnn":
+        return [keras.layers.Rescaling(1.0 / 255, name="preprocess")]
+    if backbone in ("mobilenet", "mobilenet_v2", "inception_v3", "xception"):
+        return [keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")]
+    if backbone in ("vgg16", "resnet50"):
+        conv = keras.layers.Conv2D(3, 1, name="preprocess", trainable=False)
+        conv.build((None, None, None, 3))
+        kernel = np.zeros((1, 1, 3, 3), np.float32)
+        for out_c, in_c in enumerate((2, 1, 0)):
+            kernel[0, 0, in_c, out_c] = 1.0
+        conv.set_weights([kernel, -np.array(_CAFFE_MEAN_BGR, np.float32)])
+        return [conv]
+    if backbone == "efficientnet_b0":
+        return []
+    raise UserError(f"no export preprocessing for backbone {backbone!r}")
+
+
+def load_config(workdir: str) -> ExperimentConfig:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"--workdir={workdir!r} holds no run (no config.json)")
+    with open(path) as f:
+        return ExperimentConfig.from_dict(json.load(f))
+
+
+def checkpoint_path(workdir: str, which: str) -> str:
+    """`best` (falls back to `latest` when there is no best), `latest`, or a checkpoint path."""
+    if which in ("best", "latest"):
+        for sub in (("best", "ckpt") if which == "best" else ("ckpt",)):
+            path = tf.train.latest_checkpoint(os.path.join(workdir, sub))
+            if path:
+                return path
+        raise UserError(f"no checkpoint in {workdir}/{'best or ckpt' if which == 'best' else 'ckpt'}")
+    if not tf.io.gfile.exists(which + ".index"):
+        raise UserError(f"--checkpoint={which!r} is not a checkpoint (no {which}.index); use best, latest or a path")
+    return which
+
+
+def load_run(workdir: str, *, checkpoint: str = "best",
+             class_names: list[str] | None = None) -> tuple[ExperimentConfig, keras.Model, list[str], str]:
+    """Rebuilds a run's classifier and restores a checkpoint into it.
+
+    Returns:
+      (config, model, class names, checkpoint path).
+    """
+    config = load_config(workdir)
+    results_path = os.path.join(workdir, "results.json")
+    if class_names is None and os.path.exists(results_path):
+        with open(results_path) as f:
+            class_names = json.load(f).get("class_names")
+    if class_names is None:
+        from research import data
+        entry = backbones.get(config.model.backbone)
+        class_names = data.load_source(config.data, config.data.image_size or entry.default_size).class_names
+    path = checkpoint_path(workdir, checkpoint)
+    entry = backbones.get(config.model.backbone)
+    size = config.data.image_size or entry.default_size
+    base = backbones.build_base(config.model.backbone, image_size=size, weights="none", alpha=config.model.alpha)
+    model = backbones.build_classifier(base, len(class_names), dropout=config.model.dropout)
+    try:
+        tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        raise UserError(f"checkpoint {path} does not fit the run's model: {str(e).splitlines()[0]}") from None
+    return config, model, class_names, path
+
+
+def inference_model(model: keras.Model, backbone: str) -> keras.Model:
+    """Pixels in [0, 255] -> preprocessing -> classifier -> softmax probabilities."""
+    inputs = keras.Input(model.input_shape[1:], name="pixels")
+    x = inputs
+    for layer in preprocessing_layers(backbone):
+        x = layer(x)
+    logits = model(x, training=False)
+    probs = keras.layers.Softmax(dtype="float32", name="probabilities")(logits)
+    return keras.Model(inputs, probs, name="classifier_with_preprocessing")
+
+
+def decode_and_resize(data: tf.Tensor, size: int) -> tf.Tensor:
+    """Encoded image bytes -> float32 [size, size, 3] in [0, 255], as in training."""
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    image = tf.image.resize(tf.cast(image, tf.float32), [size, size], antialias=True)
+    return tf.clip_by_value(tf.round(image), 0.0, 255.0)
+
+
+def export_run(workdir: str, *, checkpoint: str = "latest", out_dir: str | None = None,
+               class_names: list[str] | None = None) -> dict:
+    """Writes `export/model.keras`, `export/saved_model/` and `export/labels.json`.
+
+    Returns:
+      The labels.json content.
+    """
+    # Exported models compute in float32 whatever the training precision: portable to any device.
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        return _export(workdir, checkpoint, out_dir, class_names)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
+def _export(workdir, checkpoint, out_dir, class_names):
+    config, model, class_names, path = load_run(workdir, checkpoint=checkpoint, class_names=class_names)
+    out_dir = out_dir or os.path.join(workdir, "export")
+    os.makedirs(out_dir, exist_ok=True)
+    size = model.input_shape[1]
+    full = inference_model(model, config.model.backbone)
+    full.save(os.path.join(out_dir, "model.keras"))
+
+    labels = tf.constant(class_names)
+
+    def predict_float(pixels):
+        return {"probabilities": full(pixels, training=False)}
+
+    def serve_bytes(images):
+        pixels = tf.map_fn(lambda b: decode_and_resize(b, size), images, fn_output_signature=tf.float32)
+        probs = full(pixels, training=False)
+        return {"probabilities": probs, "classes": tf.gather(labels, tf.argmax(probs, axis=-1))}
+
+    archive = keras.export.ExportArchive()
+    archive.track(full)
+    archive.add_endpoint("serving_default", serve_bytes, input_signature=[tf.TensorSpec([None], tf.string)])
+    archive.add_endpoint("predict_float", predict_float,
+                         input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    archive.write_out(os.path.join(out_dir, "saved_model"), verbose=False)
+    meta = {"class_names": class_names, "image_size": size, "backbone": config.model.backbone,
+            "checkpoint": path, "input": "RGB pixels in [0, 255], resized to image_size (antialiased bilinear)"}
+    with open(os.path.join(out_dir, "labels.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+

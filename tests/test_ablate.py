@@ -1,0 +1,132 @@
+"""Sweeps: kill and re-run without recomputation; results tables; TensorBoard serves every trial."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from research import ablation
+from research.config import UserError
+from tests.conftest import ROOT, run_module
+
+TRAIN = ["--image_size=16", "--classes=0-4", "--finetune_epochs=2", "--batch_size=32", "--verbosity=0"]
+SWEEP = ["--sweep=unfreeze:none,top:1", "--sweep=seed:0,1"]
+
+
+def test_parse_and_expand():
+    sweep = ablation.parse_sweep(["unfreeze:none,top:1", "seed:0,1,2", "unfreeze_b:blocks:block1,block3;all"])
+    assert sweep[2] == ("unfreeze_b", ["blocks:block1,block3", "all"])
+    trials = ablation.expand(sweep[:2], ["--lr=1e-3"])
+    assert len(trials) == 6
+    assert trials[1].flags == ["--lr=1e-3", "--unfreeze=none", "--seed=1"]
+    assert trials[0].group == trials[1].group != trials[3].group
+    with pytest.raises(UserError):
+        ablation.parse_sweep(["nocolon"])
+
+
+@pytest.fixture(scope="module")
+def sweep_root(tmp_path_factory):
+    """A 4-trial sweep, SIGKILLed after its second trial finished, then re-run to completion."""
+    root = tmp_path_factory.mktemp("sweep")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    cmd = [sys.executable, "-m", "launch.ablate", f"--root={root}", *SWEEP, "--", *TRAIN]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    finished = []
+    while time.time() < deadline:
+        finished = sorted(p for p in (root / "trials").glob("*/results.json")) if (root / "trials").exists() else []
+        if len(finished) >= 2:
+            break
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    done_before = {p.parent.name: p.stat().st_mtime_ns for p in finished}
+    assert 2 <= len(done_before) < 4, done_before
+    rerun = run_module("launch.ablate", f"--root={root}", *SWEEP, "--", *TRAIN)
+    return root, done_before, rerun
+
+
+def test_killed_sweep_resumes_without_recomputing(sweep_root):
+    root, done_before, rerun = sweep_root
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for name, mtime in done_before.items():
+        assert (root / "trials" / name / "results.json").stat().st_mtime_ns == mtime, f"{name} was recomputed"
+        assert f"running {name}" not in rerun.stdout
+    rows = list(csv.DictReader(open(root / "results.csv")))
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    assert {(r["unfreeze"], r["seed"]) for r in rows} == {("none", "0"), ("none", "1"), ("top:1", "0"), ("top:1", "1")}
+    md = (root / "results.md").read_text()
+    assert "Mean ± std over seeds" in md and md.count("| top:1 |") == 1
+    assert (root / "results.png").stat().st_size > 1000
+    none_params = {r["trainable_params"] for r in rows if r["unfreeze"] == "none"}
+    assert none_params == {"645"}  # the head alone: 128*5 + 5
+
+
+def test_failed_trial_is_recorded_and_others_run(tmp_path):
+    r = run_module("launch.ablate", f"--root={tmp_path}", "--sweep=unfreeze:none,from:nope", "--",
+                   *TRAIN[:-2], "--finetune_epochs=1")
+    assert r.returncode == 1
+    rows = {row["unfreeze"]: row for row in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert rows["none"]["status"] == "done"
+    assert rows["from:nope"]["status"] == "failed" and "unknown block 'nope'" in rows["from:nope"]["error"]
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _get(url, data=None):
+    req = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(),
+                                 headers={"Content-Type": "application/json"} if data is not None else {})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_tensorboard_serves_every_trial(sweep_root):
+    root, _, rerun = sweep_root
+    assert rerun.returncode == 0
+    trials = sorted(p.name for p in (root / "trials").iterdir() if p.is_dir())
+    port = _free_port()
+    tb = subprocess.Popen([sys.executable, "-m", "tensorboard.main", f"--logdir={root}", "--host=127.0.0.1",
+                           f"--port={port}", "--load_fast=false", "--reload_interval=1"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        scalars = images = groups = None
+        while time.time() < deadline:
+            try:
+                scalars = _get(f"{base}/data/plugin/scalars/tags")
+                images = _get(f"{base}/data/plugin/images/tags")
+                groups = _get(f"{base}/data/plugin/hparams/session_groups",
+                              {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
+                               "colParams": [], "startIndex": 0, "sliceSize": 100})
+                if all(f"trials/{t}/val" in scalars for t in trials) and len(groups.get("sessionGroups", [])) >= len(trials):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(1)
+        for t in trials:
+            assert {"loss", "accuracy", "learning_rate", "images_per_second", "grad_norm"} <= set(scalars[f"trials/{t}/train"])
+            assert {"loss", "accuracy"} <= set(scalars[f"trials/{t}/val"])
+            assert "augmented_inputs" in images[f"trials/{t}/train"]
+        names = {g["name"] for g in groups["sessionGroups"]}
+        assert all(any(t in n for n in names) for t in trials), names
+        hp_names = {h["name"] for g in groups["sessionGroups"] for h in [{"name": k} for k in g["hparams"]]}
+        assert {"unfreeze", "seed"} <= hp_names
+    finally:
+        tb.terminate()
+        tb.wait(timeout=30)
