@@ -58,6 +58,8 @@ flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd", "adamw"], "Optimizer.")
 flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
 flags.DEFINE_float("weight_decay", 1e-4, "AdamW weight decay.")
 flags.DEFINE_float("clipnorm", 0.0, "Global-norm gradient clipping (0: off).")
+flags.DEFINE_bool("cache_features", False, "Head-only stages without augmentation: run the frozen base once "
+                  "and train the head on cached features (much faster per epoch).")
 flags.DEFINE_integer("steps_per_loop", 20, "Steps per tf.function call.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_bool("deterministic", False, "Op determinism and a reproducible input pipeline (bit-exact resume).")
@@ -109,7 +111,7 @@ def config_from_flags():
             jit_compile=F.jit_compile, precision=F.precision, strategy=F.strategy,
             grad_accum_steps=F.grad_accum_steps, collective_timeout=F.collective_timeout, checkpoint_keep=F.checkpoint_keep,
             checkpoint_every_steps=F.checkpoint_every_steps, histogram_every_epochs=F.histogram_every_epochs,
-            export=F.export,
+            export=F.export, cache_features=F.cache_features,
             early_stopping=C.EarlyStoppingConfig(
                 enabled=F.early_stopping, monitor=F.early_stopping_monitor, mode=F.early_stopping_mode,
                 min_delta=F.early_stopping_min_delta, patience=F.early_stopping_patience,

@@ -339,7 +339,19 @@ class Pipeline:
     def steps_per_epoch(self) -> int:
         return self.source.num_train // self.batch_size
 
-    def _options(self) -> tf.data.Options:
+    @property
+    def cached_train(self) -> tf.data.Dataset:
+        return self._train
+
+    @property
+    def cached_val(self) -> tf.data.Dataset:
+        return self._val
+
+    def epoch_seed(self, epoch: int) -> int:
+        """The shuffle and augmentation seed of `epoch` (a function of (seed, epoch) only)."""
+        return int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0] % (2**31 - 1))
+
+    def options(self) -> tf.data.Options:
         opts = tf.data.Options()
         opts.deterministic = True
         # In-memory sources have no files to shard: each worker keeps its share of
@@ -349,7 +361,7 @@ class Pipeline:
 
     def train_dataset(self, epoch: int, *, augment: bool = True) -> tf.data.Dataset:
         """The training batches of epoch `epoch` (fixed shapes: drop_remainder)."""
-        epoch_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0] % (2**31 - 1))
+        epoch_seed = self.epoch_seed(epoch)
         ds = self._train.shuffle(self.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
         ds = ds.batch(self.batch_size, drop_remainder=True)
         aug = augment_lib.build(self.augment_cfg, seed=epoch_seed) if augment else None
@@ -365,7 +377,7 @@ class Pipeline:
         # a sequential map is (at some speed cost), so --deterministic uses it.
         calls = None if (self.deterministic and aug is not None) else AUTOTUNE
         ds = ds.map(transform, num_parallel_calls=calls)
-        return ds.prefetch(AUTOTUNE).with_options(self._options())
+        return ds.prefetch(AUTOTUNE).with_options(self.options())
 
     def raw_train_batch(self, epoch: int, n: int = 16) -> tf.Tensor:
         """Augmented training images in [0, 255] (for TensorBoard image grids)."""
@@ -378,4 +390,4 @@ class Pipeline:
         preprocess = self.preprocess
         ds = self._val.batch(self.batch_size)
         ds = ds.map(lambda x, y: (preprocess(tf.cast(x, tf.float32)), y), num_parallel_calls=AUTOTUNE)
-        return ds.prefetch(AUTOTUNE).with_options(self._options())
+        return ds.prefetch(AUTOTUNE).with_options(self.options())

@@ -28,13 +28,14 @@ from absl import logging
 from research import backbones, checkpoints, data, distribute, unfreeze
 from research.config import ExperimentConfig, UserError, validate
 from research.early_stopping import EarlyStopping
+from research.features import FeatureCache
 from research.loop import COUNT, NUM_SUMS, Trainer, metrics_from_sums
 from research.optim import StageSchedule, build_optimizer, current_lr, loss_scale_value
 from research.summaries import Summaries
 
 # Config fields that may change on resume: they change speed or bookkeeping, not the maths.
 RESUME_SAFE_FIELDS = {"train.steps_per_loop", "train.checkpoint_keep", "train.checkpoint_every_steps",
-                      "train.histogram_every_epochs", "train.strategy", "train.collective_timeout", "train.export"}
+                      "train.histogram_every_epochs", "train.strategy", "train.collective_timeout", "train.export", "train.cache_features"}
 
 
 class Interrupted(Exception):
@@ -286,6 +287,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
         state["saves"] += 1
         return ckpts.save_latest({k: v for k, v in state.items() if k != "path"}, state["saves"])
 
+    feature_cache = head_trainer = None
     es_cfg = cfg_t.early_stopping
     while state["stage"] < len(config.stages):
         si = state["stage"]
@@ -298,7 +300,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
         if state["stage_start_step"] is None:
             state["stage_start_step"] = int(optimizer.iterations.numpy())
         schedule.set_stage(stage, start_step=state["stage_start_step"], steps_per_epoch=steps_per_epoch)
-        current_key = None
+        current_key, use_cache, active = None, False, trainer
 
         while state["epoch"] < stage.epochs and not state["stage_stopped"]:
             epoch = state["epoch"]
@@ -309,7 +311,24 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
             if key != current_key:
                 current_key = key
                 unfreeze.apply_policy(model, cfg_m.backbone, selection)
-                trainer.set_trainable(selection.variables, selection.lr_multipliers)
+                head_only = len(selection.variables) == len(unfreeze.head_variables(model))
+                use_cache = cfg_t.cache_features and head_only and not config.augment.enabled
+                if cfg_t.cache_features and not use_cache:
+                    logging.warning("stage %s: --cache_features applies to head-only stages without "
+                                    "augmentation; training through the base", stage.name)
+                if use_cache:
+                    if feature_cache is None:
+                        feature_cache = FeatureCache(model, pipeline)
+                        head_trainer = Trainer(feature_cache.head, optimizer, strategy=strategy,
+                                               grad_accum_steps=accum, jit_compile=cfg_t.jit_compile)
+                        if verbose:
+                            print(f"cached base features of {len(feature_cache.train_y)} training and "
+                                  f"{len(feature_cache.val_y)} validation images in {feature_cache.seconds:.1f}s",
+                                  flush=True)
+                    active = head_trainer
+                else:
+                    active = trainer
+                active.set_trainable(selection.variables, selection.lr_multipliers)
                 record = dict(unfreeze.describe(selection, model, stage=stage.name), key=key, from_epoch=epoch)
                 logging.info("stage %s: %s", key, unfreeze.summary_text(record).replace("\n", " | "))
                 if verbose:
@@ -321,7 +340,10 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
                     summaries.text("train", "trainable", unfreeze.summary_text(record), step)
                     summaries.images("train", "augmented_inputs", pipeline.raw_train_batch(state["global_epoch"]), step)
 
-            ds = pipeline.train_dataset(state["global_epoch"], augment=True)
+            if use_cache:
+                ds = feature_cache.train_dataset(state["global_epoch"])
+            else:
+                ds = pipeline.train_dataset(state["global_epoch"], augment=True)
             skip = state["step_in_epoch"] * accum
             if skip:
                 ds = ds.skip(skip)
@@ -337,7 +359,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
                 if every:
                     n = min(n, every - int(optimizer.iterations.numpy()) % every)
                 t0 = time.perf_counter()
-                loop_sums, bad = trainer.train(iterator, n)
+                loop_sums, bad = active.train(iterator, n)
                 dt = time.perf_counter() - t0
                 if bad >= 0:
                     global_step = int(optimizer.iterations.numpy()) - n + bad + 1
@@ -360,7 +382,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
                     save("latest")
 
             train_m = metrics_from_sums(sums)
-            val_m = trainer.evaluate(strategy.experimental_distribute_dataset(pipeline.val_dataset()))
+            val_ds = feature_cache.val_dataset() if use_cache else pipeline.val_dataset()
+            val_m = active.evaluate(strategy.experimental_distribute_dataset(val_ds))
             step = int(optimizer.iterations.numpy())
             ips = state["train_images"] / max(state["train_seconds"], 1e-9)
             train_scalars = {"loss": train_m["loss"], "accuracy": train_m["accuracy"],

@@ -1,0 +1,73 @@
+"""Feature extraction: run the frozen base once, train the head on cached features.
+
+For a head-only stage without augmentation every epoch recomputes the same
+base outputs. `FeatureCache` computes the pooled features of every training
+and validation image once (base in inference mode, BatchNorm frozen) and
+trains the head -- the very same `head_dropout` and `head` layers, so the
+variables, the optimizer slots and the checkpoints are those of the full
+model -- on them. The order of examples per epoch is the image pipeline's
+(same shuffle buffer and seed), so the result equals training the full model
+with a frozen base, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from research import backbones
+from research.data import AUTOTUNE, Pipeline
+
+
+def head_model(model: keras.Model) -> keras.Model:
+    """pooled features -> the classifier's own dropout and Dense layers."""
+    pool = model.get_layer("head_pool")
+    inputs = keras.Input(pool.output.shape[1:], name="features")
+    x = model.get_layer("head_dropout")(inputs)
+    return keras.Model(inputs, model.get_layer("head")(x), name="head_on_features")
+
+
+def extract(model: keras.Model, ds: tf.data.Dataset, preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled base features of every (uint8 image, label) in `ds`, in order."""
+    base, pool = backbones.base_of(model), model.get_layer("head_pool")
+
+    @tf.function
+    def features(x):
+        return pool(base(preprocess(tf.cast(x, tf.float32)), training=False))
+
+    feats, labels = [], []
+    for x, y in ds.batch(128):
+        feats.append(features(x).numpy())
+        labels.append(y.numpy())
+    return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int32)
+
+
+class FeatureCache:
+    """Cached features of a pipeline's training and validation images.
+
+    Args:
+      model: the classifier (its base must be frozen for the cache to be valid).
+      pipeline: the image pipeline; its shuffle seeds and batch size are reused.
+    """
+
+    def __init__(self, model: keras.Model, pipeline: Pipeline):
+        t0 = time.perf_counter()
+        self.pipeline = pipeline
+        self.head = head_model(model)
+        self.train_x, self.train_y = extract(model, pipeline.cached_train, pipeline.preprocess)
+        self.val_x, self.val_y = extract(model, pipeline.cached_val, pipeline.preprocess)
+        self.seconds = time.perf_counter() - t0
+
+    def train_dataset(self, epoch: int) -> tf.data.Dataset:
+        p = self.pipeline
+        ds = tf.data.Dataset.from_tensor_slices((self.train_x, self.train_y))
+        ds = ds.shuffle(p.shuffle_buffer, seed=p.epoch_seed(epoch), reshuffle_each_iteration=False)
+        return ds.batch(p.batch_size, drop_remainder=True).prefetch(AUTOTUNE).with_options(p.options())
+
+    def val_dataset(self) -> tf.data.Dataset:
+        p = self.pipeline
+        ds = tf.data.Dataset.from_tensor_slices((self.val_x, self.val_y)).batch(p.batch_size)
+        return ds.prefetch(AUTOTUNE).with_options(p.options())
