@@ -1,0 +1,26 @@
+"""The benchmark runs and writes every key (no timing is asserted: these machines are noisy)."""
+
+import json
+
+from tests.conftest import run_module
+
+RATIO_KEYS = ("ratio", "repeats")
+
+
+def test_bench_tiny_writes_every_key(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_module("launch.bench", "--tiny", f"--out={out}", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    b = json.loads(out.read_text())
+    for key in ("loop_vs_fit", "loop_vs_fit_matched"):
+        entry = b[key]["small_cnn_32"]
+        assert all(k in entry for k in RATIO_KEYS) and "loop" in entry
+        assert entry["loop_traces"] == 1  # no retracing across calls and repeats
+    assert {"loop", "fit"} <= set(b["loop_vs_fit"]["small_cnn_32"])
+    assert {"pipeline", "ceiling", "uncached"} <= set(b["pipeline_vs_ceiling"])
+    assert {"cached", "base_every_epoch", "extraction_seconds"} <= set(b["feature_cache_speedup"])
+    assert {"steps_per_loop_20", "steps_per_loop_1"} <= set(b["steps_per_loop_speedup"])
+    for key in ("pipeline_vs_ceiling", "feature_cache_speedup", "steps_per_loop_speedup"):
+        assert all(k in b[key] for k in RATIO_KEYS)
+        assert b[key]["ratio"] > 0
+    assert {"peak_rss_mb", "growth_epoch2_to_last", "rss_mb_by_epoch"} <= set(b["memory"])
