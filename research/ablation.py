@@ -315,14 +315,15 @@ def transfer_trials(root: str, *, num_blocks: int, classes_a: str, classes_b: st
     also the control: B trained from scratch). Phase 2, for n = 1..num_blocks,
     copies the first n blocks of baseA (AnB) or baseB (BnB, the selffer) into a
     fresh network for B and either freezes them (AnB, BnB) or fine-tunes
-    everything (AnB+, BnB+). BatchNorm trains in the trainable blocks and stays
-    frozen, with the copied statistics, in the frozen ones.
+    everything (AnB+, BnB+). BatchNorm keeps the default policy (frozen, inference
+    mode): with ~200 steps per run, Keras's moving averages (momentum 0.99) would
+    not converge and validation would collapse; the paper's networks had no BN.
 
     Returns:
       (phase-1 trials, phase-2 trials).
     """
     bases, transfers = [], []
-    common = list(base_flags) + ["--train_bn"]
+    common = list(base_flags)
     for seed in seeds:
         for half, classes in (("A", classes_a), ("B", classes_b)):
             values = {"n": "0", "condition": f"base{half}", "seed": seed}
