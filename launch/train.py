@@ -1,8 +1,9 @@
 """Runs one experiment: `python -m launch.train --workdir=DIR [flags]`.
 
 Running it again with the same --workdir resumes from the latest checkpoint.
-Default: small_cnn trained from scratch on the embedded digits (~1 min on a
-2-core CPU, val accuracy ~0.98).
+Default: small_cnn trained from scratch on the embedded digits, 20 epochs
+(~30 s on a 2-core CPU, val accuracy ~0.97). Exit status: 0 done, 2 user
+error, 3 non-finite loss, 4 workdir not writable, 75 interrupted (resumable).
 """
 
 from __future__ import annotations

@@ -160,3 +160,37 @@ def test_best_checkpoint_and_restore_best_weights(tmp_path):
     if best_epoch != len(accs) - 1:
         assert any(not np.array_equal(last_epoch[k], best[k]) for k in moving)
     assert res["final"]["val_accuracy"] == pytest.approx(max(accs), abs=1e-6)
+
+
+def test_disk_full_is_a_clear_error_and_keeps_previous_checkpoints(tmp_path, monkeypatch):
+    from research import checkpoints, train as train_lib
+    from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
+
+    cfg = ExperimentConfig(data=DataConfig(image_size=16, classes="0-4"), train=TrainConfig(export=False),
+                           stages=(StageConfig(epochs=4),))
+    real_save = tf.train.CheckpointManager.save
+    calls = []
+
+    def failing_save(self, *a, **kw):
+        calls.append(self.directory)
+        if len([c for c in calls if c.endswith("ckpt")]) == 3:
+            raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+        return real_save(self, *a, **kw)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", failing_save)
+    with pytest.raises(checkpoints.StorageError, match="disk full or not writable"):
+        train_lib.train_and_evaluate(cfg, str(tmp_path / "run"), verbose=False)
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", real_save)
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "ckpt")).endswith("ckpt-2")
+    meta = _model_meta(tmp_path / "run")
+    assert meta["epoch"] == 2
+    # The run resumes from the intact checkpoint and finishes.
+    res = train_lib.train_and_evaluate(cfg, str(tmp_path / "run"), verbose=False)
+    assert res["epochs_run"] == 4
+
+
+def test_unwritable_workdir_exits_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = run_module("launch.train", f"--workdir={blocker / 'run'}", "--finetune_epochs=1")
+    assert r.returncode == 2 and "cannot be created" in r.stderr and "Traceback" not in r.stderr
