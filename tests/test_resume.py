@@ -194,3 +194,16 @@ def test_unwritable_workdir_exits_2(tmp_path):
     blocker.write_text("not a directory")
     r = run_module("launch.train", f"--workdir={blocker / 'run'}", "--finetune_epochs=1")
     assert r.returncode == 2 and "cannot be created" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
+    wd = tmp_path / "nan"
+    r = run_module("launch.train", f"--workdir={wd}", "--image_size=16", "--classes=0-4", "--optimizer=sgd",
+                   "--stages=name=ok unfreeze=all epochs=1 lr=1e-3; name=boom unfreeze=all epochs=2 lr=1e12")
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "non-finite training loss at step" in r.stderr and "stage boom" in r.stderr
+    assert "Traceback" not in r.stderr
+    meta = _model_meta(wd)
+    assert meta["stage"] == 1 and meta["epoch"] == 0  # the stage-end checkpoint of the good stage
+    tensors = _model_tensors(wd / "ckpt")
+    assert all(np.all(np.isfinite(t)) for t in tensors.values() if t.dtype.kind == "f")
