@@ -130,3 +130,40 @@ def test_tensorboard_serves_every_trial(sweep_root):
     finally:
         tb.terminate()
         tb.wait(timeout=30)
+
+
+def _transfer_summary(root):
+    rows = list(csv.DictReader(open(root / "results.csv")))
+    acc = {}
+    for r in rows:
+        acc.setdefault((r["condition"], int(r["n"])), []).append(float(r["final_val_accuracy"]))
+    return {k: sum(v) / len(v) for k, v in acc.items()}, rows
+
+
+def test_transfer_study_tiny_produces_table_and_plot(tmp_path):
+    r = run_module("launch.ablate", "--study=transfer", f"--root={tmp_path}", "--seeds=0", "--epochs=1",
+                   "--classes_a=0-1", "--classes_b=2-3", "--parallel=2", "--", "--image_size=16", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mean, rows = _transfer_summary(tmp_path)
+    assert len(rows) == 2 + 3 * 4 and all(row["status"] == "done" for row in rows)
+    assert set(mean) == {("baseA", 0), ("baseB", 0)} | {(c, n) for c in ("AnB", "AnB+", "BnB", "BnB+") for n in (1, 2, 3)}
+    md = (tmp_path / "transfer.md").read_text()
+    assert "| AnB+ |" in md and "n=3" in md
+    assert (tmp_path / "transfer.png").stat().st_size > 1000
+    # The frozen AnB at n=3 really froze the copied base: only the head trained.
+    trainable = json.loads((tmp_path / "trials" / "AnB__n-3__seed-0" / "trainable.json").read_text())
+    assert trainable[0]["variables"] == ["head/kernel", "head/bias"]
+
+
+@pytest.mark.slow
+def test_default_transfer_study_has_the_papers_shape(tmp_path):
+    """`python -m launch.ablate --study=transfer` (3 seeds on digits, ~10 minutes)."""
+    r = run_module("launch.ablate", "--study=transfer", f"--root={tmp_path}", timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mean, _ = _transfer_summary(tmp_path)
+    control = mean[("baseB", 0)]
+    # Fine-tuned transfer is not worse than training B from scratch (one validation image of slack).
+    assert all(mean[("AnB+", n)] >= control - 1 / 180 for n in (1, 2, 3)), mean
+    # Freezing the other half's blocks hurts more, the more blocks are frozen, than freezing the same half's.
+    assert mean[("AnB", 3)] < mean[("BnB", 3)]
+    assert mean[("AnB", 3)] - mean[("AnB", 1)] < mean[("BnB", 3)] - mean[("BnB", 1)]
