@@ -196,3 +196,15 @@ def test_layerwise_lr_equals_scaled_learning_rate():
             o_body.apply(g[:1], ref_vars[:1]); o_head.apply(g[1:], ref_vars[1:])
         for a, b in zip(ref.weights, ours.weights):
             np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{name} {a.path}")
+
+
+def test_gradual_unfreezing_in_a_run_adds_one_block_per_period(tmp_path):
+    from research import train as train_lib
+    stages = parse_stages("name=g unfreeze=all epochs=3 lr=1e-3 gradual_every=1")
+    res = train_lib.train_and_evaluate(_config(tmp_path, stages, export=False), str(tmp_path / "g"), verbose=False)
+    records = json.loads((tmp_path / "g" / "trainable.json").read_text())
+    assert [r["key"] for r in records] == ["g/top1", "g/top2", "g/top3"]
+    assert [r["blocks"] for r in records] == [["block3"], ["block2", "block3"], ["block1", "block2", "block3"]]
+    assert [r["from_epoch"] for r in records] == [0, 1, 2]
+    assert records[0]["trainable_params"] < records[1]["trainable_params"] < records[2]["trainable_params"]
+    assert res["epochs_run"] == 3
