@@ -244,12 +244,15 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
     except Exception as e:  # unknown names, no network, bad data_dir
         raise UserError(f"--dataset=tfds:{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     info = builder.info
-    label_feature = info.features.get("label") if hasattr(info.features, "get") else None
-    if label_feature is None or not hasattr(label_feature, "names") or "image" not in info.features:
+    keys = list(info.features.keys()) if hasattr(info.features, "keys") else []
+    label_feature = info.features["label"] if "label" in keys else None
+    if label_feature is None or not hasattr(label_feature, "names") or "image" not in keys:
         raise UserError(f"tfds:{name} is not an image-classification dataset (needs 'image' and 'label' features)")
     names = list(label_feature.names)
+    # An empty split list means TFDS has no metadata to check against (e.g. under
+    # tfds.testing.mock_data); as_dataset then reports a bad split name itself.
     splits = list(info.splits.keys())
-    if cfg.train_split.split("[")[0] not in splits:
+    if splits and cfg.train_split.split("[")[0] not in splits:
         raise UserError(f"--train_split={cfg.train_split!r} not in tfds:{name}; splits: {', '.join(splits)}")
     train_split, val_split = cfg.train_split, cfg.val_split
     if not val_split:
@@ -257,7 +260,7 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
     if not val_split:
         pct = int(round(100 * (1 - cfg.val_fraction)))
         train_split, val_split = f"{cfg.train_split}[:{pct}%]", f"{cfg.train_split}[{pct}%:]"
-    elif val_split.split("[")[0] not in splits:
+    elif splits and val_split.split("[")[0] not in splits:
         raise UserError(f"--val_split={val_split!r} not in tfds:{name}; splits: {', '.join(splits)}")
     keep = parse_classes(cfg.classes, names)
     table = np.full(len(names), -1, np.int32)
@@ -265,7 +268,10 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
     table_t = tf.constant(table)
 
     def make(split: str) -> tuple[tf.data.Dataset, int]:
-        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+        try:
+            ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+        except (ValueError, KeyError, tf.errors.OpError) as e:
+            raise UserError(f"tfds:{name} split {split!r}: {str(e).splitlines()[0]}") from None
         ds = ds.map(lambda x, y: (x, tf.gather(table_t, tf.cast(y, tf.int32))))
         if len(keep) < len(names):
             ds = ds.filter(lambda x, y: y >= 0)
