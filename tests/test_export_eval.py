@@ -128,7 +128,7 @@ def test_hymenoptera_best_checkpoint_reproduces_recorded_accuracy(tmp_path):
     wd = tmp_path / "ants"
     r = run_module("launch.train", f"--workdir={wd}", f"--dataset=folder:{folder}", "--backbone=mobilenet",
                    "--alpha=0.25", f"--weights={weights}", "--image_size=224", "--batch_size=16",
-                   "--head_epochs=3", "--lr=3e-3", "--unfreeze=top:2", "--finetune_epochs=2",
+                   "--head_epochs=2", "--lr=3e-3", "--unfreeze=top:2", "--finetune_epochs=2",
                    "--finetune_lr=1e-4", "--noexport", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((wd / "results.json").read_text())
