@@ -7,9 +7,9 @@ from tests.conftest import run_module
 RATIO_KEYS = ("ratio", "repeats")
 
 
-def test_bench_tiny_writes_every_key(tmp_path):
+def test_bench_quick_tiny_writes_every_key(tmp_path):
     out = tmp_path / "bench.json"
-    r = run_module("launch.bench", "--tiny", f"--out={out}", timeout=900)
+    r = run_module("launch.bench", "--quick", "--tiny", f"--out={out}", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     b = json.loads(out.read_text())
     for key in ("loop_vs_fit", "loop_vs_fit_matched"):
