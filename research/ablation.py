@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,7 +46,6 @@ class Trial:
     values: dict[str, str]
     flags: list[str]
     group: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def parse_sweep(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -151,7 +150,7 @@ def collect(root: str, trials: list[Trial]) -> list[dict]:
     rows = []
     for t in trials:
         wd = trial_dir(root, t)
-        row = {"trial": t.name, **t.values, "group": t.group, **t.extra}
+        row = {"trial": t.name, **t.values, "group": t.group}
         path = os.path.join(wd, "results.json")
         if os.path.exists(path):
             with open(path) as f:
