@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from launch import common  # noqa: F401  (sets TF log level before TF loads)
 
-import sys
-
 from absl import app, flags
 
 F = flags.FLAGS

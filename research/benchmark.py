@@ -45,6 +45,18 @@ def ratio(name_a: str, name_b: str, res: dict, repeats: int, **extra) -> dict:
     return {"ratio": a["median"] / b["median"], name_a: a, name_b: b, "repeats": repeats, **extra}
 
 
+def _timed_steps(trainer, iterator, steps: int, batch: int, per_call: int | None = None) -> float:
+    """Runs `steps` optimizer steps in calls of `per_call` (all at once by default); images/s."""
+    per_call = per_call or steps
+    t0 = time.perf_counter()
+    done = 0
+    while done < steps:
+        n = min(per_call, steps - done)
+        trainer.train(iterator, n)
+        done += n
+    return steps * batch / (time.perf_counter() - t0)
+
+
 def _model(backbone: str, size: int, alpha: float, num_classes: int, weights=None):
     keras.utils.set_random_seed(0)
     base = backbones.build_base(backbone, image_size=size, alpha=alpha)
@@ -81,13 +93,7 @@ def loop_vs_fit(backbone: str, size: int, alpha: float, spec: str, *, batch: int
     it = iter(ds)
 
     def run_ours():
-        t0 = time.perf_counter()
-        done = 0
-        while done < steps:
-            n = min(steps_per_loop, steps - done)
-            trainer.train(it, n)
-            done += n
-        return steps * batch / (time.perf_counter() - t0)
+        return _timed_steps(trainer, it, steps, batch, steps_per_loop)
 
     fits = {}
     for name, spe in (("fit", 1), ("fit_matched", steps_per_loop)):
@@ -149,10 +155,7 @@ def pipeline_vs_ceiling(folder: str, *, size: int, batch: int, repeats: int) -> 
     def run_pipeline(name):
         def fn():
             epoch[0] += 1
-            it = iter(pipes[name].train_dataset(epoch[0]))
-            t0 = time.perf_counter()
-            trainer.train(it, steps)
-            return steps * batch / (time.perf_counter() - t0)
+            return _timed_steps(trainer, iter(pipes[name].train_dataset(epoch[0])), steps, batch)
         return fn
 
     def run_pipeline_only():
@@ -163,10 +166,7 @@ def pipeline_vs_ceiling(folder: str, *, size: int, batch: int, repeats: int) -> 
         return n / (time.perf_counter() - t0)
 
     def run_ceiling():
-        it = iter(ceiling_ds)
-        t0 = time.perf_counter()
-        trainer.train(it, steps)
-        return steps * batch / (time.perf_counter() - t0)
+        return _timed_steps(trainer, iter(ceiling_ds), steps, batch)
 
     res = interleaved({"pipeline": run_pipeline("cached"), "ceiling": run_ceiling,
                        "pipeline_uncached": run_pipeline("uncached"),
@@ -198,12 +198,7 @@ def feature_cache_speedup(*, size: int, batch: int, repeats: int) -> dict:
     steps = pipe.steps_per_epoch
 
     def run(trainer, make):
-        def fn():
-            it = iter(make(0))
-            t0 = time.perf_counter()
-            trainer.train(it, steps)
-            return steps * batch / (time.perf_counter() - t0)
-        return fn
+        return lambda: _timed_steps(trainer, iter(make(0)), steps, batch)
 
     res = interleaved({"cached": run(head, cache.train_dataset), "base_every_epoch": run(full, pipe.train_dataset)},
                       repeats)
@@ -224,16 +219,7 @@ def steps_per_loop_speedup(*, default: int, batch: int, repeats: int) -> dict:
     steps = pipe.steps_per_epoch
 
     def run(spl):
-        def fn():
-            it = iter(pipe.train_dataset(0))
-            t0 = time.perf_counter()
-            done = 0
-            while done < steps:
-                n = min(spl, steps - done)
-                trainer.train(it, n)
-                done += n
-            return steps * batch / (time.perf_counter() - t0)
-        return fn
+        return lambda: _timed_steps(trainer, iter(pipe.train_dataset(0)), steps, batch, spl)
 
     res = interleaved({f"steps_per_loop_{default}": run(default), "steps_per_loop_1": run(1)}, repeats)
     return ratio(f"steps_per_loop_{default}", "steps_per_loop_1", res, repeats, batch_size=batch,

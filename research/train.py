@@ -301,12 +301,15 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
             state["stage_start_step"] = int(optimizer.iterations.numpy())
         schedule.set_stage(stage, start_step=state["stage_start_step"], steps_per_epoch=steps_per_epoch)
         current_key, use_cache, active = None, False, trainer
+        selection, current_limit = None, None
 
         while state["epoch"] < stage.epochs and not state["stage_stopped"]:
             epoch = state["epoch"]
             limit = 1 + epoch // stage.gradual_every if stage.gradual_every else None
-            selection = unfreeze.select(model, cfg_m.backbone, stage.unfreeze, train_bn=cfg_m.train_bn,
-                                        lr_decay_per_block=stage.lr_decay_per_block, limit_top=limit)
+            if selection is None or limit != current_limit:  # resolve once per trainable set
+                current_limit = limit
+                selection = unfreeze.select(model, cfg_m.backbone, stage.unfreeze, train_bn=cfg_m.train_bn,
+                                            lr_decay_per_block=stage.lr_decay_per_block, limit_top=limit)
             key = stage.name if limit is None else f"{stage.name}/top{len(selection.blocks)}"
             if key != current_key:
                 current_key = key

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from research import data
 from research.config import AugmentConfig, DataConfig, UserError

@@ -75,17 +75,28 @@ def _weights(wd):
             if "VARIABLE_VALUE" in k and not k.startswith(("meta/", "save_counter/"))}
 
 
-def test_mirrored_two_cpu_replicas_match_one_device(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    r1 = run_module("launch.train", f"--workdir={one}", "--strategy=default", *COMMON)
-    r2 = run_module("launch.train", f"--workdir={two}", "--strategy=mirrored", "--cpu_devices=2", *COMMON)
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    a, b = _weights(one), _weights(two)
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    """The reference both multi-replica comparisons use: one device, global batch 32."""
+    wd = tmp_path_factory.mktemp("one_device")
+    r = run_module("launch.train", f"--workdir={wd}", "--strategy=default", *COMMON)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return wd
+
+
+def _run_and_compare(reference, wd, *args):
+    r = run_module("launch.train", f"--workdir={wd}", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(reference), _weights(wd)
     assert a.keys() == b.keys() and len(a) > 10
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
-    ra, rb = (json.loads((w / "results.json").read_text()) for w in (one, two))
+
+
+def test_mirrored_two_cpu_replicas_match_one_device(tmp_path, one_device_run):
+    two = tmp_path / "two"
+    _run_and_compare(one_device_run, two, "--strategy=mirrored", "--cpu_devices=2", *COMMON)
+    ra, rb = (json.loads((w / "results.json").read_text()) for w in (one_device_run, two))
     assert abs(ra["final"]["val_accuracy"] - rb["final"]["val_accuracy"]) <= 0.02
     assert ra["final"]["val_accuracy"] > 0.5  # it trained
 
@@ -114,15 +125,7 @@ def test_mirrored_default_digits_run_reaches_the_same_accuracy(tmp_path):
     assert min(accs) >= 0.95, accs
 
 
-def test_grad_accumulation_under_mirrored_equals_one_big_batch(tmp_path):
+def test_grad_accumulation_under_mirrored_equals_one_big_batch(tmp_path, one_device_run):
     """2 logical CPU replicas x 2 micro-batches of 16 (global) == one device, batch 32."""
-    ref, acc = tmp_path / "ref", tmp_path / "acc"
-    r1 = run_module("launch.train", f"--workdir={ref}", *COMMON)
-    r2 = run_module("launch.train", f"--workdir={acc}", *[a for a in COMMON if not a.startswith("--batch_size")],
-                    "--batch_size=16", "--grad_accum_steps=2", "--strategy=mirrored", "--cpu_devices=2")
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    a, b = _weights(ref), _weights(acc)
-    assert a.keys() == b.keys() and len(a) > 10
-    for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    _run_and_compare(one_device_run, tmp_path / "acc", *[a for a in COMMON if not a.startswith("--batch_size")],
+                     "--batch_size=16", "--grad_accum_steps=2", "--strategy=mirrored", "--cpu_devices=2")

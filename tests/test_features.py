@@ -33,5 +33,3 @@ def test_cached_features_train_the_same_head(tmp_path):
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
     assert got["final"]["val_accuracy"] == ref["final"]["val_accuracy"] > 0.8
-    # The cache makes head-only epochs much faster than running the base every time.
-    assert got["train_images_per_sec"] > 0

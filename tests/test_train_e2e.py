@@ -10,10 +10,10 @@ from tests.conftest import run_module, shared_path
 
 def test_smoke_tiny_run_writes_the_workdir_contract(tmp_path, tiny_folder):
     wd = tmp_path / "run"
-    r = run_module("launch.train", f"--workdir={wd}", f"--dataset=folder:{tiny_folder}", "--image_size=16",
-                   "--batch_size=8", "--head_epochs=1", "--unfreeze=top:1", "--finetune_epochs=1",
-                   "--horizontal_flip", "--rotation=10", "--zoom=0.1", "--contrast=0.1",
-                   "--width_shift=0.1", "--height_shift=0.1")
+    args = [f"--workdir={wd}", f"--dataset=folder:{tiny_folder}", "--image_size=16", "--batch_size=8",
+            "--head_epochs=1", "--unfreeze=top:1", "--finetune_epochs=1", "--horizontal_flip", "--rotation=10",
+            "--zoom=0.1", "--contrast=0.1", "--width_shift=0.1", "--height_shift=0.1"]
+    r = run_module("launch.train", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tensorboard --logdir" in r.stdout
     for name in ("config.json", "trainable.json", "results.json", "ckpt/checkpoint", "best/checkpoint"):
@@ -34,10 +34,7 @@ def test_smoke_tiny_run_writes_the_workdir_contract(tmp_path, tiny_folder):
     assert {"loss", "accuracy", "learning_rate", "images_per_second"} <= tags, tags
 
     # Running again resumes (nothing left to do) and says so.
-    r2 = run_module("launch.train", f"--workdir={wd}", f"--dataset=folder:{tiny_folder}", "--image_size=16",
-                    "--batch_size=8", "--head_epochs=1", "--unfreeze=top:1", "--finetune_epochs=1",
-                    "--horizontal_flip", "--rotation=10", "--zoom=0.1", "--contrast=0.1",
-                    "--width_shift=0.1", "--height_shift=0.1")
+    r2 = run_module("launch.train", *args)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "Resuming from" in r2.stdout
     assert json.loads((wd / "results.json").read_text())["epochs_run"] == 2
@@ -69,3 +66,10 @@ def test_hymenoptera_mobilenet_head_only_then_finetune(tmp_path):
     assert finetune["final_val"]["accuracy"] >= head["final_val"]["accuracy"], (head, finetune)
     trainable = json.loads((wd / "trainable.json").read_text())
     assert trainable[1]["blocks"] == ["conv_dw_12", "conv_dw_13"] and trainable[1]["bn_trainable"] == []
+
+    # Evaluating the best checkpoint reproduces the accuracy recorded for it.
+    r = run_module("launch.evaluate", f"--workdir={wd}", "--name=best")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((wd / "eval" / "best.json").read_text())
+    assert report["num_examples"] == 153
+    assert report["accuracy"] == pytest.approx(res["stages"][-1]["best_val"]["accuracy"], abs=1e-9)

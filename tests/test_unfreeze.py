@@ -120,7 +120,6 @@ def _config(tmp_path, stages, weights="none", **train):
 def test_second_stage_trains_newly_unfrozen_variables_and_keeps_slots_aligned(tmp_path):
     """Stale-trace trap: stage 2 must update block3; the optimizer's slots stay aligned."""
     from research import train as train_lib
-    import keras
 
     # Run A is head-only, so its saved backbone is the untouched initialisation.
     run_a = tmp_path / "a"
