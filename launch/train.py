@@ -61,7 +61,7 @@ flags.DEFINE_bool("cache_features", False, "Head-only stages without augmentatio
                   "and train the head on cached features (much faster per epoch).")
 flags.DEFINE_integer("steps_per_loop", 20, "Steps per tf.function call.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_bool("deterministic", False, "Op determinism and a reproducible input pipeline (bit-exact resume).")
+flags.DEFINE_bool("deterministic", False, "Op determinism (bit-exact resume; the input pipeline is reproducible either way).")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the step (slower on CPU).")
 flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy.")
 flags.DEFINE_enum("strategy", "auto", ["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy.")

@@ -62,7 +62,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Keras preprocessing-layer augmentation, the ImageDataGenerator knobs.
+    """Augmentation settings, the ImageDataGenerator knobs (see research/augment.py).
 
     Attributes:
       horizontal_flip: random left-right flips.

@@ -316,6 +316,25 @@ def load_source(cfg: DataConfig, image_size: int) -> Source:
 
 # --- The pipeline --------------------------------------------------------------------
 
+def epoch_stream(elements: tf.data.Dataset, epoch_seeds: list[int], *, shuffle_buffer: int, batch_size: int,
+                 batches_per_epoch: int) -> tf.data.Dataset:
+    """Consecutive epochs of shuffled full batches of `elements`, as (epoch seed, batch index, batch).
+
+    Epoch i is shuffled with `epoch_seeds[i]` alone, so an epoch's batches do not
+    depend on where the stream started.
+    """
+    def one_epoch(seed):
+        # A tensor op seed needs a graph-level seed that is not 0 (TF compares the
+        # pair with (0, 0) in Python); any constant keeps the order a function of seed.
+        tf.random.set_seed(1)
+        batches = elements.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+        batches = batches.batch(batch_size, drop_remainder=True).take(batches_per_epoch)
+        return tf.data.Dataset.zip(tf.data.Dataset.from_tensors(seed).repeat(),
+                                   tf.data.Dataset.range(batches_per_epoch), batches)
+
+    return tf.data.Dataset.from_tensor_slices(tf.constant(epoch_seeds, tf.int64)).flat_map(one_epoch)
+
+
 class Pipeline:
     """Builds the per-epoch training dataset and the validation dataset.
 
@@ -325,21 +344,27 @@ class Pipeline:
       preprocess: the backbone's `preprocess_input` (float [0, 255] RGB in).
       augment: augmentation settings (applied to training batches only).
       seed: base seed; epoch e shuffles and augments with seeds derived from (seed, e).
-      deterministic: reproducible run to run (sequential augmentation map).
     """
 
     def __init__(self, source: Source, *, batch_size: int, preprocess, augment: AugmentConfig,
-                 seed: int = 0, deterministic: bool = False, cache: bool = True,
+                 seed: int = 0, cache: bool = True,
                  shuffle_buffer: int = 10000):
         self.source = source
         self.batch_size = batch_size
         self.preprocess = preprocess
         self.augment_cfg = augment
         self.seed = seed
-        self.deterministic = deterministic
         self.shuffle_buffer = max(1, min(shuffle_buffer, source.num_train))
         self._train = source.train.cache() if cache else source.train
         self._val = source.val.cache() if cache else source.val
+        # Traced once per pipeline rather than once per epoch: every epoch builds a new
+        # dataset, and tracing the augmentation and preprocessing again in Python held
+        # back each epoch's first batch by ~0.1 s (docs/BENCHMARKS.md).
+        images = tf.TensorSpec([None, source.image_size, source.image_size, 3], tf.uint8)
+        self._augment = augment_lib.build(augment)
+        self._augment_and_preprocess = tf.function(
+            self._augment_and_preprocess_fn, input_signature=[images, tf.TensorSpec([2], tf.int64)])
+        self._preprocess = tf.function(lambda x: preprocess(tf.cast(x, tf.float32)), input_signature=[images])
 
     @property
     def steps_per_epoch(self) -> int:
@@ -365,35 +390,56 @@ class Pipeline:
         opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         return opts
 
+    def _augment_and_preprocess_fn(self, x, seed):
+        return self.preprocess(self._augment(tf.cast(x, tf.float32), seed))
+
+    def train_stream(self, first_epoch: int, num_epochs: int, *, batches_per_epoch: int | None = None,
+                     skip: int = 0, augment: bool = True) -> tf.data.Dataset:
+        """The training batches of epochs first_epoch, first_epoch + 1, ... as one dataset.
+
+        Epoch e's batches are a function of (seed, e) only, whichever epoch the
+        stream starts at. Training pulls every epoch from one iterator so the
+        prefetch runs on across epoch boundaries: a dataset and iterator built per
+        epoch started each epoch with an empty pipeline (graph rewrites, function
+        instantiation, shuffle buffer fill, first augmented batch), ~80 ms on
+        ants/bees with augmentation, a fifth of an epoch there (docs/BENCHMARKS.md).
+
+        Args:
+          first_epoch: global epoch of the first batch.
+          num_epochs: epochs in the stream.
+          batches_per_epoch: batches taken from each epoch (default: all full
+            batches); fewer when gradient accumulation leaves a remainder.
+          skip: batches of the first epoch to skip (resuming mid-epoch); skipped
+            batches are not augmented.
+          augment: False for the un-augmented images.
+        """
+        n = batches_per_epoch or self.steps_per_epoch
+        ds = epoch_stream(self._train, [self.epoch_seed(e) for e in range(first_epoch, first_epoch + num_epochs)],
+                          shuffle_buffer=self.shuffle_buffer, batch_size=self.batch_size,
+                          batches_per_epoch=n).skip(skip)
+        if augment and self._augment is not None:
+            # A stateless seed per batch, (epoch seed, batch index): the same images under
+            # a parallel map, run to run and across a resume.
+            def transform(seed, index, batch):
+                return self._augment_and_preprocess(batch[0], tf.stack([seed, index])), batch[1]
+        else:
+            def transform(seed, index, batch):
+                return self._preprocess(batch[0]), batch[1]
+        ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
+        return ds.prefetch(AUTOTUNE).with_options(self.options())
+
     def train_dataset(self, epoch: int, *, augment: bool = True) -> tf.data.Dataset:
         """The training batches of epoch `epoch` (fixed shapes: drop_remainder)."""
-        epoch_seed = self.epoch_seed(epoch)
-        ds = self._train.shuffle(self.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-        ds = ds.batch(self.batch_size, drop_remainder=True)
-        aug = augment_lib.build(self.augment_cfg, seed=epoch_seed) if augment else None
-        preprocess = self.preprocess
-
-        def transform(x, y):
-            x = tf.cast(x, tf.float32)
-            if aug is not None:
-                x = aug(x, training=True)
-            return preprocess(x), y
-
-        # Random augmentation under parallel calls is not reproducible run to run;
-        # a sequential map is (at some speed cost), so --deterministic uses it.
-        calls = None if (self.deterministic and aug is not None) else AUTOTUNE
-        ds = ds.map(transform, num_parallel_calls=calls)
-        return ds.prefetch(AUTOTUNE).with_options(self.options())
+        return self.train_stream(epoch, 1, augment=augment)
 
     def raw_train_batch(self, epoch: int, n: int = 16) -> tf.Tensor:
         """Augmented training images in [0, 255] (for TensorBoard image grids)."""
-        aug = augment_lib.build(self.augment_cfg, seed=self.seed + epoch)
-        x = next(iter(self._train.batch(n)))[0]
-        x = tf.cast(x, tf.float32)
-        return aug(x, training=True) if aug is not None else x
+        x = tf.cast(next(iter(self._train.batch(n)))[0], tf.float32)
+        if self._augment is None:
+            return x
+        return self._augment(x, tf.constant([self.epoch_seed(epoch), 0], tf.int64))
 
     def val_dataset(self) -> tf.data.Dataset:
-        preprocess = self.preprocess
         ds = self._val.batch(self.batch_size)
-        ds = ds.map(lambda x, y: (preprocess(tf.cast(x, tf.float32)), y), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y: (self._preprocess(x), y), num_parallel_calls=AUTOTUNE)
         return ds.prefetch(AUTOTUNE).with_options(self.options())

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from research import backbones
-from research.data import AUTOTUNE, Pipeline
+from research.data import AUTOTUNE, Pipeline, epoch_stream
 
 
 def head_model(model: keras.Model) -> keras.Model:
@@ -61,11 +61,19 @@ class FeatureCache:
         self.val_x, self.val_y = extract(model, pipeline.cached_val, pipeline.preprocess)
         self.seconds = time.perf_counter() - t0
 
-    def train_dataset(self, epoch: int) -> tf.data.Dataset:
+    def train_stream(self, first_epoch: int, num_epochs: int, *, batches_per_epoch: int | None = None,
+                     skip: int = 0) -> tf.data.Dataset:
+        """Feature batches in the order of `Pipeline.train_stream`'s image batches."""
         p = self.pipeline
-        ds = tf.data.Dataset.from_tensor_slices((self.train_x, self.train_y))
-        ds = ds.shuffle(p.shuffle_buffer, seed=p.epoch_seed(epoch), reshuffle_each_iteration=False)
-        return ds.batch(p.batch_size, drop_remainder=True).prefetch(AUTOTUNE).with_options(p.options())
+        ds = epoch_stream(tf.data.Dataset.from_tensor_slices((self.train_x, self.train_y)),
+                          [p.epoch_seed(e) for e in range(first_epoch, first_epoch + num_epochs)],
+                          shuffle_buffer=p.shuffle_buffer, batch_size=p.batch_size,
+                          batches_per_epoch=batches_per_epoch or p.steps_per_epoch)
+        ds = ds.skip(skip).map(lambda seed, index, batch: batch)
+        return ds.prefetch(AUTOTUNE).with_options(p.options())
+
+    def train_dataset(self, epoch: int) -> tf.data.Dataset:
+        return self.train_stream(epoch, 1)
 
     def val_dataset(self) -> tf.data.Dataset:
         p = self.pipeline

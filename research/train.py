@@ -238,7 +238,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
     if source.skipped:
         logging.warning("skipped %d unreadable image(s), e.g. %s", len(source.skipped), source.skipped[0])
     pipeline = data.Pipeline(source, batch_size=cfg_d.batch_size, preprocess=entry.preprocess,
-                             augment=config.augment, seed=cfg_t.seed, deterministic=cfg_t.deterministic,
+                             augment=config.augment, seed=cfg_t.seed,
                              cache=cfg_d.cache, shuffle_buffer=cfg_d.shuffle_buffer)
     accum = cfg_t.grad_accum_steps
     steps_per_epoch = pipeline.steps_per_epoch // accum
@@ -288,6 +288,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
         return ckpts.save_latest({k: v for k, v in state.items() if k != "path"}, state["saves"])
 
     feature_cache = head_trainer = None
+    stream = None  # [images or features, global epoch it delivers next, iterator]
     es_cfg = cfg_t.early_stopping
     while state["stage"] < len(config.stages):
         si = state["stage"]
@@ -343,14 +344,17 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
                     summaries.text("train", "trainable", unfreeze.summary_text(record), step)
                     summaries.images("train", "augmented_inputs", pipeline.raw_train_batch(state["global_epoch"]), step)
 
-            if use_cache:
-                ds = feature_cache.train_dataset(state["global_epoch"])
-            else:
-                ds = pipeline.train_dataset(state["global_epoch"], augment=True)
-            skip = state["step_in_epoch"] * accum
-            if skip:
-                ds = ds.skip(skip)
-            iterator = iter(strategy.experimental_distribute_dataset(ds))
+            # One iterator across epochs and stages, so the next epoch's batches are
+            # prepared while this one trains; rebuilt only when it would not deliver
+            # this global epoch next (start, resume, switching to or from cached features).
+            source_kind = "features" if use_cache else "images"
+            if stream is None or stream[:2] != [source_kind, state["global_epoch"]]:
+                remaining = sum(st.epochs for st in config.stages[si:]) - epoch
+                ds = (feature_cache if use_cache else pipeline).train_stream(
+                    state["global_epoch"], remaining, batches_per_epoch=steps_per_epoch * accum,
+                    skip=state["step_in_epoch"] * accum)
+                stream = [source_kind, state["global_epoch"], iter(strategy.experimental_distribute_dataset(ds))]
+            iterator = stream[2]
             sums = np.asarray(state["epoch_sums"], dtype=np.float64)
             bar = keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "accuracy", "img/s"],
                                       verbose=1 if verbose else 0)
@@ -409,6 +413,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
                 print(f"  val_loss {val_m['loss']:.4f}  val_accuracy {val_m['accuracy']:.4f}", flush=True)
             state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums=[0.0] * NUM_SUMS,
                          global_epoch=state["global_epoch"] + 1, es=es.state())
+            stream[1] += 1
             if es.improved:
                 save("best")
             if stop and es_cfg.enabled:

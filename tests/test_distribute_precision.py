@@ -1,6 +1,7 @@
 """Mixed precision, MirroredStrategy over logical CPU devices, gradient accumulation."""
 
 import json
+import math
 
 import keras
 import numpy as np
@@ -98,7 +99,9 @@ def test_mirrored_two_cpu_replicas_match_one_device(tmp_path, one_device_run):
     _run_and_compare(one_device_run, two, "--strategy=mirrored", "--cpu_devices=2", *COMMON)
     ra, rb = (json.loads((w / "results.json").read_text()) for w in (one_device_run, two))
     assert abs(ra["final"]["val_accuracy"] - rb["final"]["val_accuracy"]) <= 0.02
-    assert ra["final"]["val_accuracy"] > 0.5  # it trained
+    # It trained: one epoch of this from-scratch net is still near chance in accuracy
+    # (0.2 to 0.5 depending on the data order), but its loss is below chance level, ln 5.
+    assert ra["final"]["val_loss"] < math.log(5)
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", pytest.param("mixed_float16", marks=pytest.mark.slow)])

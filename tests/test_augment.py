@@ -1,0 +1,93 @@
+"""The fused augmentation warp against Keras's own RandomRotation/Translation/Zoom layers."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from research import augment
+from research.config import AugmentConfig
+
+H, W = 24, 32  # not square, so a swapped axis shows
+
+
+def _params(n=2, *, flip=False, degrees=0.0, shift=(0.0, 0.0), zoom=1.0):
+    return {"flip": tf.fill([n], flip), "angle": tf.fill([n], degrees * math.pi / 180.0),
+            "shift": tf.tile(tf.constant([shift], tf.float32), [n, 1]), "zoom": tf.fill([n], float(zoom))}
+
+
+def _warp(x, p):
+    return keras.ops.image.affine_transform(x, augment.affine_matrices(p, H, W), interpolation="bilinear",
+                                            fill_mode="nearest").numpy()
+
+
+def _images(n=2):
+    return tf.constant(np.random.RandomState(0).uniform(0, 255, (n, H, W, 3)).astype("float32"))
+
+
+def _ramp(n=2):
+    """An image linear in (row, column): bilinear resampling is exact on it, so warps chained
+    one after another and one fused warp must agree wherever no border is sampled."""
+    r, c = np.meshgrid(np.arange(H, dtype="float32"), np.arange(W, dtype="float32"), indexing="ij")
+    img = np.stack([3 * r + 2 * c, 5 * r - c + 100, r + c], axis=-1)
+    return tf.constant(np.repeat(img[None], n, axis=0))
+
+
+def test_flip_is_a_left_right_mirror():
+    x = _images()
+    np.testing.assert_allclose(_warp(x, _params(flip=True)), x.numpy()[:, :, ::-1], atol=1e-3)
+    np.testing.assert_allclose(_warp(x, _params()), x.numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("layer, params", [
+    (lambda: keras.layers.RandomRotation((15 / 360, 15 / 360), fill_mode="nearest"), dict(degrees=15)),
+    (lambda: keras.layers.RandomRotation((-40 / 360, -40 / 360), fill_mode="nearest"), dict(degrees=-40)),
+    (lambda: keras.layers.RandomZoom((0.2, 0.2), fill_mode="nearest"), dict(zoom=1.2)),
+    (lambda: keras.layers.RandomZoom((-0.3, -0.3), fill_mode="nearest"), dict(zoom=0.7)),
+    (lambda: keras.layers.RandomTranslation((0.25, 0.25), (-0.125, -0.125), fill_mode="nearest"),
+     dict(shift=(-0.125, 0.25))),
+], ids=["rotate+15", "rotate-40", "zoom_out", "zoom_in", "shift"])
+def test_each_warp_matches_the_keras_layer(layer, params):
+    x = _images()
+    np.testing.assert_allclose(_warp(x, _params(**params)), layer()(x, training=True).numpy(), atol=0.05)
+
+
+def test_fused_warp_equals_the_keras_layers_chained():
+    x = _ramp()
+    chained = tf.reverse(x, axis=[2])
+    for layer in (keras.layers.RandomRotation((12 / 360, 12 / 360), fill_mode="nearest"),
+                  keras.layers.RandomTranslation((0.05, 0.05), (-0.05, -0.05), fill_mode="nearest"),
+                  keras.layers.RandomZoom((-0.2, -0.2), fill_mode="nearest")):
+        chained = layer(chained, training=True)
+    fused = _warp(x, _params(flip=True, degrees=12, shift=(-0.05, 0.05), zoom=0.8))
+    inner = (slice(None), slice(5, H - 5), slice(5, W - 5))
+    np.testing.assert_allclose(fused[inner], chained.numpy()[inner], atol=1e-2)
+
+
+def test_parameters_stay_in_range_and_depend_only_on_the_seed():
+    aug = augment.build(AugmentConfig(horizontal_flip=True, rotation=10, width_shift=0.1, zoom=0.2, contrast=0.3))
+    p = aug.sample(4000, tf.constant([7, 3]))
+    deg = np.degrees(p["angle"].numpy())
+    assert -10 <= deg.min() < -9.9 and 9.9 < deg.max() <= 10
+    assert 0.8 <= p["zoom"].numpy().min() < 0.81 and 1.19 < p["zoom"].numpy().max() <= 1.2
+    assert np.abs(p["shift"].numpy()[:, 0]).max() <= 0.1 and not p["shift"].numpy()[:, 1].any()
+    assert 0.45 < p["flip"].numpy().mean() < 0.55
+    assert 0.7 <= p["contrast"].numpy().min() and p["contrast"].numpy().max() <= 1.3
+    again = aug.sample(4000, tf.constant([7, 3]))
+    assert all(np.array_equal(p[k].numpy(), again[k].numpy()) for k in p)
+    assert not np.array_equal(p["angle"].numpy(), aug.sample(4000, tf.constant([7, 4]))["angle"].numpy())
+
+
+def test_parallel_map_gives_the_same_images_as_a_sequential_one():
+    aug = augment.build(AugmentConfig(horizontal_flip=True, rotation=20, zoom=0.2, contrast=0.2))
+    ds = tf.data.Dataset.from_tensor_slices(_images(64)).batch(8).enumerate()
+
+    def run(calls):
+        out = ds.map(lambda i, x: aug(x, tf.stack([tf.constant(5, tf.int64), i])), num_parallel_calls=calls)
+        return np.concatenate([b.numpy() for b in out])
+
+    seq = run(None)
+    assert np.array_equal(seq, run(tf.data.AUTOTUNE))
+    assert seq.min() >= 0 and seq.max() <= 255
