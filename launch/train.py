@@ -25,6 +25,7 @@ flags.DEFINE_integer("image_size", 0, "Input side in pixels (0: the backbone's d
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer size.")
 flags.DEFINE_bool("cache", True, "Cache decoded, resized images in memory.")
+flags.DEFINE_integer("data_threads", 0, "tf.data threads (0: half the cores when training on CPU, all with a GPU/TPU).")
 flags.DEFINE_bool("skip_bad_images", False, "Skip unreadable images instead of failing.")
 # Augmentation
 flags.DEFINE_bool("horizontal_flip", False, "Random horizontal flips.")
@@ -99,7 +100,7 @@ def config_from_flags():
         data=C.DataConfig(dataset=F.dataset, data_dir=F.data_dir, train_split=F.train_split,
                           val_split=F.val_split, val_fraction=F.val_fraction, classes=F.classes,
                           image_size=F.image_size, batch_size=F.batch_size, shuffle_buffer=F.shuffle_buffer,
-                          cache=F.cache, skip_bad_images=F.skip_bad_images),
+                          cache=F.cache, skip_bad_images=F.skip_bad_images, threads=F.data_threads),
         augment=C.AugmentConfig(horizontal_flip=F.horizontal_flip, rotation=F.rotation, width_shift=F.width_shift,
                                 height_shift=F.height_shift, zoom=F.zoom, contrast=F.contrast),
         model=C.ModelConfig(backbone=F.backbone, weights=F.weights, alpha=F.alpha, dropout=F.dropout,

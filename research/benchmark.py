@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from research import backbones, unfreeze
 from research.config import AugmentConfig, DataConfig, TrainConfig
-from research.data import Pipeline, load_source
+from research.data import Pipeline, load_source, pipeline_threads
 from research.features import FeatureCache
 from research.loop import Trainer
 from research.optim import build_optimizer
@@ -129,59 +129,96 @@ def _jpeg_folder(root: str, n_per_class: int = 60) -> str:
     return root
 
 
+class _KerasLayersPipeline(Pipeline):
+    """The pipeline as it was before the fused warp: Keras's RandomFlip, RandomRotation
+    and RandomZoom chained (one resampling each), for the before/after in the bench."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg, layers = self.augment_cfg, keras.layers
+        chain = keras.Sequential([layers.RandomFlip("horizontal", seed=1),
+                                  layers.RandomRotation(cfg.rotation / 360.0, fill_mode="nearest", seed=2),
+                                  layers.RandomZoom(cfg.zoom, fill_mode="nearest", seed=3)])
+        self._augment = lambda x, seed: chain(x, training=True)
+
+
 def pipeline_vs_ceiling(folder: str, *, size: int, batch: int, repeats: int, epochs: int = 3) -> dict:
     """Epochs through the real pipeline (JPEG decode, resize, augment) vs the same
     compiled step fed one in-memory batch repeatedly.
 
     Each sample is `epochs` consecutive epochs from one fresh iterator, as
     training pulls them (`Pipeline.train_stream`), so the pipeline's start-up is
-    paid once per sample, as it is once per run.
+    paid once per sample, as it is once per run. The variants after the ratio
+    undo one optimisation each, measured in the same interleaved rounds.
     """
     cfg = DataConfig(dataset=f"folder:{folder}", image_size=size, batch_size=batch)
     source = load_source(cfg, size)
     augment = AugmentConfig(horizontal_flip=True, rotation=10, zoom=0.1)
-    preprocess = backbones.get("mobilenet").preprocess
-    pipes = {"cached": Pipeline(source, batch_size=batch, preprocess=preprocess, augment=augment, cache=True),
-             "uncached": Pipeline(source, batch_size=batch, preprocess=preprocess, augment=augment, cache=False),
-             "no_augment": Pipeline(source, batch_size=batch, preprocess=preprocess, augment=AugmentConfig(),
-                                    cache=True)}
+    threads = pipeline_threads(0, cached=True)
+
+    def pipeline(cls=Pipeline, **kw):
+        kw = {"augment": augment, "cache": True, "threads": threads, **kw}
+        return cls(source, batch_size=batch, preprocess=backbones.get("mobilenet").preprocess, **kw)
+
+    pipes = {"pipeline": pipeline(), "pipeline_first_epoch": pipeline(cache=False, threads=None),
+             "pipeline_no_augment": pipeline(augment=AugmentConfig()),
+             "pipeline_all_threads": pipeline(threads=None),
+             "pipeline_keras_layers": pipeline(_KerasLayersPipeline)}
     model = _model("mobilenet", size, 0.25, source.num_classes)
     sel = _select(model, "mobilenet", "all")
     opt = build_optimizer(TrainConfig(), 1e-4)
     opt.build(sel.variables)
     trainer = Trainer(model, opt, strategy=tf.distribute.get_strategy())
     trainer.set_trainable(sel.variables)
-    steps = pipes["cached"].steps_per_epoch
-    one_batch = next(iter(pipes["cached"].train_dataset(0)))
+    for p in pipes.values():
+        p.fill_cache()  # as training does before its first epoch (no-op without a cache)
+    steps = pipes["pipeline"].steps_per_epoch
+    one_batch = next(iter(pipes["pipeline"].train_dataset(0)))
     ceiling_ds = tf.data.Dataset.from_tensors(one_batch).repeat()
     first = [0]
 
-    def stream(name, n):
+    def next_epochs(n):
         first[0] += n
-        return pipes[name].train_stream(first[0], n)
+        return range(first[0] - n, first[0])
 
-    def run_pipeline(name, n=epochs):
-        return lambda: _timed_steps(trainer, iter(stream(name, n)), n * steps, batch)
+    def run_stream(name, n=epochs):
+        return lambda: _timed_steps(trainer, iter(pipes[name].train_stream(next_epochs(n)[0], n)), n * steps, batch)
+
+    def run_iterator_per_epoch():
+        # Before the stream: a new dataset and iterator every epoch.
+        t0 = time.perf_counter()
+        for e in next_epochs(epochs):
+            trainer.train(iter(pipes["pipeline"].train_dataset(e)), steps)
+        return epochs * steps * batch / (time.perf_counter() - t0)
 
     def run_pipeline_only():
         # The augmented pipeline without training: its own throughput on these cores.
         t0 = time.perf_counter()
-        n = sum(int(x.shape[0]) for x, _ in stream("cached", epochs))
+        n = sum(int(x.shape[0]) for x, _ in pipes["pipeline"].train_stream(next_epochs(epochs)[0], epochs))
         return n / (time.perf_counter() - t0)
 
     def run_ceiling():
         return _timed_steps(trainer, iter(ceiling_ds), epochs * steps, batch)
 
-    res = interleaved({"pipeline": run_pipeline("cached"), "ceiling": run_ceiling,
-                       "pipeline_first_epoch": run_pipeline("uncached", 1),
-                       "pipeline_no_augment": run_pipeline("no_augment"), "pipeline_only": run_pipeline_only},
-                      repeats)
+    fns = {"pipeline": run_stream("pipeline"), "ceiling": run_ceiling,
+           "pipeline_first_epoch": run_stream("pipeline_first_epoch", 1),
+           "pipeline_no_augment": run_stream("pipeline_no_augment"),
+           "pipeline_iterator_per_epoch": run_iterator_per_epoch,
+           "pipeline_all_threads": run_stream("pipeline_all_threads"),
+           "pipeline_keras_layers": run_stream("pipeline_keras_layers"),
+           "pipeline_only": run_pipeline_only}
+    res = interleaved(fns, repeats)
     out = ratio("pipeline", "ceiling", res, repeats, data=folder, images=source.num_train, image_size=size,
-                batch_size=batch, epochs_per_sample=epochs, model="mobilenet alpha 0.25, all blocks",
-                augment="flip, rotation 10, zoom 0.1", loop_traces=trainer.tracing_count())
-    # Where a gap comes from: the first epoch (JPEG decode, cache empty) and augmentation.
+                batch_size=batch, epochs_per_sample=epochs, data_threads=threads,
+                model="mobilenet alpha 0.25, all blocks", augment="flip, rotation 10, zoom 0.1",
+                loop_traces=trainer.tracing_count())
+    # Where a gap comes from: the first epoch (JPEG decode, cache empty) and augmentation;
+    # and what each optimisation contributed, each undone alone.
     out["first_epoch"] = ratio("pipeline_first_epoch", "ceiling", res, repeats)
     out["no_augment"] = ratio("pipeline_no_augment", "ceiling", res, repeats)
+    out["without_stream"] = ratio("pipeline_iterator_per_epoch", "ceiling", res, repeats)
+    out["without_thread_cap"] = ratio("pipeline_all_threads", "ceiling", res, repeats)
+    out["without_fused_warp"] = ratio("pipeline_keras_layers", "ceiling", res, repeats)
     out["pipeline_only"] = res["pipeline_only"]
     return out
 

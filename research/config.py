@@ -45,6 +45,8 @@ class DataConfig:
       shuffle_buffer: tf.data shuffle buffer (capped at the dataset size).
       cache: keep decoded, resized images in memory after the first epoch.
       skip_bad_images: drop unreadable images (and report how many) instead of failing.
+      threads: tf.data threads of the input pipeline; 0 picks them (see
+        `research/data.py:pipeline_threads`).
     """
 
     dataset: str = "digits"
@@ -58,6 +60,7 @@ class DataConfig:
     shuffle_buffer: int = 10000
     cache: bool = True
     skip_bad_images: bool = False
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     _check(d.batch_size >= 1, f"--batch_size={d.batch_size} must be >= 1")
     _check(d.image_size >= 0, f"--image_size={d.image_size} must be >= 0 (0 means the backbone's default)")
     _check(d.shuffle_buffer >= 1, f"--shuffle_buffer={d.shuffle_buffer} must be >= 1")
+    _check(d.threads >= 0, f"--data_threads={d.threads} must be >= 0 (0: automatic)")
 
     a = config.augment
     for name in ("rotation", "width_shift", "height_shift", "zoom", "contrast"):

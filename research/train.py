@@ -239,7 +239,11 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
         logging.warning("skipped %d unreadable image(s), e.g. %s", len(source.skipped), source.skipped[0])
     pipeline = data.Pipeline(source, batch_size=cfg_d.batch_size, preprocess=entry.preprocess,
                              augment=config.augment, seed=cfg_t.seed,
-                             cache=cfg_d.cache, shuffle_buffer=cfg_d.shuffle_buffer)
+                             cache=cfg_d.cache, shuffle_buffer=cfg_d.shuffle_buffer,
+                             threads=data.pipeline_threads(cfg_d.threads, cached=cfg_d.cache))
+    if pipeline.threads and cfg_d.cache:
+        # Decode on every core now; the training stream then runs on its capped pool.
+        logging.info("decoded %d training images into the cache in %.1fs", source.num_train, pipeline.fill_cache())
     accum = cfg_t.grad_accum_steps
     steps_per_epoch = pipeline.steps_per_epoch // accum
     if steps_per_epoch < 1:

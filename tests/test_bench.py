@@ -17,7 +17,8 @@ def test_bench_quick_tiny_writes_every_key(tmp_path):
         assert all(k in entry for k in RATIO_KEYS) and "loop" in entry
         assert entry["loop_traces"] == 1  # no retracing across calls and repeats
     assert {"loop", "fit"} <= set(b["loop_vs_fit"]["small_cnn_32"])
-    assert {"pipeline", "ceiling", "first_epoch", "no_augment", "pipeline_only"} <= set(b["pipeline_vs_ceiling"])
+    assert {"pipeline", "ceiling", "first_epoch", "no_augment", "without_stream", "without_thread_cap",
+            "without_fused_warp", "pipeline_only"} <= set(b["pipeline_vs_ceiling"])
     assert {"cached", "base_every_epoch", "extraction_seconds"} <= set(b["feature_cache_speedup"])
     assert {"steps_per_loop_20", "steps_per_loop_1"} <= set(b["steps_per_loop_speedup"])
     for key in ("pipeline_vs_ceiling", "feature_cache_speedup", "steps_per_loop_speedup"):
