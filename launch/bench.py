@@ -3,6 +3,7 @@
 Ratios (medians of interleaved repeats, with both medians and every sample):
 loop_vs_fit, loop_vs_fit_matched, pipeline_vs_ceiling, feature_cache_speedup,
 steps_per_loop_speedup, and memory. See docs/BENCHMARKS.md for results.
+With --profile_dir: tf.profiler traces and op tables instead (see `research.benchmark.profile`).
 """
 
 from __future__ import annotations
@@ -25,12 +26,34 @@ flags.DEFINE_string("images", "", "A folder of JPEGs per class for pipeline_vs_c
                     "(default: ../shared/data/hymenoptera/train if present, else generated JPEGs).")
 flags.DEFINE_integer("steps_per_loop", 20, "The loop's steps per call (the train default).")
 flags.DEFINE_bool("tiny", False, "Tiny settings for tests: checks every key is written, measures nothing useful.")
+flags.DEFINE_string("profile_dir", "", "Instead of measuring: write tf.profiler traces of the small_cnn step "
+                    "(steps_per_loop N and 1) and of the augmented pipeline feeding MobileNet to this logdir, "
+                    "with their op tables in profile.json (view: tensorboard --logdir DIR, Profile tab).")
 
 
 def main(argv):
     del argv
     import tensorflow as tf
     from research import benchmark as B
+
+    folder = F.images
+    shared = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                          "hymenoptera", "train")
+    if not folder:
+        folder = shared if (os.path.isdir(shared) and not F.tiny) else B._jpeg_folder(tempfile.mkdtemp())
+    if F.profile_dir:
+        prof = B.profile(F.profile_dir, folder, size=64 if F.tiny else 96, batch=16, steps=10 if F.tiny else 40,
+                         steps_per_loop=F.steps_per_loop)
+        with open(os.path.join(F.profile_dir, "profile.json"), "w") as f:
+            json.dump(prof, f, indent=2)
+        for run, p in prof.items():
+            print(f"\n== {run}: {p['images_per_second']} img/s, {p.get('total_self_ms', '?')} ms of op self time")
+            for t in p.get("by_type", []):
+                print(f"  {t['type']:40s} {t['self_ms']:9.1f} ms  {100 * t['share']:5.1f}%")
+            if "error" in p:
+                print("  " + p["error"])
+        print(f"wrote {F.profile_dir}/profile.json; view the traces: tensorboard --logdir {F.profile_dir}")
+        return
 
     repeats = F.repeats or (1 if F.tiny else 3 if F.quick else 7)
     small = F.quick or F.tiny
@@ -51,11 +74,6 @@ def main(argv):
         out["loop_vs_fit"][key], out["loop_vs_fit_matched"][key] = a, b
 
     print("[bench] pipeline vs ceiling", flush=True)
-    folder = F.images
-    shared = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                          "hymenoptera", "train")
-    if not folder:
-        folder = shared if (os.path.isdir(shared) and not F.tiny) else B._jpeg_folder(tempfile.mkdtemp())
     out["pipeline_vs_ceiling"] = B.pipeline_vs_ceiling(folder, size=64 if F.tiny else 96, batch=16, repeats=repeats)
     print("[bench] feature cache", flush=True)
     out["feature_cache_speedup"] = B.feature_cache_speedup(size=32 if F.tiny else 96, batch=32, repeats=repeats)

@@ -292,3 +292,77 @@ def memory(*, epochs: int, extra_flags: list[str]) -> dict:
     growth = (at_epoch_end[epochs] - at_epoch_end[2]) / at_epoch_end[2]
     return {"peak_rss_mb": round(peak / 2**20, 1), "rss_mb_by_epoch": {k: round(v / 2**20, 1) for k, v in at_epoch_end.items()},
             "growth_epoch2_to_last": growth, "epochs": epochs, "command": " ".join(cmd[1:])}
+
+
+def _op_table(trace_dir: str, top: int) -> dict:
+    """Self time per op type and the top ops of one trace (needs xprof, installed with
+    tensorboard-plugin-profile: `pip install -e '.[profile]'`)."""
+    import glob
+    import json
+    try:
+        from xprof.convert import raw_to_tool_data
+    except ImportError:
+        return {"error": "install tensorboard-plugin-profile (pip install -e '.[profile]') for the op table"}
+    paths = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.xplane.pb"))
+    data, _ = raw_to_tool_data.xspace_to_tool_data(paths, "framework_op_stats", {})
+    table = json.loads(data)[0]
+    cols = {c["label"]: i for i, c in enumerate(table["cols"])}
+    rows = [[c.get("v") if isinstance(c, dict) else c for c in r["c"]] for r in table["rows"]]
+    rows = [r for r in rows if r[cols["Operation Type"]] != "IDLE"]
+    self_ms = lambda r: float(r[cols["Total self-time (us)"]]) / 1e3  # noqa: E731
+    total = sum(self_ms(r) for r in rows)
+    by_type: dict[str, float] = {}
+    for r in rows:
+        by_type[r[cols["Operation Type"]]] = by_type.get(r[cols["Operation Type"]], 0.0) + self_ms(r)
+    rows.sort(key=self_ms, reverse=True)
+    return {"total_self_ms": round(total, 1),
+            "by_type": [{"type": t, "self_ms": round(ms, 1), "share": round(ms / total, 3)}
+                        for t, ms in sorted(by_type.items(), key=lambda kv: -kv[1])[:top]],
+            "top_ops": [{"type": r[cols["Operation Type"]], "name": r[cols["Operation Name"]],
+                         "occurrences": int(r[cols["#Occurrences"]]), "self_ms": round(self_ms(r), 1)}
+                        for r in rows[:top]]}
+
+
+def profile(logdir: str, folder: str, *, size: int, batch: int, steps: int, steps_per_loop: int,
+            top: int = 15) -> dict:
+    """tf.profiler traces of the two setups whose goals are missed, for TensorBoard's
+    Profile tab (`tensorboard --logdir LOGDIR`), with their op tables.
+
+    Runs: `steps_per_loop_N` and `steps_per_loop_1` (small_cnn, 32 px, in-memory
+    batches, `steps` steps each) and `pipeline` (one epoch of the augmented JPEG
+    pipeline feeding MobileNet-0.25, as in `pipeline_vs_ceiling`).
+    """
+    out = {}
+    ours = _model("small_cnn", 32, 1.0, 10)
+    sel = _select(ours, "small_cnn", "all")
+    opt = build_optimizer(TrainConfig(optimizer="adam"), 1e-3)
+    opt.build(sel.variables)
+    trainer = Trainer(ours, opt, strategy=tf.distribute.get_strategy())
+    trainer.set_trainable(sel.variables)
+    it = iter(_synthetic("small_cnn", 32, 32))
+    for spl in (steps_per_loop, 1):
+        _timed_steps(trainer, it, steps, 32, spl)  # warm up outside the trace
+        run = os.path.join(logdir, f"steps_per_loop_{spl}")
+        tf.profiler.experimental.start(run)
+        ips = _timed_steps(trainer, it, steps, 32, spl)
+        tf.profiler.experimental.stop()
+        out[f"steps_per_loop_{spl}"] = {"images_per_second": round(ips, 1), **_op_table(run, top)}
+
+    source = load_source(DataConfig(dataset=f"folder:{folder}", image_size=size, batch_size=batch), size)
+    pipe = Pipeline(source, batch_size=batch, preprocess=backbones.get("mobilenet").preprocess,
+                    augment=AugmentConfig(horizontal_flip=True, rotation=10, zoom=0.1),
+                    threads=pipeline_threads(0, cached=True))
+    pipe.fill_cache()
+    model = _model("mobilenet", size, 0.25, source.num_classes)
+    sel = _select(model, "mobilenet", "all")
+    opt = build_optimizer(TrainConfig(), 1e-4)
+    opt.build(sel.variables)
+    trainer = Trainer(model, opt, strategy=tf.distribute.get_strategy())
+    trainer.set_trainable(sel.variables)
+    _timed_steps(trainer, iter(pipe.train_stream(0, 1)), pipe.steps_per_epoch, batch)
+    run = os.path.join(logdir, "pipeline")
+    tf.profiler.experimental.start(run)
+    ips = _timed_steps(trainer, iter(pipe.train_stream(1, 1)), pipe.steps_per_epoch, batch)
+    tf.profiler.experimental.stop()
+    out["pipeline"] = {"images_per_second": round(ips, 1), **_op_table(run, top)}
+    return out

@@ -25,3 +25,17 @@ def test_bench_quick_tiny_writes_every_key(tmp_path):
         assert all(k in b[key] for k in RATIO_KEYS)
         assert b[key]["ratio"] > 0
     assert {"peak_rss_mb", "growth_epoch2_to_last", "rss_mb_by_epoch"} <= set(b["memory"])
+
+
+def test_bench_profile_writes_traces_and_op_tables(tmp_path):
+    out = tmp_path / "prof"
+    r = run_module("launch.bench", "--tiny", f"--profile_dir={out}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    prof = json.loads((out / "profile.json").read_text())
+    assert set(prof) == {"steps_per_loop_20", "steps_per_loop_1", "pipeline"}
+    for run, table in prof.items():
+        assert list((out / run / "plugins" / "profile").glob("*/*.xplane.pb")), run  # TensorBoard's Profile tab
+        assert table["total_self_ms"] > 0 and table["top_ops"], run
+    assert any("Conv2D" in t["type"] for t in prof["steps_per_loop_1"]["by_type"])
+    assert any(op["type"] == "ImageProjectiveTransformV3" for op in prof["pipeline"]["top_ops"]) or \
+        any(t["type"] == "ImageProjectiveTransformV3" for t in prof["pipeline"]["by_type"])
