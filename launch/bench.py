@@ -90,6 +90,8 @@ def main(argv):
             print(f"{k:22s} {m:24s} {r['ratio']:.3f}")
     for k in ("pipeline_vs_ceiling", "feature_cache_speedup", "steps_per_loop_speedup"):
         print(f"{k:22s} {'':24s} {out[k]['ratio']:.3f}")
+    for k in ("first_epoch", "no_augment", "without_stream", "without_thread_cap", "without_fused_warp"):
+        print(f"{'  pipeline ' + k:47s} {out['pipeline_vs_ceiling'][k]['ratio']:.3f}")
     print(f"memory growth epoch 2 -> last: {out['memory'].get('growth_epoch2_to_last')}")
     print(f"wrote {F.out} in {out['seconds']}s")
 

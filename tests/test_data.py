@@ -48,6 +48,28 @@ def test_epoch_order_and_augmentation_are_functions_of_seed_and_epoch(tiny_folde
     assert not np.array_equal(epoch(3), epoch(3, seed=1))
 
 
+def test_one_stream_over_epochs_equals_the_epochs_built_alone():
+    """Training pulls every epoch from one iterator; epoch e must not depend on where it started."""
+    src = data.load_source(DataConfig(dataset="digits", image_size=16), 16)
+    p = data.Pipeline(src, batch_size=64, preprocess=lambda x: x / 255.0, seed=3,
+                      augment=AugmentConfig(horizontal_flip=True, rotation=20, zoom=0.1))
+    n = p.steps_per_epoch
+
+    def arrays(ds):
+        xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+        return np.concatenate(xs), np.concatenate(ys)
+
+    x, y = arrays(p.train_stream(2, 3))
+    assert len(y) == 3 * n * 64
+    for i, e in enumerate((2, 3, 4)):
+        xe, ye = arrays(p.train_dataset(e))
+        assert np.array_equal(x[i * n * 64:(i + 1) * n * 64], xe) and np.array_equal(y[i * n * 64:(i + 1) * n * 64], ye)
+    xs, _ = arrays(p.train_stream(3, 2, skip=5))  # resuming 5 batches into epoch 3
+    assert np.array_equal(xs, x[(n + 5) * 64:])
+    _, yt = arrays(p.train_stream(2, 2, batches_per_epoch=n - 1))  # gradient accumulation remainder
+    assert np.array_equal(yt, np.concatenate([y[:(n - 1) * 64], y[n * 64:(2 * n - 1) * 64]]))
+
+
 def test_tfds_source_end_to_end_with_mock_data(tmp_path):
     """The tfds: path (users download for real; here TFDS's own mock generates the examples)."""
     import tensorflow_datasets as tfds
