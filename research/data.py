@@ -324,7 +324,7 @@ def pipeline_threads(requested: int, *, cached: bool) -> int | None:
     On CPU the training step's own thread pool already spans every core, and an
     input pipeline free to use all of them too takes whole cores away from the
     step while it augments: on 2 cores, capping tf.data at one thread raised the
-    augmented pipeline from 0.83 to 0.87 of the step's ceiling (docs/BENCHMARKS.md).
+    augmented pipeline from 0.78 to 0.85 of the step's ceiling (docs/BENCHMARKS.md).
     A pipeline that decodes every epoch (no cache) is decode-bound and keeps every
     core, as does any pipeline feeding a GPU or TPU.
     """

@@ -18,6 +18,7 @@ CASES = {
     "unknown optimizer": (["--optimizer=lion"], "adam|sgd|adamw"),
     "bad flag value": (["--batch_size=abc"], "batch_size"),
     "negative value": (["--batch_size=0"], "--batch_size=0 must be >= 1"),
+    "negative data threads": (["--data_threads=-1"], "--data_threads=-1 must be >= 0"),
     "missing folder": (["--dataset=folder:/nonexistent/data"], "no such directory"),
     "size below minimum": (["--backbone=inception_v3", "--image_size=40"], "minimum input size 75"),
     "bad unfreeze spec": (["--unfreeze=top:9"], "valid blocks of small_cnn"),
