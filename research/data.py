@@ -381,9 +381,9 @@ class Pipeline:
         self.shuffle_buffer = max(1, min(shuffle_buffer, source.num_train))
         self._train = source.train.cache() if cache else source.train
         self._val = source.val.cache() if cache else source.val
-        # Traced once per pipeline rather than once per epoch: every epoch builds a new
-        # dataset, and tracing the augmentation and preprocessing again in Python held
-        # back each epoch's first batch by ~0.1 s (docs/BENCHMARKS.md).
+        # Traced once per pipeline rather than once per dataset built (every validation
+        # pass and every training stream builds one): tracing the augmentation again in
+        # Python held back the first batch by ~60 ms (docs/BENCHMARKS.md).
         images = tf.TensorSpec([None, source.image_size, source.image_size, 3], tf.uint8)
         self._augment = augment_lib.build(augment)
         self._augment_and_preprocess = tf.function(
@@ -435,8 +435,9 @@ class Pipeline:
         stream starts at. Training pulls every epoch from one iterator so the
         prefetch runs on across epoch boundaries: a dataset and iterator built per
         epoch started each epoch with an empty pipeline (graph rewrites, function
-        instantiation, shuffle buffer fill, first augmented batch), ~80 ms on
-        ants/bees with augmentation, a fifth of an epoch there (docs/BENCHMARKS.md).
+        instantiation, shuffle buffer fill, first augmented batch): 85 ms on
+        ants/bees with augmentation, against ~340 ms of compute per epoch
+        (docs/BENCHMARKS.md).
 
         Args:
           first_epoch: global epoch of the first batch.
