@@ -72,6 +72,17 @@ def _select(model, backbone: str, spec: str):
     return sel
 
 
+def _trainer(backbone: str, size: int, alpha: float, num_classes: int, spec: str, lr: float) -> Trainer:
+    """A fresh model (seed 0) with `spec` trainable, Adam at `lr`, and its Trainer."""
+    model = _model(backbone, size, alpha, num_classes)
+    sel = _select(model, backbone, spec)
+    opt = build_optimizer(TrainConfig(optimizer="adam"), lr)
+    opt.build(sel.variables)
+    trainer = Trainer(model, opt, strategy=tf.distribute.get_strategy())
+    trainer.set_trainable(sel.variables)
+    return trainer
+
+
 def _synthetic(backbone: str, size: int, batch: int, num_classes: int = 10):
     rng = np.random.RandomState(0)
     x = backbones.get(backbone).preprocess(rng.uniform(0, 255, (batch * 4, size, size, 3)).astype("float32"))
@@ -83,12 +94,8 @@ def loop_vs_fit(backbone: str, size: int, alpha: float, spec: str, *, batch: int
                 steps_per_loop: int, repeats: int) -> tuple[dict, dict]:
     """This loop vs `model.fit` (Keras defaults; then steps_per_execution matched), same
     model, initial weights, data, batch size, and trainable variables."""
-    ours = _model(backbone, size, alpha, 10)
-    sel = _select(ours, backbone, spec)
-    opt = build_optimizer(TrainConfig(optimizer="adam"), 1e-4)
-    opt.build(sel.variables)
-    trainer = Trainer(ours, opt, strategy=tf.distribute.get_strategy())
-    trainer.set_trainable(sel.variables)
+    trainer = _trainer(backbone, size, alpha, 10, spec, 1e-4)
+    ours = trainer.model
     ds = _synthetic(backbone, size, batch)
     it = iter(ds)
 
@@ -164,12 +171,7 @@ def pipeline_vs_ceiling(folder: str, *, size: int, batch: int, repeats: int, epo
              "pipeline_no_augment": pipeline(augment=AugmentConfig()),
              "pipeline_all_threads": pipeline(threads=None),
              "pipeline_keras_layers": pipeline(_KerasLayersPipeline)}
-    model = _model("mobilenet", size, 0.25, source.num_classes)
-    sel = _select(model, "mobilenet", "all")
-    opt = build_optimizer(TrainConfig(), 1e-4)
-    opt.build(sel.variables)
-    trainer = Trainer(model, opt, strategy=tf.distribute.get_strategy())
-    trainer.set_trainable(sel.variables)
+    trainer = _trainer("mobilenet", size, 0.25, source.num_classes, "all", 1e-4)
     for p in pipes.values():
         p.fill_cache()  # as training does before its first epoch (no-op without a cache)
     steps = pipes["pipeline"].steps_per_epoch
@@ -231,15 +233,10 @@ def feature_cache_speedup(*, size: int, batch: int, repeats: int) -> dict:
     """Head-only epoch through the frozen base vs on cached features (digits, MobileNet-0.25)."""
     source = load_source(DataConfig(dataset="digits", image_size=size, batch_size=batch), size)
     pipe = Pipeline(source, batch_size=batch, preprocess=backbones.get("mobilenet").preprocess, augment=AugmentConfig())
-    model = _model("mobilenet", size, 0.25, 10)
-    sel = _select(model, "mobilenet", "none")
-    opt = build_optimizer(TrainConfig(), 1e-3)
-    opt.build(sel.variables)
-    full = Trainer(model, opt, strategy=tf.distribute.get_strategy())
-    full.set_trainable(sel.variables)
-    cache = FeatureCache(model, pipe)
-    head = Trainer(cache.head, opt, strategy=tf.distribute.get_strategy())
-    head.set_trainable(sel.variables)
+    full = _trainer("mobilenet", size, 0.25, 10, "none", 1e-3)
+    cache = FeatureCache(full.model, pipe)
+    head = Trainer(cache.head, full.optimizer, strategy=tf.distribute.get_strategy())
+    head.set_trainable(full.variables)
     steps = pipe.steps_per_epoch
 
     def run(trainer, make):
@@ -256,12 +253,7 @@ def steps_per_loop_speedup(*, default: int, batch: int, repeats: int, epochs: in
     (each sample `epochs` epochs from one iterator, as training pulls them)."""
     source = load_source(DataConfig(dataset="digits", image_size=32, batch_size=batch), 32)
     pipe = Pipeline(source, batch_size=batch, preprocess=backbones.get("small_cnn").preprocess, augment=AugmentConfig())
-    model = _model("small_cnn", 32, 1.0, 10)
-    sel = _select(model, "small_cnn", "all")
-    opt = build_optimizer(TrainConfig(), 1e-3)
-    opt.build(sel.variables)
-    trainer = Trainer(model, opt, strategy=tf.distribute.get_strategy())
-    trainer.set_trainable(sel.variables)
+    trainer = _trainer("small_cnn", 32, 1.0, 10, "all", 1e-3)
     steps = pipe.steps_per_epoch
 
     def run(spl):
@@ -337,12 +329,7 @@ def profile(logdir: str, folder: str, *, size: int, batch: int, steps: int, step
     pipeline feeding MobileNet-0.25, as in `pipeline_vs_ceiling`).
     """
     out = {}
-    ours = _model("small_cnn", 32, 1.0, 10)
-    sel = _select(ours, "small_cnn", "all")
-    opt = build_optimizer(TrainConfig(optimizer="adam"), 1e-3)
-    opt.build(sel.variables)
-    trainer = Trainer(ours, opt, strategy=tf.distribute.get_strategy())
-    trainer.set_trainable(sel.variables)
+    trainer = _trainer("small_cnn", 32, 1.0, 10, "all", 1e-3)
     it = iter(_synthetic("small_cnn", 32, 32))
     for spl in (steps_per_loop, 1):
         _timed_steps(trainer, it, steps, 32, spl)  # warm up outside the trace
@@ -357,12 +344,7 @@ def profile(logdir: str, folder: str, *, size: int, batch: int, steps: int, step
                     augment=AugmentConfig(horizontal_flip=True, rotation=10, zoom=0.1),
                     threads=pipeline_threads(0, cached=True))
     pipe.fill_cache()
-    model = _model("mobilenet", size, 0.25, source.num_classes)
-    sel = _select(model, "mobilenet", "all")
-    opt = build_optimizer(TrainConfig(), 1e-4)
-    opt.build(sel.variables)
-    trainer = Trainer(model, opt, strategy=tf.distribute.get_strategy())
-    trainer.set_trainable(sel.variables)
+    trainer = _trainer("mobilenet", size, 0.25, source.num_classes, "all", 1e-4)
     _timed_steps(trainer, iter(pipe.train_stream(0, 1)), pipe.steps_per_epoch, batch)
     run = os.path.join(logdir, "pipeline")
     tf.profiler.experimental.start(run)
