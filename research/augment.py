@@ -40,6 +40,8 @@ class Augmenter:
     def __init__(self, cfg: AugmentConfig):
         self.cfg = cfg
         self.warps = bool(cfg.rotation or cfg.width_shift or cfg.height_shift or cfg.zoom)
+        # Keras's own contrast adjustment, fed the stateless per-image factors drawn here.
+        self.contrast = keras.layers.RandomContrast(cfg.contrast, value_range=(0, 255)) if cfg.contrast else None
 
     def sample(self, n, seed) -> dict[str, tf.Tensor]:
         """Per-image parameters for a batch of `n`, a function of `seed` (shape [2] int) only.
@@ -70,9 +72,8 @@ class Augmenter:
                 images, affine_matrices(p, height, width), interpolation="bilinear", fill_mode="nearest")
         elif self.cfg.horizontal_flip:
             images = tf.where(p["flip"][:, None, None, None], tf.reverse(images, axis=[2]), images)
-        if self.cfg.contrast:
-            mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
-            images = tf.clip_by_value((images - mean) * p["contrast"][:, None, None, None] + mean, 0.0, 255.0)
+        if self.contrast is not None:
+            images = self.contrast.transform_images(images, {"contrast_factor": p["contrast"][:, None, None, None]})
         return images
 
 

@@ -91,3 +91,14 @@ def test_parallel_map_gives_the_same_images_as_a_sequential_one():
     seq = run(None)
     assert np.array_equal(seq, run(tf.data.AUTOTUNE))
     assert seq.min() >= 0 and seq.max() <= 255
+
+
+def test_contrast_keeps_each_image_mean_and_scales_its_spread():
+    aug = augment.build(AugmentConfig(contrast=0.5))
+    x = tf.constant(np.random.RandomState(1).uniform(60, 190, (8, H, W, 3)).astype("float32"))
+    seed = tf.constant([2, 9])
+    f = aug.sample(8, seed)["contrast"].numpy()
+    y = aug(x, seed).numpy()
+    mean = x.numpy().mean(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(np.clip((x.numpy() - mean) * f[:, None, None, None] + mean, 0, 255), y, atol=1e-3)
+    assert not np.allclose(f, 1.0)
