@@ -10,7 +10,8 @@
 
 Writes results.csv, results.md, results.png (and transfer.md, transfer.png) in
 --root; `tensorboard --logdir ROOT` shows every trial, with the HParams
-dashboard. Re-running skips finished trials and resumes unfinished ones.
+dashboard. Re-running skips finished trials and resumes unfinished ones; trials
+that ran with other settings are refused (or run again with --rerun).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ flags.DEFINE_string("seeds", "0,1,2", "Transfer study: seeds.")
 flags.DEFINE_string("classes_a", "0-4", "Transfer study: the classes of half A.")
 flags.DEFINE_string("classes_b", "5-9", "Transfer study: the classes of half B.")
 flags.DEFINE_integer("epochs", 10, "Transfer study: epochs of every run (bases and transfers).")
+flags.DEFINE_bool("rerun", False, "Run again, from scratch, trials that ran before with other settings "
+                  "(default: refuse, naming the difference).")
 
 
 def parse_args(argv):
@@ -41,29 +44,8 @@ def parse_args(argv):
     return common.parse_flags_or_exit(argv)
 
 
-def _transfer(root, train_flags):
-    from research import ablation, backbones
-    backbone = next((a.split("=", 1)[1] for a in train_flags if a.startswith("--backbone=")), "small_cnn")
-    base = backbones.build_base(backbone, image_size=backbones.get(backbone).min_size * 4 if backbone != "small_cnn" else 16)
-    num_blocks = len(backbones.blocks(base, backbone))
-    flags_ = [f"--finetune_epochs={F.epochs}", *train_flags]
-    seeds = [s.strip() for s in F.seeds.split(",") if s.strip()]
-    bases, transfers = ablation.transfer_trials(root, num_blocks=num_blocks, classes_a=F.classes_a,
-                                                classes_b=F.classes_b, seeds=seeds, base_flags=flags_)
-    ablation.run_all(root, bases, parallel=F.parallel)
-    ablation.run_all(root, transfers, parallel=F.parallel)
-    trials = bases + transfers
-    rows = ablation.collect(root, trials)
-    keys = ["n", "condition", "seed"]
-    ablation.write_tables(root, rows, keys, title="Transfer study: every trial")
-    ablation.write_hparams(root, trials)
-    summary = ablation.transfer_report(root, rows, title=f"Transfer study ({backbone}, A={F.classes_a}, B={F.classes_b})")
-    with open(f"{root}/transfer.md") as f:
-        print(f.read())
-    return rows, summary
-
-
 def main(argv):
+    from launch.train import config_from_args
     from research import ablation
     from research.config import UserError
 
@@ -74,22 +56,20 @@ def main(argv):
     root = F.root or f"/tmp/ablate_{F.study}"
     try:
         if F.study == "transfer":
-            rows, _ = _transfer(root, train_flags)
+            rows, _ = ablation.run_transfer_study(
+                root, train_flags, config_from_args, seeds=[s.strip() for s in F.seeds.split(",") if s.strip()],
+                classes_a=F.classes_a, classes_b=F.classes_b, epochs=F.epochs, parallel=F.parallel, rerun=F.rerun)
+            report = "transfer.md"
         else:
             if not F.sweep:
                 common.die("give at least one --sweep=KEY:V1,V2 (or --study=transfer)", common.EXIT_USER_ERROR)
-            sweep = ablation.parse_sweep(F.sweep)
-            trials = ablation.expand(sweep, train_flags)
-            ablation.run_all(root, trials, parallel=F.parallel)
-            rows = ablation.collect(root, trials)
-            keys = [k for k, _ in sweep]
-            ablation.write_tables(root, rows, keys)
-            ablation.plot(root, rows, keys)
-            ablation.write_hparams(root, trials)
-            with open(f"{root}/results.md") as f:
-                print(f.read())
+            rows = ablation.run_sweep(root, F.sweep, train_flags, config_from_args, parallel=F.parallel,
+                                      rerun=F.rerun)
+            report = "results.md"
     except UserError as e:
         common.die(str(e), common.EXIT_USER_ERROR)
+    with open(f"{root}/{report}") as f:
+        print(f.read())
     failed = [r for r in rows if r["status"] != "done"]
     print(f"{len(rows) - len(failed)} trials done, {len(failed)} failed; tables and plots in {root}")
     print(f"inspect: tensorboard --logdir {root}")

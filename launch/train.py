@@ -1,4 +1,4 @@
-"""Runs one experiment: `python -m launch.train --workdir=DIR [flags]`.
+"""Runs one experiment: `python -m launch.train --workdir=DIR [--preset=NAME] [flags]`.
 
 Running it again with the same --workdir resumes from the latest checkpoint.
 Default: small_cnn trained from scratch on the embedded digits, 20 epochs
@@ -12,112 +12,171 @@ from launch import common  # noqa: F401  (sets TF log level before TF loads)
 
 from absl import app, flags
 
+from research import config as C
+
 F = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, TensorBoard logs, results).")
-# Data
-flags.DEFINE_string("dataset", "digits", "digits | folder:PATH | tfds:NAME")
-flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-flags.DEFINE_string("train_split", "train", "TFDS training split.")
-flags.DEFINE_string("val_split", "", "TFDS validation split (default: validation/test if present, else a slice of train).")
-flags.DEFINE_float("val_fraction", 0.2, "Held-out fraction when the source has no validation split.")
-flags.DEFINE_string("classes", "", "Class subset by name or index, e.g. 0-4 or ants,bees (relabelled 0..k-1).")
-flags.DEFINE_integer("image_size", 0, "Input side in pixels (0: the backbone's default).")
-flags.DEFINE_integer("batch_size", 32, "Global batch size.")
-flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer size.")
-flags.DEFINE_bool("cache", True, "Cache decoded, resized images in memory.")
-flags.DEFINE_integer("data_threads", 0, "tf.data threads (0: half the cores when training on CPU, all with a GPU/TPU).")
-flags.DEFINE_bool("skip_bad_images", False, "Skip unreadable images instead of failing.")
-# Augmentation
-flags.DEFINE_bool("horizontal_flip", False, "Random horizontal flips.")
-flags.DEFINE_float("rotation", 0.0, "Max random rotation, degrees.")
-flags.DEFINE_float("width_shift", 0.0, "Max horizontal shift, fraction of width.")
-flags.DEFINE_float("height_shift", 0.0, "Max vertical shift, fraction of height.")
-flags.DEFINE_float("zoom", 0.0, "Max zoom in/out, fraction.")
-flags.DEFINE_float("contrast", 0.0, "Max contrast change, fraction.")
-# Model
-flags.DEFINE_string("backbone", "small_cnn", "small_cnn | vgg16 | inception_v3 | mobilenet | mobilenet_v2 | resnet50 | efficientnet_b0 | xception")
-flags.DEFINE_string("weights", "none", "imagenet | none | PATH.h5 | ckpt:WORKDIR (another run's backbone)")
-flags.DEFINE_float("alpha", 1.0, "Width multiplier for mobilenet / mobilenet_v2.")
-flags.DEFINE_float("dropout", 0.2, "Dropout before the classifier.")
-flags.DEFINE_integer("init_blocks", 0, "With --weights=ckpt:DIR, copy only the first N blocks (0: all).")
-flags.DEFINE_bool("train_bn", False, "Let BatchNorm layers in unfrozen blocks train (default: frozen, inference mode).")
-# Stages
-flags.DEFINE_integer("head_epochs", 0, "Epochs of a head-only first stage (0: none).")
-flags.DEFINE_float("lr", 2e-3, "Learning rate (of the head stage, and of fine-tuning unless --finetune_lr).")
-flags.DEFINE_string("unfreeze", "all", "Unfreeze spec of the fine-tuning stage: none | all | top:K | blocks:a,b | from:NAME | regex:PAT")
-flags.DEFINE_integer("finetune_epochs", 20, "Epochs of the (fine-tuning) stage.")
-flags.DEFINE_float("finetune_lr", None, "Learning rate of the fine-tuning stage (default: --lr).")
-flags.DEFINE_enum("schedule", "cosine", ["constant", "cosine"], "Learning-rate schedule within each stage.")
-flags.DEFINE_float("warmup_epochs", 0.0, "Linear warmup at the start of each stage, in epochs.")
-flags.DEFINE_integer("gradual_every", 0, "Gradual unfreezing: one more block every N epochs (0: off).")
-flags.DEFINE_float("lr_decay_per_block", 1.0, "Layer-wise LR decay per block below the top (1: off).")
-flags.DEFINE_string("stages", "", "General stages, overriding the simple flags: "
-                    "'unfreeze=none epochs=5 lr=1e-3; unfreeze=top:2 epochs=5 lr=1e-4 warmup=1'")
-# Optimisation and loop
-flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd", "adamw"], "Optimizer.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("weight_decay", 1e-4, "AdamW weight decay.")
-flags.DEFINE_float("clipnorm", 0.0, "Global-norm gradient clipping (0: off).")
-flags.DEFINE_bool("cache_features", False, "Head-only stages without augmentation: run the frozen base once "
-                  "and train the head on cached features (much faster per epoch).")
-flags.DEFINE_integer("steps_per_loop", 20, "Steps per tf.function call.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_bool("deterministic", False, "Op determinism (bit-exact resume; the input pipeline is reproducible either way).")
-flags.DEFINE_bool("jit_compile", False, "XLA-compile the step (slower on CPU).")
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy.")
-flags.DEFINE_enum("strategy", "auto", ["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy.")
-flags.DEFINE_integer("cpu_devices", 1, "Split the CPU into N logical devices (test mirrored training without GPUs).")
-flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per optimizer step.")
-flags.DEFINE_float("collective_timeout", 0.0, "Multi-worker collective timeout in seconds (0: none).")
-# Checkpoints, early stopping, summaries
-flags.DEFINE_integer("checkpoint_keep", 3, "Latest checkpoints kept in ckpt/.")
-flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every K steps (0: only every epoch).")
-flags.DEFINE_integer("histogram_every_epochs", 0, "Weight histograms every N epochs (0: off).")
-flags.DEFINE_bool("early_stopping", False, "Stop a stage when the monitor stops improving.")
-flags.DEFINE_string("early_stopping_monitor", "val/loss", "val/loss | val/accuracy | val/top5_accuracy | train/loss | train/accuracy")
-flags.DEFINE_enum("early_stopping_mode", "auto", ["auto", "min", "max"], "Direction of improvement.")
-flags.DEFINE_float("early_stopping_min_delta", 0.0, "Minimum change that counts as an improvement.")
-flags.DEFINE_integer("early_stopping_patience", 5, "Epochs without improvement before stopping.")
-flags.DEFINE_float("early_stopping_baseline", None, "Value the monitor must beat to reset patience.")
-flags.DEFINE_integer("early_stopping_start_from_epoch", 0, "Epochs (per stage) before monitoring starts.")
-flags.DEFINE_bool("restore_best_weights", False, "At the end of each stage, restore its best epoch's weights.")
-flags.DEFINE_bool("export", True, "At the end, export the final model to WORKDIR/export (.keras, SavedModel, labels).")
-flags.DEFINE_bool("allow_config_change", False, "Resume a workdir even though the config changed.")
+_D, _A, _M, _S, _T, _E = (C.DataConfig, C.AugmentConfig, C.ModelConfig, C.StageConfig, C.TrainConfig,
+                          C.EarlyStoppingConfig)
 
 
-def config_from_flags():
-    """Flags -> a validated ExperimentConfig."""
-    from research import config as C
+def define_flags(fv: flags.FlagValues) -> None:
+    """Defines every flag on `fv`; defaults come from the config dataclasses (one source)."""
+    def d(kind, name, default, help_, enum_values=None):
+        if kind == "enum":
+            flags.DEFINE_enum(name, default, enum_values, help_, flag_values=fv)
+        else:
+            getattr(flags, f"DEFINE_{kind}")(name, default, help_, flag_values=fv)
 
-    if F.stages:
-        stages = C.parse_stages(F.stages)
+    d("string", "workdir", None, "Run directory (config, checkpoints, TensorBoard logs, results).")
+    d("string", "preset", None, "A named recipe (research/presets.py: quickstart, ants_top2, features, lp_ft); "
+      "flags given override it.")
+    # Data
+    d("string", "dataset", _D.dataset, "digits | folder:PATH | tfds:NAME")
+    d("string", "data_dir", _D.data_dir, "TFDS data directory.")
+    d("string", "train_split", _D.train_split, "TFDS training split.")
+    d("string", "val_split", _D.val_split, "TFDS validation split (default: validation/test if present, else a slice of train).")
+    d("float", "val_fraction", _D.val_fraction, "Held-out fraction when the source has no validation split.")
+    d("string", "classes", _D.classes, "Class subset by name or index, e.g. 0-4 or ants,bees (relabelled 0..k-1).")
+    d("integer", "image_size", _D.image_size, "Input side in pixels (0: the backbone's default).")
+    d("integer", "batch_size", _D.batch_size, "Global batch size.")
+    d("integer", "shuffle_buffer", _D.shuffle_buffer, "Shuffle buffer size.")
+    d("bool", "cache", _D.cache, "Cache decoded, resized images in memory.")
+    d("integer", "data_threads", _D.threads, "tf.data threads (0: half the cores when training on CPU, all with a GPU/TPU).")
+    d("bool", "skip_bad_images", _D.skip_bad_images, "Skip unreadable images instead of failing.")
+    # Augmentation
+    d("bool", "horizontal_flip", _A.horizontal_flip, "Random horizontal flips.")
+    d("float", "rotation", _A.rotation, "Max random rotation, degrees.")
+    d("float", "width_shift", _A.width_shift, "Max horizontal shift, fraction of width.")
+    d("float", "height_shift", _A.height_shift, "Max vertical shift, fraction of height.")
+    d("float", "zoom", _A.zoom, "Max zoom in/out, fraction.")
+    d("float", "contrast", _A.contrast, "Max contrast change, fraction.")
+    # Model
+    d("string", "backbone", _M.backbone, "small_cnn | vgg16 | inception_v3 | mobilenet | mobilenet_v2 | resnet50 | efficientnet_b0 | xception")
+    d("string", "weights", _M.weights, "imagenet | none | PATH.h5 | ckpt:WORKDIR (another run's backbone)")
+    d("float", "alpha", _M.alpha, "Width multiplier for mobilenet / mobilenet_v2.")
+    d("float", "dropout", _M.dropout, "Dropout before the classifier.")
+    d("integer", "init_blocks", _M.init_blocks, "With --weights=ckpt:DIR, copy only the first N blocks (0: all).")
+    d("bool", "train_bn", _M.train_bn, "Let BatchNorm layers in unfrozen blocks train (default: frozen, inference mode).")
+    # Stages
+    d("integer", "epochs", None, "Epochs of a single-stage run (the same as --finetune_epochs without --head_epochs).")
+    d("integer", "head_epochs", 0, "Epochs of a head-only first stage (0: none).")
+    d("float", "lr", _S.lr, "Learning rate (of the head stage, and of fine-tuning unless --finetune_lr).")
+    d("string", "unfreeze", _S.unfreeze, "Unfreeze spec of the (fine-tuning) stage: none | all | top:K | blocks:a,b | from:NAME | regex:PAT")
+    d("integer", "finetune_epochs", _S.epochs, "Epochs of the (fine-tuning) stage.")
+    d("float", "finetune_lr", None, "Learning rate of the fine-tuning stage (default: --lr).")
+    d("enum", "schedule", _S.schedule, "Learning-rate schedule within each stage.", enum_values=list(C.SCHEDULES))
+    d("float", "warmup_epochs", _S.warmup_epochs, "Linear warmup at the start of each stage, in epochs.")
+    d("integer", "gradual_every", _S.gradual_every, "Gradual unfreezing: one more block every N epochs (0: off).")
+    d("float", "lr_decay_per_block", _S.lr_decay_per_block, "Layer-wise LR decay per block below the top (1: off).")
+    d("string", "stages", "", "General stages, overriding the simple flags: "
+      "'unfreeze=none epochs=5 lr=1e-3; unfreeze=top:2 epochs=5 lr=1e-4 warmup=1'")
+    # Optimisation and loop
+    d("enum", "optimizer", _T.optimizer, "Optimizer.", enum_values=list(C.OPTIMIZERS))
+    d("float", "momentum", _T.momentum, "SGD momentum.")
+    d("float", "weight_decay", _T.weight_decay, "AdamW weight decay.")
+    d("float", "clipnorm", _T.clipnorm, "Global-norm gradient clipping (0: off).")
+    d("bool", "cache_features", _T.cache_features, "Head-only stages without augmentation: run the frozen base once "
+      "and train the head on cached features (much faster per epoch).")
+    d("integer", "steps_per_loop", _T.steps_per_loop, "Steps per tf.function call.")
+    d("integer", "seed", _T.seed, "Random seed.")
+    d("bool", "deterministic", _T.deterministic, "Op determinism (bit-exact resume; the input pipeline is reproducible either way).")
+    d("enum", "jit_compile", _T.jit_compile, "XLA-compile the step: auto (on with a GPU/TPU, off on CPU, where it "
+      "is slower) | true | false.", enum_values=list(C.JIT))
+    d("enum", "precision", _T.precision, "Keras dtype policy.", enum_values=list(C.PRECISIONS))
+    d("enum", "strategy", _T.strategy, "tf.distribute strategy.", enum_values=list(C.STRATEGIES))
+    d("integer", "cpu_devices", 1, "Split the CPU into N logical devices (test mirrored training without GPUs).")
+    d("integer", "grad_accum_steps", _T.grad_accum_steps, "Micro-batches per optimizer step.")
+    d("float", "collective_timeout", _T.collective_timeout, "Multi-worker collective timeout in seconds (0: none).")
+    # Checkpoints, early stopping, summaries
+    d("integer", "checkpoint_keep", _T.checkpoint_keep, "Latest checkpoints kept in ckpt/.")
+    d("integer", "checkpoint_every_steps", _T.checkpoint_every_steps, "Also checkpoint every K steps (0: only every epoch).")
+    d("integer", "histogram_every_epochs", _T.histogram_every_epochs, "Weight histograms every N epochs and at the last (0: off).")
+    d("bool", "early_stopping", _E.enabled, "Stop a stage when the monitor stops improving.")
+    d("string", "early_stopping_monitor", _E.monitor, " | ".join(C.MONITORS))
+    d("enum", "early_stopping_mode", _E.mode, "Direction of improvement.", enum_values=list(C.ES_MODES))
+    d("float", "early_stopping_min_delta", _E.min_delta, "Minimum change that counts as an improvement.")
+    d("integer", "early_stopping_patience", _E.patience, "Epochs without improvement before stopping.")
+    d("float", "early_stopping_baseline", _E.baseline, "Value the monitor must beat to reset patience.")
+    d("integer", "early_stopping_start_from_epoch", _E.start_from_epoch, "Epochs (per stage) before monitoring starts.")
+    d("bool", "restore_best_weights", _E.restore_best_weights, "At the end of each stage, restore the weights of the "
+      "run's best epoch so far (best/).")
+    d("bool", "export", _T.export, "At the end, export the final model to WORKDIR/export (.keras, SavedModel, labels).")
+    d("bool", "allow_config_change", False, "Resume an unfinished run even though the config changed.")
+
+
+def apply_preset(fv: flags.FlagValues) -> None:
+    """Fills every flag not given on the command line from `--preset`.
+
+    Raises:
+      UserError: an unknown preset.
+    """
+    if not fv.preset:
+        return
+    from research import presets
+    for name, value in presets.get(fv.preset).items():
+        if not fv[name].present:
+            fv[name].value = value
+
+
+def config_from_flags(fv: flags.FlagValues = F) -> C.ExperimentConfig:
+    """Flags -> a validated ExperimentConfig (no TensorFlow import).
+
+    Raises:
+      UserError: any invalid value.
+    """
+    apply_preset(fv)
+    finetune_epochs = fv.finetune_epochs
+    if fv.epochs is not None:
+        if fv.head_epochs or fv["finetune_epochs"].present or fv.stages:
+            raise C.UserError("--epochs is for single-stage runs; with --head_epochs use --finetune_epochs, "
+                              "or give every stage's epochs in --stages")
+        finetune_epochs = fv.epochs
+    if fv.stages:
+        stages = C.parse_stages(fv.stages)
     else:
-        stages = C.simple_stages(head_epochs=F.head_epochs, lr=F.lr, unfreeze=F.unfreeze,
-                                 finetune_epochs=F.finetune_epochs, finetune_lr=F.finetune_lr,
-                                 schedule=F.schedule, warmup_epochs=F.warmup_epochs,
-                                 gradual_every=F.gradual_every, lr_decay_per_block=F.lr_decay_per_block)
+        stages = C.simple_stages(head_epochs=fv.head_epochs, lr=fv.lr, unfreeze=fv.unfreeze,
+                                 finetune_epochs=finetune_epochs, finetune_lr=fv.finetune_lr,
+                                 schedule=fv.schedule, warmup_epochs=fv.warmup_epochs,
+                                 gradual_every=fv.gradual_every, lr_decay_per_block=fv.lr_decay_per_block)
     return C.validate(C.ExperimentConfig(
-        data=C.DataConfig(dataset=F.dataset, data_dir=F.data_dir, train_split=F.train_split,
-                          val_split=F.val_split, val_fraction=F.val_fraction, classes=F.classes,
-                          image_size=F.image_size, batch_size=F.batch_size, shuffle_buffer=F.shuffle_buffer,
-                          cache=F.cache, skip_bad_images=F.skip_bad_images, threads=F.data_threads),
-        augment=C.AugmentConfig(horizontal_flip=F.horizontal_flip, rotation=F.rotation, width_shift=F.width_shift,
-                                height_shift=F.height_shift, zoom=F.zoom, contrast=F.contrast),
-        model=C.ModelConfig(backbone=F.backbone, weights=F.weights, alpha=F.alpha, dropout=F.dropout,
-                            train_bn=F.train_bn, init_blocks=F.init_blocks),
+        data=C.DataConfig(dataset=fv.dataset, data_dir=fv.data_dir, train_split=fv.train_split,
+                          val_split=fv.val_split, val_fraction=fv.val_fraction, classes=fv.classes,
+                          image_size=fv.image_size, batch_size=fv.batch_size, shuffle_buffer=fv.shuffle_buffer,
+                          cache=fv.cache, skip_bad_images=fv.skip_bad_images, threads=fv.data_threads),
+        augment=C.AugmentConfig(horizontal_flip=fv.horizontal_flip, rotation=fv.rotation, width_shift=fv.width_shift,
+                                height_shift=fv.height_shift, zoom=fv.zoom, contrast=fv.contrast),
+        model=C.ModelConfig(backbone=fv.backbone, weights=fv.weights, alpha=fv.alpha, dropout=fv.dropout,
+                            train_bn=fv.train_bn, init_blocks=fv.init_blocks),
         train=C.TrainConfig(
-            optimizer=F.optimizer, momentum=F.momentum, weight_decay=F.weight_decay, clipnorm=F.clipnorm,
-            steps_per_loop=F.steps_per_loop, seed=F.seed, deterministic=F.deterministic,
-            jit_compile=F.jit_compile, precision=F.precision, strategy=F.strategy,
-            grad_accum_steps=F.grad_accum_steps, collective_timeout=F.collective_timeout, checkpoint_keep=F.checkpoint_keep,
-            checkpoint_every_steps=F.checkpoint_every_steps, histogram_every_epochs=F.histogram_every_epochs,
-            export=F.export, cache_features=F.cache_features,
+            optimizer=fv.optimizer, momentum=fv.momentum, weight_decay=fv.weight_decay, clipnorm=fv.clipnorm,
+            steps_per_loop=fv.steps_per_loop, seed=fv.seed, deterministic=fv.deterministic,
+            jit_compile=fv.jit_compile, precision=fv.precision, strategy=fv.strategy,
+            grad_accum_steps=fv.grad_accum_steps, collective_timeout=fv.collective_timeout,
+            checkpoint_keep=fv.checkpoint_keep, checkpoint_every_steps=fv.checkpoint_every_steps,
+            histogram_every_epochs=fv.histogram_every_epochs, export=fv.export, cache_features=fv.cache_features,
             early_stopping=C.EarlyStoppingConfig(
-                enabled=F.early_stopping, monitor=F.early_stopping_monitor, mode=F.early_stopping_mode,
-                min_delta=F.early_stopping_min_delta, patience=F.early_stopping_patience,
-                baseline=F.early_stopping_baseline, start_from_epoch=F.early_stopping_start_from_epoch,
-                restore_best_weights=F.restore_best_weights)),
+                enabled=fv.early_stopping, monitor=fv.early_stopping_monitor, mode=fv.early_stopping_mode,
+                min_delta=fv.early_stopping_min_delta, patience=fv.early_stopping_patience,
+                baseline=fv.early_stopping_baseline, start_from_epoch=fv.early_stopping_start_from_epoch,
+                restore_best_weights=fv.restore_best_weights)),
         stages=stages))
+
+
+def config_from_args(args: list[str]) -> C.ExperimentConfig:
+    """`launch.train` arguments (without the program name) -> a validated config.
+
+    What `launch/ablate.py` uses to validate and compare trials before running them.
+
+    Raises:
+      UserError: an unknown flag or an invalid value.
+    """
+    fv = flags.FlagValues()
+    define_flags(fv)
+    try:
+        fv(["launch.train", *args])
+    except flags.Error as e:
+        raise C.UserError(str(e)) from None
+    return config_from_flags(fv)
 
 
 def main(argv):
@@ -125,17 +184,16 @@ def main(argv):
         common.die(f"unexpected arguments {argv[1:]}; all options are --flags", common.EXIT_USER_ERROR)
     if not F.workdir:
         common.die("--workdir is required, e.g. --workdir=/tmp/run1", common.EXIT_USER_ERROR)
-    from research import distribute
+    try:
+        config = config_from_flags()
+    except C.UserError as e:  # before TensorFlow is imported: a bad flag costs well under a second
+        common.die(str(e), common.EXIT_USER_ERROR)
+
+    from research import checkpoints, distribute
+    from research import train as train_lib
     from research.config import UserError
     try:
         distribute.split_cpu(F.cpu_devices)
-        config = config_from_flags()
-    except UserError as e:
-        common.die(str(e), common.EXIT_USER_ERROR)
-
-    from research import checkpoints
-    from research import train as train_lib
-    try:
         with train_lib.Preemption() as preemption:
             results = train_lib.train_and_evaluate(config, F.workdir, allow_config_change=F.allow_config_change,
                                                    preemption=preemption)
@@ -148,9 +206,9 @@ def main(argv):
     except checkpoints.StorageError as e:
         common.die(str(e), common.EXIT_STORAGE)
     f = results["final"]
-    print(f"\nfinal val_accuracy {f['val_accuracy']:.4f}  val_loss {f['val_loss']:.4f}  "
+    print(f"\nfinal val/accuracy {f['val/accuracy']:.4f}  val/loss {f['val/loss']:.4f}  "
           f"({results['epochs_run']} epochs, {results['wall_time_s']:.0f}s, "
-          f"{results['train_images_per_sec']:.0f} train images/s)")
+          f"{results['images_per_second']:.0f} train images/s)")
     print(f"results: {F.workdir}/results.json")
     if F.export:
         print(f"model:   {F.workdir}/export (model.keras, saved_model, labels.json)")
@@ -158,4 +216,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags(F)
     app.run(main, flags_parser=common.parse_flags_or_exit)

@@ -4,10 +4,19 @@ A sweep root holds one workdir per trial under `trials/`, and at the top
 `results.csv`, `results.md`, `results.png` and the TensorBoard HParams
 experiment, so `tensorboard --logdir ROOT` compares every trial.
 
-A trial is finished when its `results.json` exists: re-running a sweep skips
-it. An unfinished trial is simply launched again, and `launch/train.py`
-resumes it from its checkpoint. A failed trial leaves `error.txt` and a row
-marked failed; the others still run.
+Every trial's config is built and validated before the first one runs (a bad
+sweep value is a user error, not a failed trial 90 s later). A trial is
+finished when its `results.json` exists and its `config.json` equals the config
+its flags give now: re-running a sweep skips it. A trial run before with other
+settings is refused, naming the difference, unless `rerun` (then it starts
+again from scratch). An unfinished trial is simply launched again, and
+`launch/train.py` resumes it from its checkpoint. A failed trial leaves
+`error.txt` and a row marked failed; the others still run.
+
+Trials are `launch.train` flag lists run as subprocesses (each a normal
+workdir, resumable and killable on its own); `make_config` turns a flag list
+into its validated `ExperimentConfig` (the launcher passes
+`launch.train.config_from_args`).
 """
 
 from __future__ import annotations
@@ -24,11 +33,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import shutil
+from typing import Callable
+
 import numpy as np
 
-from research.config import UserError
+from research.config import ExperimentConfig, UserError
 
 SEED_KEY = "seed"
+MakeConfig = Callable[[list[str]], ExperimentConfig]
 
 
 @dataclass
@@ -97,6 +110,58 @@ def is_finished(root: str, trial: Trial) -> bool:
     return os.path.exists(os.path.join(trial_dir(root, trial), "results.json"))
 
 
+def check_specs(configs: list[ExperimentConfig]) -> None:
+    """Resolves every stage's block-based unfreeze spec against its backbone's blocks.
+
+    Raises:
+      UserError: naming the spec and the backbone's valid blocks.
+    """
+    from research import backbones, unfreeze
+
+    names: dict[tuple, list[str]] = {}
+    for c in configs:
+        key = (c.model.backbone, c.model.alpha)
+        if key not in names:
+            entry = backbones.get(c.model.backbone)
+            base = backbones.build_base(c.model.backbone, image_size=max(entry.min_size, 32), alpha=c.model.alpha)
+            names[key] = backbones.blocks(base, c.model.backbone)
+        for s in c.stages:
+            unfreeze.resolve_blocks(s.unfreeze, names[key], backbone=c.model.backbone)
+
+
+def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: bool = False, log=print) -> None:
+    """Validates every trial before any runs, and refuses (or clears, with `rerun`) stale ones.
+
+    Raises:
+      UserError: a trial whose flags are invalid, or one that ran before with a
+        config other than what its flags give now (without `rerun`).
+    """
+    from research.train import config_diff
+
+    configs = {}
+    for t in trials:
+        try:
+            configs[t.name] = make_config(t.flags)
+        except UserError as e:
+            raise UserError(f"trial {t.name}: {e}") from None
+    check_specs(list(configs.values()))
+    stale = []
+    for t in trials:
+        path = os.path.join(trial_dir(root, t), "config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                diff = config_diff(json.load(f), configs[t.name].to_dict())
+            if diff:
+                stale.append((t, diff))
+    if stale and not rerun:
+        shown = "; ".join(f"{t.name}: {', '.join(d)}" for t, d in stale[:4])
+        raise UserError(f"{len(stale)} trial(s) in {root} ran with other settings than these flags give now "
+                        f"({shown}); use another --root, or pass --rerun to run them again from scratch")
+    for t, _ in stale:
+        log(f"[ablate] {t.name}: settings changed, running it again from scratch")
+        shutil.rmtree(trial_dir(root, t))
+
+
 def run_trial(root: str, trial: Trial, *, log=print) -> dict:
     """Runs (or resumes, or skips) one trial in a subprocess.
 
@@ -141,8 +206,10 @@ def run_all(root: str, trials: list[Trial], *, parallel: int = 1, log=print) -> 
 
 # --- results ----------------------------------------------------------------------------
 
-COLUMNS = ["best_val_accuracy", "final_val_accuracy", "final_val_loss", "epochs", "early_stopped",
-           "trainable_params", "wall_time_s", "images_per_sec"]
+# The run's metric vocabulary: val/... are the final weights', best/... the run's best epoch.
+COLUMNS = ["val/accuracy", "val/loss", "best/val/accuracy", "best_epoch", "epochs", "early_stopped",
+           "trainable_params", "wall_time_s", "images_per_second"]
+METRICS = ("val/accuracy", "val/loss", "best/val/accuracy", "wall_time_s")
 
 
 def collect(root: str, trials: list[Trial]) -> list[dict]:
@@ -156,11 +223,14 @@ def collect(root: str, trials: list[Trial]) -> list[dict]:
             with open(path) as f:
                 r = json.load(f)
             trainable = [s.get("trainable_params") for s in r["stages"] if s.get("trainable_params") is not None]
-            row.update(status="done", best_val_accuracy=r["best"]["val_accuracy"] if r["best"] else None,
-                       final_val_accuracy=r["final"]["val_accuracy"], final_val_loss=r["final"]["val_loss"],
-                       epochs=r["epochs_run"], early_stopped=r["early_stopping_fired"],
-                       trainable_params=trainable[-1] if trainable else None,
-                       wall_time_s=round(r["wall_time_s"], 1), images_per_sec=round(r["train_images_per_sec"], 1))
+            row.update({"status": "done", "val/accuracy": r["final"]["val/accuracy"],
+                        "val/loss": r["final"]["val/loss"],
+                        "best/val/accuracy": r["best"]["val/accuracy"] if r["best"] else None,
+                        "best_epoch": r["best_epoch"], "epochs": r["epochs_run"],
+                        "early_stopped": r["early_stopping_fired"],
+                        "trainable_params": trainable[-1] if trainable else None,
+                        "wall_time_s": round(r["wall_time_s"], 1),
+                        "images_per_second": round(r["images_per_second"], 1)})
         else:
             err = os.path.join(wd, "error.txt")
             row.update(status="failed" if os.path.exists(err) else "missing",
@@ -179,7 +249,7 @@ def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
         done = [r for r in rs if r["status"] == "done"]
         agg = {k: rs[0].get(k) for k in keys if k != SEED_KEY}
         agg.update(group=g, n=len(done), failed=len(rs) - len(done))
-        for m in ("best_val_accuracy", "final_val_accuracy", "final_val_loss", "wall_time_s"):
+        for m in METRICS:
             vals = [r[m] for r in done if r.get(m) is not None]
             agg[m + "_mean"] = float(np.mean(vals)) if vals else None
             agg[m + "_std"] = float(np.std(vals)) if len(vals) > 1 else 0.0 if vals else None
@@ -213,18 +283,18 @@ def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "
         agg = aggregate(rows, keys)
         ks = [k for k in keys if k != SEED_KEY]
         lines += ["", "## Mean ± std over seeds", "",
-                  "| " + " | ".join(ks + ["seeds", "best val acc", "final val acc", "final val loss"]) + " |",
+                  "| " + " | ".join(ks + ["seeds", "val/accuracy", "val/loss", "best/val/accuracy"]) + " |",
                   "|" + "---|" * (len(ks) + 4)]
         for a in agg:
             def ms(m):
                 return "" if a[m + "_mean"] is None else f"{a[m + '_mean']:.4f} ± {a[m + '_std']:.4f}"
-            lines.append("| " + " | ".join([_fmt(a.get(k)) for k in ks] + [str(a["n"]), ms("best_val_accuracy"),
-                                                                           ms("final_val_accuracy"), ms("final_val_loss")]) + " |")
+            lines.append("| " + " | ".join([_fmt(a.get(k)) for k in ks] + [str(a["n"]), ms("val/accuracy"),
+                                                                           ms("val/loss"), ms("best/val/accuracy")]) + " |")
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def plot(root: str, rows: list[dict], keys: list[str], *, metric: str = "final_val_accuracy",
+def plot(root: str, rows: list[dict], keys: list[str], *, metric: str = "val/accuracy",
          filename: str = "results.png", baseline: tuple[str, float, float] | None = None,
          title: str = "") -> str | None:
     """Metric vs the first swept key, one line per combination of the other keys,
@@ -246,12 +316,18 @@ def plot(root: str, rows: list[dict], keys: list[str], *, metric: str = "final_v
         lines.setdefault(label, {}).setdefault(r[xs_key], []).append(r[metric])
     if not lines:
         return None
+    # Numbers along the x axis (n blocks, a learning rate) are joined by lines;
+    # categories (unfreeze specs, backbones) are not, and each line is nudged
+    # sideways so that error bars do not overlap.
+    ordered = all(_is_number(x) for x in xs)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, pts in lines.items():
+    for j, (label, pts) in enumerate(lines.items()):
+        shift = 0.0 if ordered else 0.08 * (j - (len(lines) - 1) / 2)
         px = [i for i, x in enumerate(xs) if x in pts]
         means = [float(np.mean(pts[xs[i]])) for i in px]
         stds = [float(np.std(pts[xs[i]])) for i in px]
-        ax.errorbar(px, means, yerr=stds, marker="o", capsize=3, label=label)
+        ax.errorbar([p + shift for p in px], means, yerr=stds, marker="o", capsize=3, label=label,
+                    ls="-" if ordered else "none")
     if baseline is not None:
         label, mean, std = baseline
         ax.axhline(mean, color="k", ls="--", lw=1, label=label)
@@ -265,9 +341,17 @@ def plot(root: str, rows: list[dict], keys: list[str], *, metric: str = "final_v
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(root, filename)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def write_hparams(root: str, trials: list[Trial]) -> None:
@@ -295,6 +379,59 @@ def write_hparams(root: str, trials: list[Trial]) -> None:
         with tf.summary.create_file_writer(wd).as_default():
             hp.hparams({hparams[k]: str(v) for k, v in t.values.items()}, trial_id=t.name)
         open(marker, "w").close()
+
+
+def run_sweep(root: str, sweep_items: list[str], train_flags: list[str], make_config: MakeConfig, *,
+              parallel: int = 1, rerun: bool = False, log=print) -> list[dict]:
+    """A grid of `--sweep=KEY:V1,V2` items over `launch.train` flags: runs, tabulates, plots.
+
+    Returns:
+      One row per trial (`collect`).
+
+    Raises:
+      UserError: a malformed sweep, an invalid trial, or stale trials without `rerun`.
+    """
+    sweep = parse_sweep(sweep_items)
+    trials = expand(sweep, train_flags)
+    prepare(root, trials, make_config, rerun=rerun, log=log)
+    run_all(root, trials, parallel=parallel, log=log)
+    rows = collect(root, trials)
+    keys = [k for k, _ in sweep]
+    write_tables(root, rows, keys)
+    plot(root, rows, keys)
+    write_hparams(root, trials)
+    return rows
+
+
+def run_transfer_study(root: str, train_flags: list[str], make_config: MakeConfig, *, seeds: list[str],
+                       classes_a: str, classes_b: str, epochs: int, parallel: int = 1, rerun: bool = False,
+                       log=print) -> tuple[list[dict], dict]:
+    """Yosinski et al. (2014) on any dataset and backbone given by `train_flags`.
+
+    Returns:
+      (one row per trial, `transfer_report`'s summary).
+
+    Raises:
+      UserError: invalid flags, or stale trials without `rerun`.
+    """
+    from research import backbones
+
+    flags_ = [f"--finetune_epochs={epochs}", *train_flags]
+    cfg = make_config(flags_)  # the backbone as launch.train reads it, whatever the flag syntax
+    entry = backbones.get(cfg.model.backbone)
+    base = backbones.build_base(cfg.model.backbone, image_size=max(entry.min_size, 16), alpha=cfg.model.alpha)
+    num_blocks = len(backbones.blocks(base, cfg.model.backbone))
+    bases, transfers = transfer_trials(root, num_blocks=num_blocks, classes_a=classes_a, classes_b=classes_b,
+                                       seeds=seeds, base_flags=flags_)
+    trials = bases + transfers
+    prepare(root, trials, make_config, rerun=rerun, log=log)
+    run_all(root, bases, parallel=parallel, log=log)
+    run_all(root, transfers, parallel=parallel, log=log)
+    rows = collect(root, trials)
+    write_tables(root, rows, ["n", "condition", SEED_KEY], title="Transfer study: every trial")
+    write_hparams(root, trials)
+    summary = transfer_report(root, rows, title=f"Transfer study ({cfg.model.backbone}, A={classes_a}, B={classes_b})")
+    return rows, summary
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -353,7 +490,7 @@ def transfer_report(root: str, rows: list[dict], *, title: str) -> dict:
     done = [r for r in rows if r["status"] == "done"]
     table: dict = {}
     for r in done:
-        table.setdefault(r["condition"], {}).setdefault(int(r["n"]), []).append(r["final_val_accuracy"])
+        table.setdefault(r["condition"], {}).setdefault(int(r["n"]), []).append(r["val/accuracy"])
     summary = {c: {n: (*mean_std(v), len(v)) for n, v in sorted(d.items())} for c, d in table.items()}
     base_b = summary.get("baseB", {}).get(0, (math.nan, math.nan, 0))
     ns = sorted({int(r["n"]) for r in done if r["condition"] in TRANSFER_CONDITIONS})

@@ -15,14 +15,12 @@ can be loaded "everything but the head".
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 from typing import Callable
 
-import keras
-from keras import layers
-
-from research.config import UserError
+from research.errors import UserError
 
 HEAD_LAYERS = ("head_pool", "head_dropout", "head")
 
@@ -38,6 +36,7 @@ class Backbone:
       default_size / min_size: square input side.
       block_of: maps the base model to `{layer_name: block_name}`.
       has_imagenet: whether `weights="imagenet"` exists for it.
+      has_alpha: whether it has a width multiplier (`--alpha`).
     """
 
     name: str
@@ -47,6 +46,7 @@ class Backbone:
     min_size: int
     block_of: Callable[[keras.Model], dict[str, str]]
     has_imagenet: bool = True
+    has_alpha: bool = False
 
 
 def _by_prefix(rules: list[tuple[str, str]], first: str) -> Callable[[keras.Model], dict[str, str]]:
@@ -95,6 +95,8 @@ def _inception_blocks(base: keras.Model) -> dict[str, str]:
 def _small_cnn(input_shape, weights=None, alpha=1.0) -> keras.Model:
     """Three conv-BN-ReLU-pool blocks: a fast backbone for CPU tests and digits."""
     del weights, alpha
+    import keras
+    from keras import layers
     inputs = keras.Input(input_shape)
     x = inputs
     for i, filters in enumerate((32, 64, 128), start=1):
@@ -106,45 +108,54 @@ def _small_cnn(input_shape, weights=None, alpha=1.0) -> keras.Model:
     return keras.Model(inputs, x, name="small_cnn")
 
 
-def _app(fn, **fixed):
+# The registry names keras.applications symbols instead of holding them, so that
+# importing it (to validate a config) does not import TensorFlow: a bad flag is
+# reported in well under a second.
+
+def _app(fn_name: str, *, width: bool = False):
     def build(input_shape, weights=None, alpha=1.0):
-        kw = dict(fixed)
-        if "alpha" in fixed:
-            kw["alpha"] = alpha
+        import keras
+        kw = {"alpha": alpha} if width else {}
+        fn = getattr(keras.applications, fn_name)
         return fn(input_shape=input_shape, include_top=False, weights=weights, **kw)
     return build
+
+
+def _preprocess(module: str):
+    def preprocess(x):
+        return importlib.import_module(f"keras.applications.{module}").preprocess_input(x)
+    return preprocess
 
 
 def _scale_01(x):
     return x / 255.0
 
 
-A = keras.applications
 BACKBONES: dict[str, Backbone] = {
     "small_cnn": Backbone(
         "small_cnn", _small_cnn, _scale_01, 32, 8,
         _by_prefix([(r"block(\d+)_", r"block\1")], "block1"), has_imagenet=False),
     "vgg16": Backbone(
-        "vgg16", _app(A.VGG16), A.vgg16.preprocess_input, 224, 32,
+        "vgg16", _app("VGG16"), _preprocess("vgg16"), 224, 32,
         _by_prefix([(r"block(\d+)_", r"block\1")], "block1")),
     "inception_v3": Backbone(
-        "inception_v3", _app(A.InceptionV3), A.inception_v3.preprocess_input, 299, 75,
+        "inception_v3", _app("InceptionV3"), _preprocess("inception_v3"), 299, 75,
         _inception_blocks),
     "mobilenet": Backbone(
-        "mobilenet", _app(A.MobileNet, alpha=1.0), A.mobilenet.preprocess_input, 224, 32,
-        _by_prefix([(r"conv1", "stem"), (r"conv_(?:dw|pw|pad)_(\d+)", r"conv_dw_\1")], "stem")),
+        "mobilenet", _app("MobileNet", width=True), _preprocess("mobilenet"), 224, 32,
+        _by_prefix([(r"conv1", "stem"), (r"conv_(?:dw|pw|pad)_(\d+)", r"conv_dw_\1")], "stem"), has_alpha=True),
     "mobilenet_v2": Backbone(
-        "mobilenet_v2", _app(A.MobileNetV2, alpha=1.0), A.mobilenet_v2.preprocess_input, 224, 32,
+        "mobilenet_v2", _app("MobileNetV2", width=True), _preprocess("mobilenet_v2"), 224, 32,
         _by_prefix([(r"(?:bn_)?Conv1", "stem"), (r"expanded_conv_", "block_0"),
-                    (r"block_(\d+)_", r"block_\1"), (r"Conv_1|out_relu", "top")], "stem")),
+                    (r"block_(\d+)_", r"block_\1"), (r"Conv_1|out_relu", "top")], "stem"), has_alpha=True),
     "resnet50": Backbone(
-        "resnet50", _app(A.ResNet50), A.resnet50.preprocess_input, 224, 32,
+        "resnet50", _app("ResNet50"), _preprocess("resnet50"), 224, 32,
         _by_prefix([(r"(?:conv1|pool1)_", "stem"), (r"(conv\d_block\d+)_", r"\1")], "stem")),
     "efficientnet_b0": Backbone(
-        "efficientnet_b0", _app(A.EfficientNetB0), A.efficientnet.preprocess_input, 224, 32,
+        "efficientnet_b0", _app("EfficientNetB0"), _preprocess("efficientnet"), 224, 32,
         _by_prefix([(r"stem_", "stem"), (r"block(\d)[a-z]_", r"block\1"), (r"top_", "top")], "stem")),
     "xception": Backbone(
-        "xception", _app(A.Xception), A.xception.preprocess_input, 299, 71,
+        "xception", _app("Xception"), _preprocess("xception"), 299, 71,
         _by_prefix([(r"block(\d+)_", r"block\1")], "block1")),
 }
 
@@ -155,35 +166,45 @@ def get(name: str) -> Backbone:
     return BACKBONES[name]
 
 
-def build_base(name: str, *, image_size: int, weights: str = "none", alpha: float = 1.0) -> keras.Model:
-    """Builds the base (no top) and loads `imagenet` or `.h5` weights.
-
-    `ckpt:WORKDIR` weights are loaded later by `research.checkpoints.init_from_run`,
-    once the whole classifier exists.
+def build_base(name: str, *, image_size: int, alpha: float = 1.0) -> keras.Model:
+    """Builds the base (no top), freshly initialised; `load_pretrained` fills it.
 
     Raises:
-      UserError: unknown backbone, unreadable weights file, or weights that do not fit.
+      UserError: unknown backbone.
     """
+    return get(name).build((image_size, image_size, 3), weights=None, alpha=alpha)
+
+
+def load_pretrained(base: keras.Model, name: str, weights: str, *, image_size: int, alpha: float = 1.0) -> None:
+    """Loads `imagenet` or a `.h5` weights file into a built base.
+
+    Separate from building so that a resumed run, whose weights come from its own
+    checkpoint, never downloads or reads its initialisation source.
+
+    Raises:
+      UserError: weights unavailable for the backbone, a missing or unreadable
+        file, a failed download, or weights that do not fit.
+    """
+    import os
     entry = get(name)
-    shape = (image_size, image_size, 3)
-    if weights in ("none", "") or weights.startswith("ckpt:"):
-        return entry.build(shape, weights=None, alpha=alpha)
     if weights == "imagenet":
         if not entry.has_imagenet:
             raise UserError(f"--weights=imagenet is not available for backbone {name!r}")
         try:
-            return entry.build(shape, weights="imagenet", alpha=alpha)
+            # keras.applications downloads and loads by position inside its constructor.
+            source = entry.build((image_size, image_size, 3), weights="imagenet", alpha=alpha)
         except ValueError as e:
             raise UserError(f"--weights=imagenet for {name!r}: {e}") from None
         except Exception as e:  # download failures (no network) land here
             raise UserError(f"could not fetch ImageNet weights for {name!r} ({type(e).__name__}: {e}); "
                             "on an offline machine pass --weights=PATH.h5 or --weights=none") from None
-    import os
+        base.set_weights(source.get_weights())
+        return
     if not os.path.isfile(weights):
         raise UserError(f"--weights={weights!r}: no such file")
     try:
-        # keras.applications loads a path with by_name=False, exactly like its own download.
-        return entry.build(shape, weights=weights, alpha=alpha)
+        # What keras.applications does with a path: load by position (by_name=False).
+        base.load_weights(weights)
     except Exception as e:
         raise UserError(f"--weights={weights!r} could not be loaded into {name!r} "
                         f"(alpha={alpha}, image_size={image_size}): {type(e).__name__}: {e}") from None
@@ -196,6 +217,8 @@ def build_classifier(base: keras.Model, num_classes: int, *, dropout: float = 0.
     call's `training=True` override it (keras issue 20285), which is why
     `research/unfreeze.py` freezes BatchNormalization layers themselves.
     """
+    import keras
+    from keras import layers
     inputs = keras.Input(base.input_shape[1:], name="image")
     x = base(inputs, training=False)
     x = layers.GlobalAveragePooling2D(name="head_pool")(x)
@@ -207,6 +230,7 @@ def build_classifier(base: keras.Model, num_classes: int, *, dropout: float = 0.
 
 def base_of(model: keras.Model) -> keras.Model:
     """The nested base model of a classifier built by `build_classifier`."""
+    import keras
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             return layer

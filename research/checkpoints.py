@@ -1,11 +1,16 @@
-"""Checkpoint orchestration: `ckpt/` (latest N), `best/` (best by the monitor),
-resume, and initialisation from another run.
+"""Checkpoint orchestration: `ckpt/` (latest N), `best/` (the run's best epoch),
+the one restore path, initialisation from another run, loading a finished run,
+and the workdir lock.
 
 A checkpoint holds the model, the optimizer (slots, iteration counter, loss
 scale), the base model on its own (so another run can load just the backbone),
-and `meta`: a JSON string with the run-control state (stage, epoch, step within
-the epoch, running train sums, early-stopping state, history). Data order and
+and `meta`: the `RunState` as JSON (research/run_state.py). Data order and
 augmentation are functions of (seed, epoch), so they need no state of their own.
+
+`restore_or_initialize` is the only way a run gets its weights: the latest
+readable checkpoint of `ckpt/` if there is one, otherwise the initialisation
+(`imagenet`, a file, another run's backbone), which therefore never runs, reads
+or downloads anything on resume.
 
 Crash safety comes from TensorFlow's checkpoint writer and `CheckpointManager`:
 data is written under a temporary name and renamed, and the `checkpoint` index
@@ -18,13 +23,20 @@ overwrites every variable.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
+import tempfile
+import time
+from typing import Callable
 
 import tensorflow as tf
 from absl import logging
 
-from research.config import UserError
+from research.config import ExperimentConfig, UserError
+from research.run_state import RunState
 
 
 class StorageError(Exception):
@@ -55,8 +67,8 @@ class Checkpoints:
         self.latest = tf.train.CheckpointManager(self.full, os.path.join(root, "ckpt"), max_to_keep=keep)
         self.best = tf.train.CheckpointManager(self.weights_only, os.path.join(root, "best"), max_to_keep=1)
 
-    def _save(self, manager, meta: dict, number: int) -> str:
-        self.meta.assign(json.dumps(meta))
+    def _save(self, manager, run: RunState, number: int) -> str:
+        self.meta.assign(run.to_json())
         try:
             return manager.save(checkpoint_number=number)
         except (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError,
@@ -65,17 +77,18 @@ class Checkpoints:
                                f"({type(e).__name__}: {str(e).splitlines()[0]}); disk full or not writable? "
                                "The previous checkpoints there are intact.") from None
 
-    def save_latest(self, meta: dict, number: int) -> str:
-        return self._save(self.latest, meta, number)
+    def save_latest(self, run: RunState) -> str:
+        run.saves += 1
+        return self._save(self.latest, run, run.saves)
 
-    def save_best(self, meta: dict, number: int) -> str:
-        return self._save(self.best, meta, number)
+    def save_best(self, run: RunState) -> str:
+        return self._save(self.best, run, run.global_epoch)
 
-    def restore_latest(self) -> dict | None:
+    def restore_latest(self) -> tuple[RunState, str] | None:
         """Restores the newest readable checkpoint of `ckpt/`.
 
         Returns:
-          Its meta dict, or None when there is no checkpoint to resume.
+          (its run state, its path), or None when there is no checkpoint to resume.
         """
         state = tf.train.get_checkpoint_state(self.restore_dir)
         paths = list(state.all_model_checkpoint_paths) if state else []
@@ -89,19 +102,187 @@ class Checkpoints:
                                 path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 continue
             logging.info("restored checkpoint %s", path)
-            return dict(json.loads(self.meta.numpy().decode()), path=path)
+            return RunState.from_json(self.meta.numpy().decode()), path
         if paths:
             raise UserError(f"no readable checkpoint in {self.restore_dir!r}; "
                             "move it aside to start the run again")
         return None
 
-    def restore_best_weights(self) -> dict | None:
-        """Restores the model (weights and BN statistics) from `best/`."""
+    def restore_best_weights(self) -> str | None:
+        """Restores the model (weights and BN statistics) from `best/`; returns its path.
+
+        The meta variable is restored with them and then put back: the run state
+        is the controller's, not the best checkpoint's.
+        """
         path = self.best.latest_checkpoint
         if not path:
             return None
+        meta = self.meta.numpy()
         self.weights_only.restore(path).assert_existing_objects_matched()
-        return dict(json.loads(self.meta.numpy().decode()), path=path)
+        self.meta.assign(meta)
+        return path
+
+
+def restore_or_initialize(ckpts: Checkpoints, init: Callable[[], None]) -> tuple[RunState, str | None]:
+    """The one restore path (Orbit's checkpoint manager with an `init_fn`).
+
+    Args:
+      ckpts: the run's checkpoints.
+      init: loads the initial weights (pretrained backbone); called only when
+        `ckpt/` holds no checkpoint.
+
+    Returns:
+      (run state, path of the checkpoint resumed or None for a new run).
+    """
+    restored = ckpts.restore_latest()
+    if restored is not None:
+        return restored
+    init()
+    return RunState(), None
+
+
+def has_checkpoint(workdir: str) -> bool:
+    state = tf.train.get_checkpoint_state(os.path.join(workdir, "ckpt"))
+    return bool(state and state.all_model_checkpoint_paths)
+
+
+# --- files of the workdir ------------------------------------------------------------
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_json(path: str, obj) -> None:
+    """Writes JSON under a temporary name and renames it: never half-written.
+
+    `mkstemp` creates files readable by the owner only; the file gets the mode
+    any other file of the workdir gets (0666 minus the umask), so collaborators
+    can read a run.
+    """
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, *, enabled: bool = True):
+    """Only one process runs in a workdir at a time.
+
+    An advisory `flock` on `WORKDIR/.lock`, which holds the owner's pid, host and
+    start time for the message a second process gets. The kernel releases the
+    lock when its process dies, so a killed run's lock is taken over at once.
+    Creates the workdir; on an error inside the block, a workdir this call
+    created and that stayed empty but for the lock is removed again, so a
+    mistake leaves nothing behind.
+
+    Raises:
+      UserError: the workdir cannot be created, or another process holds it.
+    """
+    if not enabled:  # non-chief multi-worker replicas: the chief holds the lock
+        yield
+        return
+    created = not os.path.exists(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--workdir={workdir!r} cannot be created: {e.strerror}") from None
+    if not os.access(workdir, os.W_OK):
+        raise UserError(f"--workdir={workdir!r} is not writable")
+    path = os.path.join(workdir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"--workdir={workdir!r} is in use by {owner}; wait for it to finish, "
+                            "stop it, or use another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n"
+                  .encode(), 0)
+        try:
+            yield
+        except BaseException:
+            if created and os.listdir(workdir) == [".lock"]:
+                os.remove(path)
+                os.rmdir(workdir)
+            raise
+    finally:
+        os.close(fd)  # releases the flock
+
+
+# --- loading a run (evaluate, export, predict) ---------------------------------------
+
+def load_config(workdir: str) -> ExperimentConfig:
+    """The run's resolved config (`config.json`).
+
+    Raises:
+      UserError: no run in `workdir`.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"--workdir={workdir!r} holds no run (no config.json)")
+    with open(path) as f:
+        return ExperimentConfig.from_dict(json.load(f))
+
+
+def checkpoint_path(workdir: str, which: str) -> str:
+    """`best` (the run's best epoch; `latest` when there is none yet), `latest`, or a checkpoint path.
+
+    Raises:
+      UserError: no such checkpoint.
+    """
+    if which in ("best", "latest"):
+        for sub in (("best", "ckpt") if which == "best" else ("ckpt",)):
+            path = tf.train.latest_checkpoint(os.path.join(workdir, sub))
+            if path:
+                return path
+        raise UserError(f"no checkpoint in {workdir}/{'best or ckpt' if which == 'best' else 'ckpt'}")
+    if not tf.io.gfile.exists(which + ".index"):
+        raise UserError(f"--checkpoint={which!r} is not a checkpoint (no {which}.index); use best, latest or a path")
+    return which
+
+
+def load_run(workdir: str, *, checkpoint: str = "best", class_names: list[str] | None = None):
+    """Rebuilds a run's classifier and restores a checkpoint into it.
+
+    Returns:
+      (config, model, class names, checkpoint path).
+
+    Raises:
+      UserError: no run, no such checkpoint, or one that does not fit.
+    """
+    from research import backbones
+
+    config = load_config(workdir)
+    results_path = os.path.join(workdir, "results.json")
+    if class_names is None and os.path.exists(results_path):
+        with open(results_path) as f:
+            class_names = json.load(f).get("class_names")
+    if class_names is None:
+        from research import data
+        entry = backbones.get(config.model.backbone)
+        class_names = data.load_source(config.data, config.data.image_size or entry.default_size).class_names
+    path = checkpoint_path(workdir, checkpoint)
+    entry = backbones.get(config.model.backbone)
+    size = config.data.image_size or entry.default_size
+    base = backbones.build_base(config.model.backbone, image_size=size, alpha=config.model.alpha)
+    model = backbones.build_classifier(base, len(class_names), dropout=config.model.dropout)
+    try:
+        tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        raise UserError(f"checkpoint {path} does not fit the run's model: {str(e).splitlines()[0]}") from None
+    return config, model, class_names, path
 
 
 def find_run_checkpoint(run_dir: str) -> str:

@@ -14,7 +14,7 @@ import os
 import keras
 import tensorflow as tf
 
-from research.config import UserError
+from research.errors import UserError
 
 
 def split_cpu(n: int) -> None:
@@ -79,6 +79,40 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     if "chief" in cluster:
         return kind == "chief"
     return kind == "worker" and index == 0
+
+
+def setup(cfg) -> tf.distribute.Strategy:
+    """The run's runtime, in the order TensorFlow needs it: the strategy first
+    (MultiWorkerMirroredStrategy must exist before any other op runs), then op
+    determinism, the global seed and the precision policy.
+
+    Args:
+      cfg: the `TrainConfig`.
+    """
+    strategy = make_strategy(cfg.strategy, collective_timeout=cfg.collective_timeout)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(cfg.seed)
+    set_precision(cfg.precision)
+    return strategy
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """`MirroredStrategy over 2 devices (CPU:0, CPU:1)`, for the first lines of a run."""
+    try:
+        devices = list(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy: the first GPU if any, else the CPU
+        devices = [d.name for d in (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU"))[:1]]
+    short = [d.split("device:")[-1] for d in devices]
+    return f"{type(strategy).__name__.replace('_DefaultDistributionStrategy', 'default strategy')} on " \
+           f"{', '.join(short)}"
+
+
+def use_xla(setting: str) -> bool:
+    """`--jit_compile`: `auto` is Keras's own rule, XLA on GPU/TPU and off on CPU."""
+    if setting == "auto":
+        return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    return setting == "true"
 
 
 def set_precision(policy: str) -> None:

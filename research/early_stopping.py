@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from research.config import UserError
+from research.errors import UserError
 
 _MAX_METRICS = ("accuracy", "top5_accuracy", "acc", "auc", "precision", "recall")
 
@@ -63,7 +63,8 @@ class EarlyStopping:
         self.best_epoch = 0
         self.improved = False
 
-    def _is_improvement(self, value: float, reference: float | None) -> bool:
+    def is_improvement(self, value: float, reference: float | None) -> bool:
+        """Keras's test: `value` beats `reference` by more than |min_delta| in this mode."""
         if reference is None:
             return True
         op = np.less if self.mode == "min" else np.greater
@@ -79,11 +80,11 @@ class EarlyStopping:
         if value is None or epoch < self.start_from_epoch:
             return False
         self.wait += 1
-        if self._is_improvement(value, self.best):
+        if self.is_improvement(value, self.best):
             self.best = value
             self.best_epoch = epoch
             self.improved = True
-            if self.baseline is None or self._is_improvement(value, self.baseline):
+            if self.baseline is None or self.is_improvement(value, self.baseline):
                 self.wait = 0
             return False
         if self.wait >= self.patience and epoch > 0:

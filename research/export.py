@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from research import backbones
-from research.config import ExperimentConfig, UserError
+from research.checkpoints import load_run
+from research.errors import UserError
 
 # BGR mean of keras.applications' "caffe" preprocessing (vgg16, resnet50).
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -50,55 +51,6 @@ def preprocessing_layers(backbone: str) -> list[keras.layers.Layer]:
     if backbone == "efficientnet_b0":
         return []
     raise UserError(f"no export preprocessing for backbone {backbone!r}")
-
-
-def load_config(workdir: str) -> ExperimentConfig:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"--workdir={workdir!r} holds no run (no config.json)")
-    with open(path) as f:
-        return ExperimentConfig.from_dict(json.load(f))
-
-
-def checkpoint_path(workdir: str, which: str) -> str:
-    """`best` (falls back to `latest` when there is no best), `latest`, or a checkpoint path."""
-    if which in ("best", "latest"):
-        for sub in (("best", "ckpt") if which == "best" else ("ckpt",)):
-            path = tf.train.latest_checkpoint(os.path.join(workdir, sub))
-            if path:
-                return path
-        raise UserError(f"no checkpoint in {workdir}/{'best or ckpt' if which == 'best' else 'ckpt'}")
-    if not tf.io.gfile.exists(which + ".index"):
-        raise UserError(f"--checkpoint={which!r} is not a checkpoint (no {which}.index); use best, latest or a path")
-    return which
-
-
-def load_run(workdir: str, *, checkpoint: str = "best",
-             class_names: list[str] | None = None) -> tuple[ExperimentConfig, keras.Model, list[str], str]:
-    """Rebuilds a run's classifier and restores a checkpoint into it.
-
-    Returns:
-      (config, model, class names, checkpoint path).
-    """
-    config = load_config(workdir)
-    results_path = os.path.join(workdir, "results.json")
-    if class_names is None and os.path.exists(results_path):
-        with open(results_path) as f:
-            class_names = json.load(f).get("class_names")
-    if class_names is None:
-        from research import data
-        entry = backbones.get(config.model.backbone)
-        class_names = data.load_source(config.data, config.data.image_size or entry.default_size).class_names
-    path = checkpoint_path(workdir, checkpoint)
-    entry = backbones.get(config.model.backbone)
-    size = config.data.image_size or entry.default_size
-    base = backbones.build_base(config.model.backbone, image_size=size, weights="none", alpha=config.model.alpha)
-    model = backbones.build_classifier(base, len(class_names), dropout=config.model.dropout)
-    try:
-        tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        raise UserError(f"checkpoint {path} does not fit the run's model: {str(e).splitlines()[0]}") from None
-    return config, model, class_names, path
 
 
 def inference_model(model: keras.Model, backbone: str) -> keras.Model:

@@ -1,24 +1,27 @@
 """`train_and_evaluate(config, workdir)`: one experiment, all its stages, resumable.
 
-This is the eager outer loop. Per stage it resolves the unfreeze spec, makes a
-fresh traced step for that variable list, then per epoch: train (in calls of
-`steps_per_loop` steps), evaluate, write summaries, update early stopping,
-save `ckpt/` (and `best/` on an improvement). At the end it writes
-`results.json`.
+The recipe reads top to bottom in `train_and_evaluate`; `Controller` decides
+*when* things happen (Orbit's Controller): per stage it resolves the trainable
+set, then per epoch trains in calls of `steps_per_loop` steps (research/loop.py
+decides *what* a step does), evaluates, writes summaries, updates early
+stopping and the run's best record, and checkpoints. Its whole state is a
+`RunState` (research/run_state.py); `results.json` and `trainable.json` are
+views of it.
 
 Workdir layout (a contract, see DESIGN.md):
-  config.json  ckpt/  best/  train/  val/  trainable.json  results.json
+  config.json  ckpt/  best/  train/  val/  trainable.json  results.json  export/
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -26,16 +29,18 @@ import tensorflow as tf
 from absl import logging
 
 from research import backbones, checkpoints, data, distribute, unfreeze
-from research.config import ExperimentConfig, UserError, validate
+from research.config import ExperimentConfig, StageConfig, UserError, validate
 from research.early_stopping import EarlyStopping
 from research.features import FeatureCache
-from research.loop import COUNT, NUM_SUMS, Trainer, metrics_from_sums
+from research.loop import COUNT, Trainer, metrics_from_sums
 from research.optim import StageSchedule, build_optimizer, current_lr, loss_scale_value
+from research.run_state import RunState, prefixed
 from research.summaries import Summaries
 
 # Config fields that may change on resume: they change speed or bookkeeping, not the maths.
 RESUME_SAFE_FIELDS = {"train.steps_per_loop", "train.checkpoint_keep", "train.checkpoint_every_steps",
-                      "train.histogram_every_epochs", "train.strategy", "train.collective_timeout", "train.export", "train.cache_features"}
+                      "train.histogram_every_epochs", "train.strategy", "train.collective_timeout", "train.export",
+                      "train.cache_features", "train.jit_compile", "data.threads"}
 
 
 class Interrupted(Exception):
@@ -78,6 +83,13 @@ class Preemption:
         return False
 
 
+def itstime(step: int, every: int, total: int | None = None) -> bool:
+    """big_vision's cadence rule: every `every` steps (0: never), and always at `total`."""
+    return every > 0 and (step % every == 0 or step == total)
+
+
+# --- config changes --------------------------------------------------------------------
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -90,397 +102,471 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _diff_configs(old: dict, new: dict) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
+def config_diff(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every field that changes the maths."""
+    a, b = _flatten(old), _flatten(json.loads(json.dumps(new)))
     # A key the old config lacks was added to the code since: its default applies.
-    return sorted(k for k in set(a) | set(b) if k in a and a.get(k) != b.get(k) and k not in RESUME_SAFE_FIELDS)
+    keys = sorted(k for k in set(a) | set(b) if k in a and a.get(k) != b.get(k) and k not in RESUME_SAFE_FIELDS)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 
-def _atomic_write_json(path: str, obj) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(type(o).__name__)
-
-
-def prepare_workdir(workdir: str, config: ExperimentConfig, *, allow_config_change: bool, write: bool) -> bool:
-    """Creates the workdir and checks a resumed run's config.
-
-    Returns:
-      True when the workdir already holds a run (resume).
+def _changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> list[str]:
+    """Compares `config` with the run already in `workdir` (reads only).
 
     Raises:
-      UserError: not writable, or a changed config without `allow_config_change`.
+      UserError: the config changed, without `allow`.
     """
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--workdir={workdir!r} cannot be created: {e.strerror}") from None
-    if write and not os.access(workdir, os.W_OK):
-        raise UserError(f"--workdir={workdir!r} is not writable")
     path = os.path.join(workdir, "config.json")
-    existing = os.path.exists(path)
-    if existing:
-        with open(path) as f:
-            old = json.load(f)
-        new = json.loads(json.dumps(config.to_dict()))
-        diff = _diff_configs(old, new)
-        if diff and not allow_config_change:
-            shown = "; ".join(f"{k}: {_flatten(old).get(k)!r} -> {_flatten(new).get(k)!r}" for k in diff[:6])
-            raise UserError(f"--workdir={workdir!r} holds a run with a different config; changed: "
-                            f"{', '.join(diff)} ({shown}); "
-                            "use another --workdir, or pass --allow_config_change to resume anyway")
-    if write:
-        _atomic_write_json(path, config.to_dict())
-    return existing
+    if not (os.path.exists(path) and checkpoints.has_checkpoint(workdir)):
+        return []  # nothing trained yet: the new config simply replaces the old one
+    with open(path) as f:
+        diff = config_diff(json.load(f), config.to_dict())
+    if diff and not allow:
+        raise UserError(f"--workdir={workdir!r} holds a run with a different config; changed: {'; '.join(diff)}; "
+                        "use another --workdir, or pass --allow_config_change to resume with the new config")
+    return diff
 
 
-def _seed_variables(model) -> list:
-    """The model's random-generator states (dropout): not part of a
-    tf.train.Checkpoint, so they travel in the checkpoint's meta JSON."""
-    weights = {id(v) for v in model.weights}
-    return [v for v in model.variables if id(v) not in weights]
+# --- building ----------------------------------------------------------------------------
+
+def build_inputs(config: ExperimentConfig, strategy, *, verbose: bool = True) -> tuple[data.Source, data.Pipeline]:
+    """Loads the data (every image checked) and builds the input pipeline; says what it found.
+
+    Raises:
+      UserError: missing or unreadable data, unknown classes or splits.
+    """
+    cfg_d = config.data
+    entry = backbones.get(config.model.backbone)
+    size = cfg_d.image_size or entry.default_size
+    source = data.load_source(cfg_d, size)
+    if source.skipped:
+        logging.warning("skipped %d unreadable image(s), e.g. %s", len(source.skipped), source.skipped[0])
+    if verbose:
+        names = ", ".join(source.class_names[:10]) + (", ..." if source.num_classes > 10 else "")
+        print(f"data: {cfg_d.dataset}: {source.num_classes} classes ({names}); {source.num_train} training and "
+              f"{source.num_val} validation images at {size}x{size} px"
+              + (f"; skipped {len(source.skipped)} unreadable" if source.skipped else ""), flush=True)
+        print(f"model: {config.model.backbone} (weights {config.model.weights}); "
+              f"{distribute.describe(strategy)}, {config.train.precision}", flush=True)
+    pipeline = data.Pipeline(source, batch_size=cfg_d.batch_size, preprocess=entry.preprocess,
+                             augment=config.augment, seed=config.train.seed, cache=cfg_d.cache,
+                             shuffle_buffer=cfg_d.shuffle_buffer,
+                             threads=data.pipeline_threads(cfg_d.threads, cached=cfg_d.cache))
+    if pipeline.threads and cfg_d.cache:
+        # Decode on every core now; the training stream then runs on its capped pool.
+        logging.info("decoded %d training images into the cache in %.1fs", source.num_train, pipeline.fill_cache())
+    return source, pipeline
 
 
-def _monitor_value(monitor: str, train: dict, val: dict) -> float | None:
-    split, _, name = monitor.partition("/")
-    return (val if split == "val" else train).get(name)
+@dataclass
+class Model:
+    """The run's model, its one optimizer, and each stage's resolved unfreeze spec."""
+
+    model: keras.Model
+    base: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    schedule: StageSchedule
+    image_size: int
 
 
-def build_model_and_optimizer(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.Strategy):
-    """Builds the classifier, loads its initial weights, and the run's one optimizer.
+def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.Strategy) -> Model:
+    """Builds the classifier (freshly initialised) and the run's one optimizer.
 
     The optimizer is built on the union of every stage's variables, inside the
     strategy scope (keras issue 23085), so its slot layout is the same for
     every stage and every checkpoint.
 
-    Returns:
-      (model, base, optimizer, schedule).
-
     Raises:
-      UserError: bad weights or an invalid unfreeze spec in any stage (checked
-        before anything trains).
+      UserError: an unfreeze spec that does not fit the backbone, in any stage
+        (checked before anything is written or trained).
     """
-    cfg_m, cfg_t = config.model, config.train
+    cfg_m = config.model
     size = config.data.image_size or backbones.get(cfg_m.backbone).default_size
     with strategy.scope():
-        base = backbones.build_base(cfg_m.backbone, image_size=size, weights=cfg_m.weights, alpha=cfg_m.alpha)
+        base = backbones.build_base(cfg_m.backbone, image_size=size, alpha=cfg_m.alpha)
         model = backbones.build_classifier(base, num_classes, dropout=cfg_m.dropout)
-        if cfg_m.weights.startswith("ckpt:"):
-            first = None
-            block_of = backbones.get(cfg_m.backbone).block_of(base)
-            if cfg_m.init_blocks:
-                names = backbones.blocks(base, cfg_m.backbone)
-                if cfg_m.init_blocks > len(names):
-                    raise UserError(f"--init_blocks={cfg_m.init_blocks} exceeds the {len(names)} blocks of "
-                                    f"{cfg_m.backbone}: {', '.join(names)}")
-                first = names[:cfg_m.init_blocks]
-            path = checkpoints.init_from_run(base, cfg_m.weights[len("ckpt:"):], first_blocks=first, block_of=block_of)
-            logging.info("initialised the backbone from %s%s", path, f" (blocks {first})" if first else "")
-        for s in config.stages:
-            unfreeze.select(model, cfg_m.backbone, s.unfreeze, train_bn=cfg_m.train_bn)
+        selections = [unfreeze.select(model, cfg_m.backbone, s.unfreeze, train_bn=cfg_m.train_bn)
+                       for s in config.stages]
         schedule = StageSchedule()
-        optimizer = build_optimizer(cfg_t, schedule, loss_scale=cfg_t.precision == "mixed_float16")
-        union = unfreeze.trainable_union(model, cfg_m.backbone, [s.unfreeze for s in config.stages],
-                                         train_bn=cfg_m.train_bn)
-        optimizer.build(union)
-    return model, base, optimizer, schedule
+        optimizer = build_optimizer(config.train, schedule, loss_scale=config.train.precision == "mixed_float16")
+        optimizer.build(unfreeze.trainable_union(model, selections))
+    return Model(model, base, optimizer, schedule, size)
 
+
+def init_weights(config: ExperimentConfig, m: Model) -> None:
+    """The initialisation of a new run: pretrained weights into the backbone, head skipped.
+
+    Raises:
+      UserError: weights that cannot be fetched, read or fitted.
+    """
+    cfg_m = config.model
+    w = cfg_m.weights
+    if w in ("none", ""):
+        return
+    if not w.startswith("ckpt:"):
+        backbones.load_pretrained(m.base, cfg_m.backbone, w, image_size=m.image_size, alpha=cfg_m.alpha)
+        return
+    first = None
+    if cfg_m.init_blocks:
+        names = backbones.blocks(m.base, cfg_m.backbone)
+        if cfg_m.init_blocks > len(names):
+            raise UserError(f"--init_blocks={cfg_m.init_blocks} exceeds the {len(names)} blocks of "
+                            f"{cfg_m.backbone}: {', '.join(names)}")
+        first = names[:cfg_m.init_blocks]
+    path = checkpoints.init_from_run(m.base, w[len("ckpt:"):], first_blocks=first,
+                                     block_of=backbones.get(cfg_m.backbone).block_of(m.base))
+    logging.info("initialised the backbone from %s%s", path, f" (blocks {first})" if first else "")
+
+
+def _seed_variables(model) -> list:
+    """The model's random-generator states (dropout): not part of a
+    tf.train.Checkpoint, so they travel in the run state."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+# --- the recipe ------------------------------------------------------------------------------
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_change: bool = False,
                        preemption: Preemption | None = None, verbose: bool = True) -> dict:
-    """Runs (or resumes) one experiment.
+    """Runs (or resumes, or reports a finished) experiment.
 
     Args:
       config: the experiment.
       workdir: run directory; running again with the same one resumes.
-      allow_config_change: resume even though `config` differs from `config.json`.
+      allow_config_change: resume an unfinished run with a changed config
+        (recorded in `results.json` under `config_changes`).
       preemption: a `Preemption` whose flag stops the run with a checkpoint.
-      verbose: show a progress bar per epoch.
+      verbose: print progress.
 
     Returns:
       The `results.json` dict.
 
     Raises:
-      UserError: bad config or data (exit status 2 in `launch/train.py`).
+      UserError: bad config, data, spec or weights (exit status 2 in
+        `launch/train.py`); nothing is written to the workdir before they are checked.
       Interrupted: a signal arrived; a checkpoint was written.
       NonFiniteLoss: the loss diverged; the last good checkpoint is kept.
       checkpoints.StorageError: the workdir could not be written.
     """
     config = validate(config)
-    t_start = time.time()
-    cfg_d, cfg_m, cfg_t = config.data, config.model, config.train
-    entry = backbones.get(cfg_m.backbone)
-    size = cfg_d.image_size or entry.default_size
-
-    # First: MultiWorkerMirroredStrategy must exist before any other TF op runs.
-    strategy = distribute.make_strategy(cfg_t.strategy, collective_timeout=cfg_t.collective_timeout)
-    if cfg_t.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(cfg_t.seed)
-    distribute.set_precision(cfg_t.precision)
+    strategy = distribute.setup(config.train)
     chief = distribute.is_chief(strategy)
-    resumed_dir = prepare_workdir(workdir, config, allow_config_change=allow_config_change, write=chief)
+    changes = _changes_on_resume(workdir, config, allow_config_change)
+    source, pipeline = build_inputs(config, strategy, verbose=verbose)
+    built = build(config, source.num_classes, strategy)
+    with checkpoints.workdir_lock(workdir, enabled=chief):
+        ctl = Controller(config, workdir, strategy, source, pipeline, built, chief=chief, verbose=verbose,
+                         preemption=preemption)
+        run, resumed_from = checkpoints.restore_or_initialize(ctl.ckpts, init=lambda: init_weights(config, built))
+        if run.finished:
+            return ctl.report_finished(run, changes)
+        ctl.start(run, resumed_from, changes)
+        for index in range(run.stage, len(config.stages)):
+            ctl.run_stage(run, index)
+        return ctl.finish(run)
 
-    source = data.load_source(cfg_d, size)
-    if source.skipped:
-        logging.warning("skipped %d unreadable image(s), e.g. %s", len(source.skipped), source.skipped[0])
-    pipeline = data.Pipeline(source, batch_size=cfg_d.batch_size, preprocess=entry.preprocess,
-                             augment=config.augment, seed=cfg_t.seed,
-                             cache=cfg_d.cache, shuffle_buffer=cfg_d.shuffle_buffer,
-                             threads=data.pipeline_threads(cfg_d.threads, cached=cfg_d.cache))
-    if pipeline.threads and cfg_d.cache:
-        # Decode on every core now; the training stream then runs on its capped pool.
-        logging.info("decoded %d training images into the cache in %.1fs", source.num_train, pipeline.fill_cache())
-    accum = cfg_t.grad_accum_steps
-    steps_per_epoch = pipeline.steps_per_epoch // accum
-    if steps_per_epoch < 1:
-        raise UserError(f"one optimizer step needs batch_size*grad_accum_steps = {cfg_d.batch_size * accum} "
-                        f"images but the training set has {source.num_train}")
 
-    model, base, optimizer, schedule = build_model_and_optimizer(config, source.num_classes, strategy)
-    trainer = Trainer(model, optimizer, strategy=strategy, grad_accum_steps=accum, jit_compile=cfg_t.jit_compile)
+class Controller:
+    """When things happen: epochs, evaluation, summaries, early stopping, checkpoints."""
 
-    scratch = None if chief else tempfile.mkdtemp(prefix="worker_ckpt_")
-    ckpts = checkpoints.Checkpoints(workdir, model=model, base=base, optimizer=optimizer,
-                                    keep=cfg_t.checkpoint_keep, scratch_dir=scratch)
-    meta = ckpts.restore_latest()
-    seed_vars = _seed_variables(model)
-    if meta:
-        for v, value in zip(seed_vars, meta.get("seed_states", [])):
-            v.assign(np.asarray(value, dtype=v.dtype))
-        logging.info("resuming from %s: stage %d (%s), epoch %d, step %d of the epoch",
-                     meta["path"], meta["stage"], config.stages[min(meta["stage"], len(config.stages) - 1)].name,
-                     meta["epoch"], meta["step_in_epoch"])
-        if verbose:
-            print(f"Resuming from {meta['path']} (stage {meta['stage']}, epoch {meta['epoch']}, "
-                  f"step {meta['step_in_epoch']} of the epoch)", flush=True)
-        state = meta
-    else:
-        if resumed_dir:
-            logging.info("workdir has a config but no checkpoint: starting from scratch")
-        state = {"stage": 0, "epoch": 0, "step_in_epoch": 0, "global_epoch": 0, "saves": 0,
-                 "epoch_sums": [0.0] * NUM_SUMS, "es": None, "stage_start_step": None,
-                 "stage_stopped": False, "history": [], "stages": [], "train_images": 0.0,
-                 "train_seconds": 0.0, "wall_seconds": 0.0}
-    summaries = Summaries(workdir, enabled=chief)
-    trainable_path = os.path.join(workdir, "trainable.json")
-    records = {}
-    if chief and os.path.exists(trainable_path):
-        with open(trainable_path) as f:
-            records = {r["key"]: r for r in json.load(f)}
-    wall_before = state["wall_seconds"]
+    def __init__(self, config: ExperimentConfig, workdir: str, strategy, source: data.Source,
+                 pipeline: data.Pipeline, built: Model, *, chief: bool, verbose: bool,
+                 preemption: Preemption | None):
+        self.config, self.workdir, self.strategy = config, workdir, strategy
+        self.source, self.pipeline, self.m = source, pipeline, built
+        self.chief, self.verbose, self.preemption = chief, verbose, preemption
+        t = config.train
+        self.accum = t.grad_accum_steps
+        self.steps_per_epoch = pipeline.steps_per_epoch // self.accum
+        if self.steps_per_epoch < 1:
+            raise UserError(f"one optimizer step needs batch_size*grad_accum_steps = "
+                            f"{config.data.batch_size * self.accum} images but the training set has {source.num_train}")
+        self.jit = distribute.use_xla(t.jit_compile)
+        self.trainer = Trainer(built.model, built.optimizer, strategy=strategy, grad_accum_steps=self.accum,
+                               jit_compile=self.jit)
+        self.scratch = None if chief else tempfile.mkdtemp(prefix="worker_ckpt_")
+        self.ckpts = checkpoints.Checkpoints(workdir, model=built.model, base=built.base, optimizer=built.optimizer,
+                                             keep=t.checkpoint_keep, scratch_dir=self.scratch)
+        self.summaries = Summaries(workdir, enabled=chief)
+        self.seed_vars = _seed_variables(built.model)
+        self.stream = TrainingStream(strategy, batches_per_epoch=self.steps_per_epoch * self.accum, accum=self.accum)
+        self._features: FeatureCache | None = None
+        self._head_trainer: Trainer | None = None
+        self._active_key = None
+        self.t_start = time.time()
+        self.wall_before = 0.0
 
-    def save(kind: str) -> str:
-        state["seed_states"] = [np.asarray(v.numpy()).tolist() for v in seed_vars]
-        state["wall_seconds"] = wall_before + time.time() - t_start
-        if kind == "best":
-            return ckpts.save_best({k: v for k, v in state.items() if k != "path"}, state["global_epoch"])
-        state["saves"] += 1
-        return ckpts.save_latest({k: v for k, v in state.items() if k != "path"}, state["saves"])
+    # -- small helpers ------------------------------------------------------------------
 
-    feature_cache = head_trainer = None
-    stream = None  # [images or features, global epoch it delivers next, iterator]
-    es_cfg = cfg_t.early_stopping
-    while state["stage"] < len(config.stages):
-        si = state["stage"]
-        stage = config.stages[si]
-        es = EarlyStopping(es_cfg.monitor, es_cfg.mode, es_cfg.min_delta,
-                           stage.patience if stage.patience is not None else es_cfg.patience,
-                           es_cfg.baseline, es_cfg.start_from_epoch, es_cfg.restore_best_weights)
-        if state["es"]:
-            es.load_state(state["es"])
-        if state["stage_start_step"] is None:
-            state["stage_start_step"] = int(optimizer.iterations.numpy())
-        schedule.set_stage(stage, start_step=state["stage_start_step"], steps_per_epoch=steps_per_epoch)
-        current_key, use_cache, active = None, False, trainer
-        selection, current_limit = None, None
+    def say(self, text: str) -> None:
+        if self.verbose:
+            print(text, flush=True)
 
-        while state["epoch"] < stage.epochs and not state["stage_stopped"]:
-            epoch = state["epoch"]
-            limit = 1 + epoch // stage.gradual_every if stage.gradual_every else None
-            if selection is None or limit != current_limit:  # resolve once per trainable set
-                current_limit = limit
-                selection = unfreeze.select(model, cfg_m.backbone, stage.unfreeze, train_bn=cfg_m.train_bn,
-                                            lr_decay_per_block=stage.lr_decay_per_block, limit_top=limit)
-            key = stage.name if limit is None else f"{stage.name}/top{len(selection.blocks)}"
-            if key != current_key:
-                current_key = key
-                unfreeze.apply_policy(model, cfg_m.backbone, selection)
-                head_only = len(selection.variables) == len(unfreeze.head_variables(model))
-                use_cache = cfg_t.cache_features and head_only and not config.augment.enabled
-                if cfg_t.cache_features and not use_cache:
-                    logging.warning("stage %s: --cache_features applies to head-only stages without "
-                                    "augmentation; training through the base", stage.name)
-                if use_cache:
-                    if feature_cache is None:
-                        feature_cache = FeatureCache(model, pipeline)
-                        head_trainer = Trainer(feature_cache.head, optimizer, strategy=strategy,
-                                               grad_accum_steps=accum, jit_compile=cfg_t.jit_compile)
-                        if verbose:
-                            print(f"cached base features of {len(feature_cache.train_y)} training and "
-                                  f"{len(feature_cache.val_y)} validation images in {feature_cache.seconds:.1f}s",
-                                  flush=True)
-                    active = head_trainer
-                else:
-                    active = trainer
-                active.set_trainable(selection.variables, selection.lr_multipliers)
-                record = dict(unfreeze.describe(selection, model, stage=stage.name), key=key, from_epoch=epoch)
-                logging.info("stage %s: %s", key, unfreeze.summary_text(record).replace("\n", " | "))
-                if verbose:
-                    print(f"\n== {unfreeze.summary_text(record)}", flush=True)
-                if chief:
-                    records[key] = record
-                    _atomic_write_json(trainable_path, list(records.values()))
-                    step = int(optimizer.iterations.numpy())
-                    summaries.text("train", "trainable", unfreeze.summary_text(record), step)
-                    summaries.images("train", "augmented_inputs", pipeline.raw_train_batch(state["global_epoch"]), step)
+    def step(self) -> int:
+        return int(self.m.optimizer.iterations.numpy())
 
-            # One iterator across epochs and stages, so the next epoch's batches are
-            # prepared while this one trains; rebuilt only when it would not deliver
-            # this global epoch next (start, resume, switching to or from cached features).
-            source_kind = "features" if use_cache else "images"
-            if stream is None or stream[:2] != [source_kind, state["global_epoch"]]:
-                remaining = sum(st.epochs for st in config.stages[si:]) - epoch
-                ds = (feature_cache if use_cache else pipeline).train_stream(
-                    state["global_epoch"], remaining, batches_per_epoch=steps_per_epoch * accum,
-                    skip=state["step_in_epoch"] * accum)
-                stream = [source_kind, state["global_epoch"], iter(strategy.experimental_distribute_dataset(ds))]
-            iterator = stream[2]
-            sums = np.asarray(state["epoch_sums"], dtype=np.float64)
-            bar = keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "accuracy", "img/s"],
-                                      verbose=1 if verbose else 0)
-            if verbose:
-                print(f"stage {stage.name} epoch {epoch + 1}/{stage.epochs}", flush=True)
-            while state["step_in_epoch"] < steps_per_epoch:
-                n = min(cfg_t.steps_per_loop, steps_per_epoch - state["step_in_epoch"])
-                every = cfg_t.checkpoint_every_steps
-                if every:
-                    n = min(n, every - int(optimizer.iterations.numpy()) % every)
-                t0 = time.perf_counter()
-                loop_sums, bad = active.train(iterator, n)
-                dt = time.perf_counter() - t0
-                if bad >= 0:
-                    global_step = int(optimizer.iterations.numpy()) - n + bad + 1
-                    raise NonFiniteLoss(
-                        f"non-finite training loss at step {global_step} (stage {stage.name}, epoch {epoch + 1}); "
-                        f"the last good checkpoint is kept in {os.path.join(workdir, 'ckpt')}; "
-                        "lower the learning rate or enable --clipnorm")
-                sums += loop_sums
-                state["step_in_epoch"] += n
-                state["train_images"] += float(loop_sums[COUNT])
-                state["train_seconds"] += dt
-                state["epoch_sums"] = sums.tolist()
-                m = metrics_from_sums(sums)
-                bar.update(state["step_in_epoch"], [("loss", m["loss"]), ("accuracy", m["accuracy"]),
-                                                     ("img/s", loop_sums[COUNT] / max(dt, 1e-9))])
-                if preemption is not None and preemption.signum:
-                    path = save("latest")
-                    raise Interrupted(preemption.signum, path)
-                if every and int(optimizer.iterations.numpy()) % every == 0 and state["step_in_epoch"] < steps_per_epoch:
-                    save("latest")
+    def save_latest(self, run: RunState) -> str:
+        run.seed_states = [np.asarray(v.numpy()).tolist() for v in self.seed_vars]
+        run.wall_seconds = self.wall_before + time.time() - self.t_start
+        return self.ckpts.save_latest(run)
 
-            train_m = metrics_from_sums(sums)
-            val_ds = feature_cache.val_dataset() if use_cache else pipeline.val_dataset()
-            val_m = active.evaluate(strategy.experimental_distribute_dataset(val_ds))
-            step = int(optimizer.iterations.numpy())
-            ips = state["train_images"] / max(state["train_seconds"], 1e-9)
-            train_scalars = {"loss": train_m["loss"], "accuracy": train_m["accuracy"],
-                             "learning_rate": current_lr(optimizer), "images_per_second": ips,
-                             "loss_scale": loss_scale_value(optimizer), "grad_norm": train_m.get("grad_norm")}
-            if source.num_classes > 5:
-                train_scalars["top5_accuracy"] = train_m["top5_accuracy"]
-            summaries.scalars("train", train_scalars, step)
-            val_scalars = {"loss": val_m["loss"], "accuracy": val_m["accuracy"]}
-            if source.num_classes > 5:
-                val_scalars["top5_accuracy"] = val_m["top5_accuracy"]
-            summaries.scalars("val", val_scalars, step)
-            if cfg_t.histogram_every_epochs and (state["global_epoch"] + 1) % cfg_t.histogram_every_epochs == 0:
-                summaries.histograms("train", selection.variables, step)
-            summaries.flush()
-            stop = es.update(epoch, _monitor_value(es_cfg.monitor, train_m, val_m))
-            state["history"].append({"stage": stage.name, "epoch": epoch, "global_epoch": state["global_epoch"],
-                                     "step": step, "train": train_m, "val": val_m})
-            if verbose:
-                print(f"  val_loss {val_m['loss']:.4f}  val_accuracy {val_m['accuracy']:.4f}", flush=True)
-            state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums=[0.0] * NUM_SUMS,
-                         global_epoch=state["global_epoch"] + 1, es=es.state())
-            stream[1] += 1
-            if es.improved:
-                save("best")
-            if stop and es_cfg.enabled:
-                state["stage_stopped"] = True
-                logging.info("early stopping in stage %s at epoch %d (best epoch %d, %s=%.5f)",
-                             stage.name, epoch + 1, es.best_epoch + 1, es.monitor, es.best)
-                if verbose:
-                    print(f"  early stopping: best epoch {es.best_epoch + 1} ({es.monitor}={es.best:.4f})", flush=True)
-            save("latest")
-            if preemption is not None and preemption.signum:
-                raise Interrupted(preemption.signum, ckpts.latest.latest_checkpoint)
+    def _write_json(self, name: str, obj) -> None:
+        if self.chief:
+            checkpoints.atomic_write_json(os.path.join(self.workdir, name), obj)
 
-        # End of the stage.
+    def _evaluate_images(self, trainer: Trainer | None = None) -> dict:
+        val = self.strategy.experimental_distribute_dataset(self.pipeline.val_dataset())
+        return (trainer or self.trainer).evaluate(val)
+
+    # -- start and end of the run ---------------------------------------------------------
+
+    def start(self, run: RunState, resumed_from: str | None, changes: list[str]) -> None:
+        """Records what the run starts from, and the config it runs with."""
+        if resumed_from:
+            for v, value in zip(self.seed_vars, run.seed_states):
+                v.assign(np.asarray(value, dtype=v.dtype))
+            self.wall_before = run.wall_seconds
+            stage = self.config.stages[run.stage]
+            self.say(f"Resuming from {resumed_from}: stage {stage.name} ({run.stage + 1}/{len(self.config.stages)}), "
+                     f"epoch {run.epoch + 1}/{stage.epochs}, step {run.step_in_epoch}/{self.steps_per_epoch} "
+                     "of the epoch")
+            if changes:
+                run.config_changes.append({"global_epoch": run.global_epoch, "changed": changes})
+                logging.warning("resuming with a changed config: %s", "; ".join(changes))
+        else:
+            src = self.source
+            run.data = {"num_train": src.num_train, "num_val": src.num_val, "class_names": src.class_names,
+                        "skipped_images": src.skipped}
+        self._write_json("config.json", self.config.to_dict())
+
+    def finish(self, run: RunState) -> dict:
+        """Exports the final weights and writes `results.json`."""
+        results = run.results(self.config.to_dict())
+        if self.chief:
+            if self.config.train.export:
+                from research.export import export_run
+                # The final weights: the latest checkpoint (the best epoch's, with restore_best_weights).
+                export_run(self.workdir, checkpoint="latest", class_names=self.source.class_names)
+            self._write_json("results.json", results)
+        else:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        self.summaries.flush()
+        return results
+
+    def report_finished(self, run: RunState, changes: list[str]) -> dict:
+        """A finished run is not trained, exported or timed again; it says so."""
+        if changes:
+            raise UserError(f"the run in {self.workdir!r} is finished; a changed config cannot be recorded for "
+                            f"it (changed: {'; '.join(changes)}). To train further, start a new run from its "
+                            f"weights: --workdir=NEW --weights=ckpt:{self.workdir}")
+        results = run.results(self.config.to_dict())
+        if self.chief and not os.path.exists(os.path.join(self.workdir, "results.json")):
+            self._write_json("results.json", results)  # killed after its last checkpoint
+        final = run.final or {}
+        self.say(f"The run in {self.workdir} is finished ({len(run.history)} epochs, val/accuracy "
+                 f"{final.get('val/accuracy', float('nan')):.4f}); nothing to do. To train further, start a new "
+                 f"run from its weights: --workdir=NEW --weights=ckpt:{self.workdir}")
+        return results
+
+    # -- a stage ----------------------------------------------------------------------------
+
+    def run_stage(self, run: RunState, index: int) -> None:
+        stage = self.config.stages[index]
+        es = self._early_stopping(stage, run.early_stopping)
+        if run.stage_start_step is None:
+            run.stage_start_step = self.step()
+        self.m.schedule.set_stage(stage, start_step=run.stage_start_step, steps_per_epoch=self.steps_per_epoch)
+        while run.epoch < stage.epochs and not run.stage_stopped:
+            trainer, kind, selection = self._activate(run, stage)
+            train_m = self._train_epoch(run, stage, trainer, kind)
+            val_m = trainer.evaluate(self.strategy.experimental_distribute_dataset(
+                self._features.val_dataset() if kind == "features" else self.pipeline.val_dataset()))
+            self._end_epoch(run, stage, es, train_m, val_m, selection)
+        self._end_stage(run, index, stage, es)
+
+    def _early_stopping(self, stage: StageConfig, state: dict | None) -> EarlyStopping:
+        c = self.config.train.early_stopping
+        es = EarlyStopping(c.monitor, c.mode, c.min_delta, stage.patience if stage.patience is not None else c.patience,
+                           c.baseline, c.start_from_epoch, c.restore_best_weights)
+        if state:
+            es.load_state(state)
+        return es
+
+    def _activate(self, run: RunState, stage: StageConfig):
+        """The trainable set of this epoch of `stage`, and the trainer and input kind that train it.
+
+        A new set (a stage start, or the next block of a gradual stage) gets a
+        fresh traced step and a `trainable.json` record; otherwise the current
+        one goes on.
+        """
+        limit = 1 + run.epoch // stage.gradual_every if stage.gradual_every else None
+        key = (stage.name, limit)
+        if key == self._active_key:
+            return self._active
+        self._active_key = key
+        cfg_m = self.config.model
+        selection = unfreeze.select(self.m.model, cfg_m.backbone, stage.unfreeze, train_bn=cfg_m.train_bn,
+                                    lr_decay_per_block=stage.lr_decay_per_block, limit_top=limit)
+        unfreeze.apply_policy(self.m.model, cfg_m.backbone, selection)
+        head_only = len(selection.variables) == len(unfreeze.head_variables(self.m.model))
+        use_cache = self.config.train.cache_features and head_only and not self.config.augment.enabled
+        if self.config.train.cache_features and not use_cache:
+            logging.warning("stage %s: --cache_features applies to head-only stages without "
+                            "augmentation; training through the base", stage.name)
+        trainer = self._feature_trainer() if use_cache else self.trainer
+        trainer.set_trainable(selection.variables, selection.lr_multipliers)
+        label = stage.name if limit is None else f"{stage.name}/top{len(selection.blocks)}"
+        record = dict(unfreeze.describe(selection, self.m.model, stage=stage.name), key=label, from_epoch=run.epoch)
+        self.say("\n== " + unfreeze.summary_text(record, markdown=False))
+        if not any(r["key"] == label for r in run.trainable):
+            run.trainable.append(record)
+            self._write_json("trainable.json", run.trainable)
+            step = self.step()
+            self.summaries.text("train", "trainable", unfreeze.summary_text(record), step)
+            self.summaries.images("train", "augmented_inputs", self.pipeline.raw_train_batch(run.global_epoch), step)
+        self._active = (trainer, "features" if use_cache else "images", selection)
+        return self._active
+
+    def _feature_trainer(self) -> Trainer:
+        if self._features is None:
+            self._features = FeatureCache(self.m.model, self.pipeline)
+            self._head_trainer = Trainer(self._features.head, self.m.optimizer, strategy=self.strategy,
+                                         grad_accum_steps=self.accum, jit_compile=self.jit)
+            self.say(f"cached base features of {len(self._features.train_y)} training and "
+                     f"{len(self._features.val_y)} validation images in {self._features.seconds:.1f}s")
+        return self._head_trainer
+
+    def _train_epoch(self, run: RunState, stage: StageConfig, trainer: Trainer, kind: str) -> dict:
+        """Trains the rest of the current epoch; returns its training metrics."""
+        remaining = sum(s.epochs for s in self.config.stages[run.stage:]) - run.epoch
+        iterator = self.stream.iterator(self._features if kind == "features" else self.pipeline, kind,
+                                        run.global_epoch, remaining, skip_steps=run.step_in_epoch)
+        sums = np.asarray(run.epoch_sums, dtype=np.float64)
+        every = self.config.train.checkpoint_every_steps
+        # A live bar on a terminal; one plain line per epoch in a redirected log
+        # (no ANSI codes or carriage returns in files).
+        bar = keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=["loss", "accuracy", "img/s"],
+                                  verbose=(1 if sys.stdout.isatty() else 2) if self.verbose else 0)
+        self.say(f"stage {stage.name} epoch {run.epoch + 1}/{stage.epochs}")
+        while run.step_in_epoch < self.steps_per_epoch:
+            n = min(self.config.train.steps_per_loop, self.steps_per_epoch - run.step_in_epoch)
+            if every:  # stop the call at the next checkpoint step
+                n = min(n, every - self.step() % every)
+            t0 = time.perf_counter()
+            loop_sums, bad = trainer.train(iterator, n)
+            dt = time.perf_counter() - t0
+            if bad >= 0:
+                raise NonFiniteLoss(
+                    f"non-finite training loss at step {self.step() - n + bad + 1} (stage {stage.name}, epoch "
+                    f"{run.epoch + 1}); the last good checkpoint is kept in {os.path.join(self.workdir, 'ckpt')}; "
+                    "lower the learning rate or enable --clipnorm")
+            sums += loop_sums
+            run.step_in_epoch += n
+            run.train_images += float(loop_sums[COUNT])
+            run.train_seconds += dt
+            run.epoch_sums = sums.tolist()
+            m = metrics_from_sums(sums)
+            bar.update(run.step_in_epoch, [("loss", m["loss"]), ("accuracy", m["accuracy"]),
+                                           ("img/s", loop_sums[COUNT] / max(dt, 1e-9))])
+            if self.preemption is not None and self.preemption.signum:
+                raise Interrupted(self.preemption.signum, self.save_latest(run))
+            # The epoch's own end saves its last step.
+            if itstime(self.step(), every) and run.step_in_epoch < self.steps_per_epoch:
+                self.save_latest(run)
+        return metrics_from_sums(sums)
+
+    def _end_epoch(self, run: RunState, stage: StageConfig, es: EarlyStopping, train_m: dict, val_m: dict,
+                   selection: unfreeze.Selection) -> None:
+        """Summaries, history, early stopping, the best record, checkpoints."""
+        t = self.config.train
+        step = self.step()
+        top5 = self.source.num_classes > 5
+        metrics = {**prefixed("train", {k: v for k, v in train_m.items() if top5 or k != "top5_accuracy"}),
+                   **prefixed("val", {k: v for k, v in val_m.items() if top5 or k != "top5_accuracy"}),
+                   "learning_rate": current_lr(self.m.optimizer), "images_per_second": run.images_per_second()}
+        scale = loss_scale_value(self.m.optimizer)
+        if scale is not None:
+            metrics["loss_scale"] = scale
+        self.summaries.scalars("train", {k.removeprefix("train/"): v for k, v in metrics.items()
+                                         if not k.startswith("val/")}, step)
+        self.summaries.scalars("val", {k.removeprefix("val/"): v for k, v in metrics.items() if k.startswith("val/")},
+                               step)
+        total_epochs = sum(s.epochs for s in self.config.stages)
+        if itstime(run.global_epoch + 1, t.histogram_every_epochs, total_epochs):
+            self.summaries.histograms("train", selection.variables, step)
+        self.summaries.flush()
+        run.history.append({"stage": stage.name, "epoch": run.epoch, "global_epoch": run.global_epoch,
+                            "step": step, **metrics})
+        self.say(f"  val/loss {metrics['val/loss']:.4f}  val/accuracy {metrics['val/accuracy']:.4f}")
+
+        value = metrics.get(es.monitor)
+        improved_run = (value is not None and run.epoch >= es.start_from_epoch
+                        and (run.best is None or es.is_improvement(value, run.best["value"])))
+        stop = es.update(run.epoch, value)
+        if improved_run:
+            run.best = {"stage": stage.name, "stage_index": run.stage, "epoch": run.epoch,
+                        "global_epoch": run.global_epoch, "monitor": es.monitor, "value": value,
+                        "val/loss": metrics["val/loss"], "val/accuracy": metrics["val/accuracy"]}
+        run.next_epoch(es.state())
+        self.stream.epoch_done()
+        if improved_run:
+            run.best["checkpoint"] = os.path.relpath(self.ckpts.save_best(run), self.workdir)
+        if stop and t.early_stopping.enabled:
+            run.stage_stopped = True
+            logging.info("early stopping in stage %s at epoch %d (best epoch %d, %s=%.5f)",
+                         stage.name, run.epoch, es.best_epoch + 1, es.monitor, es.best)
+            self.say(f"  early stopping: stage best epoch {es.best_epoch + 1} ({es.monitor}={es.best:.4f})")
+        path = self.save_latest(run)
+        if self.preemption is not None and self.preemption.signum:
+            raise Interrupted(self.preemption.signum, path)
+
+    def _end_stage(self, run: RunState, index: int, stage: StageConfig, es: EarlyStopping) -> None:
+        """Restores the run's best weights if asked, records the stage, saves."""
         weights_from = "last epoch"
-        if es_cfg.restore_best_weights and es.best is not None:
-            best = ckpts.restore_best_weights()
-            if best is not None:
-                weights_from = f"{best['path']} (stage {stage.name}, epoch {es.best_epoch + 1})"
-        stage_hist = [h for h in state["history"] if h["stage"] == stage.name]
-        best_h = stage_hist[es.best_epoch] if (es.best is not None and es.best_epoch < len(stage_hist)) else None
-        final_val = trainer.evaluate(strategy.experimental_distribute_dataset(pipeline.val_dataset()))
-        state["stages"].append({
-            "name": stage.name, "unfreeze": stage.unfreeze, "epochs_run": len(stage_hist),
-            "epochs_max": stage.epochs, "lr": stage.lr,
-            "early_stopped": bool(state["stage_stopped"]),
-            "stopped_epoch": es.stopped_epoch if state["stage_stopped"] else None,
-            "best_epoch": es.best_epoch if es.best is not None else None,
-            "best_monitor_value": es.best, "best_val": best_h["val"] if best_h else None,
-            "final_val": final_val, "final_train": stage_hist[-1]["train"] if stage_hist else None,
-            "weights_from": weights_from,
-            "trainable_params": (records.get(stage.name) or {}).get("trainable_params"),
+        if es.restore_best_weights and run.best is not None:
+            path = self.ckpts.restore_best_weights()
+            if path is not None:
+                b = run.best
+                weights_from = f"{os.path.relpath(path, self.workdir)} (stage {b['stage']}, epoch {b['epoch'] + 1})"
+        final_val = prefixed("val", self._evaluate_images())
+        history = run.stage_history(stage.name)
+        run.stages.append({
+            "name": stage.name, "unfreeze": stage.unfreeze, "epochs_run": len(history),
+            "epochs_max": stage.epochs, "lr": stage.lr, "early_stopped": bool(run.stage_stopped),
+            "stopped_epoch": es.stopped_epoch if run.stage_stopped else None,
+            "best_epoch": es.best_epoch if es.best is not None else None, "best_monitor_value": es.best,
+            "final": final_val, "weights_from": weights_from,
         })
-        state.update(stage=si + 1, epoch=0, step_in_epoch=0, es=None, stage_start_step=None,
-                     stage_stopped=False, epoch_sums=[0.0] * NUM_SUMS)
-        save("latest")
+        run.next_stage()
+        if index == len(self.config.stages) - 1:
+            run.final, run.finished = final_val, True
+        self.save_latest(run)
 
-    # A resumed, already-finished run evaluates again so results are always fresh.
-    final_val = trainer.evaluate(strategy.experimental_distribute_dataset(pipeline.val_dataset()))
-    history = state["history"]
-    best_overall = max(history, key=lambda h: h["val"]["accuracy"]) if history else None
-    results = {
-        "final": {"val_" + k: v for k, v in final_val.items() if k != "count"},
-        "best": ({"val_" + k: v for k, v in best_overall["val"].items() if k != "count"}
-                 | {"stage": best_overall["stage"], "epoch": best_overall["epoch"]}) if best_overall else None,
-        "best_epoch": state["stages"][-1]["best_epoch"] if state["stages"] else None,
-        "early_stopping_fired": any(s["early_stopped"] for s in state["stages"]),
-        "final_weights_from": state["stages"][-1]["weights_from"] if state["stages"] else "last epoch",
-        "stages": state["stages"],
-        "epochs_run": len(history),
-        "wall_time_s": wall_before + time.time() - t_start,
-        "train_images_per_sec": state["train_images"] / max(state["train_seconds"], 1e-9),
-        "num_train": source.num_train, "num_val": source.num_val, "class_names": source.class_names,
-        "skipped_images": source.skipped,
-        "history": history,
-        "config": dataclasses.asdict(config),
-    }
-    if chief:
-        if cfg_t.export:
-            from research.export import export_run
-            # The final weights: the latest checkpoint (the best epoch's, with restore_best_weights).
-            export_run(workdir, checkpoint="latest", class_names=source.class_names)
-        _atomic_write_json(os.path.join(workdir, "results.json"), results)
-    else:
-        shutil.rmtree(scratch, ignore_errors=True)
-    summaries.flush()
-    return results
+
+class TrainingStream:
+    """One training iterator across epochs and stages.
+
+    The next epoch's batches are prepared while this one trains; the iterator is
+    rebuilt only when it would not deliver the wanted epoch next: at start, on
+    resume, and when switching to or from cached features.
+    """
+
+    def __init__(self, strategy, *, batches_per_epoch: int, accum: int):
+        self.strategy = strategy
+        self.batches_per_epoch = batches_per_epoch
+        self.accum = accum
+        self._at = None  # (kind, global epoch the iterator delivers next)
+        self._iterator = None
+
+    def iterator(self, source, kind: str, global_epoch: int, num_epochs: int, *, skip_steps: int):
+        if self._at != (kind, global_epoch):
+            ds = source.train_stream(global_epoch, num_epochs, batches_per_epoch=self.batches_per_epoch,
+                                     skip=skip_steps * self.accum)
+            self._iterator = iter(self.strategy.experimental_distribute_dataset(ds))
+            self._at = (kind, global_epoch)
+        return self._iterator
+
+    def epoch_done(self) -> None:
+        if self._at is not None:
+            self._at = (self._at[0], self._at[1] + 1)

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 
 from research import backbones
-from research.config import UserError
+from research.errors import UserError
 
 SPEC_HELP = "none, all, top:K, blocks:a,b,..., from:NAME, regex:PATTERN"
 
@@ -198,18 +198,12 @@ def apply_policy(model: keras.Model, backbone: str, selection: Selection) -> Non
             layer.trainable = block_of[layer.name] in chosen and any(id(v) in selected for v in layer.weights)
 
 
-def trainable_union(model: keras.Model, backbone: str, specs: list[str], *, train_bn: bool) -> list:
-    """Every variable any of `specs` can train, in model order: what the single
+def trainable_union(model: keras.Model, selections: list[Selection]) -> list:
+    """Every variable any of `selections` trains, in model order: what the single
     optimizer is built on, so its checkpoint layout never changes between stages."""
-    ids = set()
-    for spec in specs:
-        ids |= {id(v) for v in select(model, backbone, spec, train_bn=train_bn).variables}
-    ordered = []
-    base = backbones.base_of(model)
-    for v in list(base.weights) + head_variables(model):
-        if id(v) in ids and all(v is not o for o in ordered):
-            ordered.append(v)
-    return ordered
+    ids = {id(v) for sel in selections for v in sel.variables}
+    ordered = list(backbones.base_of(model).weights) + head_variables(model)
+    return [v for v in {id(v): v for v in ordered}.values() if id(v) in ids]
 
 
 def count_params(variables) -> int:
@@ -233,11 +227,20 @@ def describe(selection: Selection, model: keras.Model, *, stage: str) -> dict:
     }
 
 
-def summary_text(record: dict) -> str:
-    """A short Markdown summary for logs and TensorBoard."""
+def summary_text(record: dict, *, markdown: bool = True) -> str:
+    """A short summary: Markdown for TensorBoard, plain text for the terminal.
+
+    TensorBoard's text plugin joins lines without a blank line between them into
+    one paragraph, so the Markdown list is a proper list (blank line before it).
+    """
     blocks = ", ".join(record["blocks"]) or "(none: head only)"
+    if not markdown:
+        return (f"stage {record['key'] if 'key' in record else record['stage']}: spec {record['spec']}; "
+                f"unfrozen blocks: {blocks}; trainable params {record['trainable_params']:,}, "
+                f"frozen {record['frozen_params']:,}; BN layers training: {len(record['bn_trainable'])}")
     lines = [
         f"**stage {record['stage']}** spec `{record['spec']}`",
+        "",
         f"- unfrozen blocks: {blocks}",
         f"- trainable params: {record['trainable_params']:,}; frozen params: {record['frozen_params']:,}",
         f"- trainable variables: {record['num_variables']}; BN layers training: {len(record['bn_trainable'])}",

@@ -30,7 +30,7 @@ def test_registry_is_complete():
 @pytest.mark.parametrize("name", list(SIZES))
 def test_backbone_builds_and_trains_one_step(name):
     size = SIZES[name]
-    base = backbones.build_base(name, image_size=size, weights="none", alpha=0.25 if "mobilenet" in name else 1.0)
+    base = backbones.build_base(name, image_size=size, alpha=0.25 if "mobilenet" in name else 1.0)
     model = backbones.build_classifier(base, 3)
     assert backbones.blocks(base, name) == EXPECTED_BLOCKS[name]
     # Blocks are contiguous runs of layers in model order.

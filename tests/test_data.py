@@ -81,4 +81,4 @@ def test_tfds_source_end_to_end_with_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=40):
         res = train_lib.train_and_evaluate(cfg, str(tmp_path / "run"), verbose=False)
     assert res["class_names"] == ["dandelion", "daisy", "tulips"]
-    assert res["epochs_run"] == 1 and np.isfinite(res["final"]["val_loss"])
+    assert res["epochs_run"] == 1 and np.isfinite(res["final"]["val/loss"])

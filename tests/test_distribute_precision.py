@@ -98,10 +98,10 @@ def test_mirrored_two_cpu_replicas_match_one_device(tmp_path, one_device_run):
     two = tmp_path / "two"
     _run_and_compare(one_device_run, two, "--strategy=mirrored", "--cpu_devices=2", *COMMON)
     ra, rb = (json.loads((w / "results.json").read_text()) for w in (one_device_run, two))
-    assert abs(ra["final"]["val_accuracy"] - rb["final"]["val_accuracy"]) <= 0.02
+    assert abs(ra["final"]["val/accuracy"] - rb["final"]["val/accuracy"]) <= 0.02
     # It trained: one epoch of this from-scratch net is still near chance in accuracy
     # (0.2 to 0.5 depending on the data order), but its loss is below chance level, ln 5.
-    assert ra["final"]["val_loss"] < math.log(5)
+    assert ra["final"]["val/loss"] < math.log(5)
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", pytest.param("mixed_float16", marks=pytest.mark.slow)])
@@ -111,7 +111,7 @@ def test_mixed_precision_digits_run(tmp_path, precision):
     r = run_module("launch.train", f"--workdir={wd}", f"--precision={precision}", "--image_size=16", timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((wd / "results.json").read_text())
-    assert np.isfinite(res["final"]["val_loss"]) and res["final"]["val_accuracy"] >= 0.9, res["final"]
+    assert np.isfinite(res["final"]["val/loss"]) and res["final"]["val/accuracy"] >= 0.9, res["final"]
 
 
 def test_mirrored_default_digits_run_reaches_the_same_accuracy(tmp_path):
@@ -123,7 +123,7 @@ def test_mirrored_default_digits_run_reaches_the_same_accuracy(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         res = json.loads((tmp_path / name / "results.json").read_text())
         assert res["num_train"] + res["num_val"] == 1797
-        accs.append(res["final"]["val_accuracy"])
+        accs.append(res["final"]["val/accuracy"])
     assert abs(accs[0] - accs[1]) <= 0.02, accs
     assert min(accs) >= 0.95, accs
 

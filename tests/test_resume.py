@@ -123,43 +123,76 @@ def test_damaged_checkpoints_are_never_restored(tmp_path):
     _assert_bit_identical(ref / "ckpt", wd / "ckpt")
 
 
-def test_best_checkpoint_and_restore_best_weights(tmp_path):
-    wd = tmp_path / "best"
-    # train_bn so that BatchNorm statistics move and their restoration is visible; a high
-    # lr so that val accuracy is not monotonic.
-    args = ["--image_size=16", "--classes=0-4", "--finetune_epochs=6", "--lr=0.03", "--schedule=constant",
-            "--train_bn", "--checkpoint_keep=20", "--early_stopping", "--early_stopping_monitor=val/accuracy",
-            "--early_stopping_patience=10", "--restore_best_weights"]
+def _saves(wd):
+    """{save number: run state} of every checkpoint kept in ckpt/."""
+    out = {}
+    for index in (wd / "ckpt").glob("ckpt-*.index"):
+        path = str(index)[:-len(".index")]
+        reader = tf.train.load_checkpoint(path)
+        key = next(k for k in reader.get_variable_to_shape_map() if k.startswith("meta/"))
+        out[int(path.rsplit("-", 1)[1])] = json.loads(reader.get_tensor(key).decode())
+    return out
+
+
+def _model_weights(cfg, path):
+    from research import train as train_lib
+    model = train_lib.build(cfg, 10, tf.distribute.get_strategy()).model
+    tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
+    return {v.path: v.numpy().copy() for v in model.weights}
+
+
+# A head stage that learns, then a stage whose learning rate destroys the model: the
+# best epoch is in the first stage whatever happens in the second (it was overwritten
+# by the second stage's first epoch, and evaluate's default then scored a broken model).
+COLLAPSE = ["--image_size=16", "--checkpoint_keep=20", "--noexport",
+            "--stages=name=head unfreeze=all epochs=4 lr=3e-3 schedule=constant;"
+            "name=ft unfreeze=all epochs=2 lr=0.3 schedule=constant"]
+
+
+@pytest.mark.parametrize("restore", [False, True], ids=["keep-last", "restore-best"])
+def test_best_is_the_best_epoch_of_the_whole_run(tmp_path, restore):
+    wd = tmp_path / "run"
+    args = COLLAPSE + (["--restore_best_weights"] if restore else [])
     r = run_module("launch.train", f"--workdir={wd}", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((wd / "results.json").read_text())
-    best_epoch = res["stages"][0]["best_epoch"]
-    accs = [h["val"]["accuracy"] for h in res["history"]]
-    assert best_epoch == int(np.argmax(accs))  # Keras's rule: first epoch reaching the max
-    assert "best/ckpt-" in res["final_weights_from"]
+    losses = [h["val/loss"] for h in res["history"]]
+    best_g = int(np.argmin(losses))  # Keras's rule over the whole run: the first minimum of the monitor
+    assert res["best"]["global_epoch"] == res["best_epoch"] == best_g
+    assert res["best"]["stage"] == res["best_stage"] == "head", res["history"]
+    assert res["best"]["val/loss"] == losses[best_g]
+    assert res["best"]["val/accuracy"] == res["history"][best_g]["val/accuracy"] > 0.9
+    assert max(h["val/accuracy"] for h in res["history"][4:]) < 0.5  # the collapse happened
 
-    from research import train as train_lib
+    # best/ holds exactly the weights (BN statistics included) of the best epoch's end.
     from research.config import ExperimentConfig
     cfg = ExperimentConfig.from_dict(json.loads((wd / "config.json").read_text()))
-    model, _, _, _ = train_lib.build_model_and_optimizer(cfg, 5, tf.distribute.get_strategy())
-
-    def model_vars(path):
-        tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
-        return {v.path: v.numpy().copy() for v in model.weights}
-
-    best = model_vars(tf.train.latest_checkpoint(str(wd / "best")))
-    at_best_epoch = model_vars(str(wd / "ckpt" / f"ckpt-{best_epoch + 1}"))  # save k = end of epoch k
-    final = model_vars(tf.train.latest_checkpoint(str(wd / "ckpt")))
-    last_epoch = model_vars(str(wd / "ckpt" / f"ckpt-{len(accs)}"))
-    assert best.keys() == final.keys()
-    moving = [k for k in best if "moving" in k or "_bn" in k]
-    assert moving
+    saves = _saves(wd)
+    at_best = min(n for n, s in saves.items() if s["global_epoch"] == best_g + 1)
+    best = _model_weights(cfg, tf.train.latest_checkpoint(str(wd / "best")))
+    expected = _model_weights(cfg, str(wd / "ckpt" / f"ckpt-{at_best}"))
+    last_epoch = _model_weights(cfg, str(wd / "ckpt" / f"ckpt-{min(n for n, s in saves.items() if s['global_epoch'] == 6)}"))
+    assert best.keys() == expected.keys() and any("moving" in k for k in best)
     for k in best:
-        assert np.array_equal(best[k], at_best_epoch[k]), k
-        assert np.array_equal(final[k], best[k]), k
-    if best_epoch != len(accs) - 1:
-        assert any(not np.array_equal(last_epoch[k], best[k]) for k in moving)
-    assert res["final"]["val_accuracy"] == pytest.approx(max(accs), abs=1e-6)
+        assert np.array_equal(best[k], expected[k]), k
+    assert any(not np.array_equal(last_epoch[k], best[k]) for k in best)
+
+    # launch.evaluate's default checkpoint is that record: it reproduces its accuracy.
+    r = run_module("launch.evaluate", f"--workdir={wd}", "--name=default")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((wd / "eval" / "default.json").read_text())
+    assert report["accuracy"] == pytest.approx(res["best"]["val/accuracy"], abs=1e-9)
+    assert report["loss"] == pytest.approx(res["best"]["val/loss"], rel=1e-4)
+
+    final = _model_weights(cfg, tf.train.latest_checkpoint(str(wd / "ckpt")))
+    if restore:
+        # restore_best_weights ends the run on the best record, not on the second stage's best.
+        assert all(np.array_equal(final[k], best[k]) for k in best)
+        assert res["final"]["val/accuracy"] == pytest.approx(res["best"]["val/accuracy"], abs=1e-9)
+        assert res["final_weights_from"].startswith("best/ckpt-") and "stage head" in res["final_weights_from"]
+    else:
+        assert all(np.array_equal(final[k], last_epoch[k]) for k in best)
+        assert res["final"]["val/accuracy"] < 0.5 and res["final_weights_from"] == "last epoch"
 
 
 def test_disk_full_is_a_clear_error_and_keeps_previous_checkpoints(tmp_path, monkeypatch):

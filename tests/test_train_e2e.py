@@ -23,7 +23,7 @@ def test_smoke_tiny_run_writes_the_workdir_contract(tmp_path, tiny_folder):
     res = json.loads((wd / "results.json").read_text())
     assert [s["name"] for s in res["stages"]] == ["head", "finetune"]
     assert res["class_names"] == ["class 0", "class 1", "class 2"]
-    for key in ("final", "best", "best_epoch", "epochs_run", "wall_time_s", "train_images_per_sec"):
+    for key in ("final", "best", "best_epoch", "epochs_run", "wall_time_s", "images_per_second"):
         assert key in res
     assert res["epochs_run"] == 2
 
@@ -33,16 +33,17 @@ def test_smoke_tiny_run_writes_the_workdir_contract(tmp_path, tiny_folder):
     tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
     assert {"loss", "accuracy", "learning_rate", "images_per_second"} <= tags, tags
 
-    # Running again resumes (nothing left to do) and says so.
+    # Running a finished run again trains, exports and times nothing, and says so.
+    before = {p: p.stat().st_mtime_ns for p in [wd / "results.json", wd / "export" / "model.keras"]}
     r2 = run_module("launch.train", *args)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert "Resuming from" in r2.stdout
-    assert json.loads((wd / "results.json").read_text())["epochs_run"] == 2
+    assert "is finished" in r2.stdout and "--weights=ckpt:" in r2.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before
 
     # A different config on the same workdir is refused.
     r3 = run_module("launch.train", f"--workdir={wd}", f"--dataset=folder:{tiny_folder}", "--image_size=16",
                     "--batch_size=8", "--backbone=mobilenet", "--image_size=32", "--finetune_epochs=1")
-    assert r3.returncode == 2 and "different config" in r3.stderr and "model.backbone" in r3.stderr
+    assert r3.returncode == 2 and "different config" in r3.stderr and "model.backbone: 'small_cnn' -> 'mobilenet'" in r3.stderr
 
 
 def test_hymenoptera_mobilenet_head_only_then_finetune(tmp_path):

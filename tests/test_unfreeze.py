@@ -133,7 +133,8 @@ def test_second_stage_trains_newly_unfrozen_variables_and_keeps_slots_aligned(tm
     assert [s["name"] for s in res["stages"]] == ["head", "ft"]
 
     # Rebuild the run's model and optimizer and restore B's final checkpoint into them.
-    model, base, opt, _ = train_lib.build_model_and_optimizer(cfg, 5, tf.distribute.get_strategy())
+    built = train_lib.build(cfg, 5, tf.distribute.get_strategy())
+    model, base, opt = built.model, built.base, built.optimizer
     tf.train.Checkpoint(model=model, base=base, optimizer=opt, meta=tf.Variable("")).restore(
         tf.train.latest_checkpoint(str(run_b / "ckpt"))).assert_existing_objects_matched()
     init_ckpt = tf.train.Checkpoint(base=backbones.build_base("small_cnn", image_size=16))
@@ -207,3 +208,6 @@ def test_gradual_unfreezing_in_a_run_adds_one_block_per_period(tmp_path):
     assert [r["from_epoch"] for r in records] == [0, 1, 2]
     assert records[0]["trainable_params"] < records[1]["trainable_params"] < records[2]["trainable_params"]
     assert res["epochs_run"] == 3
+    # The stage reports its last, largest trainable set (it once reported null: records
+    # are keyed g/topN, the stage is g).
+    assert res["stages"][0]["trainable_params"] == records[2]["trainable_params"]

@@ -1,0 +1,150 @@
+"""The run state: everything the controller knows about a run, in one typed record.
+
+`RunState` is what a checkpoint's `meta` holds (serialised by `to_json` and
+read back by `from_json`, the only two places that know its format), and
+`results.json` and `trainable.json` are views of it (`results`,
+`trainable_records`). Nothing derived (the best record, a stage's trainable
+parameter count, the history) is stored twice.
+
+Metric names are the run's one vocabulary: `train/loss`, `train/accuracy`,
+`val/loss`, `val/accuracy`, `val/top5_accuracy`, `images_per_second`, ... in
+the history, `results.json`, the sweep tables, TensorBoard and the
+`--early_stopping_monitor` flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from research.loop import NUM_SUMS
+
+
+def prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
+    """`{"loss": 0.1}` -> `{"val/loss": 0.1}` (the count is not a metric)."""
+    return {f"{split}/{k}": v for k, v in metrics.items() if k != "count"}
+
+
+@dataclass
+class RunState:
+    """Where a run is and what it has seen.
+
+    Attributes:
+      stage / epoch / step_in_epoch: the position to resume at (0-based; epoch
+        counts within the stage).
+      global_epoch: epochs trained so far over all stages (seeds data order).
+      saves: latest-checkpoint counter (`ckpt/ckpt-<saves>`).
+      stage_start_step: optimizer step at which the current stage began.
+      stage_stopped: early stopping fired in the current stage.
+      early_stopping: the current stage's `EarlyStopping.state()`.
+      epoch_sums: running metric sums of the current epoch.
+      best: the best epoch of the whole run by the monitor, the one `best/`
+        holds: `{"stage", "stage_index", "epoch", "global_epoch", "monitor",
+        "value", "checkpoint", <metrics>}`.
+      history: one record per epoch: `{"stage", "epoch", "global_epoch",
+        "step", <metrics>}`.
+      stages: one record per finished stage.
+      trainable: one record per trainable set (a stage, or each step of a
+        gradual stage): the `trainable.json` entries.
+      final: metrics of the final weights, once the run is finished.
+      finished: every stage ran.
+      data: what the data looked like (`num_train`, `num_val`, `class_names`,
+        `skipped_images`).
+      config_changes: configs changed on resume with `--allow_config_change`:
+        `{"global_epoch", "changed"}`.
+      train_images / train_seconds / wall_seconds: throughput and time counters.
+      seed_states: dropout random-generator states (not checkpointable objects).
+    """
+
+    stage: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_epoch: int = 0
+    saves: int = 0
+    stage_start_step: int | None = None
+    stage_stopped: bool = False
+    early_stopping: dict | None = None
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0] * NUM_SUMS)
+    best: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)
+    trainable: list[dict] = field(default_factory=list)
+    final: dict | None = None
+    finished: bool = False
+    data: dict = field(default_factory=dict)
+    config_changes: list[dict] = field(default_factory=list)
+    train_images: float = 0.0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    seed_states: list = field(default_factory=list)
+
+    # -- serialisation: the only two functions that know the format --------------
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), default=_json_default)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunState":
+        d = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    # -- transitions ------------------------------------------------------------
+
+    def next_epoch(self, early_stopping: dict) -> None:
+        self.epoch += 1
+        self.global_epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_sums = [0.0] * NUM_SUMS
+        self.early_stopping = early_stopping
+
+    def next_stage(self) -> None:
+        self.stage += 1
+        self.epoch = self.step_in_epoch = 0
+        self.early_stopping = self.stage_start_step = None
+        self.stage_stopped = False
+        self.epoch_sums = [0.0] * NUM_SUMS
+
+    # -- views ------------------------------------------------------------------
+
+    def stage_history(self, name: str) -> list[dict]:
+        return [h for h in self.history if h["stage"] == name]
+
+    def trainable_params(self, stage: str) -> int | None:
+        """The stage's trainable parameters (a gradual stage: its last, largest set)."""
+        counts = [r["trainable_params"] for r in self.trainable if r["stage"] == stage]
+        return counts[-1] if counts else None
+
+    def images_per_second(self) -> float:
+        return self.train_images / max(self.train_seconds, 1e-9)
+
+    def results(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The `results.json` view."""
+        best = self.best
+        return {
+            "final": self.final,
+            "best": best,
+            "best_epoch": best["global_epoch"] if best else None,
+            "best_stage": best["stage"] if best else None,
+            "early_stopping_fired": any(s["early_stopped"] for s in self.stages),
+            "final_weights_from": self.stages[-1]["weights_from"] if self.stages else "last epoch",
+            "stages": [dict(s, trainable_params=self.trainable_params(s["name"])) for s in self.stages],
+            "epochs_run": len(self.history),
+            "wall_time_s": self.wall_seconds,
+            "images_per_second": self.images_per_second(),
+            **self.data,
+            "config_changes": self.config_changes,
+            "history": self.history,
+            "config": config,
+        }
+
+
+def _json_default(o):
+    import numpy as np
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
