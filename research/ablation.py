@@ -403,6 +403,20 @@ def run_sweep(root: str, sweep_items: list[str], train_flags: list[str], make_co
     return rows
 
 
+def transfer_plan(train_flags: list[str], make_config: MakeConfig) -> tuple[ExperimentConfig, int]:
+    """The config the study's flags give, and its backbone's number of blocks.
+
+    The backbone is read from the config `launch.train` would build, whatever
+    the flag syntax (`--backbone=X` or `--backbone X`).
+    """
+    from research import backbones
+
+    cfg = make_config(train_flags)
+    entry = backbones.get(cfg.model.backbone)
+    base = backbones.build_base(cfg.model.backbone, image_size=max(entry.min_size, 16), alpha=cfg.model.alpha)
+    return cfg, len(backbones.blocks(base, cfg.model.backbone))
+
+
 def run_transfer_study(root: str, train_flags: list[str], make_config: MakeConfig, *, seeds: list[str],
                        classes_a: str, classes_b: str, epochs: int, parallel: int = 1, rerun: bool = False,
                        log=print) -> tuple[list[dict], dict]:
@@ -414,13 +428,8 @@ def run_transfer_study(root: str, train_flags: list[str], make_config: MakeConfi
     Raises:
       UserError: invalid flags, or stale trials without `rerun`.
     """
-    from research import backbones
-
     flags_ = [f"--finetune_epochs={epochs}", *train_flags]
-    cfg = make_config(flags_)  # the backbone as launch.train reads it, whatever the flag syntax
-    entry = backbones.get(cfg.model.backbone)
-    base = backbones.build_base(cfg.model.backbone, image_size=max(entry.min_size, 16), alpha=cfg.model.alpha)
-    num_blocks = len(backbones.blocks(base, cfg.model.backbone))
+    cfg, num_blocks = transfer_plan(flags_, make_config)
     bases, transfers = transfer_trials(root, num_blocks=num_blocks, classes_a=classes_a, classes_b=classes_b,
                                        seeds=seeds, base_flags=flags_)
     trials = bases + transfers

@@ -94,7 +94,9 @@ class Checkpoints:
         paths = list(state.all_model_checkpoint_paths) if state else []
         for path in reversed(paths):
             if not os.path.isabs(path):
-                path = os.path.join(self.restore_dir, path)
+                # Relative entries are as the saving process named them (relative to
+                # its working directory); the files are always in this directory.
+                path = os.path.join(self.restore_dir, os.path.basename(path))
             try:
                 self.full.restore(path).assert_existing_objects_matched()
             except Exception as e:  # noqa: BLE001  damaged files raise OpError, IndexError, ValueError...

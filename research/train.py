@@ -250,6 +250,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
       checkpoints.StorageError: the workdir could not be written.
     """
     config = validate(config)
+    workdir = os.path.abspath(workdir)
     strategy = distribute.setup(config.train)
     chief = distribute.is_chief(strategy)
     changes = _changes_on_resume(workdir, config, allow_config_change)
@@ -288,7 +289,7 @@ class Controller:
         self.scratch = None if chief else tempfile.mkdtemp(prefix="worker_ckpt_")
         self.ckpts = checkpoints.Checkpoints(workdir, model=built.model, base=built.base, optimizer=built.optimizer,
                                              keep=t.checkpoint_keep, scratch_dir=self.scratch)
-        self.summaries = Summaries(workdir, enabled=chief)
+        self.summaries: Summaries | None = None  # opened by `start`: nothing is written before the init succeeds
         self.seed_vars = _seed_variables(built.model)
         self.stream = TrainingStream(strategy, batches_per_epoch=self.steps_per_epoch * self.accum, accum=self.accum)
         self._features: FeatureCache | None = None
@@ -323,6 +324,7 @@ class Controller:
 
     def start(self, run: RunState, resumed_from: str | None, changes: list[str]) -> None:
         """Records what the run starts from, and the config it runs with."""
+        self.summaries = Summaries(self.workdir, enabled=self.chief)
         if resumed_from:
             for v, value in zip(self.seed_vars, run.seed_states):
                 v.assign(np.asarray(value, dtype=v.dtype))

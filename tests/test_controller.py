@@ -1,0 +1,233 @@
+"""The controller's seams: user errors leave no trace, resume never needs the init source,
+one source of defaults, the workdir lock, config changes, paths, file modes, reported
+metrics against an independent evaluation."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, run_module
+
+SMALL = ["--image_size=16", "--classes=0-4", "--batch_size=32", "--noexport"]
+
+
+def _results(wd):
+    return json.loads((wd / "results.json").read_text())
+
+
+# --- 1. a user error writes nothing -----------------------------------------------------------
+
+def test_a_user_error_leaves_the_workdir_usable(tmp_path):
+    wd = tmp_path / "run"
+    r = run_module("launch.train", f"--workdir={wd}", *SMALL, "--epochs=1", "--unfreeze=top:9")
+    assert r.returncode == 2 and "valid blocks of small_cnn" in r.stderr, r.stderr[-2000:]
+    assert not wd.exists()  # nothing written: not even the directory
+    # The corrected command in the same workdir runs (it was refused as "a different config").
+    r = run_module("launch.train", f"--workdir={wd}", *SMALL, "--epochs=1", "--unfreeze=top:2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _results(wd)["stages"][0]["unfreeze"] == "top:2"
+
+
+def test_bad_flags_are_reported_before_tensorflow_is_imported():
+    code = ("import sys\nfrom launch.train import config_from_args\nfrom research.errors import UserError\n"
+            "for args in (['--lr=-1'], ['--unfreeze=top2'], ['--dataset=folder:/nonexistent'], ['--head_epochs=-1'],"
+            " ['--alpha=0.5'], ['--epochs=2', '--head_epochs=1'], ['--warmup_epochs=3', '--epochs=2']):\n"
+            "    try:\n        config_from_args(args)\n        print('accepted', args)\n"
+            "    except UserError as e:\n        print('error', e)\n"
+            "print('tensorflow imported:', 'tensorflow' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "tensorflow imported: False"
+    assert not any(line.startswith("accepted") for line in lines), lines
+    assert "lr=-1.0 must be a finite number > 0" in r.stdout
+    assert "--head_epochs=-1 must be >= 0" in r.stdout
+    assert "backbone 'small_cnn' has no width multiplier" in r.stdout
+    assert "warmup_epochs=3.0 must be in [0, epochs=2]" in r.stdout
+
+
+# --- 3. resume never reads the init source ----------------------------------------------------
+
+class _StopAfterFirstSave:
+    """A Preemption stand-in: 'signals' once the run has saved its first checkpoint."""
+
+    def __init__(self, wd):
+        self.wd = wd
+
+    @property
+    def signum(self):
+        return signal.SIGTERM if (self.wd / "ckpt" / "checkpoint").exists() else 0
+
+
+@pytest.mark.parametrize("source", ["ckpt", "file"])
+def test_resume_never_reads_the_init_source(tmp_path, source):
+    from research import backbones, train as train_lib
+    from research.config import DataConfig, ExperimentConfig, ModelConfig, StageConfig, TrainConfig
+
+    def cfg(weights, epochs):
+        return ExperimentConfig(data=DataConfig(image_size=16, classes="0-4"),
+                                model=ModelConfig(weights=weights), train=TrainConfig(export=False),
+                                stages=(StageConfig(epochs=epochs),))
+
+    if source == "ckpt":
+        init = tmp_path / "A"
+        train_lib.train_and_evaluate(cfg("none", 1), str(init), verbose=False)
+        weights = f"ckpt:{init}"
+    else:
+        init = tmp_path / "base.weights.h5"
+        backbones.build_base("small_cnn", image_size=16).save_weights(str(init))
+        weights = str(init)
+    wd = tmp_path / "B"
+    with pytest.raises(train_lib.Interrupted):
+        train_lib.train_and_evaluate(cfg(weights, 3), str(wd), verbose=False, preemption=_StopAfterFirstSave(wd))
+    shutil.rmtree(init) if init.is_dir() else init.unlink()
+    res = train_lib.train_and_evaluate(cfg(weights, 3), str(wd), verbose=False)
+    assert res["epochs_run"] == 3
+    # A new run from the missing source is still a clear user error.
+    with pytest.raises(train_lib.UserError, match="no checkpoint in|no such file"):
+        train_lib.train_and_evaluate(cfg(weights, 3), str(tmp_path / "C"), verbose=False)
+    assert not (tmp_path / "C").exists()
+
+
+# --- 5. one source of defaults, --epochs, presets ----------------------------------------------
+
+def test_flags_and_the_library_share_their_defaults():
+    from launch.train import config_from_args
+    from research import distribute
+    from research.config import ExperimentConfig, validate
+
+    assert config_from_args([]) == validate(ExperimentConfig())  # the Quickstart run, either way
+    one = config_from_args(["--epochs=3"])
+    assert len(one.stages) == 1 and one.stages[0].epochs == 3 and one.stages[0].name == "train"
+    assert config_from_args(["--backbone", "mobilenet", "--alpha", "0.25"]).model.backbone == "mobilenet"
+    preset = config_from_args(["--preset=ants_top2", "--head_epochs=1", "--weights=none"])
+    assert [(s.name, s.unfreeze, s.epochs, s.lr) for s in preset.stages] == [("head", "none", 1, 3e-3),
+                                                                             ("finetune", "top:2", 8, 1e-4)]
+    assert preset.model.alpha == 0.25 and preset.data.dataset.startswith("folder:/")
+    assert preset.train.jit_compile == "auto" and distribute.use_xla("auto") is False  # no GPU here
+
+
+# --- 6. the transfer study reads the backbone as launch.train does -----------------------------
+
+def test_transfer_study_counts_the_blocks_of_the_backbone_given():
+    from launch.train import config_from_args
+    from research import ablation
+
+    # `--backbone mobilenet` (space-separated) once silently counted small_cnn's 3 blocks.
+    cfg, n = ablation.transfer_plan(["--backbone", "mobilenet", "--alpha", "0.25"], config_from_args)
+    assert cfg.model.backbone == "mobilenet" and n == 14
+    assert ablation.transfer_plan([], config_from_args)[1] == 3
+
+
+# --- issue 13: the workdir lock, finished runs, paths, file modes ------------------------------
+
+def test_a_second_process_in_the_same_workdir_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    wd = tmp_path / "run"
+    args = [f"--workdir={wd}", "--image_size=48", "--classes=0-4", "--batch_size=8", "--noexport", "--epochs=12",
+            "--steps_per_loop=1"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    first = subprocess.Popen([sys.executable, "-m", "launch.train", *args], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (wd / "ckpt" / "checkpoint").exists():
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    second = run_module("launch.train", *args)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use by pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    third = run_module("launch.train", *args)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "Resuming from" in third.stdout
+
+
+def test_finished_runs_paths_and_file_modes(tmp_path, tiny_folder):
+    """A finished run is not re-trained or re-recorded under a changed config; paths are
+    stored resolved; every file is as readable as the umask allows."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    rel = os.path.relpath(tiny_folder, work)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+
+    def train(*args):
+        return subprocess.run([sys.executable, "-m", "launch.train", "--workdir=run", "--image_size=16",
+                               "--batch_size=8", *args], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=600, preexec_fn=lambda: os.umask(0o022))
+
+    r = train(f"--dataset=folder:{rel}", "--epochs=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    wd = work / "run"
+    config = json.loads((wd / "config.json").read_text())
+    assert config["data"]["dataset"] == f"folder:{tiny_folder}"  # resolved, absolute
+    for root, _, files in os.walk(wd):
+        for f in files:
+            mode = os.stat(os.path.join(root, f)).st_mode & 0o777
+            assert mode & 0o044 == 0o044, (os.path.join(root, f), oct(mode))
+
+    # The same data by its absolute path is the same config: the run is finished.
+    r = train(f"--dataset=folder:{tiny_folder}", "--epochs=1")
+    assert r.returncode == 0 and "is finished" in r.stdout, r.stderr[-2000:]
+    # More epochs on a finished run: refused, and config.json still says what ran.
+    before = (wd / "config.json").read_bytes()
+    r = train(f"--dataset=folder:{tiny_folder}", "--epochs=2", "--allow_config_change")
+    assert r.returncode == 2 and "is finished" in r.stderr and "stages.0.epochs: 1 -> 2" in r.stderr
+    assert (wd / "config.json").read_bytes() == before
+    # Only --data_threads changed: not a config change.
+    r = train(f"--dataset=folder:{tiny_folder}", "--epochs=1", "--data_threads=1")
+    assert r.returncode == 0 and "is finished" in r.stdout, r.stderr[-2000:]
+
+
+def test_allow_config_change_resumes_an_unfinished_run_and_records_it(tmp_path):
+    from research import train as train_lib
+    from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
+
+    def cfg(lr):
+        return ExperimentConfig(data=DataConfig(image_size=16, classes="0-4"), train=TrainConfig(export=False),
+                                stages=(StageConfig(epochs=3, lr=lr),))
+
+    wd = tmp_path / "run"
+    with pytest.raises(train_lib.Interrupted):
+        train_lib.train_and_evaluate(cfg(1e-3), str(wd), verbose=False, preemption=_StopAfterFirstSave(wd))
+    with pytest.raises(train_lib.UserError, match=r"different config; changed: stages.0.lr: 0.001 -> 0.0005"):
+        train_lib.train_and_evaluate(cfg(5e-4), str(wd), verbose=False)
+    res = train_lib.train_and_evaluate(cfg(5e-4), str(wd), verbose=False, allow_config_change=True)
+    assert res["epochs_run"] == 3
+    assert res["config_changes"] == [{"global_epoch": 1, "changed": ["stages.0.lr: 0.001 -> 0.0005"]}]
+    assert json.loads((wd / "config.json").read_text())["stages"][0]["lr"] == 5e-4
+
+
+# --- the reported metrics against an independent evaluation --------------------------------------
+
+def test_reported_metrics_equal_an_independent_evaluation(tmp_path):
+    """results.json's final val/accuracy and val/loss, computed by the loop's in-graph sums,
+    equal launch.evaluate's numpy computation on the same checkpoint and split."""
+    wd = tmp_path / "run"
+    r = run_module("launch.train", f"--workdir={wd}", "--image_size=16", "--epochs=3", "--noexport")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = _results(wd)
+    r = run_module("launch.evaluate", f"--workdir={wd}", "--checkpoint=latest", "--name=final")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((wd / "eval" / "final.json").read_text())
+    assert report["num_examples"] == res["num_val"] == 359
+    assert res["final"]["val/accuracy"] == pytest.approx(report["accuracy"], abs=1e-9)
+    assert res["final"]["val/loss"] == pytest.approx(report["loss"], rel=1e-5)
+    assert res["final"]["val/top5_accuracy"] == pytest.approx(report["top5_accuracy"], abs=1e-9)
+    assert 0.5 < report["accuracy"] < 1.0  # a real, non-trivial number
+    # The last epoch's history record is the same evaluation of the same weights.
+    assert res["history"][-1]["val/accuracy"] == res["final"]["val/accuracy"]
+    assert np.isfinite(res["history"][-1]["train/loss"])
+
+
+def test_itstime_fires_on_multiples_and_always_on_the_last_step():
+    from research.train import itstime
+    assert [s for s in range(1, 11) if itstime(s, 3, 10)] == [3, 6, 9, 10]
+    assert [s for s in range(1, 11) if itstime(s, 3)] == [3, 6, 9]
+    assert not any(itstime(s, 0, 10) for s in range(1, 11))  # 0 disables, even at the end
