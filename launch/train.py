@@ -173,9 +173,14 @@ def config_from_args(args: list[str]) -> C.ExperimentConfig:
     fv = flags.FlagValues()
     define_flags(fv)
     try:
-        fv(["launch.train", *args])
+        rest = fv(["launch.train", *args], known_only=True)[1:]
     except flags.Error as e:
         raise C.UserError(str(e)) from None
+    # absl's own flags (--verbosity, --logtostderr, ...) are the process's, not the config's.
+    for arg in rest:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if not arg.startswith("-") or (name not in flags.FLAGS and name.removeprefix("no") not in flags.FLAGS):
+            raise C.UserError(f"unknown launch.train flag or argument {arg!r}")
     return config_from_flags(fv)
 
 

@@ -72,12 +72,41 @@ def test_killed_sweep_resumes_without_recomputing(sweep_root):
 
 
 def test_failed_trial_is_recorded_and_others_run(tmp_path):
-    r = run_module("launch.ablate", f"--root={tmp_path}", "--sweep=unfreeze:none,from:nope", "--",
-                   *TRAIN[:-2], "--finetune_epochs=1")
+    # A learning rate that diverges: valid flags, a run that fails (non-finite loss, exit 3).
+    r = run_module("launch.ablate", f"--root={tmp_path}", "--sweep=lr:1e-3,1e12", "--",
+                   *TRAIN[:-2], "--finetune_epochs=1", "--optimizer=sgd")
     assert r.returncode == 1
-    rows = {row["unfreeze"]: row for row in csv.DictReader(open(tmp_path / "results.csv"))}
-    assert rows["none"]["status"] == "done"
-    assert rows["from:nope"]["status"] == "failed" and "unknown block 'nope'" in rows["from:nope"]["error"]
+    rows = {row["lr"]: row for row in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert rows["1e-3"]["status"] == "done"
+    assert rows["1e12"]["status"] == "failed" and "non-finite training loss" in rows["1e12"]["error"]
+
+
+def test_invalid_sweep_values_are_refused_before_any_trial_runs(tmp_path):
+    # Split on commas, the third value is the bare block name `block3`; an unknown block
+    # needs the backbone's block list, which is checked up front too.
+    for sweep, message in (("--sweep=unfreeze:top:1,blocks:block2,block3", "unfreeze spec 'block3' is not valid"),
+                           ("--sweep=unfreeze:none,from:nope", "unknown block 'nope'")):
+        r = run_module("launch.ablate", f"--root={tmp_path}", sweep, "--", *TRAIN)
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+        assert not (tmp_path / "trials").exists() or not any((tmp_path / "trials").iterdir())
+
+
+def test_a_finished_trial_is_reused_only_with_the_same_config(tmp_path):
+    args = [f"--root={tmp_path}", "--sweep=unfreeze:none", "--", *TRAIN[:-2], "--finetune_epochs=1"]
+    assert run_module("launch.ablate", *args).returncode == 0
+    results = tmp_path / "trials" / "unfreeze-none" / "results.json"
+    mtime = results.stat().st_mtime_ns
+    again = run_module("launch.ablate", *args)  # same flags: skipped, nothing recomputed
+    assert again.returncode == 0 and results.stat().st_mtime_ns == mtime
+    changed = args[:-1] + ["--finetune_epochs=2"]
+    r = run_module("launch.ablate", *changed)
+    assert r.returncode == 2 and "stages.0.epochs: 1 -> 2" in r.stderr and "--rerun" in r.stderr, r.stderr[-2000:]
+    assert results.stat().st_mtime_ns == mtime
+    r = run_module("launch.ablate", changed[0], "--rerun", *changed[1:])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(results.read_text())["epochs_run"] == 2
+    assert list(csv.DictReader(open(tmp_path / "results.csv")))[0]["epochs"] == "2"
 
 
 def _free_port():
@@ -136,7 +165,7 @@ def _transfer_summary(root):
     rows = list(csv.DictReader(open(root / "results.csv")))
     acc = {}
     for r in rows:
-        acc.setdefault((r["condition"], int(r["n"])), []).append(float(r["final_val_accuracy"]))
+        acc.setdefault((r["condition"], int(r["n"])), []).append(float(r["val/accuracy"]))
     return {k: sum(v) / len(v) for k, v in acc.items()}, rows
 
 
