@@ -3,7 +3,7 @@
 Ratios (medians of interleaved repeats, with both medians and every sample):
 loop_vs_fit, loop_vs_fit_matched, pipeline_vs_ceiling, feature_cache_speedup,
 steps_per_loop_speedup, and memory. See docs/BENCHMARKS.md for results.
-With --profile_dir: tf.profiler traces and op tables instead (see `research.benchmark.profile`).
+With --profile_dir: tf.profiler traces and op tables instead (see `benchmarks.measure.profile`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ flags.DEFINE_string("profile_dir", "", "Instead of measuring: write tf.profiler 
 def main(argv):
     del argv
     import tensorflow as tf
-    from research import benchmark as B
+    from benchmarks import measure as B
 
     folder = F.images
     shared = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",

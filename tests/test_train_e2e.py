@@ -47,33 +47,31 @@ def test_smoke_tiny_run_writes_the_workdir_contract(tmp_path, tiny_folder):
 
 
 def test_hymenoptera_mobilenet_head_only_then_finetune(tmp_path):
-    """Real photos (ants vs bees), ImageNet MobileNet-0.25 from the weights file.
+    """Real photos (ants vs bees), ImageNet MobileNet-0.25 from the weights file: the
+    `ants_top2` preset (8 head epochs, then top:2 for 8 epochs at 1e-4, BatchNorm frozen).
 
-    Head only reaches val accuracy >= 0.80; fine-tuning top:2 with BatchNorm frozen
-    (the default) then reaches at least the head-only accuracy at its best epoch
-    (the one best/ keeps) and ends within 0.03 of it (5 of 153 images: epoch-to-epoch
-    noise on this validation set).
+    Head only reaches val/accuracy >= 0.80; the final weights after fine-tuning are at
+    least as good as the head stage's final weights. One seed: measured 0.824 -> 0.856
+    (seed 0), a margin of 5 of the 153 images.
     """
     folder = shared_path("hymenoptera")
     weights = shared_path("weights", "mobilenet_2_5_224_tf_no_top.h5")
     wd = tmp_path / "ants"
-    r = run_module("launch.train", f"--workdir={wd}", f"--dataset=folder:{folder}", "--backbone=mobilenet",
-                   "--alpha=0.25", f"--weights={weights}", "--image_size=224", "--batch_size=16",
-                   "--horizontal_flip", "--head_epochs=8", "--lr=3e-3", "--unfreeze=top:2",
-                   "--finetune_epochs=4", "--finetune_lr=1e-4", timeout=900)
+    r = run_module("launch.train", f"--workdir={wd}", "--preset=ants_top2", f"--dataset=folder:{folder}",
+                   f"--weights={weights}", "--noexport", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((wd / "results.json").read_text())
     assert res["num_train"] == 244 and res["num_val"] == 153
     head, finetune = res["stages"]
-    assert head["final_val"]["accuracy"] >= 0.80, head
-    assert finetune["best_val"]["accuracy"] >= head["final_val"]["accuracy"], (head, finetune)
-    assert finetune["final_val"]["accuracy"] >= head["final_val"]["accuracy"] - 0.03, (head, finetune)
+    assert head["final"]["val/accuracy"] >= 0.80, head
+    assert finetune["final"]["val/accuracy"] >= head["final"]["val/accuracy"], (head, finetune)
+    assert res["final"] == finetune["final"]
     trainable = json.loads((wd / "trainable.json").read_text())
     assert trainable[1]["blocks"] == ["conv_dw_12", "conv_dw_13"] and trainable[1]["bn_trainable"] == []
 
-    # Evaluating the best checkpoint reproduces the accuracy recorded for it.
+    # Evaluating the best checkpoint (evaluate's default) reproduces the accuracy recorded for it.
     r = run_module("launch.evaluate", f"--workdir={wd}", "--name=best")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((wd / "eval" / "best.json").read_text())
     assert report["num_examples"] == 153
-    assert report["accuracy"] == pytest.approx(res["stages"][-1]["best_val"]["accuracy"], abs=1e-9)
+    assert report["accuracy"] == pytest.approx(res["best"]["val/accuracy"], abs=1e-9)

@@ -279,7 +279,7 @@ def memory(*, epochs: int, extra_flags: list[str]) -> dict:
         except psutil.NoSuchProcess:
             break
         peak = max(peak, rss)
-        m = re.search(r"val_loss [\d.]+ +val_accuracy", line)
+        m = re.search(r"val/loss [\d.]+ +val/accuracy", line)
         if m:
             at_epoch_end[len(at_epoch_end) + 1] = rss
     proc.wait()

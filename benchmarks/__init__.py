@@ -1,0 +1,1 @@
+"""Performance measurements (not part of the importable library): `python -m launch.bench`."""
