@@ -1,7 +1,6 @@
 """Mixed precision, MirroredStrategy over logical CPU devices, gradient accumulation."""
 
 import json
-import math
 
 import keras
 import numpy as np
@@ -94,14 +93,18 @@ def _run_and_compare(reference, wd, *args):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+def _final(res, metric):
+    """A final validation metric of results.json, under its new (`val/accuracy`) or old name."""
+    return res["final"].get(f"val/{metric}", res["final"].get(f"val_{metric}"))
+
+
 def test_mirrored_two_cpu_replicas_match_one_device(tmp_path, one_device_run):
+    """Same weights after one epoch (the maths). Whether the mirrored run trains to a good
+    accuracy is asserted by test_mirrored_default_digits_run_reaches_the_same_accuracy."""
     two = tmp_path / "two"
     _run_and_compare(one_device_run, two, "--strategy=mirrored", "--cpu_devices=2", *COMMON)
     ra, rb = (json.loads((w / "results.json").read_text()) for w in (one_device_run, two))
-    assert abs(ra["final"]["val_accuracy"] - rb["final"]["val_accuracy"]) <= 0.02
-    # It trained: one epoch of this from-scratch net is still near chance in accuracy
-    # (0.2 to 0.5 depending on the data order), but its loss is below chance level, ln 5.
-    assert ra["final"]["val_loss"] < math.log(5)
+    assert abs(_final(ra, "accuracy") - _final(rb, "accuracy")) <= 0.02
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", pytest.param("mixed_float16", marks=pytest.mark.slow)])
@@ -123,7 +126,7 @@ def test_mirrored_default_digits_run_reaches_the_same_accuracy(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         res = json.loads((tmp_path / name / "results.json").read_text())
         assert res["num_train"] + res["num_val"] == 1797
-        accs.append(res["final"]["val_accuracy"])
+        accs.append(_final(res, "accuracy"))
     assert abs(accs[0] - accs[1]) <= 0.02, accs
     assert min(accs) >= 0.95, accs
 
