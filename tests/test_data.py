@@ -82,3 +82,25 @@ def test_tfds_source_end_to_end_with_mock_data(tmp_path):
         res = train_lib.train_and_evaluate(cfg, str(tmp_path / "run"), verbose=False)
     assert res["class_names"] == ["dandelion", "daisy", "tulips"]
     assert res["epochs_run"] == 1 and np.isfinite(res["final"]["val/loss"])
+
+
+def test_unaugmented_order_changes_with_epoch_and_seed():
+    """The shuffle itself is seeded by (seed, epoch): without augmentation, epochs 3 and 4
+    of one seed, and epoch 3 of seeds 0 and 1, see the examples in different orders
+    (not only differently augmented images). Each example is identified by its pixels."""
+    src = data.load_source(DataConfig(dataset="digits", image_size=8, batch_size=64), 8)
+
+    def order(epoch, seed=0):
+        p = data.Pipeline(src, batch_size=64, preprocess=lambda x: x, augment=AugmentConfig(), seed=seed)
+        xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in p.train_stream(epoch, 1, augment=False)])
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        return [hash(row.tobytes()) for row in x.astype(np.uint8)], y
+
+    (a, ya), (b, yb), (c, yc) = order(3), order(4), order(3, seed=1)
+    assert order(3)[0] == a  # reproducible
+    assert len(a) == len(b) == len(c) == (src.num_train // 64) * 64
+    assert len(set(a)) > 0.95 * len(a)  # the digits are (nearly) all distinct images
+    for other, y_other, what in ((b, yb, "epoch 4"), (c, yc, "seed 1")):
+        same_place = np.mean(np.array(a) == np.array(other))
+        assert same_place < 0.05, f"{what}: {same_place:.0%} of examples at the same position as epoch 3 seed 0"
+        assert not np.array_equal(ya, y_other), what

@@ -1,7 +1,6 @@
 """Mixed precision, MirroredStrategy over logical CPU devices, gradient accumulation."""
 
 import json
-import math
 
 import keras
 import numpy as np
@@ -95,13 +94,12 @@ def _run_and_compare(reference, wd, *args):
 
 
 def test_mirrored_two_cpu_replicas_match_one_device(tmp_path, one_device_run):
+    """Same weights after one epoch (the maths). Whether the mirrored run trains to a good
+    accuracy is asserted by test_mirrored_default_digits_run_reaches_the_same_accuracy."""
     two = tmp_path / "two"
     _run_and_compare(one_device_run, two, "--strategy=mirrored", "--cpu_devices=2", *COMMON)
     ra, rb = (json.loads((w / "results.json").read_text()) for w in (one_device_run, two))
     assert abs(ra["final"]["val/accuracy"] - rb["final"]["val/accuracy"]) <= 0.02
-    # It trained: one epoch of this from-scratch net is still near chance in accuracy
-    # (0.2 to 0.5 depending on the data order), but its loss is below chance level, ln 5.
-    assert ra["final"]["val/loss"] < math.log(5)
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", pytest.param("mixed_float16", marks=pytest.mark.slow)])

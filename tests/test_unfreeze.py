@@ -211,3 +211,79 @@ def test_gradual_unfreezing_in_a_run_adds_one_block_per_period(tmp_path):
     # The stage reports its last, largest trainable set (it once reported null: records
     # are keyed g/topN, the stage is g).
     assert res["stages"][0]["trainable_params"] == records[2]["trainable_params"]
+
+
+# Runs in a fresh interpreter: the CPU must be split into 2 logical devices before
+# TensorFlow initialises, which this pytest process has already done.
+_MIRRORED_LAYERWISE = r"""
+import sys
+import numpy as np
+import tensorflow as tf
+from research import distribute
+distribute.split_cpu(2)
+import keras
+from research import backbones, unfreeze
+from research.config import TrainConfig
+from research.loop import Trainer
+from research.optim import build_optimizer
+from tests.test_unfreeze import _tiny_data
+
+name, out = sys.argv[1], sys.argv[2]
+lr = {"sgd": 0.1, "adam": 1e-2}[name]  # large enough that block3 moves far beyond the tolerance
+strategy = distribute.make_strategy("mirrored")
+assert strategy.num_replicas_in_sync == 2, strategy.num_replicas_in_sync
+cfg = TrainConfig(optimizer=name)
+keras.utils.set_random_seed(0)
+with strategy.scope():
+    ours = backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 3, dropout=0.0)
+    sel = unfreeze.select(ours, "small_cnn", "top:1", lr_decay_per_block=1.0)
+    unfreeze.apply_policy(ours, "small_cnn", sel)
+    opt = build_optimizer(cfg, lr)
+    opt.build(sel.variables)
+ref = backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 3, dropout=0.0)
+ref.set_weights(ours.get_weights())
+ref_sel = unfreeze.select(ref, "small_cnn", "top:1")
+unfreeze.apply_policy(ref, "small_cnn", ref_sel)
+init = [w.copy() for w in ref.get_weights()]
+
+t = Trainer(ours, opt, strategy=strategy)
+t.set_trainable(sel.variables, {"block3_conv/kernel": 0.5})
+t.train(iter(strategy.experimental_distribute_dataset(_tiny_data())), 3)
+
+# Reference on one device: block3 alone at lr*0.5 and the head at lr, two optimizers.
+ref_vars = ref_sel.variables
+assert [v.path for v in ref_vars] == ["block3_conv/kernel", "head/kernel", "head/bias"]
+o_body, o_head = build_optimizer(cfg, lr * 0.5), build_optimizer(cfg, lr)
+o_body.build(ref_vars[:1]); o_head.build(ref_vars[1:])
+it = iter(_tiny_data())
+loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+for _ in range(3):
+    x, y = next(it)
+    with tf.GradientTape() as tape:
+        l = loss(y, ref(x, training=True))
+    g = tape.gradient(l, ref_vars)
+    o_body.apply(g[:1], ref_vars[:1]); o_head.apply(g[1:], ref_vars[1:])
+np.savez(out, paths=np.array([v.path for v in ref.weights]), init=np.array(init, dtype=object),
+         ref=np.array(ref.get_weights(), dtype=object), ours=np.array(ours.get_weights(), dtype=object),
+         iterations=int(opt.iterations.numpy()))
+"""
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_layerwise_lr_equals_scaled_learning_rate_on_two_mirrored_replicas(tmp_path, name):
+    """The same equality as above through `_rescale_updates`'s multi-replica branch
+    (merge_call), on MirroredStrategy over 2 logical CPU devices, global batch 16."""
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    out = tmp_path / "w.npz"
+    r = subprocess.run([sys.executable, "-c", _MIRRORED_LAYERWISE, name, str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(__import__("os").environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    w = np.load(out, allow_pickle=True)
+    assert int(w["iterations"]) == 3
+    body = list(w["paths"]).index("block3_conv/kernel")
+    # The scaled variable moved by much more than the tolerance, so a wrong multiplier shows.
+    assert np.abs(w["ours"][body] - w["init"][body]).max() > 5e-4
+    for path, a, b in zip(w["paths"], w["ref"], w["ours"]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=f"{name} {path}")
