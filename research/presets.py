@@ -45,8 +45,8 @@ def features() -> dict[str, Any]:
         python -m launch.train --workdir=runs/ants_features --preset=features \\
             --weights=../shared/data/weights/mobilenet_2_5_224_tf_no_top.h5
 
-    20 head-only epochs on cached features, ~25 s on 2 CPU cores (most of it the one
-    pass of the base): val/accuracy ~0.83 on ants/bees, the linear-probe reference.
+    20 head-only epochs on cached features, 25 s on 2 CPU cores (most of it start-up and
+    the one pass of the base): val/accuracy 0.863 on ants/bees (seed 0).
     """
     return dict(MOBILENET_025, dataset=ANTS, cache_features=True, finetune_epochs=20, unfreeze="none",
                 lr=3e-3, schedule="constant")
@@ -59,7 +59,8 @@ def lp_ft() -> dict[str, Any]:
             --weights=../shared/data/weights/mobilenet_2_5_224_tf_no_top.h5
 
     Fine-tuning from a trained head distorts the pretrained features less than
-    from a random one. 10 + 5 epochs, ~3 min on 2 CPU cores on ants/bees.
+    from a random one. 10 + 5 epochs, 76 s on 2 CPU cores: val/accuracy 0.876 on
+    ants/bees (seed 0).
     """
     return dict(MOBILENET_025, dataset=ANTS, horizontal_flip=True, head_epochs=10, lr=3e-3,
                 unfreeze="all", finetune_epochs=5, finetune_lr=3e-5)

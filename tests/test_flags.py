@@ -94,9 +94,9 @@ def _histogram_tags(acc) -> set:
 
 
 def test_histogram_every_epochs_writes_histograms_at_exactly_those_epochs(tmp_path):
-    """Two stages of 2 + 3 epochs, histograms every 2 epochs of the run: after global
-    epochs 2 (the head stage's last: its 2 variables) and 4 (fine-tuning: every
-    trainable variable), none after 1, 3 or 5."""
+    """Two stages of 2 + 3 epochs, histograms every 2 epochs of the run and at its last
+    (the cadence rule, `itstime`): after global epochs 2 (the head stage's last: its 2
+    variables), 4 and 5 (fine-tuning: every trainable variable), none after 1 or 3."""
     wd = tmp_path / "hist"
     r = run_module("launch.train", f"--workdir={wd}", "--image_size=16", "--classes=0-2", "--noexport",
                    "--histogram_every_epochs=2",
@@ -114,7 +114,8 @@ def test_histogram_every_epochs_writes_histograms_at_exactly_those_epochs(tmp_pa
     head = {v.path for v in unfreeze.head_variables(model)}
     every = set(unfreeze.select(model, "small_cnn", "all").paths)
     assert head == {"head/kernel", "head/bias"} and len(every) > len(head)
-    assert by_step == {epoch_ends[1]: head, epoch_ends[3]: every}, {s: sorted(t) for s, t in by_step.items()}
+    assert by_step == {epoch_ends[1]: head, epoch_ends[3]: every, epoch_ends[4]: every}, \
+        {s: sorted(t) for s, t in by_step.items()}
     for tag in hist_tags:  # real histograms of the weights: buckets holding every element
         t = tf.make_ndarray(train.Tensors(tag)[-1].tensor_proto)
         assert t.ndim == 2 and t.shape[1] == 3 and t[:, 2].sum() > 0, tag
