@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import warnings  # noqa: E402
+
 from absl import flags  # noqa: E402
+
+# Printed once per distributed dataset, about TF's own implementation; nothing to act on.
+warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
 
 # Exit statuses other tools rely on.
 EXIT_USER_ERROR = 2
@@ -32,3 +40,36 @@ def parse_flags_or_exit(argv):
 def die(message: str, status: int) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+# Start-up lines TensorFlow 2.21's C++ side prints before absl logging is initialised,
+# whatever TF_CPP_MIN_LOG_LEVEL says (tensorflow issue 100442): informational on a
+# machine without CUDA, and printed by every command.
+_STARTUP_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} .*\] .*|E\d{4} .*cuda_platform\.cc:\d+\] failed call to cuInit.*"
+    r"|To enable the following instructions: .*)$")
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_startup():
+    """Imports TensorFlow (and initialises its devices inside the block) without the
+    start-up noise; any other line written to stderr meanwhile is shown as written."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") == "0":  # asked for everything
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            for line in buf.read().decode(errors="replace").splitlines():
+                if line.strip() and not _STARTUP_NOISE.match(line):
+                    print(line, file=sys.stderr)

@@ -194,11 +194,18 @@ def main(argv):
     except C.UserError as e:  # before TensorFlow is imported: a bad flag costs well under a second
         common.die(str(e), common.EXIT_USER_ERROR)
 
-    from research import checkpoints, distribute
-    from research import train as train_lib
     from research.config import UserError
+    with common.quiet_tensorflow_startup():
+        from research import distribute
+        try:
+            distribute.split_cpu(F.cpu_devices)
+        except UserError as e:
+            common.die(str(e), common.EXIT_USER_ERROR)
+        if config.train.strategy != "multi_worker":  # its collectives need an uninitialised context
+            distribute.list_devices()
+    from research import checkpoints
+    from research import train as train_lib
     try:
-        distribute.split_cpu(F.cpu_devices)
         with train_lib.Preemption() as preemption:
             results = train_lib.train_and_evaluate(config, F.workdir, allow_config_change=F.allow_config_change,
                                                    preemption=preemption)

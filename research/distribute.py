@@ -30,6 +30,11 @@ def split_cpu(n: int) -> None:
             raise UserError(f"--cpu_devices={n}: TensorFlow was initialised before the CPU could be split")
 
 
+def list_devices() -> list:
+    """Initialises TensorFlow's devices (after `split_cpu`) and lists them."""
+    return tf.config.list_logical_devices()
+
+
 def make_strategy(name: str, *, collective_timeout: float = 0.0) -> tf.distribute.Strategy:
     """Returns the strategy for `--strategy`.
 

@@ -212,6 +212,13 @@ def test_reported_metrics_equal_an_independent_evaluation(tmp_path):
     wd = tmp_path / "run"
     r = run_module("launch.train", f"--workdir={wd}", "--image_size=16", "--epochs=3", "--noexport")
     assert r.returncode == 0, r.stderr[-2000:]
+    # A redirected log is plain text that starts by saying what runs, and has no start-up noise.
+    assert "\x1b" not in r.stdout + r.stderr and "\r" not in r.stdout + r.stderr
+    first = r.stdout.splitlines()[:2]
+    assert first[0] == "data: digits: 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9); 1438 training and 359 " \
+                       "validation images at 16x16 px", first
+    assert first[1].startswith("model: small_cnn (weights none); default strategy on CPU:0, float32"), first
+    assert "absl::InitializeLog" not in r.stderr and "cuInit" not in r.stderr, r.stderr[-2000:]
     res = _results(wd)
     r = run_module("launch.evaluate", f"--workdir={wd}", "--checkpoint=latest", "--name=final")
     assert r.returncode == 0, r.stderr[-2000:]
