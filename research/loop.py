@@ -148,6 +148,10 @@ class Trainer:
                 sums += s
             return sums, first_bad
 
+        # A fresh function per trainable set is the design (see the module docstring),
+        # so TF's "frequent retracing" warning, which counts traces across functions,
+        # would fire at every step of gradual unfreezing for nothing.
+        train_fn._omit_frequent_tracing_warning = True
         return train_fn
 
     def train(self, iterator, num_steps: int) -> tuple[np.ndarray, int]:
