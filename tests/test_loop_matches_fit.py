@@ -44,7 +44,7 @@ def test_one_epoch_equals_model_fit(opt, train_bn):
     ref.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
 
     schedule = StageSchedule()
-    schedule.set_stage(StageConfig(lr=lr, epochs=1), start_step=0, steps_per_epoch=8)
+    schedule.set_stage(StageConfig(lr=lr, epochs=1, schedule="constant"), start_step=0, steps_per_epoch=8)
     optimizer = build_optimizer(cfg, schedule)
     optimizer.build(sel.variables)
     trainer = Trainer(ours, optimizer, strategy=tf.distribute.get_strategy())
