@@ -240,9 +240,20 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
     import tensorflow_datasets as tfds
     name = cfg.dataset[len("tfds:"):]
     try:
+        # A name with no builder code but prepared files under data_dir/NAME/VERSION/
+        # (a dataset prepared elsewhere) loads from those files: tfds.builder falls back.
         builder = tfds.builder(name, data_dir=cfg.data_dir)
         builder.download_and_prepare()
-    except Exception as e:  # unknown names, no network, bad data_dir
+    except ImportError as e:
+        # An installation problem, not a data one (issue 13: importlib_resources).
+        raise UserError(f"--dataset=tfds:{name}: TFDS needs the Python module {e.name or str(e)!r}, which is not "
+                        f"installed; reinstall this project's dependencies (pip install -e .)") from None
+    except tfds.core.registered.DatasetNotFoundError:
+        where = f"--data_dir={cfg.data_dir}" if cfg.data_dir else "TFDS's default data_dir"
+        raise UserError(f"--dataset=tfds:{name}: no such TFDS dataset, and no prepared copy in {where} "
+                        f"(expected {name}/VERSION/dataset_info.json there); check the name in the TFDS "
+                        "catalog or pass the --data_dir it was prepared into") from None
+    except Exception as e:  # no network, bad data_dir, a failing builder
         raise UserError(f"--dataset=tfds:{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     info = builder.info
     keys = list(info.features.keys()) if hasattr(info.features, "keys") else []
