@@ -1,10 +1,13 @@
 """Evaluates a run: `python -m launch.evaluate --workdir=DIR [--dataset=...] [--split=val] [--checkpoint=best]`.
 
 Writes DIR/eval/<name>.json (loss, accuracy, top-5, per-class precision/recall/F1,
-confusion matrix), DIR/eval/<name>_confusion.png and a TensorBoard image in DIR/eval.
+confusion matrix, skipped images), DIR/eval/<name>_confusion.png and a TensorBoard
+image in DIR/eval. Another folder without train/val sub-folders is scored whole.
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags
 
@@ -14,9 +17,11 @@ F = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run to evaluate.")
 flags.DEFINE_string("dataset", None, "Another dataset with the same classes (default: the run's own).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-flags.DEFINE_string("split", "val", "val | train (TFDS: also any split name, e.g. test).")
+flags.DEFINE_string("split", None, "val | train | all (TFDS: val or any split name, e.g. test). Default: all "
+                    "for a --dataset folder without train/val sub-folders, else val.")
 flags.DEFINE_string("checkpoint", "best", "best | latest | a checkpoint path.")
 flags.DEFINE_string("name", None, "Report name (default: from dataset and split).")
+flags.DEFINE_bool("skip_bad_images", False, "Leave out unreadable images (listed in the report) instead of failing.")
 
 
 def main(argv):
@@ -27,12 +32,15 @@ def main(argv):
     from research.evaluate import evaluate_run
     try:
         r = evaluate_run(F.workdir, dataset=F.dataset, split=F.split, checkpoint=F.checkpoint, name=F.name,
-                         data_dir=F.data_dir)
+                         data_dir=F.data_dir, skip_bad_images=F.skip_bad_images)
     except UserError as e:
         common.die(str(e), common.EXIT_USER_ERROR)
     top5 = f"  top5 {r['top5_accuracy']:.4f}" if "top5_accuracy" in r else ""
     print(f"{r['dataset']} [{r['split']}] {r['num_examples']} images: accuracy {r['accuracy']:.4f}  "
           f"loss {r['loss']:.4f}{top5}  macro F1 {r['macro_f1']:.4f}  ({r['checkpoint']})")
+    if r["skipped_images"]:
+        print(f"skipped {len(r['skipped_images'])} unreadable image(s), e.g. {r['skipped_images'][0]}",
+              file=sys.stderr)
     print(f"report: {F.workdir}/eval/")
 
 

@@ -19,6 +19,7 @@ it: resume needs no iterator state in the checkpoint.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import re
 import time
@@ -26,11 +27,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from research import augment as augment_lib
+from research import images as images_lib
 from research.config import AugmentConfig, DataConfig, UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_EXTENSIONS = images_lib.IMAGE_EXTENSIONS
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -45,6 +48,7 @@ class Source:
     class_names: list[str]
     image_size: int
     skipped: list[str] = field(default_factory=list)
+    skipped_by_split: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -97,8 +101,7 @@ def _show(names: list[str], n: int = 20) -> str:
 # --- Sources -------------------------------------------------------------------------
 
 def _resize_uint8(image, size: int):
-    image = tf.image.resize(tf.cast(image, tf.float32), [size, size], antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    return tf.cast(images_lib.resize(image, size), tf.uint8)
 
 
 def _from_arrays(images: np.ndarray, labels: np.ndarray, size: int) -> tf.data.Dataset:
@@ -140,14 +143,21 @@ def _list_class_folder(root: str) -> tuple[list[str], list[list[str]]]:
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if len(classes) < 2:
         raise UserError(f"folder {root!r} must hold one sub-folder per class (at least 2); found {len(classes)}")
-    files = []
+    files, ignored = [], []
     for c in classes:
         cdir = os.path.join(root, c)
-        fs = sorted(os.path.join(cdir, f) for f in os.listdir(cdir)
-                    if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(cdir, f)))
+        names = [f for f in os.listdir(cdir) if os.path.isfile(os.path.join(cdir, f))]
+        fs = sorted(os.path.join(cdir, f) for f in names if images_lib.has_image_extension(f))
+        ignored += [os.path.join(cdir, f) for f in names
+                    if not images_lib.has_image_extension(f) and not f.startswith(".")]  # .DS_Store & co.
         if not fs:
             raise UserError(f"class folder {cdir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         files.append(fs)
+    if ignored:
+        # Said, not silent: a class of HEIC phone photos would otherwise just shrink.
+        kinds = sorted({os.path.splitext(p)[1].lower() or "no extension" for p in ignored})
+        logging.warning("ignored %d file(s) in %s that are not %s images (%s), e.g. %s", len(ignored), root,
+                        "/".join(e[1:].upper() for e in IMAGE_EXTENSIONS), ", ".join(kinds), ignored[0])
     return classes, files
 
 
@@ -156,6 +166,12 @@ def _readable(path: str) -> str | None:
     from PIL import Image
     try:
         with Image.open(path) as im:
+            if im.format == "WEBP" and getattr(im, "is_animated", False):
+                # TF decodes animated WebP only as RGBA (and crashed on channels=0).
+                return "animated WebP is not supported; save its first frame as a still image"
+            # A JPEG is checked at 1/8 scale: every byte is still decoded (truncation
+            # is caught) but a giant photo needs 1/64 of the memory and time.
+            im.draft(None, (1, 1))
             im.load()  # a full decode: verify() misses truncated JPEGs
             if im.width < 1 or im.height < 1:
                 return "empty image"
@@ -186,10 +202,8 @@ def check_images(paths: list[str], *, skip_bad: bool) -> tuple[list[str], list[s
 
 
 def _decode_file(path, label, size: int):
-    raw = tf.io.read_file(path)
-    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return _resize_uint8(image, size), label
+    # EXIF orientation and giant-JPEG downscaling as at predict and serving time.
+    return _resize_uint8(images_lib.decode(tf.io.read_file(path), size), size), label
 
 
 def _files_dataset(paths: list[str], labels: list[int], size: int) -> tf.data.Dataset:
@@ -197,14 +211,41 @@ def _files_dataset(paths: list[str], labels: list[int], size: int) -> tf.data.Da
     return ds.map(lambda p, y: _decode_file(p, y, size), num_parallel_calls=AUTOTUNE)
 
 
+def folder_split_dirs(path: str) -> tuple[str, str] | None:
+    """The (train, val) sub-folder names of a folder dataset, or None if it has no such split.
+
+    `val` may also be spelled `validation`, in any case.
+    """
+    sub = {d.lower(): d for d in os.listdir(path)}
+    val_dir = sub.get("val") or sub.get("validation")
+    return (sub["train"], val_dir) if "train" in sub and val_dir else None
+
+
+def class_names(cfg: DataConfig) -> list[str]:
+    """Every class name of the configured dataset, in label order, ignoring `cfg.classes`.
+
+    A folder's classes are its sub-folder names: no image is opened.
+
+    Raises:
+      UserError: as `load_source`.
+    """
+    if cfg.dataset.startswith("folder:"):
+        path = cfg.dataset[len("folder:"):]
+        if not os.path.isdir(path):
+            raise UserError(f"--dataset=folder:{path}: no such directory")
+        dirs = folder_split_dirs(path)
+        return _list_class_folder(os.path.join(path, dirs[0]) if dirs else path)[0]
+    return load_source(dataclasses.replace(cfg, classes="", batch_size=1), 1).class_names
+
+
 def load_folder_source(cfg: DataConfig, size: int) -> Source:
     path = cfg.dataset[len("folder:"):]
     if not os.path.isdir(path):
         raise UserError(f"--dataset=folder:{path}: no such directory")
-    sub = {d.lower(): d for d in os.listdir(path)}
-    val_dir = sub.get("val") or sub.get("validation")
-    if "train" in sub and val_dir:
-        names, train_files = _list_class_folder(os.path.join(path, sub["train"]))
+    dirs = folder_split_dirs(path)
+    if dirs:
+        train_dir, val_dir = dirs
+        names, train_files = _list_class_folder(os.path.join(path, train_dir))
         val_names, val_files = _list_class_folder(os.path.join(path, val_dir))
         if val_names != names:
             raise UserError(f"class folders differ between train and {val_dir}: {names} vs {val_names}")
@@ -221,28 +262,40 @@ def load_folder_source(cfg: DataConfig, size: int) -> Source:
                 per_class[labels[i]].append(flat[i])
             splits[key] = per_class
     keep = parse_classes(cfg.classes, names)
-    out, skipped = {}, []
+    out, skipped = {}, {}
     for key, per_class in splits.items():
         paths = [p for new, c in enumerate(keep) for p in per_class[c]]
         labels = [new for new, c in enumerate(keep) for _ in per_class[c]]
         good, bad = check_images(paths, skip_bad=cfg.skip_bad_images)
-        skipped += bad
+        skipped[key] = bad
         good_set = set(good)
         labels = [y for p, y in zip(paths, labels) if p in good_set]
         if not good:
             raise UserError(f"no readable images in the {key} split of {path!r}")
         out[key] = (good, labels)
     return Source(_files_dataset(*out["train"], size), _files_dataset(*out["val"], size),
-                  len(out["train"][0]), len(out["val"][0]), [names[k] for k in keep], size, skipped)
+                  len(out["train"][0]), len(out["val"][0]), [names[k] for k in keep], size,
+                  skipped["train"] + skipped["val"], skipped)
 
 
 def load_tfds_source(cfg: DataConfig, size: int) -> Source:
     import tensorflow_datasets as tfds
     name = cfg.dataset[len("tfds:"):]
     try:
+        # A name with no builder code but prepared files under data_dir/NAME/VERSION/
+        # (a dataset prepared elsewhere) loads from those files: tfds.builder falls back.
         builder = tfds.builder(name, data_dir=cfg.data_dir)
         builder.download_and_prepare()
-    except Exception as e:  # unknown names, no network, bad data_dir
+    except ImportError as e:
+        # An installation problem, not a data one (issue 13: importlib_resources).
+        raise UserError(f"--dataset=tfds:{name}: TFDS needs the Python module {e.name or str(e)!r}, which is not "
+                        f"installed; reinstall this project's dependencies (pip install -e .)") from None
+    except tfds.core.registered.DatasetNotFoundError:
+        where = f"--data_dir={cfg.data_dir}" if cfg.data_dir else "TFDS's default data_dir"
+        raise UserError(f"--dataset=tfds:{name}: no such TFDS dataset, and no prepared copy in {where} "
+                        f"(expected {name}/VERSION/dataset_info.json there); check the name in the TFDS "
+                        "catalog or pass the --data_dir it was prepared into") from None
+    except Exception as e:  # no network, bad data_dir, a failing builder
         raise UserError(f"--dataset=tfds:{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     info = builder.info
     keys = list(info.features.keys()) if hasattr(info.features, "keys") else []

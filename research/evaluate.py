@@ -1,9 +1,9 @@
 """Evaluating a finished run on any split or dataset: metrics, confusion matrix, figure.
 
 `evaluate_run(workdir, ...)` writes `eval/<name>.json` (loss, accuracy, top-5
-accuracy with more than 5 classes, per-class precision/recall/F1, the
-confusion matrix), `eval/<name>_confusion.png`, and the same figure as a
-TensorBoard image in `eval/`.
+accuracy with more than 5 classes, per-class precision/recall/F1 and the
+confusion matrix from scikit-learn, the images skipped as unreadable),
+`eval/<name>_confusion.png`, and the same figure as a TensorBoard image in `eval/`.
 """
 
 from __future__ import annotations
@@ -15,24 +15,19 @@ import os
 
 import numpy as np
 import tensorflow as tf
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from research import backbones, data
-from research.config import UserError
-from research.export import load_run
+from research.checkpoints import load_run
+from research.errors import UserError
 
 
-def per_class_metrics(confusion: np.ndarray, class_names: list[str]) -> list[dict]:
-    """Precision, recall, F1 and support per class from a confusion matrix (rows = true)."""
-    out = []
-    for i, name in enumerate(class_names):
-        tp = float(confusion[i, i])
-        predicted = float(confusion[:, i].sum())
-        actual = float(confusion[i, :].sum())
-        p = tp / predicted if predicted else 0.0
-        r = tp / actual if actual else 0.0
-        out.append({"class": name, "precision": p, "recall": r,
-                    "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": int(actual)})
-    return out
+def per_class_metrics(labels: np.ndarray, pred: np.ndarray, class_names: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support per class (scikit-learn; 0 where undefined)."""
+    p, r, f1, support = precision_recall_fscore_support(labels, pred, labels=np.arange(len(class_names)),
+                                                        zero_division=0)
+    return [{"class": name, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
+             "support": int(support[i])} for i, name in enumerate(class_names)]
 
 
 def confusion_figure(confusion: np.ndarray, class_names: list[str], title: str) -> bytes:
@@ -70,36 +65,61 @@ def predict_dataset(model, ds) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(logits).astype(np.float64), np.concatenate(labels)
 
 
-def evaluate_run(workdir: str, *, dataset: str | None = None, split: str = "val", checkpoint: str = "best",
-                 name: str | None = None, data_dir: str | None = None) -> dict:
+def _whole_folder(dataset: str, own: str) -> bool:
+    """True for another folder dataset without train/val sub-folders: it is evaluated whole.
+
+    The run's own flat folder is not: its whole includes the images it trained on.
+    """
+    if not dataset.startswith("folder:"):
+        return False
+    path = dataset[len("folder:"):]
+    if not os.path.isdir(path) or data.folder_split_dirs(path) is not None:
+        return False
+    return not (own.startswith("folder:") and os.path.realpath(own[len("folder:"):]) == os.path.realpath(path))
+
+
+def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None = None, checkpoint: str = "best",
+                 name: str | None = None, data_dir: str | None = None, skip_bad_images: bool = False) -> dict:
     """Evaluates a run's checkpoint.
 
     Args:
       workdir: the run.
       dataset: another source (`folder:PATH`, `tfds:NAME`, `digits`) with the
         same class names; None means the run's own dataset.
-      split: `val` or `train` of the source (for TFDS, `val` may also be any
-        split name such as `test`).
+      split: `val`, `train` or `all` (both) of the source; for TFDS, `val` may
+        also be any split name such as `test`. None: `all` for another folder
+        without train/val sub-folders (every image is scored), else `val`.
       checkpoint: `best`, `latest` or a checkpoint path.
       name: the report's name (default: derived from dataset and split).
+      data_dir: TFDS data directory of `dataset`.
+      skip_bad_images: leave out unreadable images (listed in the report's
+        `skipped_images`) instead of failing.
 
     Raises:
-      UserError: no run, a bad checkpoint, or class names that differ.
+      UserError: no run, a bad checkpoint, a bad split, an unreadable image, or
+        class names that differ.
     """
     config, model, class_names, path = load_run(workdir, checkpoint=checkpoint)
     entry = backbones.get(config.model.backbone)
     size = model.input_shape[1]
     cfg = config.data
-    if split not in ("val", "train") and not (dataset or cfg.dataset).startswith("tfds:"):
-        raise UserError(f"--split={split!r} is not valid for this dataset; allowed values: val, train")
+    source_name = dataset or cfg.dataset
+    if split is None:
+        split = "all" if dataset and _whole_folder(dataset, cfg.dataset) else "val"
+    if source_name.startswith("tfds:"):
+        if split == "all":
+            raise UserError(f"--split=all is for folder and digits datasets; name a split of {source_name} "
+                            "instead, e.g. --split=test")
+    elif split not in ("val", "train", "all"):
+        raise UserError(f"--split={split!r} is not valid for this dataset; allowed values: val, train, all")
+    cfg = dataclasses.replace(cfg, skip_bad_images=skip_bad_images or cfg.skip_bad_images)
     if dataset:
         cfg = dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir or cfg.data_dir)
-    if split not in ("val", "train"):
+    if split not in ("val", "train", "all"):
         cfg = dataclasses.replace(cfg, val_split=split)
     if dataset:
         # Another source: take its classes by the run's names, so indices line up.
-        probe = dataclasses.replace(cfg, classes="", batch_size=1)
-        other = data.load_source(probe, size).class_names
+        other = data.class_names(cfg)
         missing = [c for c in class_names if c not in other]
         extra = [c for c in other if c not in class_names]
         if missing or extra:
@@ -109,22 +129,28 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str = "val"
     source = data.load_source(dataclasses.replace(cfg, batch_size=1), size)
     if source.class_names != class_names:
         raise UserError(f"class names differ: {source.class_names} vs the run's {class_names}")
-    split_ds = source.val if split != "train" else source.train
+    if split == "train":
+        parts, split_ds = ["train"], source.train
+    elif split == "all":  # every image: a split-less folder's train and val slices together
+        parts, split_ds = ["train", "val"], source.train.concatenate(source.val)
+    else:
+        parts, split_ds = ["val"], source.val
+    skipped = [p for part in parts for p in source.skipped_by_split.get(part, [])]
     ds = split_ds.batch(64).map(lambda x, y: (entry.preprocess(tf.cast(x, tf.float32)), y))
     logits, labels = predict_dataset(model, ds)
     k = len(class_names)
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     pred = logits.argmax(axis=1)
-    confusion = np.zeros((k, k), np.int64)
-    np.add.at(confusion, (labels, pred), 1)
+    confusion = confusion_matrix(labels, pred, labels=np.arange(k))
     report = {
         "workdir": workdir, "checkpoint": path, "dataset": cfg.dataset, "split": split,
         "num_examples": int(len(labels)), "class_names": class_names,
         "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
         "accuracy": float((pred == labels).mean()),
-        "per_class": per_class_metrics(confusion, class_names),
+        "per_class": per_class_metrics(labels, pred, class_names),
         "confusion_matrix": confusion.tolist(),
+        "skipped_images": skipped,
     }
     if k > 5:
         top5 = np.argsort(-logits, axis=1)[:, :5]

@@ -5,10 +5,17 @@
                   class probabilities out; standard Keras layers only, so
                   `keras.models.load_model` needs no custom code
   saved_model/    a TF SavedModel with two signatures: `serving_default` takes a
-                  batch of encoded images (JPEG/PNG/BMP/GIF bytes) and
+                  batch of encoded images (JPEG/PNG/BMP/GIF/WebP bytes) and
                   `predict_float` a float batch in [0, 255]; both return
                   `probabilities` (and `serving_default` also `classes`)
   labels.json     class names, input size, backbone, the checkpoint exported
+
+`serving_default` decodes in-graph with `research.images.decode_and_resize`, the
+decode training used: a JPEG's EXIF orientation is applied (read by TF ops, so the
+SavedModel needs no Python) and giant JPEGs are decoded at a reduced scale.
+`predict_float` and `model.keras` take pixels: their caller decodes, and should
+turn photos upright first (e.g. `PIL.ImageOps.exif_transpose`), as
+`launch.predict` does by decoding with the same function.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from research import backbones
+from research import images as images_lib
 from research.checkpoints import load_run
 from research.errors import UserError
 
@@ -65,11 +73,11 @@ def inference_model(model: keras.Model, backbone: str) -> keras.Model:
 
 
 def decode_and_resize(data: tf.Tensor, size: int) -> tf.Tensor:
-    """Encoded image bytes -> float32 [size, size, 3] in [0, 255], as in training."""
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    image = tf.image.resize(tf.cast(image, tf.float32), [size, size], antialias=True)
-    return tf.clip_by_value(tf.round(image), 0.0, 255.0)
+    """Encoded image bytes -> float32 [size, size, 3] in [0, 255], as in training.
+
+    Upright by the JPEG's EXIF orientation; see `research.images.decode`.
+    """
+    return images_lib.decode_and_resize(data, size)
 
 
 def export_run(workdir: str, *, checkpoint: str = "latest", out_dir: str | None = None,
@@ -113,7 +121,8 @@ def _export(workdir, checkpoint, out_dir, class_names):
                          input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     archive.write_out(os.path.join(out_dir, "saved_model"), verbose=False)
     meta = {"class_names": class_names, "image_size": size, "backbone": config.model.backbone,
-            "checkpoint": path, "input": "RGB pixels in [0, 255], resized to image_size (antialiased bilinear)"}
+            "checkpoint": path, "input": "RGB pixels in [0, 255], upright (EXIF orientation applied), "
+            "resized to image_size (antialiased bilinear)"}
     with open(os.path.join(out_dir, "labels.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta

@@ -1,4 +1,4 @@
-"""Data sources: class subsets, folder splits, TFDS (through tfds.testing.mock_data), augmentation."""
+"""Data sources: class subsets, folder splits, augmentation (TFDS: tests/test_tfds.py)."""
 
 import numpy as np
 import pytest
@@ -68,20 +68,6 @@ def test_one_stream_over_epochs_equals_the_epochs_built_alone():
     assert np.array_equal(xs, x[(n + 5) * 64:])
     _, yt = arrays(p.train_stream(2, 2, batches_per_epoch=n - 1))  # gradient accumulation remainder
     assert np.array_equal(yt, np.concatenate([y[:(n - 1) * 64], y[n * 64:(2 * n - 1) * 64]]))
-
-
-def test_tfds_source_end_to_end_with_mock_data(tmp_path):
-    """The tfds: path (users download for real; here TFDS's own mock generates the examples)."""
-    import tensorflow_datasets as tfds
-    from research import train as train_lib
-    from research.config import ExperimentConfig, ModelConfig, StageConfig, TrainConfig
-    cfg = ExperimentConfig(data=DataConfig(dataset="tfds:tf_flowers", image_size=32, batch_size=8, classes="0-2"),
-                           model=ModelConfig(), train=TrainConfig(export=False),
-                           stages=(StageConfig(epochs=1),))
-    with tfds.testing.mock_data(num_examples=40):
-        res = train_lib.train_and_evaluate(cfg, str(tmp_path / "run"), verbose=False)
-    assert res["class_names"] == ["dandelion", "daisy", "tulips"]
-    assert res["epochs_run"] == 1 and np.isfinite(res["final"]["val/loss"])
 
 
 def test_unaugmented_order_changes_with_epoch_and_seed():

@@ -1,0 +1,176 @@
+"""One decode everywhere (research/images.py): EXIF orientation, WebP, giant JPEGs, plain error messages."""
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image, ImageOps
+
+from research import data, images
+from research.config import DataConfig, UserError
+
+
+def _pattern(h: int = 24, w: int = 40) -> np.ndarray:
+    """An image that no flip or rotation maps onto itself."""
+    rng = np.random.RandomState(h * w)
+    x = np.zeros((h, w, 3), np.uint8)
+    x[..., 0] = np.linspace(0, 255, w)[None, :]
+    x[..., 1] = np.linspace(0, 255, h)[:, None]
+    x[: h // 3, : w // 4, 2] = 255
+    return np.clip(x + rng.randint(0, 20, x.shape), 0, 255).astype(np.uint8)
+
+
+def _jpeg(pixels: np.ndarray, orientation: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    kwargs = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kwargs["exif"] = exif.tobytes()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95, **kwargs)
+    return buf.getvalue()
+
+
+def _upright_by_pil(raw: bytes) -> np.ndarray:
+    """PIL's `exif_transpose` applied to TF's own decode of the stored pixels.
+
+    The reference for where each orientation puts the pixels; decoding with TF
+    keeps decoder differences (PIL's IDCT differs by a few levels) out of it.
+    """
+    stored = Image.fromarray(tf.io.decode_jpeg(raw, channels=3).numpy())
+    with Image.open(io.BytesIO(raw)) as original:
+        stored.info["exif"] = original.info["exif"]
+    return np.asarray(ImageOps.exif_transpose(stored))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_pil_applies_it(orientation):
+    raw = _jpeg(_pattern(), orientation)
+    assert int(images.exif_orientation(tf.constant(raw))) == orientation
+    expected = _upright_by_pil(raw)
+    assert expected.shape == ((40, 24, 3) if orientation >= 5 else (24, 40, 3))
+    np.testing.assert_array_equal(images.decode(tf.constant(raw)).numpy(), expected)
+
+
+def _insert_exif(raw: bytes, tiff: bytes) -> bytes:
+    """`raw` (a JPEG with a JFIF APP0 and no EXIF) with an APP1 Exif segment after its APP0."""
+    assert raw[:4] == b"\xff\xd8\xff\xe0"
+    cut = 4 + int.from_bytes(raw[4:6], "big")
+    payload = b"Exif\0\0" + tiff
+    return raw[:cut] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + raw[cut:]
+
+
+def _big_endian_tiff(orientation: int, ifd_offset: int = 8) -> bytes:
+    entry = (0x0112).to_bytes(2, "big") + (3).to_bytes(2, "big") + (1).to_bytes(4, "big")
+    entry += orientation.to_bytes(2, "big") + b"\0\0"
+    return b"MM\x00\x2a" + ifd_offset.to_bytes(4, "big") + (1).to_bytes(2, "big") + entry + bytes(4)
+
+
+def test_exif_after_jfif_in_big_endian_byte_order():
+    """PIL writes little-endian EXIF as the first segment; cameras also write "MM" after a JFIF APP0."""
+    plain = _jpeg(_pattern())
+    raw = _insert_exif(plain, _big_endian_tiff(6))
+    with Image.open(io.BytesIO(raw)) as im:
+        assert im.getexif()[0x0112] == 6  # a valid tag by PIL's reading too
+    assert int(images.exif_orientation(tf.constant(raw))) == 6
+    stored = tf.io.decode_jpeg(raw, channels=3).numpy()
+    np.testing.assert_array_equal(images.decode(tf.constant(raw)).numpy(), np.rot90(stored, k=-1))  # 90 deg cw
+
+
+@pytest.mark.parametrize("case", ["no exif", "png", "not an image", "offset past the end", "orientation 9",
+                                  "truncated segment"])
+def test_missing_or_malformed_orientation_reads_as_upright(case):
+    plain = _jpeg(_pattern())
+    raw = {
+        "no exif": plain,
+        "png": _png(_pattern()),
+        "not an image": b"hello",
+        "offset past the end": _insert_exif(plain, _big_endian_tiff(6, ifd_offset=1 << 20)),
+        "orientation 9": _insert_exif(plain, _big_endian_tiff(9)),
+        "truncated segment": plain[:20] + b"\xff\xe1\x01\x00Exif\0\0MM\x00",
+    }[case]
+    assert int(images.exif_orientation(tf.constant(raw))) == 1
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_the_folder_source_feeds_upright_pixels(tmp_path):
+    """Training (and evaluate, which loads the same source) sees the photo upright."""
+    raws = {}
+    for split in ("train", "val"):
+        for cls, orientation in (("a", 6), ("b", 3)):
+            (tmp_path / split / cls).mkdir(parents=True)
+            raws[cls] = _jpeg(_pattern(), orientation)
+            (tmp_path / split / cls / "photo.jpg").write_bytes(raws[cls])
+    src = data.load_source(DataConfig(dataset=f"folder:{tmp_path}", batch_size=1), 24)
+    fed = [(x.numpy(), int(y)) for x, y in src.train]
+    assert [y for _, y in fed] == [0, 1]
+    for (x, _), cls in zip(fed, ("a", "b")):
+        upright = _upright_by_pil(raws[cls])
+        np.testing.assert_array_equal(x, data._resize_uint8(upright, 24).numpy())
+        assert not np.array_equal(x, data._resize_uint8(tf.io.decode_jpeg(raws[cls]), 24).numpy())
+
+
+def test_webp_trains_and_other_files_are_named(tmp_path, caplog):
+    for cls in ("a", "b"):
+        for split in ("train", "val"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(_pattern()).save(tmp_path / split / cls / f"{i}.webp", lossless=True)
+    (tmp_path / "train" / "a" / "IMG_0001.HEIC").write_bytes(b"not decodable here")
+    (tmp_path / "train" / "a" / ".DS_Store").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        src = data.load_source(DataConfig(dataset=f"folder:{tmp_path}", batch_size=2), 24)
+    assert (src.num_train, src.num_val) == (6, 6)
+    x = next(iter(src.train))[0].numpy()
+    np.testing.assert_array_equal(x, data._resize_uint8(_pattern(), 24).numpy())  # lossless WebP, exact
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "ignored 1 file(s)" in warned and "IMG_0001.HEIC" in warned and ".heic" in warned
+    assert ".DS_Store" not in warned
+
+
+def test_animated_webp_is_refused_by_name(tmp_path):
+    """TF decodes animated WebP only as RGBA: the pre-training check says so instead of failing mid-epoch."""
+    frames = [Image.fromarray(_pattern()), Image.fromarray(255 - _pattern())]
+    path = tmp_path / "anim.webp"
+    frames[0].save(path, save_all=True, append_images=frames[1:], lossless=True)
+    with pytest.raises(UserError, match="anim.webp.*animated WebP is not supported.*--skip_bad_images"):
+        data.check_images([str(path)], skip_bad=False)
+
+
+def test_a_giant_jpeg_is_decoded_at_reduced_scale_and_a_normal_one_exactly():
+    side = 4 * 16  # image_size 16: keep the shorter side >= max(MIN_DECODED_SIDE, 64)
+    assert images.MIN_DECODED_SIDE > side
+    h = 2 * images.MIN_DECODED_SIDE
+    y, x = np.mgrid[0:h, 0:h * 4 // 3]
+    smooth = np.stack([(x * 255 // x.max()), (y * 255 // y.max()), ((x + y) % 256)], -1).astype(np.uint8)
+    giant = _jpeg(smooth)
+    got = images.decode(tf.constant(giant), 16)
+    assert got.shape == (h // 2, h * 2 // 3, 3)  # decoded at 1/2 scale
+    old = images.resize(tf.io.decode_image(giant, channels=3, expand_animations=False), 16).numpy()
+    new = images.decode_and_resize(tf.constant(giant), 16).numpy()
+    assert np.abs(new - old).mean() < 1.0, np.abs(new - old).mean()
+
+    # One pixel short of the threshold: full scale, bit-identical to the decode before downscaling existed.
+    normal = _jpeg(smooth[: h - 1])
+    assert images.decode(tf.constant(normal), 16).shape == (h - 1, h * 4 // 3, 3)
+    old = images.resize(tf.io.decode_image(normal, channels=3, expand_animations=False), 16).numpy()
+    np.testing.assert_array_equal(images.decode_and_resize(tf.constant(normal), 16).numpy(), old)
+
+
+@pytest.mark.parametrize("raw", [b"not an image at all", _jpeg(_pattern())[:200]], ids=["garbage", "truncated"])
+def test_decode_errors_read_without_tensorflow_internals(raw):
+    decode = tf.function(lambda r: images.decode_and_resize(r, 16), input_signature=[tf.TensorSpec([], tf.string)])
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        decode(tf.constant(raw))
+    assert "{{function_node" in str(e.value)  # what users used to see
+    message = images.decode_error(e.value)
+    assert message.startswith("not an image TensorFlow can decode (")
+    for noise in ("{{", "}}", "[Op:", "[[", "node"):
+        assert noise not in message, message
