@@ -93,7 +93,8 @@ def test_invalid_sweep_values_are_refused_before_any_trial_runs(tmp_path):
 
 
 def test_a_finished_trial_is_reused_only_with_the_same_config(tmp_path):
-    args = [f"--root={tmp_path}", "--sweep=unfreeze:none", "--", *TRAIN[:-2], "--finetune_epochs=1"]
+    args = [f"--root={tmp_path}", "--sweep=unfreeze:none", "--", "--image_size=16", "--classes=0-1", "--batch_size=32",
+            "--verbosity=0", "--finetune_epochs=1"]
     assert run_module("launch.ablate", *args).returncode == 0
     results = tmp_path / "trials" / "unfreeze-none" / "results.json"
     mtime = results.stat().st_mtime_ns
@@ -169,6 +170,7 @@ def _transfer_summary(root):
     return {k: sum(v) / len(v) for k, v in acc.items()}, rows
 
 
+@pytest.mark.slow
 def test_transfer_study_tiny_produces_table_and_plot(tmp_path):
     r = run_module("launch.ablate", "--study=transfer", f"--root={tmp_path}", "--seeds=0", "--epochs=1",
                    "--classes_a=0-1", "--classes_b=2-3", "--parallel=2", "--", "--image_size=16", timeout=900)

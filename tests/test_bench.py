@@ -35,6 +35,7 @@ def _check_measurement(m, where):
     assert m["median"] == pytest.approx(statistics.median(samples), abs=0.006), (where, m)
 
 
+@pytest.mark.slow
 def test_bench_quick_tiny_writes_consistent_numbers(tmp_path):
     """No timing goal is asserted (these machines are noisy); every number must agree with
     the others it is derived from."""

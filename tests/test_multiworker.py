@@ -8,6 +8,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from tests.conftest import ROOT, run_module
 
@@ -34,6 +35,7 @@ def _has_ckpt(wd, n):
     return state.exists() and f'ckpt-{n}"' in state.read_text()
 
 
+@pytest.mark.slow
 def test_two_workers_train_digits_and_resume(tmp_path):
     wd = tmp_path / "mw"
     proc = _launcher(wd)
