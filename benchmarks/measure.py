@@ -23,7 +23,8 @@ import tensorflow as tf
 
 from research import backbones, unfreeze
 from research.config import AugmentConfig, DataConfig, TrainConfig
-from research.data import Pipeline, load_source, pipeline_threads
+from research.data import Pipeline, pipeline_threads
+from research.sources import load_source
 from research.features import FeatureCache
 from research.loop import Trainer
 from research.optim import build_optimizer

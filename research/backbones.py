@@ -18,9 +18,12 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from research.errors import UserError
+
+if TYPE_CHECKING:
+    import keras
 
 HEAD_LAYERS = ("head_pool", "head_dropout", "head")
 

@@ -272,9 +272,9 @@ def load_run(workdir: str, *, checkpoint: str = "best", class_names: list[str] |
         with open(results_path) as f:
             class_names = json.load(f).get("class_names")
     if class_names is None:
-        from research import data
+        from research import sources
         entry = backbones.get(config.model.backbone)
-        class_names = data.load_source(config.data, config.data.image_size or entry.default_size).class_names
+        class_names = sources.load_source(config.data, config.data.image_size or entry.default_size).class_names
     path = checkpoint_path(workdir, checkpoint)
     entry = backbones.get(config.model.backbone)
     size = config.data.image_size or entry.default_size

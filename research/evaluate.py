@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from research import backbones, data
+from research import backbones, sources
 from research.checkpoints import load_run
 from research.errors import UserError
 
@@ -73,7 +73,7 @@ def _whole_folder(dataset: str, own: str) -> bool:
     if not dataset.startswith("folder:"):
         return False
     path = dataset[len("folder:"):]
-    if not os.path.isdir(path) or data.folder_split_dirs(path) is not None:
+    if not os.path.isdir(path) or sources.folder_split_dirs(path) is not None:
         return False
     return not (own.startswith("folder:") and os.path.realpath(own[len("folder:"):]) == os.path.realpath(path))
 
@@ -119,14 +119,14 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
         cfg = dataclasses.replace(cfg, val_split=split)
     if dataset:
         # Another source: take its classes by the run's names, so indices line up.
-        other = data.class_names(cfg)
+        other = sources.class_names(cfg)
         missing = [c for c in class_names if c not in other]
         extra = [c for c in other if c not in class_names]
         if missing or extra:
             raise UserError(f"class names of {dataset} differ from the run's: missing {missing or 'none'}, "
                             f"unexpected {extra or 'none'}; the run's classes are {class_names}")
         cfg = dataclasses.replace(cfg, classes=",".join(class_names))
-    source = data.load_source(dataclasses.replace(cfg, batch_size=1), size)
+    source = sources.load_source(dataclasses.replace(cfg, batch_size=1), size)
     if source.class_names != class_names:
         raise UserError(f"class names differ: {source.class_names} vs the run's {class_names}")
     if split == "train":

@@ -27,7 +27,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from research import backbones
 from research import images as images_lib
 from research.checkpoints import load_run
 from research.errors import UserError

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from research import backbones, checkpoints, data, distribute, unfreeze
+from research import backbones, checkpoints, data, distribute, sources, unfreeze
 from research.config import ExperimentConfig, StageConfig, UserError, validate
 from research.early_stopping import EarlyStopping
 from research.features import FeatureCache
@@ -129,7 +129,7 @@ def _changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> l
 
 # --- building ----------------------------------------------------------------------------
 
-def build_inputs(config: ExperimentConfig, strategy, *, verbose: bool = True) -> tuple[data.Source, data.Pipeline]:
+def build_inputs(config: ExperimentConfig, strategy, *, verbose: bool = True) -> tuple[sources.Source, data.Pipeline]:
     """Loads the data (every image checked) and builds the input pipeline; says what it found.
 
     Raises:
@@ -138,7 +138,7 @@ def build_inputs(config: ExperimentConfig, strategy, *, verbose: bool = True) ->
     cfg_d = config.data
     entry = backbones.get(config.model.backbone)
     size = cfg_d.image_size or entry.default_size
-    source = data.load_source(cfg_d, size)
+    source = sources.load_source(cfg_d, size)
     if source.skipped:
         logging.warning("skipped %d unreadable image(s), e.g. %s", len(source.skipped), source.skipped[0])
     if verbose:
@@ -271,7 +271,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
 class Controller:
     """When things happen: epochs, evaluation, summaries, early stopping, checkpoints."""
 
-    def __init__(self, config: ExperimentConfig, workdir: str, strategy, source: data.Source,
+    def __init__(self, config: ExperimentConfig, workdir: str, strategy, source: sources.Source,
                  pipeline: data.Pipeline, built: Model, *, chief: bool, verbose: bool,
                  preemption: Preemption | None):
         self.config, self.workdir, self.strategy = config, workdir, strategy

@@ -3,22 +3,22 @@
 import numpy as np
 import pytest
 
-from research import data
+from research import data, sources
 from research.config import AugmentConfig, DataConfig, UserError
 
 
 def test_parse_classes():
     names = [f"c{i}" for i in range(10)]
-    assert data.parse_classes("", names) == list(range(10))
-    assert data.parse_classes("0-2,7", names) == [0, 1, 2, 7]
-    assert data.parse_classes("c9,c1", names) == [1, 9]
+    assert sources.parse_classes("", names) == list(range(10))
+    assert sources.parse_classes("0-2,7", names) == [0, 1, 2, 7]
+    assert sources.parse_classes("c9,c1", names) == [1, 9]
     for bad in ("0", "3-1", "nope", "11"):
         with pytest.raises(UserError):
-            data.parse_classes(bad, names)
+            sources.parse_classes(bad, names)
 
 
 def test_digits_subset_is_relabelled():
-    src = data.load_source(DataConfig(classes="5-9"), 16)
+    src = sources.load_source(DataConfig(classes="5-9"), 16)
     assert src.class_names == ["5", "6", "7", "8", "9"]
     labels = np.concatenate([y.numpy() for _, y in src.val.batch(500)])
     assert set(labels) == {0, 1, 2, 3, 4}
@@ -27,7 +27,7 @@ def test_digits_subset_is_relabelled():
 
 def test_folder_without_val_is_split_deterministically(tiny_folder):
     cfg = DataConfig(dataset=f"folder:{tiny_folder}", val_fraction=0.2, batch_size=4)
-    a, b = data.load_source(cfg, 16), data.load_source(cfg, 16)
+    a, b = sources.load_source(cfg, 16), sources.load_source(cfg, 16)
     assert a.num_val == 18 and a.num_train == 72  # 3 classes x 30 images, 20% each
     va = np.concatenate([x.numpy() for x, _ in a.val.batch(100)])
     vb = np.concatenate([x.numpy() for x, _ in b.val.batch(100)])
@@ -36,7 +36,7 @@ def test_folder_without_val_is_split_deterministically(tiny_folder):
 
 
 def test_epoch_order_and_augmentation_are_functions_of_seed_and_epoch(tiny_folder):
-    src = data.load_source(DataConfig(dataset=f"folder:{tiny_folder}", batch_size=8), 16)
+    src = sources.load_source(DataConfig(dataset=f"folder:{tiny_folder}", batch_size=8), 16)
     aug = AugmentConfig(horizontal_flip=True, rotation=20, zoom=0.2, contrast=0.2, width_shift=0.1)
 
     def epoch(e, seed=0):
@@ -50,7 +50,7 @@ def test_epoch_order_and_augmentation_are_functions_of_seed_and_epoch(tiny_folde
 
 def test_one_stream_over_epochs_equals_the_epochs_built_alone():
     """Training pulls every epoch from one iterator; epoch e must not depend on where it started."""
-    src = data.load_source(DataConfig(dataset="digits", image_size=16), 16)
+    src = sources.load_source(DataConfig(dataset="digits", image_size=16), 16)
     p = data.Pipeline(src, batch_size=64, preprocess=lambda x: x / 255.0, seed=3,
                       augment=AugmentConfig(horizontal_flip=True, rotation=20, zoom=0.1))
     n = p.steps_per_epoch
@@ -74,7 +74,7 @@ def test_unaugmented_order_changes_with_epoch_and_seed():
     """The shuffle itself is seeded by (seed, epoch): without augmentation, epochs 3 and 4
     of one seed, and epoch 3 of seeds 0 and 1, see the examples in different orders
     (not only differently augmented images). Each example is identified by its pixels."""
-    src = data.load_source(DataConfig(dataset="digits", image_size=8, batch_size=64), 8)
+    src = sources.load_source(DataConfig(dataset="digits", image_size=8, batch_size=64), 8)
 
     def order(epoch, seed=0):
         p = data.Pipeline(src, batch_size=64, preprocess=lambda x: x, augment=AugmentConfig(), seed=seed)

@@ -17,9 +17,9 @@ import tensorflow as tf
 
 from research import backbones, unfreeze
 from research.config import DataConfig, StageConfig, TrainConfig
-from research.data import load_source
 from research.loop import Trainer
 from research.optim import StageSchedule, build_optimizer
+from research.sources import load_source
 from tests.conftest import run_module
 from tests.test_loop_matches_fit import _digits, _model
 from tests.test_resume import _assert_bit_identical, _start, _wait_for_checkpoint

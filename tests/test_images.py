@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from research import data, images
+from research import images, sources
 from research.config import DataConfig, UserError
 
 
@@ -108,13 +108,13 @@ def test_the_folder_source_feeds_upright_pixels(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             raws[cls] = _jpeg(_pattern(), orientation)
             (tmp_path / split / cls / "photo.jpg").write_bytes(raws[cls])
-    src = data.load_source(DataConfig(dataset=f"folder:{tmp_path}", batch_size=1), 24)
+    src = sources.load_source(DataConfig(dataset=f"folder:{tmp_path}", batch_size=1), 24)
     fed = [(x.numpy(), int(y)) for x, y in src.train]
     assert [y for _, y in fed] == [0, 1]
     for (x, _), cls in zip(fed, ("a", "b")):
         upright = _upright_by_pil(raws[cls])
-        np.testing.assert_array_equal(x, data._resize_uint8(upright, 24).numpy())
-        assert not np.array_equal(x, data._resize_uint8(tf.io.decode_jpeg(raws[cls]), 24).numpy())
+        np.testing.assert_array_equal(x, sources._resize_uint8(upright, 24).numpy())
+        assert not np.array_equal(x, sources._resize_uint8(tf.io.decode_jpeg(raws[cls]), 24).numpy())
 
 
 def test_webp_trains_and_other_files_are_named(tmp_path, caplog):
@@ -126,10 +126,10 @@ def test_webp_trains_and_other_files_are_named(tmp_path, caplog):
     (tmp_path / "train" / "a" / "IMG_0001.HEIC").write_bytes(b"not decodable here")
     (tmp_path / "train" / "a" / ".DS_Store").write_bytes(b"")
     with caplog.at_level(logging.WARNING):
-        src = data.load_source(DataConfig(dataset=f"folder:{tmp_path}", batch_size=2), 24)
+        src = sources.load_source(DataConfig(dataset=f"folder:{tmp_path}", batch_size=2), 24)
     assert (src.num_train, src.num_val) == (6, 6)
     x = next(iter(src.train))[0].numpy()
-    np.testing.assert_array_equal(x, data._resize_uint8(_pattern(), 24).numpy())  # lossless WebP, exact
+    np.testing.assert_array_equal(x, sources._resize_uint8(_pattern(), 24).numpy())  # lossless WebP, exact
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "ignored 1 file(s)" in warned and "IMG_0001.HEIC" in warned and ".heic" in warned
     assert ".DS_Store" not in warned
@@ -141,7 +141,7 @@ def test_animated_webp_is_refused_by_name(tmp_path):
     path = tmp_path / "anim.webp"
     frames[0].save(path, save_all=True, append_images=frames[1:], lossless=True)
     with pytest.raises(UserError, match="anim.webp.*animated WebP is not supported.*--skip_bad_images"):
-        data.check_images([str(path)], skip_bad=False)
+        sources.check_images([str(path)], skip_bad=False)
 
 
 def test_a_giant_jpeg_is_decoded_at_reduced_scale_and_a_normal_one_exactly():

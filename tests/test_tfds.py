@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from research import data
+from research import sources
 from research.config import DataConfig, UserError
 from tests import tiny_tfds
 from tests.conftest import run_module
@@ -23,7 +23,7 @@ from tests.conftest import run_module
 def prepared(tmp_path_factory):
     """tiny_colors prepared by `research.data` itself (which calls `download_and_prepare`)."""
     data_dir = tmp_path_factory.mktemp("tfds")
-    src = data.load_source(DataConfig(dataset="tfds:tiny_colors", data_dir=str(data_dir), batch_size=8), 16)
+    src = sources.load_source(DataConfig(dataset="tfds:tiny_colors", data_dir=str(data_dir), batch_size=8), 16)
     return data_dir, src
 
 
@@ -58,13 +58,13 @@ def test_train_on_a_prepared_dataset_with_a_named_val_split(prepared, tmp_path):
 def test_unknown_tfds_name_is_a_user_error_naming_the_data_dir(tmp_path):
     with pytest.raises(UserError, match=r"tfds:no_such_set: no such TFDS dataset, and no prepared copy in "
                                         r"--data_dir=.*no_such_set/VERSION/dataset_info.json"):
-        data.load_source(DataConfig(dataset="tfds:no_such_set", data_dir=str(tmp_path)), 16)
+        sources.load_source(DataConfig(dataset="tfds:no_such_set", data_dir=str(tmp_path)), 16)
 
 
 def test_unknown_val_split_lists_the_splits(prepared):
     data_dir, _ = prepared
     with pytest.raises(UserError, match="--val_split='valid' not in tfds:tiny_colors; splits: "):
-        data.load_source(DataConfig(dataset="tfds:tiny_colors", data_dir=str(data_dir), val_split="valid"), 16)
+        sources.load_source(DataConfig(dataset="tfds:tiny_colors", data_dir=str(data_dir), val_split="valid"), 16)
 
 
 def test_mock_data_labels_are_learned(tmp_path):
