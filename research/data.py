@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from research import augment as augment_lib
 from research.config import AugmentConfig
-from research.sources import Source
+from research.sources import Source, progress_bar
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -101,7 +101,13 @@ class Pipeline:
         core (the training stream may then run on fewer threads); returns seconds."""
         t0 = time.perf_counter()
         if self.cache:
-            self._train.reduce(np.int64(0), lambda n, _: n + 1)
+            n = self.source.num_train
+            bar = progress_bar(n, f"decoding {n} training images into the cache")
+            done = 0
+            for images, _ in self._train.batch(256).prefetch(AUTOTUNE):
+                done += int(images.shape[0])
+                if bar:
+                    bar.update(done)
         return time.perf_counter() - t0
 
     @property

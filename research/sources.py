@@ -172,6 +172,20 @@ def _readable(path: str) -> str | None:
     return None
 
 
+def progress_bar(total: int, what: str, *, threshold: int = 2000):
+    """A progress bar with an ETA for a long start-up step, or None for a short one.
+
+    A live bar on a terminal; one plain line when it ends in a redirected log.
+    """
+    import sys
+
+    import keras
+    if total < threshold:
+        return None
+    print(f"{what} ...", flush=True)
+    return keras.utils.Progbar(total, verbose=1 if sys.stdout.isatty() else 2)
+
+
 def check_images(paths: list[str], *, skip_bad: bool) -> tuple[list[str], list[str]]:
     """Decodes every image once before training starts.
 
@@ -181,8 +195,13 @@ def check_images(paths: list[str], *, skip_bad: bool) -> tuple[list[str], list[s
     Raises:
       UserError: naming the first bad file, unless `skip_bad`.
     """
+    bar = progress_bar(len(paths), f"checking {len(paths)} images")
+    errors = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        errors = list(pool.map(_readable, paths))
+        for error in pool.map(_readable, paths):
+            errors.append(error)
+            if bar and (len(errors) % 200 == 0 or len(errors) == len(paths)):
+                bar.update(len(errors))
     bad = [(p, e) for p, e in zip(paths, errors) if e]
     if bad and not skip_bad:
         p, e = bad[0]

@@ -238,3 +238,20 @@ def test_itstime_fires_on_multiples_and_always_on_the_last_step():
     assert [s for s in range(1, 11) if itstime(s, 3, 10)] == [3, 6, 9, 10]
     assert [s for s in range(1, 11) if itstime(s, 3)] == [3, 6, 9]
     assert not any(itstime(s, 0, 10) for s in range(1, 11))  # 0 disables, even at the end
+
+
+def test_a_weights_file_is_loaded_into_small_cnn_not_ignored(tmp_path):
+    """`--weights=FILE` with small_cnn was silently ignored; it now loads (the init path)."""
+    import tensorflow as tf
+    from research import backbones, train as train_lib
+    from research.config import DataConfig, ExperimentConfig, ModelConfig
+
+    source = backbones.build_base("small_cnn", image_size=16)
+    path = tmp_path / "base.weights.h5"
+    source.save_weights(str(path))
+    cfg = ExperimentConfig(data=DataConfig(image_size=16), model=ModelConfig(weights=str(path)))
+    built = train_lib.build(cfg, 10, tf.distribute.get_strategy())
+    assert not all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(built.base.weights, source.weights))
+    train_lib.init_weights(cfg, built)
+    for a, b in zip(built.base.weights, source.weights):
+        assert np.array_equal(a.numpy(), b.numpy()), a.path

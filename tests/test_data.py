@@ -90,3 +90,16 @@ def test_unaugmented_order_changes_with_epoch_and_seed():
         same_place = np.mean(np.array(a) == np.array(other))
         assert same_place < 0.05, f"{what}: {same_place:.0%} of examples at the same position as epoch 3 seed 0"
         assert not np.array_equal(ya, y_other), what
+
+
+def test_a_long_image_check_shows_its_progress(tmp_path, capsys):
+    from PIL import Image
+    path = tmp_path / "one.png"
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(path)
+    good, bad = sources.check_images([str(path)] * 2400, skip_bad=False)
+    assert len(good) == 2400 and bad == []
+    out = capsys.readouterr().out
+    # Redirected (not a terminal): the step is named, then one plain line when it ends.
+    assert out.startswith("checking 2400 images ...\n") and "2400/2400" in out and "\r" not in out, out
+    sources.check_images([str(path)] * 10, skip_bad=False)
+    assert capsys.readouterr().out == ""  # a short check stays quiet
