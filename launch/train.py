@@ -176,10 +176,13 @@ def config_from_args(args: list[str]) -> C.ExperimentConfig:
         rest = fv(["launch.train", *args], known_only=True)[1:]
     except flags.Error as e:
         raise C.UserError(str(e)) from None
-    # absl's own flags (--verbosity, --logtostderr, ...) are the process's, not the config's.
+    # absl's own flags (--verbosity, --logtostderr, ...) are the process's, not the config's;
+    # any other flag of the calling program (launch.ablate's --parallel) is not launch.train's.
+    absl_flags = {f.name for m, fs in flags.FLAGS.flags_by_module_dict().items() if m.startswith("absl.")
+                  for f in fs}
     for arg in rest:
         name = arg.lstrip("-").split("=", 1)[0]
-        if not arg.startswith("-") or (name not in flags.FLAGS and name.removeprefix("no") not in flags.FLAGS):
+        if not arg.startswith("-") or (name not in absl_flags and name.removeprefix("no") not in absl_flags):
             raise C.UserError(f"unknown launch.train flag or argument {arg!r}")
     return config_from_flags(fv)
 

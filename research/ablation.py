@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from research.config import ExperimentConfig, UserError
+from research.config import ExperimentConfig, UserError, config_diff
 
 SEED_KEY = "seed"
 MakeConfig = Callable[[list[str]], ExperimentConfig]
@@ -136,8 +136,6 @@ def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: b
       UserError: a trial whose flags are invalid, or one that ran before with a
         config other than what its flags give now (without `rerun`).
     """
-    from research.train import config_diff
-
     configs = {}
     for t in trials:
         try:

@@ -62,6 +62,7 @@ class Checkpoints:
         root = scratch_dir or workdir
         # Every worker restores from the run's own ckpt/, even those that save elsewhere.
         self.restore_dir = os.path.join(workdir, "ckpt")
+        self.run_best_dir = os.path.join(workdir, "best")
         self.full = tf.train.Checkpoint(model=model, base=base, optimizer=optimizer, meta=self.meta)
         self.weights_only = tf.train.Checkpoint(model=model, base=base, meta=self.meta)
         self.latest = tf.train.CheckpointManager(self.full, os.path.join(root, "ckpt"), max_to_keep=keep)
@@ -116,7 +117,9 @@ class Checkpoints:
         The meta variable is restored with them and then put back: the run state
         is the controller's, not the best checkpoint's.
         """
-        path = self.best.latest_checkpoint
+        # A non-chief worker restarted since the best epoch has no best/ of its own
+        # yet: the chief's holds the same weights (the replicas are in sync).
+        path = self.best.latest_checkpoint or tf.train.latest_checkpoint(self.run_best_dir)
         if not path:
             return None
         meta = self.meta.numpy()
@@ -141,6 +144,27 @@ def restore_or_initialize(ckpts: Checkpoints, init: Callable[[], None]) -> tuple
         return restored
     init()
     return RunState(), None
+
+
+def check_unlocked(workdir: str) -> None:
+    """Fails fast when another process holds the workdir (the lock itself is taken
+    later, by `workdir_lock`, once everything has been checked).
+
+    Raises:
+      UserError: naming the process that holds it.
+    """
+    path = os.path.join(workdir, ".lock")
+    if not os.path.exists(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        raise UserError(f"--workdir={workdir!r} is in use by {owner}; wait for it to finish, "
+                        "stop it, or use another --workdir") from None
+    finally:
+        os.close(fd)
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -293,11 +317,10 @@ def find_run_checkpoint(run_dir: str) -> str:
     Raises:
       UserError: when `run_dir` holds no checkpoint.
     """
-    for sub in ("best", "ckpt"):
-        path = tf.train.latest_checkpoint(os.path.join(run_dir, sub))
-        if path:
-            return path
-    raise UserError(f"--weights=ckpt:{run_dir}: no checkpoint in {run_dir}/best or {run_dir}/ckpt")
+    try:
+        return checkpoint_path(run_dir, "best")
+    except UserError:
+        raise UserError(f"--weights=ckpt:{run_dir}: no checkpoint in {run_dir}/best or {run_dir}/ckpt") from None
 
 
 def init_from_run(base, run_dir: str, *, first_blocks: list[str] | None = None,

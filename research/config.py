@@ -8,6 +8,7 @@ library. Nothing in `research/` reads absl flags.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -116,8 +117,8 @@ class ModelConfig:
 class EarlyStoppingConfig:
     """Keras-compatible early stopping, applied to each stage separately.
 
-    `patience=0` with `enabled=False` (the default) never stops; the best
-    checkpoint is kept whether or not stopping is enabled.
+    With `enabled=False` (the default) nothing stops; the run's best epoch by
+    `monitor` is kept in `best/` whether or not stopping is enabled.
     """
 
     enabled: bool = False
@@ -422,3 +423,41 @@ def simple_stages(*, head_epochs: int, lr: float, unfreeze: str, finetune_epochs
             warmup_epochs=warmup_epochs, gradual_every=gradual_every,
             lr_decay_per_block=lr_decay_per_block))
     return tuple(stages)
+
+
+# --- Comparing configs -------------------------------------------------------------
+
+# Fields that may change on resume: they change speed or bookkeeping, not the maths.
+# The same list decides when a sweep trial that ran before counts as stale.
+RESUME_SAFE_FIELDS = {"train.steps_per_loop", "train.checkpoint_keep", "train.checkpoint_every_steps",
+                      "train.histogram_every_epochs", "train.strategy", "train.collective_timeout", "train.export",
+                      "train.cache_features", "train.jit_compile", "data.threads"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v):
+            v = {str(i): x for i, x in enumerate(v)}
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every field that differs and changes the maths.
+
+    The old config is read back through `ExperimentConfig.from_dict` first, so a
+    field added to the code since it was written takes its default; then every
+    key counts, including a stage that only one of them has.
+    """
+    try:
+        old = ExperimentConfig.from_dict(old).to_dict()
+    except (TypeError, KeyError):  # a field since removed: compare as written
+        pass
+    a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "(absent)") != b.get(k, "(absent)")
+                  and k not in RESUME_SAFE_FIELDS)
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys]

@@ -39,8 +39,8 @@ class EarlyStopping:
     """Keras-exact early stopping.
 
     Args and attributes follow `keras.callbacks.EarlyStopping`; `best` is None
-    until the first monitored epoch. `improved` tells whether the last
-    `update` set a new best (the loop then writes the `best/` checkpoint).
+    until the first monitored epoch. The run's best record (`best/`) is the
+    controller's, judged with `is_improvement` across stages.
     """
 
     def __init__(self, monitor: str = "val/loss", mode: str = "auto", min_delta: float = 0.0,
@@ -61,7 +61,6 @@ class EarlyStopping:
         self.stopped_epoch = 0
         self.best: float | None = None
         self.best_epoch = 0
-        self.improved = False
 
     def is_improvement(self, value: float, reference: float | None) -> bool:
         """Keras's test: `value` beats `reference` by more than |min_delta| in this mode."""
@@ -76,14 +75,12 @@ class EarlyStopping:
         Returns:
           True when training should stop now.
         """
-        self.improved = False
         if value is None or epoch < self.start_from_epoch:
             return False
         self.wait += 1
         if self.is_improvement(value, self.best):
             self.best = value
             self.best_epoch = epoch
-            self.improved = True
             if self.baseline is None or self.is_improvement(value, self.baseline):
                 self.wait = 0
             return False

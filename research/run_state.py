@@ -2,8 +2,8 @@
 
 `RunState` is what a checkpoint's `meta` holds (serialised by `to_json` and
 read back by `from_json`, the only two places that know its format), and
-`results.json` and `trainable.json` are views of it (`results`,
-`trainable_records`). Nothing derived (the best record, a stage's trainable
+`results.json` and `trainable.json` are views of it (`results`, and the
+`trainable` list as it is). Nothing derived (the best record, a stage's trainable
 parameter count, the history) is stored twice.
 
 Metric names are the run's one vocabulary: `train/loss`, `train/accuracy`,
@@ -19,7 +19,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from research.errors import UserError
 from research.loop import NUM_SUMS
+
+FORMAT = 2  # the run-state layout; checkpoints of another layout are refused, not half-read
 
 
 def prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -32,6 +35,7 @@ class RunState:
     """Where a run is and what it has seen.
 
     Attributes:
+      format: the layout version (`FORMAT`).
       stage / epoch / step_in_epoch: the position to resume at (0-based; epoch
         counts within the stage).
       global_epoch: epochs trained so far over all stages (seeds data order).
@@ -58,6 +62,7 @@ class RunState:
       seed_states: dropout random-generator states (not checkpointable objects).
     """
 
+    format: int = FORMAT
     stage: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
@@ -88,6 +93,10 @@ class RunState:
     @classmethod
     def from_json(cls, text: str) -> "RunState":
         d = json.loads(text)
+        if d.get("format") != FORMAT:
+            raise UserError("this workdir's checkpoints were written by an older version of this code "
+                            f"(run-state format {d.get('format', 1)}, now {FORMAT}); finish the run with that "
+                            "version, or start a new --workdir (--weights=ckpt:OLD_WORKDIR reuses its backbone)")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -29,19 +29,13 @@ import tensorflow as tf
 from absl import logging
 
 from research import backbones, checkpoints, data, distribute, sources, unfreeze
-from research.config import ExperimentConfig, StageConfig, UserError, validate
+from research.config import ExperimentConfig, StageConfig, UserError, config_diff, validate
 from research.early_stopping import EarlyStopping
 from research.features import FeatureCache
 from research.loop import COUNT, Trainer, metrics_from_sums
 from research.optim import StageSchedule, build_optimizer, current_lr, loss_scale_value
 from research.run_state import RunState, prefixed
 from research.summaries import Summaries
-
-# Config fields that may change on resume: they change speed or bookkeeping, not the maths.
-RESUME_SAFE_FIELDS = {"train.steps_per_loop", "train.checkpoint_keep", "train.checkpoint_every_steps",
-                      "train.histogram_every_epochs", "train.strategy", "train.collective_timeout", "train.export",
-                      "train.cache_features", "train.jit_compile", "data.threads"}
-
 
 class Interrupted(Exception):
     """SIGTERM/SIGINT: a checkpoint was saved and the run can be resumed."""
@@ -89,26 +83,6 @@ def itstime(step: int, every: int, total: int | None = None) -> bool:
 
 
 # --- config changes --------------------------------------------------------------------
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v):
-            v = {str(i): x for i, x in enumerate(v)}
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_diff(old: dict, new: dict) -> list[str]:
-    """`key: old -> new` for every field that changes the maths."""
-    a, b = _flatten(old), _flatten(json.loads(json.dumps(new)))
-    # A key the old config lacks was added to the code since: its default applies.
-    keys = sorted(k for k in set(a) | set(b) if k in a and a.get(k) != b.get(k) and k not in RESUME_SAFE_FIELDS)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
-
 
 def _changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> list[str]:
     """Compares `config` with the run already in `workdir` (reads only).
@@ -160,7 +134,7 @@ def build_inputs(config: ExperimentConfig, strategy, *, verbose: bool = True) ->
 
 @dataclass
 class Model:
-    """The run's model, its one optimizer, and each stage's resolved unfreeze spec."""
+    """The run's classifier, its backbone, its one optimizer and the per-stage LR schedule."""
 
     model: keras.Model
     base: keras.Model
@@ -253,19 +227,33 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
     workdir = os.path.abspath(workdir)
     strategy = distribute.setup(config.train)
     chief = distribute.is_chief(strategy)
+    if chief:
+        checkpoints.check_unlocked(workdir)  # fail fast, before the data is read
     changes = _changes_on_resume(workdir, config, allow_config_change)
     source, pipeline = build_inputs(config, strategy, verbose=verbose)
+    _check_monitor(config, source.num_classes)
     built = build(config, source.num_classes, strategy)
     with checkpoints.workdir_lock(workdir, enabled=chief):
         ctl = Controller(config, workdir, strategy, source, pipeline, built, chief=chief, verbose=verbose,
                          preemption=preemption)
-        run, resumed_from = checkpoints.restore_or_initialize(ctl.ckpts, init=lambda: init_weights(config, built))
-        if run.finished:
-            return ctl.report_finished(run, changes)
-        ctl.start(run, resumed_from, changes)
-        for index in range(run.stage, len(config.stages)):
-            ctl.run_stage(run, index)
-        return ctl.finish(run)
+        try:
+            run, resumed_from = checkpoints.restore_or_initialize(ctl.ckpts, init=lambda: init_weights(config, built))
+            if run.finished:
+                return ctl.report_finished(run, changes)
+            ctl.start(run, resumed_from, changes)
+            for index in range(run.stage, len(config.stages)):
+                ctl.run_stage(run, index)
+            return ctl.finish(run)
+        finally:
+            ctl.close()
+
+
+def _check_monitor(config: ExperimentConfig, num_classes: int) -> None:
+    """Raises UserError for a monitor the run will never compute."""
+    monitor = config.train.early_stopping.monitor
+    if monitor.endswith("top5_accuracy") and num_classes <= 5:
+        raise UserError(f"--early_stopping_monitor={monitor} needs more than 5 classes (top-5 accuracy is "
+                        f"always 1 with {num_classes}); monitor val/loss or val/accuracy")
 
 
 class Controller:
@@ -316,9 +304,8 @@ class Controller:
         if self.chief:
             checkpoints.atomic_write_json(os.path.join(self.workdir, name), obj)
 
-    def _evaluate_images(self, trainer: Trainer | None = None) -> dict:
-        val = self.strategy.experimental_distribute_dataset(self.pipeline.val_dataset())
-        return (trainer or self.trainer).evaluate(val)
+    def _evaluate_images(self) -> dict:
+        return self.trainer.evaluate(self.strategy.experimental_distribute_dataset(self.pipeline.val_dataset()))
 
     # -- start and end of the run ---------------------------------------------------------
 
@@ -326,6 +313,9 @@ class Controller:
         """Records what the run starts from, and the config it runs with."""
         self.summaries = Summaries(self.workdir, enabled=self.chief)
         if resumed_from:
+            if run.stage >= len(self.config.stages):
+                raise UserError(f"the run in {self.workdir!r} has reached stage {run.stage + 1}, but the config "
+                                f"has {len(self.config.stages)} stage(s); stages that have run cannot be removed")
             for v, value in zip(self.seed_vars, run.seed_states):
                 v.assign(np.asarray(value, dtype=v.dtype))
             self.wall_before = run.wall_seconds
@@ -336,11 +326,29 @@ class Controller:
             if changes:
                 run.config_changes.append({"global_epoch": run.global_epoch, "changed": changes})
                 logging.warning("resuming with a changed config: %s", "; ".join(changes))
+            self._repair_best(run)
         else:
             src = self.source
             run.data = {"num_train": src.num_train, "num_val": src.num_val, "class_names": src.class_names,
                         "skipped_images": src.skipped}
         self._write_json("config.json", self.config.to_dict())
+
+    def _repair_best(self, run: RunState) -> None:
+        """`ckpt/` is saved before `best/`: a run killed between the two resumes from the
+        end of its best epoch, whose weights are the ones just restored, and saves them."""
+        if not (self.chief and run.best):
+            return
+        if os.path.exists(os.path.join(self.workdir, run.best["checkpoint"] + ".index")):
+            return
+        if run.global_epoch == run.best["global_epoch"] + 1 and run.step_in_epoch == 0:
+            self.ckpts.save_best(run)
+        else:
+            logging.warning("best/ lacks %s and cannot be rebuilt from this checkpoint", run.best["checkpoint"])
+
+    def close(self) -> None:
+        """A non-chief worker's scratch checkpoints go, however the run ends."""
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def finish(self, run: RunState) -> dict:
         """Exports the final weights and writes `results.json`."""
@@ -351,8 +359,6 @@ class Controller:
                 # The final weights: the latest checkpoint (the best epoch's, with restore_best_weights).
                 export_run(self.workdir, checkpoint="latest", class_names=self.source.class_names)
             self._write_json("results.json", results)
-        else:
-            shutil.rmtree(self.scratch, ignore_errors=True)
         self.summaries.flush()
         return results
 
@@ -374,6 +380,7 @@ class Controller:
     # -- a stage ----------------------------------------------------------------------------
 
     def run_stage(self, run: RunState, index: int) -> None:
+        """Runs stage `index` from where `run` is to its end (or early stop)."""
         stage = self.config.stages[index]
         es = self._early_stopping(stage, run.early_stopping)
         if run.stage_start_step is None:
@@ -388,6 +395,7 @@ class Controller:
         self._end_stage(run, index, stage, es)
 
     def _early_stopping(self, stage: StageConfig, state: dict | None) -> EarlyStopping:
+        """The stage's early stopping (its patience may override the run's), resumed from `state`."""
         c = self.config.train.early_stopping
         es = EarlyStopping(c.monitor, c.mode, c.min_delta, stage.patience if stage.patience is not None else c.patience,
                            c.baseline, c.start_from_epoch, c.restore_best_weights)
@@ -480,7 +488,7 @@ class Controller:
 
     def _end_epoch(self, run: RunState, stage: StageConfig, es: EarlyStopping, train_m: dict, val_m: dict,
                    selection: unfreeze.Selection) -> None:
-        """Summaries, history, early stopping, the best record, checkpoints."""
+        """Early stopping, the best record, summaries, history, checkpoints."""
         t = self.config.train
         step = self.step()
         top5 = self.source.num_classes > 5
@@ -490,36 +498,44 @@ class Controller:
         scale = loss_scale_value(self.m.optimizer)
         if scale is not None:
             metrics["loss_scale"] = scale
+
+        value = metrics.get(es.monitor)
+        # The run's best: early stopping's own improvement rule, against every earlier
+        # epoch of every stage (for a one-stage run, exactly Keras's best weights).
+        improved = (value is not None and run.epoch >= es.start_from_epoch
+                    and (run.best is None or es.is_improvement(value, run.best["value"])))
+        stop = es.update(run.epoch, value) and t.early_stopping.enabled
+        last = run.stage == len(self.config.stages) - 1 and (stop or run.epoch + 1 == stage.epochs)
+
         self.summaries.scalars("train", {k.removeprefix("train/"): v for k, v in metrics.items()
                                          if not k.startswith("val/")}, step)
         self.summaries.scalars("val", {k.removeprefix("val/"): v for k, v in metrics.items() if k.startswith("val/")},
                                step)
-        total_epochs = sum(s.epochs for s in self.config.stages)
-        if itstime(run.global_epoch + 1, t.histogram_every_epochs, total_epochs):
+        epoch_number = run.global_epoch + 1
+        if itstime(epoch_number, t.histogram_every_epochs, epoch_number if last else None):
             self.summaries.histograms("train", selection.variables, step)
         self.summaries.flush()
         run.history.append({"stage": stage.name, "epoch": run.epoch, "global_epoch": run.global_epoch,
                             "step": step, **metrics})
         self.say(f"  val/loss {metrics['val/loss']:.4f}  val/accuracy {metrics['val/accuracy']:.4f}")
 
-        value = metrics.get(es.monitor)
-        improved_run = (value is not None and run.epoch >= es.start_from_epoch
-                        and (run.best is None or es.is_improvement(value, run.best["value"])))
-        stop = es.update(run.epoch, value)
-        if improved_run:
+        if improved:
             run.best = {"stage": stage.name, "stage_index": run.stage, "epoch": run.epoch,
                         "global_epoch": run.global_epoch, "monitor": es.monitor, "value": value,
-                        "val/loss": metrics["val/loss"], "val/accuracy": metrics["val/accuracy"]}
+                        "val/loss": metrics["val/loss"], "val/accuracy": metrics["val/accuracy"],
+                        "checkpoint": os.path.join("best", f"ckpt-{run.global_epoch + 1}")}
         run.next_epoch(es.state())
         self.stream.epoch_done()
-        if improved_run:
-            run.best["checkpoint"] = os.path.relpath(self.ckpts.save_best(run), self.workdir)
-        if stop and t.early_stopping.enabled:
+        if stop:
             run.stage_stopped = True
             logging.info("early stopping in stage %s at epoch %d (best epoch %d, %s=%.5f)",
                          stage.name, run.epoch, es.best_epoch + 1, es.monitor, es.best)
             self.say(f"  early stopping: stage best epoch {es.best_epoch + 1} ({es.monitor}={es.best:.4f})")
+        # ckpt/ first: its run state names the best checkpoint, which a kill between
+        # the two saves leaves for the resumed run to write (`_repair_best`).
         path = self.save_latest(run)
+        if improved:
+            self.ckpts.save_best(run)
         if self.preemption is not None and self.preemption.signum:
             raise Interrupted(self.preemption.signum, path)
 
@@ -536,8 +552,10 @@ class Controller:
         run.stages.append({
             "name": stage.name, "unfreeze": stage.unfreeze, "epochs_run": len(history),
             "epochs_max": stage.epochs, "lr": stage.lr, "early_stopped": bool(run.stage_stopped),
-            "stopped_epoch": es.stopped_epoch if run.stage_stopped else None,
-            "best_epoch": es.best_epoch if es.best is not None else None, "best_monitor_value": es.best,
+            # The stage's own early-stopping state; the run's best epoch is results.json's `best`.
+            "early_stopping": {"stopped_epoch": es.stopped_epoch if run.stage_stopped else None,
+                               "stage_best_epoch": es.best_epoch if es.best is not None else None,
+                               "stage_best_value": es.best},
             "final": final_val, "weights_from": weights_from,
         })
         run.next_stage()
@@ -562,6 +580,7 @@ class TrainingStream:
         self._iterator = None
 
     def iterator(self, source, kind: str, global_epoch: int, num_epochs: int, *, skip_steps: int):
+        """The iterator that delivers `global_epoch` next (`skip_steps` into it when rebuilt)."""
         if self._at != (kind, global_epoch):
             ds = source.train_stream(global_epoch, num_epochs, batches_per_epoch=self.batches_per_epoch,
                                      skip=skip_steps * self.accum)

@@ -2,6 +2,7 @@
 one source of defaults, the workdir lock, config changes, paths, file modes, reported
 metrics against an independent evaluation."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -56,14 +57,15 @@ def test_bad_flags_are_reported_before_tensorflow_is_imported():
 # --- 3. resume never reads the init source ----------------------------------------------------
 
 class _StopAfterFirstSave:
-    """A Preemption stand-in: 'signals' once the run has saved its first checkpoint."""
+    """A Preemption stand-in: 'signals' once the run has saved checkpoint number `after`."""
 
-    def __init__(self, wd):
-        self.wd = wd
+    def __init__(self, wd, after=1):
+        self.state = wd / "ckpt" / "checkpoint"
+        self.after = after
 
     @property
     def signum(self):
-        return signal.SIGTERM if (self.wd / "ckpt" / "checkpoint").exists() else 0
+        return signal.SIGTERM if self.state.exists() and f'ckpt-{self.after}"' in self.state.read_text() else 0
 
 
 @pytest.mark.parametrize("source", ["ckpt", "file"])
@@ -198,10 +200,54 @@ def test_allow_config_change_resumes_an_unfinished_run_and_records_it(tmp_path):
         train_lib.train_and_evaluate(cfg(1e-3), str(wd), verbose=False, preemption=_StopAfterFirstSave(wd))
     with pytest.raises(train_lib.UserError, match=r"different config; changed: stages.0.lr: 0.001 -> 0.0005"):
         train_lib.train_and_evaluate(cfg(5e-4), str(wd), verbose=False)
+    # A stage added is a change too (it was not seen: only keys of the old config counted).
+    more = dataclasses.replace(cfg(1e-3), stages=cfg(1e-3).stages + (StageConfig(name="more", epochs=1),))
+    with pytest.raises(train_lib.UserError, match=r"stages.1.name: '\(absent\)' -> 'more'"):
+        train_lib.train_and_evaluate(more, str(wd), verbose=False)
     res = train_lib.train_and_evaluate(cfg(5e-4), str(wd), verbose=False, allow_config_change=True)
     assert res["epochs_run"] == 3
     assert res["config_changes"] == [{"global_epoch": 1, "changed": ["stages.0.lr: 0.001 -> 0.0005"]}]
     assert json.loads((wd / "config.json").read_text())["stages"][0]["lr"] == 5e-4
+
+
+def test_stages_that_have_run_cannot_be_removed(tmp_path):
+    from research import train as train_lib
+    from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
+
+    two = ExperimentConfig(data=DataConfig(image_size=16, classes="0-4"), train=TrainConfig(export=False),
+                           stages=(StageConfig(name="a", epochs=1), StageConfig(name="b", epochs=2)))
+    wd = tmp_path / "run"
+    with pytest.raises(train_lib.Interrupted):  # save 2 ends stage a; save 3 is the interruption inside b
+        train_lib.train_and_evaluate(two, str(wd), verbose=False, preemption=_StopAfterFirstSave(wd, after=2))
+    one = dataclasses.replace(two, stages=two.stages[:1])
+    with pytest.raises(train_lib.UserError, match="has reached stage 2, but the config has 1 stage"):
+        train_lib.train_and_evaluate(one, str(wd), verbose=False, allow_config_change=True)
+
+
+def test_a_kill_between_the_latest_and_the_best_save_is_repaired(tmp_path):
+    """ckpt/ is saved before best/; a run killed between the two writes best/ on resume,
+    from the restored weights, which are the best epoch's."""
+    import tensorflow as tf
+    from research import train as train_lib
+    from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
+
+    cfg = ExperimentConfig(data=DataConfig(image_size=16, classes="0-4"), train=TrainConfig(export=False),
+                           stages=(StageConfig(epochs=3),))
+    wd = tmp_path / "run"
+    with pytest.raises(train_lib.Interrupted):
+        train_lib.train_and_evaluate(cfg, str(wd), verbose=False, preemption=_StopAfterFirstSave(wd))
+    shutil.rmtree(wd / "best")  # as if killed just after ckpt/ckpt-1 was written
+    with pytest.raises(train_lib.Interrupted):  # resume, then stop at the first chance
+        train_lib.train_and_evaluate(cfg, str(wd), verbose=False, preemption=_StopAfterFirstSave(wd))
+    def weights(path):
+        model = train_lib.build(cfg, 5, tf.distribute.get_strategy()).model
+        tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
+        return [v.numpy() for v in model.weights]
+
+    best, latest = weights(str(wd / "best" / "ckpt-1")), weights(str(wd / "ckpt" / "ckpt-1"))
+    assert len(best) > 10
+    for a, b in zip(best, latest):
+        assert np.array_equal(a, b)
 
 
 # --- the reported metrics against an independent evaluation --------------------------------------

@@ -68,9 +68,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, args, kill_after):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resuming from" in r.stdout
     _assert_bit_identical(ref / "ckpt", wd / "ckpt")
+    _assert_bit_identical(ref / "best", wd / "best")  # the same best record, the same weights
     a = json.loads((ref / "results.json").read_text())
     b = json.loads((wd / "results.json").read_text())
-    assert a["final"] == b["final"]
+    assert a["final"] == b["final"] and a["best"] == b["best"]
+    assert [h["val/loss"] for h in a["history"]] == [h["val/loss"] for h in b["history"]]
 
 
 def test_sigterm_saves_a_resumable_checkpoint_mid_epoch(tmp_path):
