@@ -73,10 +73,12 @@ class Pipeline:
       shuffle_buffer: shuffle buffer size (capped at the training set size).
       threads: size of the pipeline's own tf.data thread pool (None: TF's shared
         pool over every core); see `pipeline_threads`.
+      deterministic: the run enables op determinism (`--deterministic`).
     """
 
     def __init__(self, source: Source, *, batch_size: int, preprocess, augment: AugmentConfig,
-                 seed: int = 0, cache: bool = True, shuffle_buffer: int = 10000, threads: int | None = None):
+                 seed: int = 0, cache: bool = True, shuffle_buffer: int = 10000, threads: int | None = None,
+                 deterministic: bool = False):
         self.source = source
         self.batch_size = batch_size
         self.preprocess = preprocess
@@ -84,6 +86,7 @@ class Pipeline:
         self.seed = seed
         self.cache = cache
         self.threads = threads
+        self.deterministic = deterministic
         self.shuffle_buffer = max(1, min(shuffle_buffer, source.num_train))
         self._train = source.train.cache() if cache else source.train
         self._val = source.val.cache() if cache else source.val
@@ -172,7 +175,9 @@ class Pipeline:
         else:
             def transform(seed, index, batch):
                 return self._preprocess(batch[0]), batch[1]
-        ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
+        # Under op determinism TF runs this map (it calls a traced function) sequentially
+        # anyway, and logs an error-looking line about the rewrite: ask for it directly.
+        ds = ds.map(transform, num_parallel_calls=None if self.deterministic else AUTOTUNE)
         return ds.prefetch(AUTOTUNE).with_options(self.options())
 
     def train_dataset(self, epoch: int, *, augment: bool = True) -> tf.data.Dataset:
@@ -188,5 +193,5 @@ class Pipeline:
 
     def val_dataset(self) -> tf.data.Dataset:
         ds = self._val.batch(self.batch_size)
-        ds = ds.map(lambda x, y: (self._preprocess(x), y), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y: (self._preprocess(x), y), num_parallel_calls=None if self.deterministic else AUTOTUNE)
         return ds.prefetch(AUTOTUNE).with_options(self.options())

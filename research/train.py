@@ -125,7 +125,8 @@ def build_inputs(config: ExperimentConfig, strategy, *, verbose: bool = True) ->
     pipeline = data.Pipeline(source, batch_size=cfg_d.batch_size, preprocess=entry.preprocess,
                              augment=config.augment, seed=config.train.seed, cache=cfg_d.cache,
                              shuffle_buffer=cfg_d.shuffle_buffer,
-                             threads=data.pipeline_threads(cfg_d.threads, cached=cfg_d.cache))
+                             threads=data.pipeline_threads(cfg_d.threads, cached=cfg_d.cache),
+                             deterministic=config.train.deterministic)
     if pipeline.threads and cfg_d.cache:
         # Decode on every core now; the training stream then runs on its capped pool.
         logging.info("decoded %d training images into the cache in %.1fs", source.num_train, pipeline.fill_cache())

@@ -100,7 +100,7 @@ def test_resume_never_reads_the_init_source(tmp_path, source):
 
 # --- 5. one source of defaults, --epochs, presets ----------------------------------------------
 
-def test_flags_and_the_library_share_their_defaults():
+def test_flags_and_the_library_share_their_defaults(tmp_path):
     from launch.train import config_from_args
     from research import distribute
     from research.config import ExperimentConfig, validate
@@ -109,10 +109,12 @@ def test_flags_and_the_library_share_their_defaults():
     one = config_from_args(["--epochs=3"])
     assert len(one.stages) == 1 and one.stages[0].epochs == 3 and one.stages[0].name == "train"
     assert config_from_args(["--backbone", "mobilenet", "--alpha", "0.25"]).model.backbone == "mobilenet"
-    preset = config_from_args(["--preset=ants_top2", "--head_epochs=1", "--weights=none"])
+    # The preset's own dataset is the shared ants/bees folder; any folder overrides it.
+    preset = config_from_args(["--preset=ants_top2", "--head_epochs=1", "--weights=none",
+                               f"--dataset=folder:{os.path.relpath(tmp_path)}"])
     assert [(s.name, s.unfreeze, s.epochs, s.lr) for s in preset.stages] == [("head", "none", 1, 3e-3),
                                                                              ("finetune", "top:2", 8, 1e-4)]
-    assert preset.model.alpha == 0.25 and preset.data.dataset.startswith("folder:/")
+    assert preset.model.alpha == 0.25 and preset.data.dataset == f"folder:{tmp_path}"  # resolved
     assert preset.train.jit_compile == "auto" and distribute.use_xla("auto") is False  # no GPU here
 
 
