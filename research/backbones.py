@@ -163,6 +163,11 @@ BACKBONES: dict[str, Backbone] = {
 }
 
 
+def input_size(name: str, image_size: int) -> int:
+    """`--image_size`, or the backbone's default side when it is 0."""
+    return image_size or get(name).default_size
+
+
 def get(name: str) -> Backbone:
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}; allowed values: {', '.join(BACKBONES)}")

@@ -158,13 +158,19 @@ def check_unlocked(workdir: str) -> None:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        _flock_or_refuse(fd, fcntl.LOCK_SH, workdir)
+    finally:
+        os.close(fd)
+
+
+def _flock_or_refuse(fd: int, mode: int, workdir: str) -> None:
+    """Takes `mode` on the lock file without waiting, or names the process holding it."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         owner = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
         raise UserError(f"--workdir={workdir!r} is in use by {owner}; wait for it to finish, "
                         "stop it, or use another --workdir") from None
-    finally:
-        os.close(fd)
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -227,12 +233,7 @@ def workdir_lock(workdir: str, *, enabled: bool = True):
     path = os.path.join(workdir, ".lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-            raise UserError(f"--workdir={workdir!r} is in use by {owner}; wait for it to finish, "
-                            "stop it, or use another --workdir") from None
+        _flock_or_refuse(fd, fcntl.LOCK_EX, workdir)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n"
                   .encode(), 0)
@@ -295,13 +296,11 @@ def load_run(workdir: str, *, checkpoint: str = "best", class_names: list[str] |
     if class_names is None and os.path.exists(results_path):
         with open(results_path) as f:
             class_names = json.load(f).get("class_names")
+    size = backbones.input_size(config.model.backbone, config.data.image_size)
     if class_names is None:
         from research import sources
-        entry = backbones.get(config.model.backbone)
-        class_names = sources.load_source(config.data, config.data.image_size or entry.default_size).class_names
+        class_names = sources.load_source(config.data, size).class_names
     path = checkpoint_path(workdir, checkpoint)
-    entry = backbones.get(config.model.backbone)
-    size = config.data.image_size or entry.default_size
     base = backbones.build_base(config.model.backbone, image_size=size, alpha=config.model.alpha)
     model = backbones.build_classifier(base, len(class_names), dropout=config.model.dropout)
     try:

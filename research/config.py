@@ -305,7 +305,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
 
     _choice("backbone", m.backbone, tuple(backbones.BACKBONES))
     entry = backbones.BACKBONES[m.backbone]
-    size = d.image_size or entry.default_size
+    size = backbones.input_size(m.backbone, d.image_size)
     _check(size >= entry.min_size,
            f"--image_size={size} is below the minimum input size {entry.min_size} of backbone {m.backbone!r}")
     w = m.weights

@@ -111,7 +111,7 @@ def build_inputs(config: ExperimentConfig, strategy, *, verbose: bool = True) ->
     """
     cfg_d = config.data
     entry = backbones.get(config.model.backbone)
-    size = cfg_d.image_size or entry.default_size
+    size = backbones.input_size(config.model.backbone, cfg_d.image_size)
     source = sources.load_source(cfg_d, size)
     if source.skipped:
         logging.warning("skipped %d unreadable image(s), e.g. %s", len(source.skipped), source.skipped[0])
@@ -156,7 +156,7 @@ def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.St
         (checked before anything is written or trained).
     """
     cfg_m = config.model
-    size = config.data.image_size or backbones.get(cfg_m.backbone).default_size
+    size = backbones.input_size(cfg_m.backbone, config.data.image_size)
     with strategy.scope():
         base = backbones.build_base(cfg_m.backbone, image_size=size, alpha=cfg_m.alpha)
         model = backbones.build_classifier(base, num_classes, dropout=cfg_m.dropout)

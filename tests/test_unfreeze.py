@@ -167,6 +167,23 @@ def test_gradual_unfreezing_and_layerwise_lr(tmp_path):
     assert sel.lr_multipliers == {"block1_conv/kernel": 0.25, "block2_conv/kernel": 0.5}
 
 
+def _two_optimizer_reference(ref, ref_vars, cfg, lr, data, steps=3):
+    """The reference for a 0.5 multiplier on block3: block3 alone at lr*0.5 and the
+    head at lr, two optimizers, on one device."""
+    import keras
+    assert [v.path for v in ref_vars] == ["block3_conv/kernel", "head/kernel", "head/bias"]
+    o_body, o_head = build_optimizer(cfg, lr * 0.5), build_optimizer(cfg, lr)
+    o_body.build(ref_vars[:1]); o_head.build(ref_vars[1:])
+    it = iter(data)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    for _ in range(steps):
+        x, y = next(it)
+        with tf.GradientTape() as tape:
+            l = loss(y, ref(x, training=True))
+        g = tape.gradient(l, ref_vars)
+        o_body.apply(g[:1], ref_vars[:1]); o_head.apply(g[1:], ref_vars[1:])
+
+
 def test_layerwise_lr_equals_scaled_learning_rate():
     """With SGD+momentum and Adam, a multiplier m on a variable equals training it at lr*m."""
     for name in ("sgd", "adam"):
@@ -183,17 +200,7 @@ def test_layerwise_lr_equals_scaled_learning_rate():
         t = Trainer(ours, o_ours, strategy=tf.distribute.get_strategy())
         t.set_trainable(sel_ours.variables, {"block3_conv/kernel": 0.5})
         t.train(iter(data), 3)
-        ref_vars = unfreeze.select(ref, "small_cnn", "top:1").variables
-        o_body, o_head = build_optimizer(cfg, 5e-3), build_optimizer(cfg, 1e-2)
-        o_body.build(ref_vars[:1]); o_head.build(ref_vars[1:])
-        it = iter(data)
-        loss = __import__("keras").losses.SparseCategoricalCrossentropy(from_logits=True)
-        for _ in range(3):
-            x, y = next(it)
-            with tf.GradientTape() as tape:
-                l = loss(y, ref(x, training=True))
-            g = tape.gradient(l, ref_vars)
-            o_body.apply(g[:1], ref_vars[:1]); o_head.apply(g[1:], ref_vars[1:])
+        _two_optimizer_reference(ref, unfreeze.select(ref, "small_cnn", "top:1").variables, cfg, 1e-2, data)
         for a, b in zip(ref.weights, ours.weights):
             np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{name} {a.path}")
 
@@ -226,7 +233,7 @@ from research import backbones, unfreeze
 from research.config import TrainConfig
 from research.loop import Trainer
 from research.optim import build_optimizer
-from tests.test_unfreeze import _tiny_data
+from tests.test_unfreeze import _tiny_data, _two_optimizer_reference
 
 name, out = sys.argv[1], sys.argv[2]
 lr = {"sgd": 0.1, "adam": 1e-2}[name]  # large enough that block3 moves far beyond the tolerance
@@ -250,19 +257,7 @@ t = Trainer(ours, opt, strategy=strategy)
 t.set_trainable(sel.variables, {"block3_conv/kernel": 0.5})
 t.train(iter(strategy.experimental_distribute_dataset(_tiny_data())), 3)
 
-# Reference on one device: block3 alone at lr*0.5 and the head at lr, two optimizers.
-ref_vars = ref_sel.variables
-assert [v.path for v in ref_vars] == ["block3_conv/kernel", "head/kernel", "head/bias"]
-o_body, o_head = build_optimizer(cfg, lr * 0.5), build_optimizer(cfg, lr)
-o_body.build(ref_vars[:1]); o_head.build(ref_vars[1:])
-it = iter(_tiny_data())
-loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-for _ in range(3):
-    x, y = next(it)
-    with tf.GradientTape() as tape:
-        l = loss(y, ref(x, training=True))
-    g = tape.gradient(l, ref_vars)
-    o_body.apply(g[:1], ref_vars[:1]); o_head.apply(g[1:], ref_vars[1:])
+_two_optimizer_reference(ref, ref_sel.variables, cfg, lr, _tiny_data())
 np.savez(out, paths=np.array([v.path for v in ref.weights]), init=np.array(init, dtype=object),
          ref=np.array(ref.get_weights(), dtype=object), ours=np.array(ours.get_weights(), dtype=object),
          iterations=int(opt.iterations.numpy()))
