@@ -17,8 +17,8 @@ F = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run to evaluate.")
 flags.DEFINE_string("dataset", None, "Another dataset with the same classes (default: the run's own).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-flags.DEFINE_string("split", None, "val | train | all (TFDS: val or any split name, e.g. test). Default: all "
-                    "for a --dataset folder without train/val sub-folders, else val.")
+flags.DEFINE_string("split", None, "val | test | train | all, as the run split the data (TFDS: also any split "
+                    "name). Default: all for a --dataset folder without split sub-folders, else val.")
 flags.DEFINE_string("checkpoint", "best", "best | latest | a checkpoint path.")
 flags.DEFINE_string("name", None, "Report name (default: from dataset and split).")
 flags.DEFINE_bool("skip_bad_images", False, "Leave out unreadable images (listed in the report) instead of failing.")

@@ -34,8 +34,14 @@ def define_flags(fv: flags.FlagValues) -> None:
     d("string", "dataset", _D.dataset, "digits | folder:PATH | tfds:NAME")
     d("string", "data_dir", _D.data_dir, "TFDS data directory.")
     d("string", "train_split", _D.train_split, "TFDS training split.")
-    d("string", "val_split", _D.val_split, "TFDS validation split (default: validation/test if present, else a slice of train).")
+    d("string", "val_split", _D.val_split, "TFDS validation split (default: validation/val if present, else a slice of train).")
     d("float", "val_fraction", _D.val_fraction, "Held-out fraction when the source has no validation split.")
+    d("enum", "test", _D.test, "The test split, never used for a training decision: auto = the source's own "
+      "(PATH/test, TFDS test) or a --test_fraction slice of train; val = the source's validation split, with "
+      "validation carved from train (datasets with only train/val); none = no test split.",
+      enum_values=list(C.TEST_SOURCES))
+    d("string", "test_split", _D.test_split, "TFDS test split (default: test if present).")
+    d("float", "test_fraction", _D.test_fraction, "Fraction carved for test when the source has no test split.")
     d("string", "classes", _D.classes, "Class subset by name or index, e.g. 0-4 or ants,bees (relabelled 0..k-1).")
     d("integer", "image_size", _D.image_size, "Input side in pixels (0: the backbone's default).")
     d("integer", "batch_size", _D.batch_size, "Global batch size.")
@@ -140,7 +146,8 @@ def config_from_flags(fv: flags.FlagValues = F) -> C.ExperimentConfig:
                                  gradual_every=fv.gradual_every, lr_decay_per_block=fv.lr_decay_per_block)
     return C.validate(C.ExperimentConfig(
         data=C.DataConfig(dataset=fv.dataset, data_dir=fv.data_dir, train_split=fv.train_split,
-                          val_split=fv.val_split, val_fraction=fv.val_fraction, classes=fv.classes,
+                          val_split=fv.val_split, val_fraction=fv.val_fraction, test=fv.test, test_split=fv.test_split,
+                          test_fraction=fv.test_fraction, classes=fv.classes,
                           image_size=fv.image_size, batch_size=fv.batch_size, shuffle_buffer=fv.shuffle_buffer,
                           cache=fv.cache, skip_bad_images=fv.skip_bad_images, threads=fv.data_threads),
         augment=C.AugmentConfig(horizontal_flip=fv.horizontal_flip, rotation=fv.rotation, width_shift=fv.width_shift,
@@ -221,7 +228,8 @@ def main(argv):
     except checkpoints.StorageError as e:
         common.die(str(e), common.EXIT_STORAGE)
     f = results["final"]
-    print(f"\nfinal val/accuracy {f['val/accuracy']:.4f}  val/loss {f['val/loss']:.4f}  "
+    test = f"test/accuracy {f['test/accuracy']:.4f}  " if "test/accuracy" in f else "(no test split)  "
+    print(f"\nfinal {test}val/accuracy {f['val/accuracy']:.4f}  val/loss {f['val/loss']:.4f}  "
           f"({results['epochs_run']} epochs, {results['wall_time_s']:.0f}s, "
           f"{results['images_per_second']:.0f} train images/s)")
     print(f"results: {F.workdir}/results.json")

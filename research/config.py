@@ -22,6 +22,7 @@ __all__ = ["UserError"]  # re-exported: most modules import it from here
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
 JIT = ("auto", "true", "false")
+TEST_SOURCES = ("auto", "val", "none")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -36,8 +37,17 @@ class DataConfig:
       dataset: `digits`, `folder:PATH` or `tfds:NAME`.
       data_dir: TFDS data directory (None: TFDS's default).
       train_split / val_split: TFDS split names; an empty `val_split` means
-        "carve `val_fraction` out of the training split".
+        `validation` or `val` if the dataset has one, else "carve `val_fraction`
+        out of the training split".
       val_fraction: held-out fraction when the source has no validation split.
+      test: where the test split, which no training decision ever sees, comes from:
+        `auto`: the source's own (`PATH/test`, the TFDS `test_split`) if it has
+        one, else a `test_fraction` slice carved from the training images;
+        `val`: the source's validation split is the test split, and validation
+        is carved from the training images (datasets that ship only train/val);
+        `none`: no test split.
+      test_split: TFDS test split name (empty: `test` if the dataset has one).
+      test_fraction: the fraction carved for test when the source has no test split.
       classes: subset of classes by name or index (`0-4`, `ants,bees`), relabelled 0..k-1.
       image_size: side of the square model input; 0 means the backbone's default.
       batch_size: the global batch size.
@@ -53,6 +63,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = ""
     val_fraction: float = 0.2
+    test: str = "auto"
+    test_split: str = ""
+    test_fraction: float = 0.1
     classes: str = ""
     image_size: int = 0
     batch_size: int = 32
@@ -290,6 +303,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     if ds.startswith("folder:"):
         _check(os.path.isdir(ds[len("folder:"):]), f"--dataset={ds}: no such directory")
     _check(0.0 < d.val_fraction < 1.0, f"--val_fraction={d.val_fraction} must be strictly between 0 and 1")
+    _choice("test", d.test, TEST_SOURCES)
+    _check(0.0 < d.test_fraction < 1.0, f"--test_fraction={d.test_fraction} must be strictly between 0 and 1")
+    _check(d.test == "none" or d.val_fraction + d.test_fraction < 0.9,
+           f"--val_fraction={d.val_fraction} and --test_fraction={d.test_fraction} leave less than 10% to train")
     _check(d.batch_size >= 1, f"--batch_size={d.batch_size} must be >= 1")
     _check(d.image_size >= 0, f"--image_size={d.image_size} must be >= 0 (0 means the backbone's default)")
     _check(d.shuffle_buffer >= 1, f"--shuffle_buffer={d.shuffle_buffer} must be >= 1")

@@ -192,6 +192,13 @@ class Pipeline:
         return self._augment(x, tf.constant([self.epoch_seed(epoch), 0], tf.int64))
 
     def val_dataset(self) -> tf.data.Dataset:
-        ds = self._val.batch(self.batch_size)
+        return self._eval_batches(self._val)
+
+    def test_dataset(self) -> tf.data.Dataset | None:
+        """The test batches (not cached: the run reads them once or twice, at its end)."""
+        return None if self.source.test is None else self._eval_batches(self.source.test)
+
+    def _eval_batches(self, elements: tf.data.Dataset) -> tf.data.Dataset:
+        ds = elements.batch(self.batch_size)
         ds = ds.map(lambda x, y: (self._preprocess(x), y), num_parallel_calls=None if self.deterministic else AUTOTUNE)
         return ds.prefetch(AUTOTUNE).with_options(self.options())

@@ -22,6 +22,9 @@ from research.checkpoints import load_run
 from research.errors import UserError
 
 
+SPLITS = ("val", "test", "train", "all")
+
+
 def per_class_metrics(labels: np.ndarray, pred: np.ndarray, class_names: list[str]) -> list[dict]:
     """Precision, recall, F1 and support per class (scikit-learn; 0 where undefined)."""
     p, r, f1, support = precision_recall_fscore_support(labels, pred, labels=np.arange(len(class_names)),
@@ -86,9 +89,10 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
       workdir: the run.
       dataset: another source (`folder:PATH`, `tfds:NAME`, `digits`) with the
         same class names; None means the run's own dataset.
-      split: `val`, `train` or `all` (both) of the source; for TFDS, `val` may
-        also be any split name such as `test`. None: `all` for another folder
-        without train/val sub-folders (every image is scored), else `val`.
+      split: `val`, `test`, `train` or `all` (every image) of the source, split
+        as the run split it (`--test`, `--val_fraction`, ...); for TFDS, also any
+        split name such as `validation`. None: `all` for another folder without
+        split sub-folders (every image is scored), else `val`.
       checkpoint: `best`, `latest` or a checkpoint path.
       name: the report's name (default: derived from dataset and split).
       data_dir: TFDS data directory of `dataset`.
@@ -110,12 +114,12 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
         if split == "all":
             raise UserError(f"--split=all is for folder and digits datasets; name a split of {source_name} "
                             "instead, e.g. --split=test")
-    elif split not in ("val", "train", "all"):
-        raise UserError(f"--split={split!r} is not valid for this dataset; allowed values: val, train, all")
+    elif split not in SPLITS:
+        raise UserError(f"--split={split!r} is not valid for this dataset; allowed values: {', '.join(SPLITS)}")
     cfg = dataclasses.replace(cfg, skip_bad_images=skip_bad_images or cfg.skip_bad_images)
     if dataset:
         cfg = dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir or cfg.data_dir)
-    if split not in ("val", "train", "all"):
+    if split not in SPLITS:
         cfg = dataclasses.replace(cfg, val_split=split)
     if dataset:
         # Another source: take its classes by the run's names, so indices line up.
@@ -129,12 +133,14 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
     source = sources.load_source(dataclasses.replace(cfg, batch_size=1), size)
     if source.class_names != class_names:
         raise UserError(f"class names differ: {source.class_names} vs the run's {class_names}")
-    if split == "train":
-        parts, split_ds = ["train"], source.train
-    elif split == "all":  # every image: a split-less folder's train and val slices together
-        parts, split_ds = ["train", "val"], source.train.concatenate(source.val)
-    else:
-        parts, split_ds = ["val"], source.val
+    if split == "test" and source.test is None:
+        raise UserError(f"{source_name} has no test split here (the run's --test={cfg.test}, test: "
+                        f"{source.test_from}); evaluate --split=val, or another --dataset")
+    parts = {"all": ["train", "val", "test"], "train": ["train"], "test": ["test"]}.get(split, ["val"])
+    datasets = [d for d in (getattr(source, p) for p in parts) if d is not None]
+    split_ds = datasets[0]
+    for d in datasets[1:]:  # `all`: every image of a split-less folder, whichever slice it fell in
+        split_ds = split_ds.concatenate(d)
     skipped = [p for part in parts for p in source.skipped_by_split.get(part, [])]
     ds = split_ds.batch(64).map(lambda x, y: (entry.preprocess(tf.cast(x, tf.float32)), y))
     logits, labels = predict_dataset(model, ds)

@@ -31,7 +31,11 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 @dataclass
 class Source:
-    """Decoded, resized, relabelled data of one dataset, before batching."""
+    """Decoded, resized, relabelled data of one dataset, before batching.
+
+    `test` (None with `--test=none`) is for the final report only: no training
+    decision reads it. `test_from` says what plays the test role.
+    """
 
     train: tf.data.Dataset
     val: tf.data.Dataset
@@ -41,6 +45,9 @@ class Source:
     image_size: int
     skipped: list[str] = field(default_factory=list)
     skipped_by_split: dict[str, list[str]] = field(default_factory=dict)
+    test: tf.data.Dataset | None = None
+    num_test: int = 0
+    test_from: str = "none"
 
     @property
     def num_classes(self) -> int:
@@ -101,18 +108,47 @@ def _from_arrays(images: np.ndarray, labels: np.ndarray, size: int) -> tf.data.D
     return ds.map(lambda x, y: (_resize_uint8(x, size), y), num_parallel_calls=AUTOTUNE)
 
 
-def _split_indices(labels: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """A deterministic, stratified split, independent of the training seed, so the
-    validation set is the same across seeds and sweeps."""
+def carve(labels: np.ndarray, val_fraction: float, test_fraction: float = 0.0
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Splits indices into (train, val, test): stratified, deterministic and independent
+    of the training seed, so validation and test are the same across seeds and sweeps.
+
+    A zero fraction carves nothing. Validation is taken first, so turning the test
+    slice on or off leaves the validation images as they were.
+    """
     rng = np.random.RandomState(12345)
-    train, val = [], []
+    parts: tuple[list, list, list] = ([], [], [])
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
-        n_val = max(1, int(round(len(idx) * val_fraction))) if len(idx) > 1 else 0
-        val.extend(idx[:n_val])
-        train.extend(idx[n_val:])
-    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
+        n_val = max(1, int(round(len(idx) * val_fraction))) if val_fraction and len(idx) > 1 else 0
+        n_test = 0
+        if test_fraction and len(idx) - n_val > 1:  # leave the class at least one training image
+            n_test = min(max(1, int(round(len(idx) * test_fraction))), len(idx) - n_val - 1)
+        parts[1].extend(idx[:n_val])
+        parts[2].extend(idx[n_val:n_val + n_test])
+        parts[0].extend(idx[n_val + n_test:])
+    return tuple(np.sort(np.array(p, dtype=np.int64)) for p in parts)
+
+
+def _plan(cfg: DataConfig, has_val: bool, has_test: bool, own: str) -> tuple[str, str, str]:
+    """Where validation and test come from: `own` (the source's split), `val` (test
+    only: the source's validation split), `carve` or `none`; and what to call it.
+
+    Raises:
+      UserError: `--test=val` on a source without a validation split.
+    """
+    if cfg.test == "val":
+        if not has_val:
+            raise UserError(f"--test=val holds out the source's validation split as test, but {own} has none; "
+                            "use --test=auto (a --test_fraction slice of the training images)")
+        return "carve", "val", "the source's validation split"
+    val = "own" if has_val else "carve"
+    if cfg.test == "none":
+        return val, "none", "none"
+    if has_test:
+        return val, "own", "the source's test split"
+    return val, "carve", f"a {cfg.test_fraction:.0%} slice of the training images"
 
 
 def load_digits_source(cfg: DataConfig, size: int) -> Source:
@@ -124,9 +160,12 @@ def load_digits_source(cfg: DataConfig, size: int) -> Source:
     keep = parse_classes(cfg.classes, names)
     mask = np.isin(d.target, keep)
     images, labels = images[mask], np.searchsorted(keep, d.target[mask])
-    tr, va = _split_indices(labels, cfg.val_fraction)
+    _, test_plan, test_from = _plan(cfg, has_val=False, has_test=False, own="digits")
+    tr, va, te = carve(labels, cfg.val_fraction, cfg.test_fraction if test_plan == "carve" else 0.0)
     return Source(_from_arrays(images[tr], labels[tr], size), _from_arrays(images[va], labels[va], size),
-                  len(tr), len(va), [names[k] for k in keep], size)
+                  len(tr), len(va), [names[k] for k in keep], size,
+                  test=_from_arrays(images[te], labels[te], size) if len(te) else None, num_test=len(te),
+                  test_from=test_from)
 
 
 def _list_class_folder(root: str) -> tuple[list[str], list[list[str]]]:
@@ -222,14 +261,17 @@ def _files_dataset(paths: list[str], labels: list[int], size: int) -> tf.data.Da
     return ds.map(lambda p, y: _decode_file(p, y, size), num_parallel_calls=AUTOTUNE)
 
 
-def folder_split_dirs(path: str) -> tuple[str, str] | None:
-    """The (train, val) sub-folder names of a folder dataset, or None if it has no such split.
+def folder_split_dirs(path: str) -> dict[str, str | None] | None:
+    """The split sub-folders of a folder dataset: `{"train", "val", "test"}` (a missing
+    one is None), or None for a folder of class folders without splits.
 
-    `val` may also be spelled `validation`, in any case.
+    A split folder needs `train/` and `val/` (or `validation/`) or `test/`, in any case.
     """
-    sub = {d.lower(): d for d in os.listdir(path)}
-    val_dir = sub.get("val") or sub.get("validation")
-    return (sub["train"], val_dir) if "train" in sub and val_dir else None
+    sub = {d.lower(): d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))}
+    val_dir, test_dir = sub.get("val") or sub.get("validation"), sub.get("test")
+    if "train" not in sub or not (val_dir or test_dir):
+        return None
+    return {"train": sub["train"], "val": val_dir, "test": test_dir}
 
 
 def class_names(cfg: DataConfig) -> list[str]:
@@ -245,33 +287,62 @@ def class_names(cfg: DataConfig) -> list[str]:
         if not os.path.isdir(path):
             raise UserError(f"--dataset=folder:{path}: no such directory")
         dirs = folder_split_dirs(path)
-        return _list_class_folder(os.path.join(path, dirs[0]) if dirs else path)[0]
+        return _list_class_folder(os.path.join(path, dirs["train"]) if dirs else path)[0]
     return load_source(dataclasses.replace(cfg, classes="", batch_size=1), 1).class_names
 
 
-def load_folder_source(cfg: DataConfig, size: int) -> Source:
+def folder_splits(cfg: DataConfig) -> tuple[list[str], dict[str, list[list[str]]], str]:
+    """The files of each split of a folder dataset, before any image is opened.
+
+    Returns:
+      (class names, `{split: one file list per class}` for `train`, `val` and, unless
+      `--test=none`, `test`; what plays the test role).
+
+    Raises:
+      UserError: a missing folder, split folders with different classes, `--test=val`
+        without a validation folder.
+    """
     path = cfg.dataset[len("folder:"):]
     if not os.path.isdir(path):
         raise UserError(f"--dataset=folder:{path}: no such directory")
     dirs = folder_split_dirs(path)
-    if dirs:
-        train_dir, val_dir = dirs
-        names, train_files = _list_class_folder(os.path.join(path, train_dir))
-        val_names, val_files = _list_class_folder(os.path.join(path, val_dir))
-        if val_names != names:
-            raise UserError(f"class folders differ between train and {val_dir}: {names} vs {val_names}")
-        splits = {"train": train_files, "val": val_files}
-    else:
-        names, files = _list_class_folder(path)
-        flat = [f for fs in files for f in fs]
-        labels = np.array([c for c, fs in enumerate(files) for _ in fs])
-        tr, va = _split_indices(labels, cfg.val_fraction)
-        splits = {}
-        for key, idx in (("train", tr), ("val", va)):
-            per_class = [[] for _ in names]
+    names, train = _list_class_folder(os.path.join(path, dirs["train"]) if dirs else path)
+    own = {}
+    for key in ("val", "test"):
+        if dirs and dirs[key]:
+            other, files = _list_class_folder(os.path.join(path, dirs[key]))
+            if other != names:
+                raise UserError(f"class folders differ between {dirs['train']} and {dirs[key]}: {names} vs {other}")
+            own[key] = files
+    val_plan, test_plan, test_from = _plan(cfg, "val" in own, "test" in own, own=f"folder {path!r}")
+    if test_plan == "own":
+        test_from = os.path.join(path, dirs["test"])
+    elif test_plan == "val":
+        test_from = f"{os.path.join(path, dirs['val'])} (the source's validation split)"
+    splits = {"train": train, "val": own.get("val"), "test": {"own": own.get("test"), "val": own.get("val")}.get(test_plan)}
+    if "carve" in (val_plan, test_plan):
+        flat = [f for fs in train for f in fs]
+        labels = np.array([c for c, fs in enumerate(train) for _ in fs])
+        parts = carve(labels, cfg.val_fraction if val_plan == "carve" else 0.0,
+                      cfg.test_fraction if test_plan == "carve" else 0.0)
+        carved = {}
+        for key, idx in zip(("train", "val", "test"), parts):
+            carved[key] = [[] for _ in names]
             for i in idx:
-                per_class[labels[i]].append(flat[i])
-            splits[key] = per_class
+                carved[key][labels[i]].append(flat[i])
+        splits["train"] = carved["train"]
+        if val_plan == "carve":
+            splits["val"] = carved["val"]
+        if test_plan == "carve":
+            splits["test"] = carved["test"]
+    if test_plan == "none":
+        del splits["test"]
+    return names, splits, test_from
+
+
+def load_folder_source(cfg: DataConfig, size: int) -> Source:
+    path = cfg.dataset[len("folder:"):]
+    names, splits, test_from = folder_splits(cfg)
     keep = parse_classes(cfg.classes, names)
     out, skipped = {}, {}
     for key, per_class in splits.items():
@@ -281,12 +352,19 @@ def load_folder_source(cfg: DataConfig, size: int) -> Source:
         skipped[key] = bad
         good_set = set(good)
         labels = [y for p, y in zip(paths, labels) if p in good_set]
+        if not paths and key == "test":  # a carved slice of a class folder or two
+            logging.warning("%s: too few images to carve a test slice; the run has no test split", path)
+            test_from = "none (too few images to carve a test slice)"
+            continue
         if not good:
             raise UserError(f"no readable images in the {key} split of {path!r}")
         out[key] = (good, labels)
+    test = out.get("test")
     return Source(_files_dataset(*out["train"], size), _files_dataset(*out["val"], size),
                   len(out["train"][0]), len(out["val"][0]), [names[k] for k in keep], size,
-                  skipped["train"] + skipped["val"], skipped)
+                  [p for bad in skipped.values() for p in bad], skipped,
+                  test=_files_dataset(*test, size) if test else None, num_test=len(test[0]) if test else 0,
+                  test_from=test_from)
 
 
 def load_tfds_source(cfg: DataConfig, size: int) -> Source:
@@ -319,14 +397,24 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
     splits = list(info.splits.keys())
     if splits and cfg.train_split.split("[")[0] not in splits:
         raise UserError(f"--train_split={cfg.train_split!r} not in tfds:{name}; splits: {', '.join(splits)}")
-    train_split, val_split = cfg.train_split, cfg.val_split
-    if not val_split:
-        val_split = next((s for s in ("validation", "val", "test") if s in splits), "")
-    if not val_split:
-        pct = int(round(100 * (1 - cfg.val_fraction)))
-        train_split, val_split = f"{cfg.train_split}[:{pct}%]", f"{cfg.train_split}[{pct}%:]"
-    elif splits and val_split.split("[")[0] not in splits:
-        raise UserError(f"--val_split={val_split!r} not in tfds:{name}; splits: {', '.join(splits)}")
+    for flag, split in (("--val_split", cfg.val_split), ("--test_split", cfg.test_split)):
+        if split and splits and split.split("[")[0] not in splits:
+            raise UserError(f"{flag}={split!r} not in tfds:{name}; splits: {', '.join(splits)}")
+    own_val = cfg.val_split or next((s for s in ("validation", "val") if s in splits), "")
+    own_test = cfg.test_split or ("test" if "test" in splits else "")
+    val_plan, test_plan, test_from = _plan(cfg, bool(own_val), bool(own_test), own=f"tfds:{name}")
+    # Carved slices are TFDS percent slices of the training split: deterministic and
+    # the same for every seed (TFDS shuffled the examples when it prepared them).
+    v = int(round(100 * cfg.val_fraction)) if val_plan == "carve" else 0
+    t = int(round(100 * cfg.test_fraction)) if test_plan == "carve" else 0
+    ts = cfg.train_split
+    train_split = f"{ts}[:{100 - v - t}%]" if v + t else ts
+    val_split = f"{ts}[{100 - v - t}%:{100 - t}%]" if val_plan == "carve" else own_val
+    test_split = {"own": own_test, "val": own_val, "carve": f"{ts}[{100 - t}%:]", "none": ""}[test_plan]
+    if test_plan == "own":
+        test_from = f"tfds:{name} split {own_test!r}"
+    elif test_plan == "val":
+        test_from = f"tfds:{name} split {own_val!r} (the source's validation split)"
     keep = parse_classes(cfg.classes, names)
     table = np.full(len(names), -1, np.int32)
     table[keep] = np.arange(len(keep), dtype=np.int32)
@@ -346,7 +434,9 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
 
     train, n_train = make(train_split)
     val, n_val = make(val_split)
-    return Source(train, val, n_train, n_val, [names[k] for k in keep], size)
+    test, n_test = make(test_split) if test_split else (None, 0)
+    return Source(train, val, n_train, n_val, [names[k] for k in keep], size, test=test, num_test=n_test,
+                  test_from=test_from)
 
 
 def _ensure_rgb(x):

@@ -1,4 +1,4 @@
-"""TensorBoard writers: one per split (`train/`, `val/`), stable tag names.
+"""TensorBoard writers: one per split (`train/`, `val/`, `test/`), stable tag names.
 
 Tags are the metric names without a split prefix (`loss`, `accuracy`, ...):
 the writer's directory is the split, so TensorBoard shows `train` and `val`
@@ -18,6 +18,7 @@ class Summaries:
 
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
+        self.workdir = workdir
         self.writers = {}
         if enabled:
             for split in ("train", "val"):
@@ -26,6 +27,8 @@ class Summaries:
     def scalars(self, split: str, values: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
+        if split not in self.writers:  # test/: written once, at the end of a run
+            self.writers[split] = tf.summary.create_file_writer(os.path.join(self.workdir, split))
         with self.writers[split].as_default(step=step):
             for name, value in values.items():
                 if value is not None:

@@ -117,9 +117,11 @@ def build_inputs(config: ExperimentConfig, strategy, *, verbose: bool = True) ->
         logging.warning("skipped %d unreadable image(s), e.g. %s", len(source.skipped), source.skipped[0])
     if verbose:
         names = ", ".join(source.class_names[:10]) + (", ..." if source.num_classes > 10 else "")
-        print(f"data: {cfg_d.dataset}: {source.num_classes} classes ({names}); {source.num_train} training and "
-              f"{source.num_val} validation images at {size}x{size} px"
+        print(f"data: {cfg_d.dataset}: {source.num_classes} classes ({names}); {source.num_train} training, "
+              f"{source.num_val} validation and {source.num_test} test images at {size}x{size} px"
               + (f"; skipped {len(source.skipped)} unreadable" if source.skipped else ""), flush=True)
+        print(f"test: {source.test_from}" + ("; evaluated once, at the end of the run" if source.test else
+                                             "; the run reports validation numbers only"), flush=True)
         print(f"model: {config.model.backbone} (weights {config.model.weights}); "
               f"{distribute.describe(strategy)}, {config.train.precision}", flush=True)
     pipeline = data.Pipeline(source, batch_size=cfg_d.batch_size, preprocess=entry.preprocess,
@@ -241,7 +243,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
             run, resumed_from = checkpoints.restore_or_initialize(ctl.ckpts, init=lambda: init_weights(config, built))
             if run.finished:
                 return ctl.report_finished(run, changes)
-            ctl.start(run, resumed_from, changes)
+            ctl.start(run, resumed_from, changes, allow_config_change)
             for index in range(run.stage, len(config.stages)):
                 ctl.run_stage(run, index)
             return ctl.finish(run)
@@ -310,13 +312,25 @@ class Controller:
 
     # -- start and end of the run ---------------------------------------------------------
 
-    def start(self, run: RunState, resumed_from: str | None, changes: list[str]) -> None:
-        """Records what the run starts from, and the config it runs with."""
-        self.summaries = Summaries(self.workdir, enabled=self.chief)
+    def start(self, run: RunState, resumed_from: str | None, changes: list[str], allow_change: bool) -> None:
+        """Records what the run starts from, and the config it runs with.
+
+        Raises:
+          UserError: a resumed run whose splits changed size (images added or
+            removed, another `--test`), without `allow_change`.
+        """
         if resumed_from:
             if run.stage >= len(self.config.stages):
                 raise UserError(f"the run in {self.workdir!r} has reached stage {run.stage + 1}, but the config "
                                 f"has {len(self.config.stages)} stage(s); stages that have run cannot be removed")
+            data_changes = self._data_changes(run)
+            if data_changes and not allow_change:
+                raise UserError(f"the data of the run in {self.workdir!r} changed since it started: "
+                                f"{'; '.join(data_changes)}; use another --workdir, or pass --allow_config_change "
+                                "to resume with the new data")
+            changes = changes + data_changes
+        self.summaries = Summaries(self.workdir, enabled=self.chief)
+        if resumed_from:
             for v, value in zip(self.seed_vars, run.seed_states):
                 v.assign(np.asarray(value, dtype=v.dtype))
             self.wall_before = run.wall_seconds
@@ -328,11 +342,15 @@ class Controller:
                 run.config_changes.append({"global_epoch": run.global_epoch, "changed": changes})
                 logging.warning("resuming with a changed config: %s", "; ".join(changes))
             self._repair_best(run)
-        else:
-            src = self.source
-            run.data = {"num_train": src.num_train, "num_val": src.num_val, "class_names": src.class_names,
-                        "skipped_images": src.skipped}
+        src = self.source
+        run.data = {"num_train": src.num_train, "num_val": src.num_val, "num_test": src.num_test,
+                    "test_from": src.test_from, "class_names": src.class_names, "skipped_images": src.skipped}
         self._write_json("config.json", self.config.to_dict())
+
+    def _data_changes(self, run: RunState) -> list[str]:
+        src = self.source
+        now = {"num_train": src.num_train, "num_val": src.num_val, "num_test": src.num_test}
+        return [f"data.{k}: {run.data[k]} -> {v}" for k, v in now.items() if k in run.data and run.data[k] != v]
 
     def _repair_best(self, run: RunState) -> None:
         """`ckpt/` is saved before `best/`: a run killed between the two resumes from the
@@ -372,10 +390,9 @@ class Controller:
         results = run.results(self.config.to_dict())
         if self.chief and not os.path.exists(os.path.join(self.workdir, "results.json")):
             self._write_json("results.json", results)  # killed after its last checkpoint
-        final = run.final or {}
-        self.say(f"The run in {self.workdir} is finished ({len(run.history)} epochs, val/accuracy "
-                 f"{final.get('val/accuracy', float('nan')):.4f}); nothing to do. To train further, start a new "
-                 f"run from its weights: --workdir=NEW --weights=ckpt:{self.workdir}")
+        self.say(f"The run in {self.workdir} is finished ({len(run.history)} epochs, {_headline(run.final)}); "
+                 f"nothing to do. To train further, start a new run from its weights: --workdir=NEW "
+                 f"--weights=ckpt:{self.workdir}")
         return results
 
     # -- a stage ----------------------------------------------------------------------------
@@ -561,8 +578,45 @@ class Controller:
         })
         run.next_stage()
         if index == len(self.config.stages) - 1:
-            run.final, run.finished = final_val, True
+            run.final, run.finished = dict(final_val), True
+            self._evaluate_test(run)
         self.save_latest(run)
+
+    def _evaluate_test(self, run: RunState) -> None:
+        """Scores the final weights, and the run's best weights if they differ, on test.
+
+        Runs once, after the last epoch, so no decision of the run can depend on
+        it; the last checkpoint, which marks the run finished, carries the scores
+        (a kill before it repeats only the stage end).
+        """
+        ds = self.pipeline.test_dataset()
+        if ds is None:
+            return
+        final = prefixed("test", self.trainer.evaluate(self.strategy.experimental_distribute_dataset(ds)))
+        run.final.update(final)
+        best = run.best
+        if best is not None:
+            restored = run.stages[-1]["weights_from"] != "last epoch"
+            if restored or best["global_epoch"] == run.global_epoch - 1:
+                best.update(final)  # the same weights
+            else:
+                kept = self.m.model.get_weights()
+                if self.ckpts.restore_best_weights() is None:
+                    logging.warning("best/ holds no checkpoint; its weights are not scored on test")
+                else:
+                    best.update(prefixed("test", self.trainer.evaluate(
+                        self.strategy.experimental_distribute_dataset(ds))))
+                self.m.model.set_weights(kept)
+        self.summaries.scalars("test", {k.removeprefix("test/"): v for k, v in final.items()}, self.step())
+        self.say(f"  test (final weights): {_headline(final)}"
+                 + (f"; best epoch's: {_headline(best)}" if best and "test/accuracy" in best else ""))
+
+
+def _headline(metrics: dict | None) -> str:
+    """`test/accuracy 0.91, val/accuracy 0.93`: the accuracies a record has."""
+    items = [(k, v) for k, v in (metrics or {}).items() if k.endswith("/accuracy") and k.count("/") == 1]
+    items.sort(key=lambda kv: not kv[0].startswith("test/"))
+    return ", ".join(f"{k} {v:.4f}" for k, v in items) or "no metrics"
 
 
 class TrainingStream:
