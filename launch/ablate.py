@@ -8,7 +8,9 @@
     # Yosinski et al. (2014) at small scale, on the embedded digits (~10 min on 2 CPU cores)
     python -m launch.ablate --study=transfer
 
-Writes results.csv, results.md, results.png (and transfer.md, transfer.png) in
+Writes results.csv (every trial), summary.csv, results.md and results.png (per row
+of seeds: the test metric's mean, 95 % t-interval, n, and the paired difference
+against the --baseline row), and transfer.md, transfer.png for the study, in
 --root; `tensorboard --logdir ROOT` shows every trial, with the HParams
 dashboard. Re-running skips finished trials and resumes unfinished ones; trials
 that ran with other settings are refused (or run again with --rerun).
@@ -32,6 +34,8 @@ flags.DEFINE_string("seeds", "0,1,2", "Transfer study: seeds.")
 flags.DEFINE_string("classes_a", "0-4", "Transfer study: the classes of half A.")
 flags.DEFINE_string("classes_b", "5-9", "Transfer study: the classes of half B.")
 flags.DEFINE_integer("epochs", 10, "Transfer study: epochs of every run (bases and transfers).")
+flags.DEFINE_string("baseline", None, "KEY:VALUE, the sweep row the others are compared with, seed by seed "
+                    "(default: the first value of the first --sweep).")
 flags.DEFINE_bool("rerun", False, "Run again, from scratch, trials that ran before with other settings "
                   "(default: refuse, naming the difference).")
 
@@ -64,7 +68,7 @@ def main(argv):
             if not F.sweep:
                 common.die("give at least one --sweep=KEY:V1,V2 (or --study=transfer)", common.EXIT_USER_ERROR)
             rows = ablation.run_sweep(root, F.sweep, train_flags, config_from_args, parallel=F.parallel,
-                                      rerun=F.rerun)
+                                      rerun=F.rerun, baseline=F.baseline)
             report = "results.md"
     except UserError as e:
         common.die(str(e), common.EXIT_USER_ERROR)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import math
 import os
 import re
 import subprocess
@@ -36,8 +35,8 @@ from dataclasses import dataclass
 import shutil
 from typing import Callable
 
-import numpy as np
 
+from research import stats
 from research.config import ExperimentConfig, UserError, config_diff
 
 SEED_KEY = "seed"
@@ -204,10 +203,11 @@ def run_all(root: str, trials: list[Trial], *, parallel: int = 1, log=print) -> 
 
 # --- results ----------------------------------------------------------------------------
 
-# The run's metric vocabulary: val/... are the final weights', best/... the run's best epoch.
-COLUMNS = ["val/accuracy", "val/loss", "best/val/accuracy", "best_epoch", "epochs", "early_stopped",
-           "trainable_params", "wall_time_s", "images_per_second"]
-METRICS = ("val/accuracy", "val/loss", "best/val/accuracy", "wall_time_s")
+# The run's metric vocabulary: test/... and val/... are the final weights', best/... the
+# run's best epoch (chosen on validation).
+COLUMNS = ["test/accuracy", "val/accuracy", "test/loss", "val/loss", "best/test/accuracy", "best/val/accuracy",
+           "best_epoch", "epochs", "early_stopped", "trainable_params", "wall_time_s", "images_per_second"]
+SUMMARY_METRICS = ("test/accuracy", "val/accuracy", "best/test/accuracy", "best/val/accuracy", "wall_time_s")
 
 
 def collect(root: str, trials: list[Trial]) -> list[dict]:
@@ -220,15 +220,18 @@ def collect(root: str, trials: list[Trial]) -> list[dict]:
         if os.path.exists(path):
             with open(path) as f:
                 r = json.load(f)
+            final, best = r["final"], r["best"] or {}
             trainable = [s.get("trainable_params") for s in r["stages"] if s.get("trainable_params") is not None]
-            row.update({"status": "done", "val/accuracy": r["final"]["val/accuracy"],
-                        "val/loss": r["final"]["val/loss"],
-                        "best/val/accuracy": r["best"]["val/accuracy"] if r["best"] else None,
+            row.update({"status": "done", **{k: final.get(k) for k in ("test/accuracy", "val/accuracy",
+                                                                       "test/loss", "val/loss")},
+                        "best/test/accuracy": best.get("test/accuracy"),
+                        "best/val/accuracy": best.get("val/accuracy"),
                         "best_epoch": r["best_epoch"], "epochs": r["epochs_run"],
                         "early_stopped": r["early_stopping_fired"],
                         "trainable_params": trainable[-1] if trainable else None,
                         "wall_time_s": round(r["wall_time_s"], 1),
-                        "images_per_second": round(r["images_per_second"], 1)})
+                        "images_per_second": round(r["images_per_second"], 1),
+                        "test_from": r.get("test_from", "none")})
         else:
             err = os.path.join(wd, "error.txt")
             row.update(status="failed" if os.path.exists(err) else "missing",
@@ -237,20 +240,61 @@ def collect(root: str, trials: list[Trial]) -> list[dict]:
     return rows
 
 
-def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
-    """Mean and std of the metrics over rows sharing `group` (i.e. over seeds)."""
+def headline_metric(rows: list[dict]) -> str:
+    """`test/accuracy`, or `val/accuracy` for runs without a test split."""
+    done = [r for r in rows if r["status"] == "done"]
+    return "test/accuracy" if done and all(r.get("test/accuracy") is not None for r in done) else "val/accuracy"
+
+
+def parse_baseline(spec: str | None, keys: list[str], rows: list[dict]) -> tuple[str, str] | None:
+    """`--baseline=KEY:VALUE` (default: the first value of the first swept key).
+
+    Raises:
+      UserError: a key that is not swept, or a value it does not take.
+    """
+    swept = [k for k in keys if k != SEED_KEY]
+    if not swept:
+        return None
+    if not spec:
+        return swept[0], rows[0][swept[0]]
+    key, sep, value = spec.partition(":")
+    if not sep or key not in swept:
+        raise UserError(f"--baseline={spec!r} is not KEY:VALUE of a swept key; swept keys: {', '.join(swept)}")
+    values = list(dict.fromkeys(r[key] for r in rows))
+    if value not in values:
+        raise UserError(f"--baseline={spec!r}: {key} takes the values {', '.join(values)}")
+    return key, value
+
+
+def aggregate(rows: list[dict], keys: list[str], baseline: tuple[str, str] | None = None) -> list[dict]:
+    """Per group (rows that differ only by seed): the metrics' means with 95 % t-intervals,
+    and the paired difference of the headline metric against the baseline row.
+
+    The baseline row of a group has the same values except `baseline[0]`, which
+    takes `baseline[1]`; differences pair the trials of equal seed.
+    """
+    metric = headline_metric(rows)
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
+    swept = [k for k in keys if k != SEED_KEY]
+    by_values = {tuple(rs[0].get(k) for k in swept): rs for rs in groups.values()}
     out = []
     for g, rs in groups.items():
         done = [r for r in rs if r["status"] == "done"]
-        agg = {k: rs[0].get(k) for k in keys if k != SEED_KEY}
-        agg.update(group=g, n=len(done), failed=len(rs) - len(done))
-        for m in METRICS:
-            vals = [r[m] for r in done if r.get(m) is not None]
-            agg[m + "_mean"] = float(np.mean(vals)) if vals else None
-            agg[m + "_std"] = float(np.std(vals)) if len(vals) > 1 else 0.0 if vals else None
+        agg = {k: rs[0].get(k) for k in swept}
+        agg.update(group=g, n=len(done), failed=len(rs) - len(done), metric=metric)
+        for m in SUMMARY_METRICS:
+            agg[m] = stats.t_interval([r.get(m) for r in done])
+        agg["diff"] = agg["is_baseline"] = None
+        if baseline is not None:
+            key, value = baseline
+            agg["is_baseline"] = agg[key] == value
+            ref = by_values.get(tuple(value if k == key else agg[k] for k in swept))
+            if ref is not None and not agg["is_baseline"]:
+                agg["diff"] = stats.paired_difference(
+                    {r.get(SEED_KEY, ""): r.get(metric) for r in done},
+                    {r.get(SEED_KEY, ""): r.get(metric) for r in ref if r["status"] == "done"})
         out.append(agg)
     return out
 
@@ -258,13 +302,40 @@ def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
 def _fmt(v) -> str:
     if v is None:
         return ""
+    if isinstance(v, stats.Interval):
+        return v.format()
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
 
 
-def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "Sweep results") -> None:
-    """`results.csv` (every trial) and `results.md` (trials, then mean ± std over seeds)."""
+def _verdict(diff: stats.Interval | None) -> str:
+    if diff is None or diff.n == 0:
+        return ""
+    if not diff.has_interval:
+        return "n/a (one seed)"
+    return "yes" if diff.excludes_zero() else "no"
+
+
+def protocol_lines(rows: list[dict], metric: str) -> list[str]:
+    """What the numbers are: which split, what it is, what chose the weights."""
+    done = [r for r in rows if r["status"] == "done"]
+    sources = sorted({r.get("test_from", "none") for r in done})
+    if metric == "test/accuracy":
+        return [f"Test split: {'; '.join(sources)}. Early stopping and `best/` saw validation only; "
+                "test was scored once, at the end of each run, with the final weights."]
+    return ["No test split (`--test=none`): these are validation numbers, and validation also chose the "
+            "epochs and `best/`, so they are optimistic."]
+
+
+def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "Sweep results",
+                 baseline: tuple[str, str] | None = None) -> list[dict]:
+    """`results.csv` (every trial), `summary.csv` and `results.md` (trials, then per row of
+    seeds: mean, 95 % t-interval, n and the paired difference against the baseline).
+
+    Returns:
+      `aggregate`'s rows.
+    """
     cols = ["trial", *keys, "status", *COLUMNS, "error"]
     with open(os.path.join(root, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -277,30 +348,61 @@ def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "
     failed = [r for r in rows if r["status"] != "done"]
     if failed:
         lines += ["", "Failed or missing trials:", ""] + [f"- `{r['trial']}`: {r.get('error') or r['status']}" for r in failed]
-    if SEED_KEY in keys:
-        agg = aggregate(rows, keys)
-        ks = [k for k in keys if k != SEED_KEY]
-        lines += ["", "## Mean ± std over seeds", "",
-                  "| " + " | ".join(ks + ["seeds", "val/accuracy", "val/loss", "best/val/accuracy"]) + " |",
-                  "|" + "---|" * (len(ks) + 4)]
+    agg = aggregate(rows, keys, baseline)
+    ks = [k for k in keys if k != SEED_KEY]
+    if ks and any(r["status"] == "done" for r in rows):
+        metric = headline_metric(rows)
+        other = "val/accuracy" if metric == "test/accuracy" else "best/val/accuracy"
+        base = f"{baseline[0]}={baseline[1]}" if baseline else ""
+        lines += ["", f"## {metric}: mean and 95 % t-interval over seeds", "", *protocol_lines(rows, metric), "",
+                  *([f"Δ is the paired difference in {metric} against the baseline row ({base}) on the same "
+                     "seeds, with its 95 % t-interval; \"excludes 0\" says whether the interval leaves out zero.",
+                     ""] if baseline else []),
+                  "| " + " | ".join(ks + ["n", metric, other] + ([f"Δ vs {base}", "excludes 0"] if baseline else []))
+                  + " |", "|" + "---|" * (len(ks) + 3 + 2 * bool(baseline))]
         for a in agg:
-            def ms(m):
-                return "" if a[m + "_mean"] is None else f"{a[m + '_mean']:.4f} ± {a[m + '_std']:.4f}"
-            lines.append("| " + " | ".join([_fmt(a.get(k)) for k in ks] + [str(a["n"]), ms("val/accuracy"),
-                                                                           ms("val/loss"), ms("best/val/accuracy")]) + " |")
+            cells = [_fmt(a.get(k)) for k in ks] + [str(a["n"]), a[metric].format(), a[other].format()]
+            if baseline:
+                cells += ["(baseline)" if a["is_baseline"] else a["diff"].format(signed=True) if a["diff"] else "",
+                          _verdict(a["diff"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        _write_summary_csv(root, agg, ks)
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    return agg
 
 
-def plot(root: str, rows: list[dict], keys: list[str], *, metric: str = "val/accuracy",
-         filename: str = "results.png", baseline: tuple[str, float, float] | None = None,
+def _write_summary_csv(root: str, agg: list[dict], keys: list[str]) -> None:
+    cols = [*keys, "n", "failed"]
+    for m in SUMMARY_METRICS:
+        cols += [f"{m}_mean", f"{m}_lo", f"{m}_hi"]
+    cols += ["diff_mean", "diff_lo", "diff_hi", "diff_n", "diff_excludes_zero"]
+    with open(os.path.join(root, "summary.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for a in agg:
+            row = {k: a.get(k) for k in keys}
+            row.update(n=a["n"], failed=a["failed"])
+            for m in SUMMARY_METRICS:
+                iv = a[m]
+                row.update({f"{m}_mean": iv.mean, f"{m}_lo": iv.lo, f"{m}_hi": iv.hi})
+            d = a["diff"]
+            if d is not None:
+                row.update(diff_mean=d.mean, diff_lo=d.lo, diff_hi=d.hi, diff_n=d.n,
+                           diff_excludes_zero=d.excludes_zero())
+            w.writerow(row)
+
+
+def plot(root: str, rows: list[dict], keys: list[str], *, metric: str | None = None,
+         filename: str = "results.png", baseline: tuple[str, stats.Interval] | None = None,
          title: str = "") -> str | None:
-    """Metric vs the first swept key, one line per combination of the other keys,
-    error bars = std over seeds."""
+    """Metric (default: the headline metric) vs the first swept key, one line per
+    combination of the other keys; error bars are 95 % t-intervals over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = metric or headline_metric(rows)
     xs_key = next((k for k in keys if k != SEED_KEY), None)
     if xs_key is None:
         return None
@@ -322,19 +424,19 @@ def plot(root: str, rows: list[dict], keys: list[str], *, metric: str = "val/acc
     for j, (label, pts) in enumerate(lines.items()):
         shift = 0.0 if ordered else 0.08 * (j - (len(lines) - 1) / 2)
         px = [i for i, x in enumerate(xs) if x in pts]
-        means = [float(np.mean(pts[xs[i]])) for i in px]
-        stds = [float(np.std(pts[xs[i]])) for i in px]
-        ax.errorbar([p + shift for p in px], means, yerr=stds, marker="o", capsize=3, label=label,
-                    ls="-" if ordered else "none")
+        ivs = [stats.t_interval(pts[xs[i]]) for i in px]
+        half = [(iv.hi - iv.mean) if iv.has_interval else 0.0 for iv in ivs]
+        ax.errorbar([p + shift for p in px], [iv.mean for iv in ivs], yerr=half, marker="o", capsize=3,
+                    label=label, ls="-" if ordered else "none")
     if baseline is not None:
-        label, mean, std = baseline
-        ax.axhline(mean, color="k", ls="--", lw=1, label=label)
-        ax.axhspan(mean - std, mean + std, color="k", alpha=0.08)
-    if title:
-        ax.set_title(title, fontsize=10)
+        label, iv = baseline
+        ax.axhline(iv.mean, color="k", ls="--", lw=1, label=label)
+        if iv.has_interval:
+            ax.axhspan(iv.lo, iv.hi, color="k", alpha=0.08)
+    ax.set_title((title + "\n" if title else "") + "mean and 95 % t-interval over seeds", fontsize=9)
     ax.set_xticks(range(len(xs)), xs)
     ax.set_xlabel(xs_key)
-    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -363,7 +465,8 @@ def write_hparams(root: str, trials: list[Trial]) -> None:
 
     keys = list(dict.fromkeys(k for t in trials for k in t.values))
     hparams = {k: hp.HParam(k, hp.Discrete(sorted({str(t.values.get(k, "")) for t in trials}))) for k in keys}
-    metrics = [hp.Metric("accuracy", group="val", display_name="val accuracy"),
+    metrics = [hp.Metric("accuracy", group="test", display_name="test accuracy"),
+               hp.Metric("accuracy", group="val", display_name="val accuracy"),
                hp.Metric("loss", group="val", display_name="val loss"),
                hp.Metric("loss", group="train", display_name="train loss"),
                hp.Metric("accuracy", group="train", display_name="train accuracy")]
@@ -380,22 +483,27 @@ def write_hparams(root: str, trials: list[Trial]) -> None:
 
 
 def run_sweep(root: str, sweep_items: list[str], train_flags: list[str], make_config: MakeConfig, *,
-              parallel: int = 1, rerun: bool = False, log=print) -> list[dict]:
+              parallel: int = 1, rerun: bool = False, baseline: str | None = None, log=print) -> list[dict]:
     """A grid of `--sweep=KEY:V1,V2` items over `launch.train` flags: runs, tabulates, plots.
+
+    Args:
+      baseline: `KEY:VALUE`, the row the others are compared with (default: the
+        first value of the first swept key).
 
     Returns:
       One row per trial (`collect`).
 
     Raises:
-      UserError: a malformed sweep, an invalid trial, or stale trials without `rerun`.
+      UserError: a malformed sweep or baseline, an invalid trial, or stale trials without `rerun`.
     """
     sweep = parse_sweep(sweep_items)
     trials = expand(sweep, train_flags)
+    keys = [k for k, _ in sweep]
+    base = parse_baseline(baseline, keys, [t.values for t in trials])
     prepare(root, trials, make_config, rerun=rerun, log=log)
     run_all(root, trials, parallel=parallel, log=log)
     rows = collect(root, trials)
-    keys = [k for k, _ in sweep]
-    write_tables(root, rows, keys)
+    write_tables(root, rows, keys, baseline=base)
     plot(root, rows, keys)
     write_hparams(root, trials)
     return rows
@@ -439,10 +547,6 @@ def run_transfer_study(root: str, train_flags: list[str], make_config: MakeConfi
     write_hparams(root, trials)
     summary = transfer_report(root, rows, title=f"Transfer study ({cfg.model.backbone}, A={classes_a}, B={classes_b})")
     return rows, summary
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return (float(np.mean(values)), float(np.std(values))) if values else (math.nan, math.nan)
 
 
 # --- the transfer study (Yosinski et al., 2014) -------------------------------------------
@@ -489,29 +593,43 @@ def transfer_trials(root: str, *, num_blocks: int, classes_a: str, classes_b: st
 
 
 def transfer_report(root: str, rows: list[dict], *, title: str) -> dict:
-    """Writes `transfer.md` and `transfer.png`: mean ± std accuracy on B per condition and n.
+    """Writes `transfer.md` and `transfer.png`: accuracy on B per condition and n, with
+    95 % t-intervals over seeds, and each condition's paired difference against baseB
+    (B trained from scratch with the same seed).
 
     Returns:
-      `{condition: {n: (mean, std, count)}}` plus `"baseB"`: (mean, std, count).
+      `{"accuracy": {condition: {n: Interval}}, "vs_baseB": {condition: {n: Interval}},
+      "baseB": Interval, "metric": the metric}`.
     """
+    metric = headline_metric(rows)
     done = [r for r in rows if r["status"] == "done"]
-    table: dict = {}
+    by_seed: dict = {}
     for r in done:
-        table.setdefault(r["condition"], {}).setdefault(int(r["n"]), []).append(r["val/accuracy"])
-    summary = {c: {n: (*mean_std(v), len(v)) for n, v in sorted(d.items())} for c, d in table.items()}
-    base_b = summary.get("baseB", {}).get(0, (math.nan, math.nan, 0))
+        by_seed.setdefault(r["condition"], {}).setdefault(int(r["n"]), {})[r[SEED_KEY]] = r[metric]
+    accuracy = {c: {n: stats.t_interval(list(v.values())) for n, v in sorted(d.items())} for c, d in by_seed.items()}
+    control = by_seed.get("baseB", {}).get(0, {})
+    base_b = stats.t_interval(list(control.values()))
+    vs_base = {c: {n: stats.paired_difference(v, control) for n, v in sorted(d.items())}
+               for c, d in by_seed.items() if c in TRANSFER_CONDITIONS}
     ns = sorted({int(r["n"]) for r in done if r["condition"] in TRANSFER_CONDITIONS})
-    lines = [f"# {title}", "", f"Validation accuracy on the B classes, mean ± std over seeds "
-             f"(control, B trained from scratch: {base_b[0]:.4f} ± {base_b[1]:.4f}, {base_b[2]} seeds).", "",
-             "| condition | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    header = ["| condition | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    lines = [f"# {title}", "", *protocol_lines(rows, metric), "",
+             f"## {metric} on the B classes: mean and 95 % t-interval over seeds", "",
+             f"Control, B trained from scratch (baseB): {base_b.format()}.", "", *header]
     for c in TRANSFER_CONDITIONS:
-        if c in summary:
-            cells = [f"{summary[c][n][0]:.4f} ± {summary[c][n][1]:.4f}" if n in summary[c] else "" for n in ns]
+        if c in accuracy:
+            lines.append(f"| {c} | " + " | ".join(accuracy[c][n].format() if n in accuracy[c] else "" for n in ns)
+                         + " |")
+    lines += ["", "## Paired difference against baseB (same seed), 95 % t-interval", "",
+              "`*` marks an interval that excludes zero.", "", *header]
+    for c in TRANSFER_CONDITIONS:
+        if c in vs_base:
+            cells = [vs_base[c][n].format(signed=True) + (" *" if vs_base[c][n].excludes_zero() else "")
+                     if n in vs_base[c] else "" for n in ns]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
     with open(os.path.join(root, "transfer.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_rows = [r for r in rows if r.get("condition") in TRANSFER_CONDITIONS]
-    plot(root, plot_rows, ["n", "condition", SEED_KEY], filename="transfer.png",
-         baseline=("baseB (B from scratch)", base_b[0], base_b[1]), title=title)
-    summary["baseB"] = base_b
-    return summary
+    plot(root, plot_rows, ["n", "condition", SEED_KEY], metric=metric, filename="transfer.png",
+         baseline=("baseB (B from scratch)", base_b), title=title)
+    return {"accuracy": accuracy, "vs_baseB": vs_base, "baseB": base_b, "metric": metric}
