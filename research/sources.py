@@ -403,6 +403,9 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
     own_val = cfg.val_split or next((s for s in ("validation", "val") if s in splits), "")
     own_test = cfg.test_split or ("test" if "test" in splits else "")
     val_plan, test_plan, test_from = _plan(cfg, bool(own_val), bool(own_test), own=f"tfds:{name}")
+    if val_plan == test_plan == "own" and own_val == own_test:
+        raise UserError(f"tfds:{name}: {own_val!r} would be both the validation and the test split; pass another "
+                        "--test_split, or --test=none to validate on it without a test split")
     # Carved slices are TFDS percent slices of the training split: deterministic and
     # the same for every seed (TFDS shuffled the examples when it prepared them).
     v = int(round(100 * cfg.val_fraction)) if val_plan == "carve" else 0

@@ -212,6 +212,28 @@ def test_allow_config_change_resumes_an_unfinished_run_and_records_it(tmp_path):
     assert json.loads((wd / "config.json").read_text())["stages"][0]["lr"] == 5e-4
 
 
+def test_a_resumed_run_whose_data_changed_is_refused_unless_allowed(tmp_path, tiny_folder):
+    """Images added to the folder move images between splits: resuming would silently
+    train and select on other data."""
+    from research import train as train_lib
+    from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
+
+    cfg = ExperimentConfig(data=DataConfig(dataset=f"folder:{tiny_folder}", image_size=16, batch_size=8),
+                           train=TrainConfig(export=False), stages=(StageConfig(epochs=2),))
+    wd = tmp_path / "run"
+    with pytest.raises(train_lib.Interrupted):
+        train_lib.train_and_evaluate(cfg, str(wd), verbose=False, preemption=_StopAfterFirstSave(wd))
+    for j in range(10):
+        shutil.copy(tiny_folder / "class 0" / "img 0.jpg", tiny_folder / "class 0" / f"extra {j}.jpg")
+    events = sorted(p.name for p in wd.rglob("*"))
+    with pytest.raises(train_lib.UserError, match=r"data of the run .* changed since it started: data.num_train: "
+                                                  r"63 -> 70; data.num_val: 18 -> 20; data.num_test: 9 -> 10.*--allow_config_change"):
+        train_lib.train_and_evaluate(cfg, str(wd), verbose=False)
+    assert sorted(p.name for p in wd.rglob("*")) == events  # nothing written
+    res = train_lib.train_and_evaluate(cfg, str(wd), verbose=False, allow_config_change=True)
+    assert res["num_train"] == 70 and res["config_changes"][0]["changed"][:1] == ["data.num_train: 63 -> 70"]
+
+
 def test_stages_that_have_run_cannot_be_removed(tmp_path):
     from research import train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
@@ -262,10 +284,11 @@ def test_reported_metrics_equal_an_independent_evaluation(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     # A redirected log is plain text that starts by saying what runs, and has no start-up noise.
     assert "\x1b" not in r.stdout + r.stderr and "\r" not in r.stdout + r.stderr
-    first = r.stdout.splitlines()[:2]
-    assert first[0] == "data: digits: 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9); 1438 training and 359 " \
-                       "validation images at 16x16 px", first
-    assert first[1].startswith("model: small_cnn (weights none); default strategy on CPU:0, float32"), first
+    first = r.stdout.splitlines()[:3]
+    assert first[0] == "data: digits: 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9); 1259 training, 359 " \
+                       "validation and 179 test images at 16x16 px", first
+    assert first[1] == "test: a 10% slice of the training images; evaluated once, at the end of the run", first
+    assert first[2].startswith("model: small_cnn (weights none); default strategy on CPU:0, float32"), first
     assert "absl::InitializeLog" not in r.stderr and "cuInit" not in r.stderr, r.stderr[-2000:]
     res = _results(wd)
     r = run_module("launch.evaluate", f"--workdir={wd}", "--checkpoint=latest", "--name=final")
@@ -276,6 +299,13 @@ def test_reported_metrics_equal_an_independent_evaluation(tmp_path):
     assert res["final"]["val/loss"] == pytest.approx(report["loss"], rel=1e-5)
     assert res["final"]["val/top5_accuracy"] == pytest.approx(report["top5_accuracy"], abs=1e-9)
     assert 0.5 < report["accuracy"] < 1.0  # a real, non-trivial number
+    # The end-of-run test scores are the same computation on the test split.
+    r = run_module("launch.evaluate", f"--workdir={wd}", "--checkpoint=latest", "--split=test", "--name=test")
+    assert r.returncode == 0, r.stderr[-2000:]
+    test = json.loads((wd / "eval" / "test.json").read_text())
+    assert test["num_examples"] == res["num_test"] == 179
+    assert res["final"]["test/accuracy"] == pytest.approx(test["accuracy"], abs=1e-9)
+    assert res["final"]["test/loss"] == pytest.approx(test["loss"], rel=1e-5)
     # The last epoch's history record is the same evaluation of the same weights.
     assert res["history"][-1]["val/accuracy"] == res["final"]["val/accuracy"]
     assert np.isfinite(res["history"][-1]["train/loss"])

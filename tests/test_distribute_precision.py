@@ -100,6 +100,10 @@ def test_mirrored_two_cpu_replicas_match_one_device(tmp_path, one_device_run):
     _run_and_compare(one_device_run, two, "--strategy=mirrored", "--cpu_devices=2", *COMMON)
     ra, rb = (json.loads((w / "results.json").read_text()) for w in (one_device_run, two))
     assert abs(ra["final"]["val/accuracy"] - rb["final"]["val/accuracy"]) <= 0.02
+    # The end-of-run test evaluation is distributed too: same weights, same test scores.
+    assert rb["num_test"] == ra["num_test"] > 100
+    assert rb["final"]["test/loss"] == pytest.approx(ra["final"]["test/loss"], rel=1e-3)
+    assert abs(rb["final"]["test/accuracy"] - ra["final"]["test/accuracy"]) <= 1.01 / ra["num_test"]  # one image
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", pytest.param("mixed_float16", marks=pytest.mark.slow)])
@@ -120,7 +124,7 @@ def test_mirrored_default_digits_run_reaches_the_same_accuracy(tmp_path):
         r = run_module("launch.train", f"--workdir={tmp_path / name}", *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         res = json.loads((tmp_path / name / "results.json").read_text())
-        assert res["num_train"] + res["num_val"] == 1797
+        assert res["num_train"] + res["num_val"] + res["num_test"] == 1797
         accs.append(res["final"]["val/accuracy"])
     assert abs(accs[0] - accs[1]) <= 0.02, accs
     assert min(accs) >= 0.95, accs

@@ -46,13 +46,26 @@ def test_train_on_a_prepared_dataset_with_a_named_val_split(prepared, tmp_path):
     data_dir, _ = prepared
     wd = tmp_path / "run"
     r = run_module("launch.train", f"--workdir={wd}", "--dataset=tfds:tiny_colors", f"--data_dir={data_dir}",
-                   "--val_split=test", "--image_size=16", "--batch_size=8", "--finetune_epochs=4", "--lr=3e-3",
+                   "--val_split=test", "--test=none", "--image_size=16", "--batch_size=8", "--finetune_epochs=4", "--lr=3e-3",
                    "--noexport")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((wd / "results.json").read_text())
     assert res["class_names"] == tiny_tfds.CLASSES
     assert (res["num_train"], res["num_val"]) == (48, 18)  # validated on `test`, not `validation`
     assert res["final"]["val/accuracy"] >= 0.9, res["final"]
+
+
+def test_the_tfds_test_split_is_the_test_split_and_never_validation(prepared):
+    data_dir, src = prepared
+    assert src.num_test == 18 and "split 'test'" in src.test_from
+    with pytest.raises(UserError, match="'test' would be both the validation and the test split"):
+        sources.load_source(DataConfig(dataset="tfds:tiny_colors", data_dir=str(data_dir), val_split="test"), 16)
+    # Without a validation split of its own, validation and test are disjoint slices of train.
+    carved = sources.load_source(DataConfig(dataset="tfds:tiny_colors", data_dir=str(data_dir), test="val",
+                                            batch_size=8), 16)
+    assert (carved.num_train, carved.num_val, carved.num_test) == (38, 10, 12)
+    seen = [{x.tobytes() for x, _ in ds.as_numpy_iterator()} for ds in (carved.train, carved.val, carved.test)]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
 
 
 def test_unknown_tfds_name_is_a_user_error_naming_the_data_dir(tmp_path):
