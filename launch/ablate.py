@@ -49,6 +49,7 @@ def parse_args(argv):
 
 
 def main(argv):
+    common.start_tensorflow_quietly()  # the parent builds backbones to check the trials' specs
     from launch.train import config_from_args
     from research import ablation
     from research.config import UserError

@@ -73,3 +73,12 @@ def quiet_tensorflow_startup():
             for line in buf.read().decode(errors="replace").splitlines():
                 if line.strip() and not _STARTUP_NOISE.match(line):
                     print(line, file=sys.stderr)
+
+
+def start_tensorflow_quietly() -> None:
+    """Imports TensorFlow and initialises its devices, without the start-up noise
+    (for tools that do not pick a distribution strategy)."""
+    with quiet_tensorflow_startup():
+        import tensorflow as tf
+        tf.config.list_logical_devices()
+

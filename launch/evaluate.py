@@ -28,6 +28,7 @@ def main(argv):
     if len(argv) > 1 or not F.workdir:
         common.die("usage: python -m launch.evaluate --workdir=DIR [--dataset=...] [--split=val] "
                    "[--checkpoint=best|latest|PATH]", common.EXIT_USER_ERROR)
+    common.start_tensorflow_quietly()
     from research.config import UserError
     from research.evaluate import evaluate_run
     try:

@@ -19,6 +19,7 @@ def main(argv):
     if len(argv) > 1 or not F.workdir:
         common.die("usage: python -m launch.export --workdir=DIR [--checkpoint=latest|best|PATH]",
                    common.EXIT_USER_ERROR)
+    common.start_tensorflow_quietly()
     from research.config import UserError
     from research.export import export_run
     try:
