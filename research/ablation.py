@@ -147,7 +147,11 @@ def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: b
         path = os.path.join(trial_dir(root, t), "config.json")
         if os.path.exists(path):
             with open(path) as f:
-                diff = config_diff(json.load(f), configs[t.name].to_dict())
+                old = json.load(f)
+            diff = config_diff(old, configs[t.name].to_dict())
+            if "test" not in old.get("data", {}):
+                # Its splits differ (no test slice was carved) though no field reads differently.
+                diff.append("data.test: ran before runs had a test split")
             if diff:
                 stale.append((t, diff))
     if stale and not rerun:

@@ -65,7 +65,11 @@ def test_killed_sweep_resumes_without_recomputing(sweep_root):
     assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
     assert {(r["unfreeze"], r["seed"]) for r in rows} == {("none", "0"), ("none", "1"), ("top:1", "0"), ("top:1", "1")}
     md = (root / "results.md").read_text()
-    assert "Mean ± std over seeds" in md and md.count("| top:1 |") == 3  # two trials, one aggregate
+    assert "test/accuracy: mean and 95 % t-interval over seeds" in md
+    assert md.count("| top:1 |") == 3  # two trials, one aggregate
+    assert all(r["test/accuracy"] and r["val/accuracy"] for r in rows)
+    summary = {r["unfreeze"]: r for r in csv.DictReader(open(root / "summary.csv"))}
+    assert summary["top:1"]["n"] == "2" and summary["top:1"]["diff_n"] == "2"  # paired with unfreeze=none
     assert (root / "results.png").stat().st_size > 1000
     none_params = {r["trainable_params"] for r in rows if r["unfreeze"] == "none"}
     assert none_params == {"645"}  # the head alone: 128*5 + 5
@@ -104,6 +108,12 @@ def test_a_finished_trial_is_reused_only_with_the_same_config(tmp_path):
     r = run_module("launch.ablate", *changed)
     assert r.returncode == 2 and "stages.0.epochs: 1 -> 2" in r.stderr and "--rerun" in r.stderr, r.stderr[-2000:]
     assert results.stat().st_mtime_ns == mtime
+    # A trial from before runs had a test split is stale too, though its fields read the same.
+    config = json.loads((tmp_path / "trials" / "unfreeze-none" / "config.json").read_text())
+    del config["data"]["test"]
+    (tmp_path / "trials" / "unfreeze-none" / "config.json").write_text(json.dumps(config))
+    r = run_module("launch.ablate", *args)
+    assert r.returncode == 2 and "data.test: ran before runs had a test split" in r.stderr, r.stderr[-2000:]
     r = run_module("launch.ablate", changed[0], "--rerun", *changed[1:])
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(results.read_text())["epochs_run"] == 2
@@ -166,7 +176,7 @@ def _transfer_summary(root):
     rows = list(csv.DictReader(open(root / "results.csv")))
     acc = {}
     for r in rows:
-        acc.setdefault((r["condition"], int(r["n"])), []).append(float(r["val/accuracy"]))
+        acc.setdefault((r["condition"], int(r["n"])), []).append(float(r["test/accuracy"]))
     return {k: sum(v) / len(v) for k, v in acc.items()}, rows
 
 
@@ -179,7 +189,7 @@ def test_transfer_study_tiny_produces_table_and_plot(tmp_path):
     assert len(rows) == 2 + 3 * 4 and all(row["status"] == "done" for row in rows)
     assert set(mean) == {("baseA", 0), ("baseB", 0)} | {(c, n) for c in ("AnB", "AnB+", "BnB", "BnB+") for n in (1, 2, 3)}
     md = (tmp_path / "transfer.md").read_text()
-    assert "| AnB+ |" in md and "n=3" in md
+    assert "| AnB+ |" in md and "n=3" in md and "Paired difference against baseB" in md
     assert (tmp_path / "transfer.png").stat().st_size > 1000
     # The frozen AnB at n=3 really froze the copied base: only the head trained.
     trainable = json.loads((tmp_path / "trials" / "AnB__n-3__seed-0" / "trainable.json").read_text())
