@@ -22,13 +22,15 @@ def test_digits_subset_is_relabelled():
     assert src.class_names == ["5", "6", "7", "8", "9"]
     labels = np.concatenate([y.numpy() for _, y in src.val.batch(500)])
     assert set(labels) == {0, 1, 2, 3, 4}
-    assert src.num_train + src.num_val == 896  # every digit 5-9 of the 1797
+    assert src.num_train + src.num_val + src.num_test == 896  # every digit 5-9 of the 1797
+    assert (src.num_val, src.num_test) == (179, 89)  # 20 % and 10 %, per class
 
 
 def test_folder_without_val_is_split_deterministically(tiny_folder):
     cfg = DataConfig(dataset=f"folder:{tiny_folder}", val_fraction=0.2, batch_size=4)
     a, b = sources.load_source(cfg, 16), sources.load_source(cfg, 16)
-    assert a.num_val == 18 and a.num_train == 72  # 3 classes x 30 images, 20% each
+    # 3 classes x 30 images: 20 % validation and 10 % test each
+    assert (a.num_train, a.num_val, a.num_test) == (63, 18, 9)
     va = np.concatenate([x.numpy() for x, _ in a.val.batch(100)])
     vb = np.concatenate([x.numpy() for x, _ in b.val.batch(100)])
     assert np.array_equal(va, vb)

@@ -127,7 +127,7 @@ def test_webp_trains_and_other_files_are_named(tmp_path, caplog):
     (tmp_path / "train" / "a" / ".DS_Store").write_bytes(b"")
     with caplog.at_level(logging.WARNING):
         src = sources.load_source(DataConfig(dataset=f"folder:{tmp_path}", batch_size=2), 24)
-    assert (src.num_train, src.num_val) == (6, 6)
+    assert (src.num_train, src.num_val, src.num_test) == (4, 6, 2)  # one image of each class carved for test
     x = next(iter(src.train))[0].numpy()
     np.testing.assert_array_equal(x, sources._resize_uint8(_pattern(), 24).numpy())  # lossless WebP, exact
     warned = " ".join(r.getMessage() for r in caplog.records)
