@@ -53,10 +53,11 @@ class Trainer:
         in-graph within one step, so this works under MirroredStrategy (Keras's
         own `gradient_accumulation_steps` does not: keras issue 20582).
       jit_compile: XLA-compile the per-replica step (off by default: ~8x slower on CPU).
+      label_smoothing: smooths the training targets (evaluation stays plain cross-entropy).
     """
 
     def __init__(self, model: keras.Model, optimizer, *, strategy: tf.distribute.Strategy,
-                 grad_accum_steps: int = 1, jit_compile: bool = False):
+                 grad_accum_steps: int = 1, jit_compile: bool = False, label_smoothing: float = 0.0):
         self.model = model
         self.optimizer = optimizer
         self.strategy = strategy
@@ -64,7 +65,9 @@ class Trainer:
         self.jit_compile = jit_compile
         # Keras's default reduction divides by the number of replicas under a
         # strategy, so summing replica gradients gives the global-batch mean.
-        self.loss_obj = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.label_smoothing = float(label_smoothing)
+        self.loss_obj = (keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=self.label_smoothing)
+                         if self.label_smoothing else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         self.variables: list = []
         self.lr_multipliers: list[float] = []
         self.train_fn = None
@@ -82,11 +85,16 @@ class Trainer:
     def _loss_and_grads(self, x, y):
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True)
-            loss = self.loss_obj(y, logits)
+            target = tf.one_hot(tf.cast(y, tf.int32), logits.shape[-1]) if self.label_smoothing else y
+            loss = self.loss_obj(target, logits)
             # Identity for a plain optimizer; LossScaleOptimizer multiplies by its scale.
             scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, self.variables)
-        per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        if self.label_smoothing:
+            per_example = keras.losses.categorical_crossentropy(target, logits, from_logits=True,
+                                                                label_smoothing=self.label_smoothing)
+        else:
+            per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
         return grads, _sums(y, logits, per_example)
 
     def _replica_step(self, batches):
