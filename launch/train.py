@@ -85,6 +85,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     d("float", "weight_decay", _T.weight_decay, "AdamW weight decay.")
     d("float", "clipnorm", _T.clipnorm, "Global-norm gradient clipping (0: off).")
     d("float", "label_smoothing", _T.label_smoothing, "Label smoothing of the training targets (0: off).")
+    d("string", "class_weight", _T.class_weight, "none | balanced (n / (k n_c) on the training split) | a JSON file "
+      "{class name: weight}: each training example's loss times its class's weight, as model.fit(class_weight=).")
     d("float", "ema_decay", _T.ema_decay, "EMA of the weights (e.g. 0.999; 0: off): scored each epoch as val_ema/*, "
       "monitorable for best/, scored on test at the end as test_ema/*.")
     d("bool", "cache_features", _T.cache_features, "Head-only stages without augmentation: run the frozen base once "
@@ -170,7 +172,7 @@ def config_from_flags(fv: flags.FlagValues = F) -> C.ExperimentConfig:
                             bn=_bn_policy(fv), init_blocks=fv.init_blocks),
         train=C.TrainConfig(
             optimizer=fv.optimizer, momentum=fv.momentum, weight_decay=fv.weight_decay, clipnorm=fv.clipnorm,
-            label_smoothing=fv.label_smoothing, ema_decay=fv.ema_decay,
+            label_smoothing=fv.label_smoothing, class_weight=fv.class_weight, ema_decay=fv.ema_decay,
             steps_per_loop=fv.steps_per_loop, seed=fv.seed, deterministic=fv.deterministic,
             jit_compile=fv.jit_compile, precision=fv.precision, strategy=fv.strategy,
             grad_accum_steps=fv.grad_accum_steps, collective_timeout=fv.collective_timeout,

@@ -196,6 +196,10 @@ class TrainConfig:
         every class (Keras's `CategoricalCrossentropy(label_smoothing=s)`);
         `train/loss` is that objective, `val/` and `test/` losses stay plain
         cross-entropy so that runs with and without it compare.
+      class_weight: `none`, `balanced` (class c weighs n / (k n_c) on the
+        training split, scikit-learn's rule) or a JSON file `{class name:
+        weight}`; each training example's loss is multiplied by its class's
+        weight, as `model.fit(class_weight=...)` does. Evaluation is unweighted.
       ema_decay: keep an exponential moving average of the trained weights
         (Keras's optimizer EMA, `ema_momentum`); 0 disables it. The averaged
         weights are scored each epoch (`val_ema/...`), can be monitored for
@@ -207,6 +211,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     clipnorm: float = 0.0
     label_smoothing: float = 0.0
+    class_weight: str = "none"
     ema_decay: float = 0.0
     steps_per_loop: int = 20
     seed: int = 0
@@ -278,8 +283,12 @@ def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
         w = "ckpt:" + os.path.abspath(os.path.expanduser(w[len("ckpt:"):]))
     elif w not in ("imagenet", "none"):
         w = os.path.abspath(os.path.expanduser(w))
+    cw = config.train.class_weight
+    if cw not in ("none", "balanced"):
+        cw = os.path.abspath(os.path.expanduser(cw))
     return dataclasses.replace(config, data=dataclasses.replace(d, dataset=ds, data_dir=data_dir),
-                               model=dataclasses.replace(m, weights=w))
+                               model=dataclasses.replace(m, weights=w),
+                               train=dataclasses.replace(config.train, class_weight=cw))
 
 
 _SPEC_FORMS = ("none", "all", "top:K", "blocks:a,b", "from:NAME", "regex:PATTERN")
@@ -369,6 +378,9 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     _choice("jit_compile", t.jit_compile, JIT)
     _check(t.steps_per_loop >= 1, f"--steps_per_loop={t.steps_per_loop} must be >= 1")
     _check(0.0 <= t.label_smoothing < 1.0, f"--label_smoothing={t.label_smoothing} must be in [0, 1)")
+    _check(t.class_weight in ("none", "balanced") or os.path.isfile(t.class_weight),
+           f"--class_weight={t.class_weight!r} is not valid; allowed values: none, balanced, or a JSON file "
+           "mapping class names to weights")
     _check(0.0 <= t.ema_decay < 1.0, f"--ema_decay={t.ema_decay} must be in [0, 1) (0: off); 0.999 is common")
     _check(not (t.ema_decay and any(s.lr_decay_per_block != 1.0 for s in config.stages)),
            "--ema_decay with lr_decay_per_block is not supported: the average would miss the per-block rescaling")

@@ -235,10 +235,14 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
     changes = _changes_on_resume(workdir, config, allow_config_change)
     source, pipeline = build_inputs(config, strategy, verbose=verbose)
     _check_monitor(config, source.num_classes)
+    weights = sources.class_weights(config.train.class_weight, source.class_names, source.train_counts)
+    if weights and verbose:
+        print("class weights: " + ", ".join(f"{c} {w:.3g}" for c, w in zip(source.class_names[:10], weights))
+              + (", ..." if len(weights) > 10 else ""), flush=True)
     built = build(config, source.num_classes, strategy)
     with checkpoints.workdir_lock(workdir, enabled=chief):
         ctl = Controller(config, workdir, strategy, source, pipeline, built, chief=chief, verbose=verbose,
-                         preemption=preemption)
+                         preemption=preemption, class_weights=weights)
         try:
             run, resumed_from = checkpoints.restore_or_initialize(ctl.ckpts, init=lambda: init_weights(config, built))
             if run.finished:
@@ -264,7 +268,7 @@ class Controller:
 
     def __init__(self, config: ExperimentConfig, workdir: str, strategy, source: sources.Source,
                  pipeline: data.Pipeline, built: Model, *, chief: bool, verbose: bool,
-                 preemption: Preemption | None):
+                 preemption: Preemption | None, class_weights: list[float] | None = None):
         self.config, self.workdir, self.strategy = config, workdir, strategy
         self.source, self.pipeline, self.m = source, pipeline, built
         self.chief, self.verbose, self.preemption = chief, verbose, preemption
@@ -278,7 +282,9 @@ class Controller:
         self.ema = t.ema_decay > 0
         self.best_is_ema = t.early_stopping.monitor.startswith("val_ema/")
         self.trainer = Trainer(built.model, built.optimizer, strategy=strategy, grad_accum_steps=self.accum,
-                               jit_compile=self.jit, label_smoothing=t.label_smoothing)
+                               jit_compile=self.jit, label_smoothing=t.label_smoothing,
+                               class_weights=class_weights)
+        self.class_weights = class_weights
         self.scratch = None if chief else tempfile.mkdtemp(prefix="worker_ckpt_")
         self.ckpts = checkpoints.Checkpoints(workdir, model=built.model, base=built.base, optimizer=built.optimizer,
                                              keep=t.checkpoint_keep, scratch_dir=self.scratch)
@@ -346,7 +352,8 @@ class Controller:
             self._repair_best(run)
         src = self.source
         run.data = {"num_train": src.num_train, "num_val": src.num_val, "num_test": src.num_test,
-                    "test_from": src.test_from, "class_names": src.class_names, "skipped_images": src.skipped}
+                    "test_from": src.test_from, "class_names": src.class_names, "train_counts": src.train_counts,
+                    "class_weights": self.class_weights, "skipped_images": src.skipped}
         self._write_json("config.json", self.config.to_dict())
 
     def _save_best(self, run: RunState) -> None:
@@ -489,7 +496,8 @@ class Controller:
             self._features = FeatureCache(self.m.model, self.pipeline)
             self._head_trainer = Trainer(self._features.head, self.m.optimizer, strategy=self.strategy,
                                          grad_accum_steps=self.accum, jit_compile=self.jit,
-                                         label_smoothing=self.config.train.label_smoothing)
+                                         label_smoothing=self.config.train.label_smoothing,
+                                         class_weights=self.class_weights)
             self.say(f"cached base features of {len(self._features.train_y)} training and "
                      f"{len(self._features.val_y)} validation images in {self._features.seconds:.1f}s")
         return self._head_trainer
