@@ -56,6 +56,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     d("float", "height_shift", _A.height_shift, "Max vertical shift, fraction of height.")
     d("float", "zoom", _A.zoom, "Max zoom in/out, fraction.")
     d("float", "contrast", _A.contrast, "Max contrast change, fraction.")
+    d("float", "mixup", _A.mixup, "Mixup: α of the Beta(α, α) mixing weight (0: off; 0.2-1 is common).")
+    d("float", "cutmix", _A.cutmix, "CutMix: α of the Beta(α, α) box area (0: off; 1 is common).")
+    d("float", "mix_prob", _A.mix_prob, "Probability that a training batch is mixed (mixup or CutMix).")
     # Model
     d("string", "backbone", _M.backbone, "small_cnn | vgg16 | inception_v3 | mobilenet | mobilenet_v2 | resnet50 | efficientnet_b0 | xception")
     d("string", "weights", _M.weights, "imagenet | none | PATH.h5 | ckpt:WORKDIR (another run's backbone)")
@@ -167,7 +170,8 @@ def config_from_flags(fv: flags.FlagValues = F) -> C.ExperimentConfig:
                           image_size=fv.image_size, batch_size=fv.batch_size, shuffle_buffer=fv.shuffle_buffer,
                           cache=fv.cache, skip_bad_images=fv.skip_bad_images, threads=fv.data_threads),
         augment=C.AugmentConfig(horizontal_flip=fv.horizontal_flip, rotation=fv.rotation, width_shift=fv.width_shift,
-                                height_shift=fv.height_shift, zoom=fv.zoom, contrast=fv.contrast),
+                                height_shift=fv.height_shift, zoom=fv.zoom, contrast=fv.contrast,
+                                mixup=fv.mixup, cutmix=fv.cutmix, mix_prob=fv.mix_prob),
         model=C.ModelConfig(backbone=fv.backbone, weights=fv.weights, alpha=fv.alpha, dropout=fv.dropout,
                             bn=_bn_policy(fv), init_blocks=fv.init_blocks),
         train=C.TrainConfig(

@@ -86,6 +86,9 @@ class AugmentConfig:
       width_shift / height_shift: maximum shift as a fraction of the side.
       zoom: maximum zoom in or out as a fraction (0.1 means 90%..110%).
       contrast: maximum contrast change as a fraction.
+      mixup / cutmix: α of the Beta(α, α) mixing weight of mixup / CutMix (0:
+        off); training targets become soft (research/mix.py).
+      mix_prob: probability that a training batch is mixed.
     """
 
     horizontal_flip: bool = False
@@ -94,11 +97,19 @@ class AugmentConfig:
     height_shift: float = 0.0
     zoom: float = 0.0
     contrast: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
 
     @property
     def enabled(self) -> bool:
+        """Any per-image augmentation (mixing is a batch-level step of its own)."""
         return bool(self.horizontal_flip or self.rotation or self.width_shift
                     or self.height_shift or self.zoom or self.contrast)
+
+    @property
+    def mixes(self) -> bool:
+        return bool(self.mixup or self.cutmix) and self.mix_prob > 0
 
 
 @dataclass(frozen=True)
@@ -349,6 +360,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     for name in ("rotation", "width_shift", "height_shift", "zoom", "contrast"):
         v = getattr(a, name)
         _check(v >= 0 and math.isfinite(v), f"--{name}={v} must be a finite number >= 0")
+    for name in ("mixup", "cutmix"):
+        _check(getattr(a, name) >= 0 and math.isfinite(getattr(a, name)),
+               f"--{name}={getattr(a, name)} is the α of a Beta(α, α) and must be >= 0 (0: off; 0.2-1 is common)")
+    _check(0.0 <= a.mix_prob <= 1.0, f"--mix_prob={a.mix_prob} must be in [0, 1]")
     _check(a.rotation <= 180, f"--rotation={a.rotation} is in degrees and must be <= 180")
     for name in ("width_shift", "height_shift", "zoom", "contrast"):
         _check(getattr(a, name) < 1, f"--{name}={getattr(a, name)} is a fraction and must be < 1")

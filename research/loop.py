@@ -70,8 +70,8 @@ class Trainer:
         # strategy, so summing replica gradients gives the global-batch mean.
         self.label_smoothing = float(label_smoothing)
         self.class_weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
-        self.loss_obj = (keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=self.label_smoothing)
-                         if self.label_smoothing else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        self.sparse_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.soft_loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=self.label_smoothing)
         self.variables: list = []
         self.lr_multipliers: list[float] = []
         self.train_fn = None
@@ -87,22 +87,32 @@ class Trainer:
         self.train_fn = self._make_train_fn()
 
     def _loss_and_grads(self, x, y):
+        # Labels are class indices, or soft targets [batch, classes] from mixup/CutMix
+        # (known when the step is traced).
+        soft = y.shape.rank == 2
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True)
-            target = tf.one_hot(tf.cast(y, tf.int32), logits.shape[-1]) if self.label_smoothing else y
-            weight = None if self.class_weights is None else tf.gather(self.class_weights, tf.cast(y, tf.int32))
-            loss = self.loss_obj(target, logits, sample_weight=weight)
+            k = logits.shape[-1]
+            dense = soft or self.label_smoothing
+            target = (y if soft else tf.one_hot(tf.cast(y, tf.int32), k)) if dense else y
+            weight = None
+            if self.class_weights is not None:
+                weight = (tf.reduce_sum(target * self.class_weights, axis=-1) if soft
+                          else tf.gather(self.class_weights, tf.cast(y, tf.int32)))
+            loss = (self.soft_loss if dense else self.sparse_loss)(target, logits, sample_weight=weight)
             # Identity for a plain optimizer; LossScaleOptimizer multiplies by its scale.
             scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, self.variables)
-        if self.label_smoothing:
+        if dense:
             per_example = keras.losses.categorical_crossentropy(target, logits, from_logits=True,
                                                                 label_smoothing=self.label_smoothing)
         else:
             per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
         if weight is not None:  # train/loss is the weighted objective, as fit reports it
             per_example = per_example * weight
-        return grads, _sums(y, logits, per_example)
+        # train/accuracy of a mixed batch counts the class with the larger share.
+        labels = tf.argmax(y, axis=-1, output_type=tf.int32) if soft else y
+        return grads, _sums(labels, logits, per_example)
 
     def _replica_step(self, batches):
         """One optimizer update from `grad_accum_steps` micro-batches on this replica."""

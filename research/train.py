@@ -473,7 +473,8 @@ class Controller:
                                     lr_decay_per_block=stage.lr_decay_per_block, limit_top=limit)
         unfreeze.apply_policy(self.m.model, cfg_m.backbone, selection)
         head_only = len(selection.variables) == len(unfreeze.head_variables(self.m.model))
-        use_cache = self.config.train.cache_features and head_only and not self.config.augment.enabled
+        aug = self.config.augment
+        use_cache = self.config.train.cache_features and head_only and not (aug.enabled or aug.mixes)
         if self.config.train.cache_features and not use_cache and run.epoch == 0 and limit in (None, 1):
             logging.warning("stage %s: --cache_features applies to head-only stages without "
                             "augmentation; training through the base", stage.name)
