@@ -21,6 +21,9 @@ flags.DEFINE_string("split", None, "val | test | train | all, as the run split t
                     "name). Default: all for a --dataset folder without split sub-folders, else val.")
 flags.DEFINE_string("checkpoint", "best", "best | latest | a checkpoint path.")
 flags.DEFINE_string("name", None, "Report name (default: from dataset and split).")
+flags.DEFINE_enum("tta", "none", ["none", "flip", "crops"], "Test-time augmentation, scored beside the plain "
+                  "numbers: flip (image and mirror) or crops (centre, 4 corners and mirrored centre of the image "
+                  "enlarged by 1/0.875); class probabilities are averaged over the views.")
 flags.DEFINE_bool("skip_bad_images", False, "Leave out unreadable images (listed in the report) instead of failing.")
 
 
@@ -33,12 +36,16 @@ def main(argv):
     from research.evaluate import evaluate_run
     try:
         r = evaluate_run(F.workdir, dataset=F.dataset, split=F.split, checkpoint=F.checkpoint, name=F.name,
-                         data_dir=F.data_dir, skip_bad_images=F.skip_bad_images)
+                         data_dir=F.data_dir, skip_bad_images=F.skip_bad_images, tta=F.tta)
     except UserError as e:
         common.die(str(e), common.EXIT_USER_ERROR)
     top5 = f"  top5 {r['top5_accuracy']:.4f}" if "top5_accuracy" in r else ""
     print(f"{r['dataset']} [{r['split']}] {r['num_examples']} images: accuracy {r['accuracy']:.4f}  "
           f"loss {r['loss']:.4f}{top5}  macro F1 {r['macro_f1']:.4f}  ({r['checkpoint']})")
+    if "tta" in r:
+        t = r["tta"]
+        print(f"  with test-time augmentation ({t['mode']}, {t['views']} views): accuracy {t['accuracy']:.4f}  "
+              f"loss {t['loss']:.4f}")
     if r["skipped_images"]:
         print(f"skipped {len(r['skipped_images'])} unreadable image(s), e.g. {r['skipped_images'][0]}",
               file=sys.stderr)

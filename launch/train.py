@@ -56,13 +56,19 @@ def define_flags(fv: flags.FlagValues) -> None:
     d("float", "height_shift", _A.height_shift, "Max vertical shift, fraction of height.")
     d("float", "zoom", _A.zoom, "Max zoom in/out, fraction.")
     d("float", "contrast", _A.contrast, "Max contrast change, fraction.")
+    d("float", "mixup", _A.mixup, "Mixup: α of the Beta(α, α) mixing weight (0: off; 0.2-1 is common).")
+    d("float", "cutmix", _A.cutmix, "CutMix: α of the Beta(α, α) box area (0: off; 1 is common).")
+    d("float", "mix_prob", _A.mix_prob, "Probability that a training batch is mixed (mixup or CutMix).")
     # Model
     d("string", "backbone", _M.backbone, "small_cnn | vgg16 | inception_v3 | mobilenet | mobilenet_v2 | resnet50 | efficientnet_b0 | xception")
     d("string", "weights", _M.weights, "imagenet | none | PATH.h5 | ckpt:WORKDIR (another run's backbone)")
     d("float", "alpha", _M.alpha, "Width multiplier for mobilenet / mobilenet_v2.")
     d("float", "dropout", _M.dropout, "Dropout before the classifier.")
     d("integer", "init_blocks", _M.init_blocks, "With --weights=ckpt:DIR, copy only the first N blocks (0: all).")
-    d("bool", "train_bn", _M.train_bn, "Let BatchNorm layers in unfrozen blocks train (default: frozen, inference mode).")
+    d("enum", "bn", _M.bn, "BatchNorm policy: frozen (inference mode, statistics fixed), train (BN of unfrozen "
+      "blocks trains), adapt (frozen, statistics re-estimated on the training images at each stage start: AdaBN).",
+      enum_values=list(C.BN_POLICIES))
+    d("bool", "train_bn", False, "Alias of --bn=train.")
     # Stages
     d("integer", "epochs", None, "Epochs of a single-stage run (the same as --finetune_epochs without --head_epochs).")
     d("integer", "head_epochs", 0, "Epochs of a head-only first stage (0: none).")
@@ -81,6 +87,11 @@ def define_flags(fv: flags.FlagValues) -> None:
     d("float", "momentum", _T.momentum, "SGD momentum.")
     d("float", "weight_decay", _T.weight_decay, "AdamW weight decay.")
     d("float", "clipnorm", _T.clipnorm, "Global-norm gradient clipping (0: off).")
+    d("float", "label_smoothing", _T.label_smoothing, "Label smoothing of the training targets (0: off).")
+    d("string", "class_weight", _T.class_weight, "none | balanced (n / (k n_c) on the training split) | a JSON file "
+      "{class name: weight}: each training example's loss times its class's weight, as model.fit(class_weight=).")
+    d("float", "ema_decay", _T.ema_decay, "EMA of the weights (e.g. 0.999; 0: off): scored each epoch as val_ema/*, "
+      "monitorable for best/, scored on test at the end as test_ema/*.")
     d("bool", "cache_features", _T.cache_features, "Head-only stages without augmentation: run the frozen base once "
       "and train the head on cached features (much faster per epoch).")
     d("integer", "steps_per_loop", _T.steps_per_loop, "Steps per tf.function call.")
@@ -124,6 +135,14 @@ def apply_preset(fv: flags.FlagValues) -> None:
             fv[name].value = value
 
 
+def _bn_policy(fv) -> str:
+    if fv["train_bn"].present and fv.train_bn:
+        if fv["bn"].present and fv.bn != "train":
+            raise C.UserError(f"--train_bn is --bn=train; it contradicts --bn={fv.bn}")
+        return "train"
+    return fv.bn
+
+
 def config_from_flags(fv: flags.FlagValues = F) -> C.ExperimentConfig:
     """Flags -> a validated ExperimentConfig (no TensorFlow import).
 
@@ -151,11 +170,13 @@ def config_from_flags(fv: flags.FlagValues = F) -> C.ExperimentConfig:
                           image_size=fv.image_size, batch_size=fv.batch_size, shuffle_buffer=fv.shuffle_buffer,
                           cache=fv.cache, skip_bad_images=fv.skip_bad_images, threads=fv.data_threads),
         augment=C.AugmentConfig(horizontal_flip=fv.horizontal_flip, rotation=fv.rotation, width_shift=fv.width_shift,
-                                height_shift=fv.height_shift, zoom=fv.zoom, contrast=fv.contrast),
+                                height_shift=fv.height_shift, zoom=fv.zoom, contrast=fv.contrast,
+                                mixup=fv.mixup, cutmix=fv.cutmix, mix_prob=fv.mix_prob),
         model=C.ModelConfig(backbone=fv.backbone, weights=fv.weights, alpha=fv.alpha, dropout=fv.dropout,
-                            train_bn=fv.train_bn, init_blocks=fv.init_blocks),
+                            bn=_bn_policy(fv), init_blocks=fv.init_blocks),
         train=C.TrainConfig(
             optimizer=fv.optimizer, momentum=fv.momentum, weight_decay=fv.weight_decay, clipnorm=fv.clipnorm,
+            label_smoothing=fv.label_smoothing, class_weight=fv.class_weight, ema_decay=fv.ema_decay,
             steps_per_loop=fv.steps_per_loop, seed=fv.seed, deterministic=fv.deterministic,
             jit_compile=fv.jit_compile, precision=fv.precision, strategy=fv.strategy,
             grad_accum_steps=fv.grad_accum_steps, collective_timeout=fv.collective_timeout,

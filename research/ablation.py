@@ -210,7 +210,7 @@ def run_all(root: str, trials: list[Trial], *, parallel: int = 1, log=print) -> 
 # The run's metric vocabulary: test/... and val/... are the final weights', best/... the
 # run's best epoch (chosen on validation).
 COLUMNS = ["test/accuracy", "val/accuracy", "test/loss", "val/loss", "best/test/accuracy", "best/val/accuracy",
-           "best_epoch", "epochs", "early_stopped", "trainable_params", "wall_time_s", "images_per_second"]
+           "test_ema/accuracy", "best_epoch", "epochs", "early_stopped", "trainable_params", "wall_time_s", "images_per_second"]
 SUMMARY_METRICS = ("test/accuracy", "val/accuracy", "best/test/accuracy", "best/val/accuracy", "wall_time_s")
 
 
@@ -226,8 +226,8 @@ def collect(root: str, trials: list[Trial]) -> list[dict]:
                 r = json.load(f)
             final, best = r["final"], r["best"] or {}
             trainable = [s.get("trainable_params") for s in r["stages"] if s.get("trainable_params") is not None]
-            row.update({"status": "done", **{k: final.get(k) for k in ("test/accuracy", "val/accuracy",
-                                                                       "test/loss", "val/loss")},
+            row.update({"status": "done", **{k: final.get(k) for k in ("test/accuracy", "val/accuracy", "test/loss",
+                                                                       "val/loss", "test_ema/accuracy")},
                         "best/test/accuracy": best.get("test/accuracy"),
                         "best/val/accuracy": best.get("val/accuracy"),
                         "best_epoch": r["best_epoch"], "epochs": r["epochs_run"],

@@ -22,6 +22,7 @@ __all__ = ["UserError"]  # re-exported: most modules import it from here
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
 JIT = ("auto", "true", "false")
+BN_POLICIES = ("frozen", "train", "adapt")
 TEST_SOURCES = ("auto", "val", "none")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -85,6 +86,9 @@ class AugmentConfig:
       width_shift / height_shift: maximum shift as a fraction of the side.
       zoom: maximum zoom in or out as a fraction (0.1 means 90%..110%).
       contrast: maximum contrast change as a fraction.
+      mixup / cutmix: α of the Beta(α, α) mixing weight of mixup / CutMix (0:
+        off); training targets become soft (research/mix.py).
+      mix_prob: probability that a training batch is mixed.
     """
 
     horizontal_flip: bool = False
@@ -93,11 +97,19 @@ class AugmentConfig:
     height_shift: float = 0.0
     zoom: float = 0.0
     contrast: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
 
     @property
     def enabled(self) -> bool:
+        """Any per-image augmentation (mixing is a batch-level step of its own)."""
         return bool(self.horizontal_flip or self.rotation or self.width_shift
                     or self.height_shift or self.zoom or self.contrast)
+
+    @property
+    def mixes(self) -> bool:
+        return bool(self.mixup or self.cutmix) and self.mix_prob > 0
 
 
 @dataclass(frozen=True)
@@ -110,9 +122,15 @@ class ModelConfig:
         `ckpt:WORKDIR` (another run's backbone, head skipped).
       alpha: width multiplier for `mobilenet` / `mobilenet_v2`.
       dropout: dropout rate before the classification Dense.
-      train_bn: let BatchNormalization layers in unfrozen blocks train (batch
-        statistics, moving-average updates, gamma/beta). Off by default: the
-        standard fine-tuning advice, and what keeps small-data runs stable.
+      bn: the BatchNorm policy (`research/unfreeze.py`, `research/bn_adapt.py`):
+        `frozen` (default): every BN layer in inference mode, its moving
+        statistics and gamma/beta fixed; the standard fine-tuning advice, and
+        what keeps small-data runs stable.
+        `train`: BN layers of unfrozen blocks train (batch statistics,
+        moving-average updates, gamma/beta).
+        `adapt`: frozen as above, but at the start of every stage the moving
+        statistics of every BN layer are re-estimated on the training images
+        (AdaBN, Li et al. 2016), for target data far from the pretraining data.
       init_blocks: with `ckpt:` weights, copy only the first N blocks of the
         other run's backbone and keep the rest freshly initialised (0: all);
         the transfer study's "copy the first n layers".
@@ -122,8 +140,12 @@ class ModelConfig:
     weights: str = "none"
     alpha: float = 1.0
     dropout: float = 0.2
-    train_bn: bool = False
+    bn: str = "frozen"
     init_blocks: int = 0
+
+    @property
+    def train_bn(self) -> bool:
+        return self.bn == "train"
 
 
 @dataclass(frozen=True)
@@ -181,12 +203,27 @@ class TrainConfig:
     Attributes:
       jit_compile: `auto` (Keras's own rule: XLA on GPU/TPU, off on CPU, where it
         made MobileNetV2 ~8x slower), `true` or `false`.
+      label_smoothing: the training targets put 1 - s on the class and s / k on
+        every class (Keras's `CategoricalCrossentropy(label_smoothing=s)`);
+        `train/loss` is that objective, `val/` and `test/` losses stay plain
+        cross-entropy so that runs with and without it compare.
+      class_weight: `none`, `balanced` (class c weighs n / (k n_c) on the
+        training split, scikit-learn's rule) or a JSON file `{class name:
+        weight}`; each training example's loss is multiplied by its class's
+        weight, as `model.fit(class_weight=...)` does. Evaluation is unweighted.
+      ema_decay: keep an exponential moving average of the trained weights
+        (Keras's optimizer EMA, `ema_momentum`); 0 disables it. The averaged
+        weights are scored each epoch (`val_ema/...`), can be monitored for
+        `best/`, and are scored on test at the end (`test_ema/...`).
     """
 
     optimizer: str = "adam"
     momentum: float = 0.9
     weight_decay: float = 1e-4
     clipnorm: float = 0.0
+    label_smoothing: float = 0.0
+    class_weight: str = "none"
+    ema_decay: float = 0.0
     steps_per_loop: int = 20
     seed: int = 0
     deterministic: bool = False
@@ -220,10 +257,13 @@ class ExperimentConfig:
         train = dict(d["train"], early_stopping=es)
         if isinstance(train.get("jit_compile"), bool):  # config.json written before `auto` existed
             train["jit_compile"] = str(train["jit_compile"]).lower()
+        model = dict(d["model"])
+        if "train_bn" in model:  # config.json written before `bn` existed
+            model["bn"] = "train" if model.pop("train_bn") else "frozen"
         return cls(
             data=DataConfig(**d["data"]),
             augment=AugmentConfig(**d["augment"]),
-            model=ModelConfig(**d["model"]),
+            model=ModelConfig(**model),
             train=TrainConfig(**train),
             stages=tuple(StageConfig(**s) for s in d["stages"]),
         )
@@ -254,8 +294,12 @@ def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
         w = "ckpt:" + os.path.abspath(os.path.expanduser(w[len("ckpt:"):]))
     elif w not in ("imagenet", "none"):
         w = os.path.abspath(os.path.expanduser(w))
+    cw = config.train.class_weight
+    if cw not in ("none", "balanced"):
+        cw = os.path.abspath(os.path.expanduser(cw))
     return dataclasses.replace(config, data=dataclasses.replace(d, dataset=ds, data_dir=data_dir),
-                               model=dataclasses.replace(m, weights=w))
+                               model=dataclasses.replace(m, weights=w),
+                               train=dataclasses.replace(config.train, class_weight=cw))
 
 
 _SPEC_FORMS = ("none", "all", "top:K", "blocks:a,b", "from:NAME", "regex:PATTERN")
@@ -316,6 +360,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     for name in ("rotation", "width_shift", "height_shift", "zoom", "contrast"):
         v = getattr(a, name)
         _check(v >= 0 and math.isfinite(v), f"--{name}={v} must be a finite number >= 0")
+    for name in ("mixup", "cutmix"):
+        _check(getattr(a, name) >= 0 and math.isfinite(getattr(a, name)),
+               f"--{name}={getattr(a, name)} is the α of a Beta(α, α) and must be >= 0 (0: off; 0.2-1 is common)")
+    _check(0.0 <= a.mix_prob <= 1.0, f"--mix_prob={a.mix_prob} must be in [0, 1]")
     _check(a.rotation <= 180, f"--rotation={a.rotation} is in degrees and must be <= 180")
     for name in ("width_shift", "height_shift", "zoom", "contrast"):
         _check(getattr(a, name) < 1, f"--{name}={getattr(a, name)} is a fraction and must be < 1")
@@ -335,6 +383,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     _check(m.alpha == 1.0 or entry.has_alpha,
            f"--alpha={m.alpha}: backbone {m.backbone!r} has no width multiplier; --alpha applies to "
            + ", ".join(n for n, e in backbones.BACKBONES.items() if e.has_alpha))
+    _choice("bn", m.bn, BN_POLICIES)
     _check(m.init_blocks >= 0, f"--init_blocks={m.init_blocks} must be >= 0")
     _check(m.init_blocks == 0 or w.startswith("ckpt:"), "--init_blocks needs --weights=ckpt:WORKDIR")
 
@@ -343,6 +392,13 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     _choice("strategy", t.strategy, STRATEGIES)
     _choice("jit_compile", t.jit_compile, JIT)
     _check(t.steps_per_loop >= 1, f"--steps_per_loop={t.steps_per_loop} must be >= 1")
+    _check(0.0 <= t.label_smoothing < 1.0, f"--label_smoothing={t.label_smoothing} must be in [0, 1)")
+    _check(t.class_weight in ("none", "balanced") or os.path.isfile(t.class_weight),
+           f"--class_weight={t.class_weight!r} is not valid; allowed values: none, balanced, or a JSON file "
+           "mapping class names to weights")
+    _check(0.0 <= t.ema_decay < 1.0, f"--ema_decay={t.ema_decay} must be in [0, 1) (0: off); 0.999 is common")
+    _check(not (t.ema_decay and any(s.lr_decay_per_block != 1.0 for s in config.stages)),
+           "--ema_decay with lr_decay_per_block is not supported: the average would miss the per-block rescaling")
     _check(t.clipnorm >= 0, f"--clipnorm={t.clipnorm} must be >= 0 (0 disables clipping)")
     _check(t.grad_accum_steps >= 1, f"--grad_accum_steps={t.grad_accum_steps} must be >= 1")
     _check(t.checkpoint_keep >= 1, f"--checkpoint_keep={t.checkpoint_keep} must be >= 1")
@@ -352,6 +408,8 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     _choice("early_stopping_mode", es.mode, ES_MODES)
     _check(es.monitor in MONITORS,
            f"--early_stopping_monitor={es.monitor!r} is not valid; allowed values: {', '.join(MONITORS)}")
+    _check(not es.monitor.startswith("val_ema/") or t.ema_decay,
+           f"--early_stopping_monitor={es.monitor} needs --ema_decay (the averaged weights it scores)")
     _check(es.patience >= 0, f"--early_stopping_patience={es.patience} must be >= 0")
     _check(es.start_from_epoch >= 0, f"--early_stopping_start_from_epoch={es.start_from_epoch} must be >= 0")
 
@@ -373,7 +431,8 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     return config
 
 
-MONITORS = ("val/loss", "val/accuracy", "val/top5_accuracy", "train/loss", "train/accuracy")
+MONITORS = ("val/loss", "val/accuracy", "val/top5_accuracy", "train/loss", "train/accuracy",
+            "val_ema/loss", "val_ema/accuracy", "val_ema/top5_accuracy")
 
 
 # --- The `--stages` mini-language -------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from research import augment as augment_lib
+from research import mix as mix_lib
 from research.config import AugmentConfig
 from research.sources import Source, progress_bar
 
@@ -170,11 +171,20 @@ class Pipeline:
         if augment and self._augment is not None:
             # A stateless seed per batch, (epoch seed, batch index): the same images under
             # a parallel map, run to run and across a resume.
+            def images(seed, index, x):
+                return self._augment_and_preprocess(x, tf.stack([seed, index]))
+        else:
+            def images(seed, index, x):
+                return self._preprocess(x)
+        if augment and self.augment_cfg.mixes:
+            # Linear preprocessing commutes with blending and pasting: mixing after it is
+            # mixing the pixels. Targets become soft, [batch, classes].
             def transform(seed, index, batch):
-                return self._augment_and_preprocess(batch[0], tf.stack([seed, index])), batch[1]
+                return mix_lib.mix_batch(self.augment_cfg, images(seed, index, batch[0]), batch[1],
+                                         self.source.num_classes, tf.stack([seed, index]))
         else:
             def transform(seed, index, batch):
-                return self._preprocess(batch[0]), batch[1]
+                return images(seed, index, batch[0]), batch[1]
         # Under op determinism TF runs this map (it calls a traced function) sequentially
         # anyway, and logs an error-looking line about the rewrite: ask for it directly.
         ds = ds.map(transform, num_parallel_calls=None if self.deterministic else AUTOTUNE)

@@ -68,6 +68,37 @@ def predict_dataset(model, ds) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(logits).astype(np.float64), np.concatenate(labels)
 
 
+TTA = ("none", "flip", "crops")
+
+
+def tta_views(mode: str, size: int) -> list:
+    """The test-time views of `mode`, each a function of a uint8/float image batch [N, S, S, 3].
+
+    `flip`: the image and its mirror. `crops`: the image enlarged by 1/0.875 (the
+    usual centre-crop ratio) and cut into its centre and four corner crops of the
+    original side, plus the mirror of the centre.
+    """
+    identity = [lambda x: x]
+    if mode == "flip":
+        return identity + [lambda x: tf.image.flip_left_right(x)]
+    if mode != "crops":
+        return identity
+    big = int(round(size / 0.875))
+    m = big - size
+
+    def crop(top, left):
+        return lambda x: tf.image.resize(tf.cast(x, tf.float32), (big, big))[:, top:top + size, left:left + size]
+
+    centre = crop(m // 2, m // 2)
+    return [centre, crop(0, 0), crop(0, m), crop(m, 0), crop(m, m),
+            lambda x: tf.image.flip_left_right(centre(x))]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
 def _whole_folder(dataset: str, own: str) -> bool:
     """True for another folder dataset without train/val sub-folders: it is evaluated whole.
 
@@ -82,7 +113,8 @@ def _whole_folder(dataset: str, own: str) -> bool:
 
 
 def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None = None, checkpoint: str = "best",
-                 name: str | None = None, data_dir: str | None = None, skip_bad_images: bool = False) -> dict:
+                 name: str | None = None, data_dir: str | None = None, skip_bad_images: bool = False,
+                 tta: str = "none") -> dict:
     """Evaluates a run's checkpoint.
 
     Args:
@@ -98,11 +130,15 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
       data_dir: TFDS data directory of `dataset`.
       skip_bad_images: leave out unreadable images (listed in the report's
         `skipped_images`) instead of failing.
+      tta: `flip` or `crops` (`tta_views`): the class probabilities averaged over
+        the views are scored too, under the report's `tta`, beside the plain numbers.
 
     Raises:
       UserError: no run, a bad checkpoint, a bad split, an unreadable image, or
         class names that differ.
     """
+    if tta not in TTA:
+        raise UserError(f"--tta={tta!r} is not valid; allowed values: {', '.join(TTA)}")
     config, model, class_names, path = load_run(workdir, checkpoint=checkpoint)
     entry = backbones.get(config.model.backbone)
     size = model.input_shape[1]
@@ -145,8 +181,7 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
     ds = split_ds.batch(64).map(lambda x, y: (entry.preprocess(tf.cast(x, tf.float32)), y))
     logits, labels = predict_dataset(model, ds)
     k = len(class_names)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    log_probs = _log_softmax(logits)
     pred = logits.argmax(axis=1)
     confusion = confusion_matrix(labels, pred, labels=np.arange(k))
     report = {
@@ -162,6 +197,14 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
         top5 = np.argsort(-logits, axis=1)[:, :5]
         report["top5_accuracy"] = float((top5 == labels[:, None]).any(axis=1).mean())
     report["macro_f1"] = float(np.mean([c["f1"] for c in report["per_class"]]))
+    if tta != "none":
+        probs = [np.exp(_log_softmax(predict_dataset(model, split_ds.batch(64).map(
+            lambda x, y, view=view: (entry.preprocess(tf.cast(view(x), tf.float32)), y)))[0]))
+                 for view in tta_views(tta, size)]
+        mean = np.mean(probs, axis=0)
+        tta_pred = mean.argmax(axis=1)
+        report["tta"] = {"mode": tta, "views": len(probs), "accuracy": float((tta_pred == labels).mean()),
+                         "loss": float(-np.log(mean[np.arange(len(labels)), labels]).mean())}
     name = name or f"{(dataset or 'own').replace(':', '_').replace('/', '_').strip('_')}_{split}"
     out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)

@@ -65,6 +65,10 @@ def build_optimizer(cfg: TrainConfig, schedule, *, loss_scale: bool = False) -> 
         unscaled gradients.
     """
     clip = {"global_clipnorm": cfg.clipnorm} if cfg.clipnorm > 0 else {}
+    if cfg.ema_decay:
+        # The average covers every variable the optimizer was built on (any stage's); each
+        # step it moves them all, so a block frozen so far is averaged as its constant value.
+        clip.update(use_ema=True, ema_momentum=cfg.ema_decay)
     if cfg.optimizer == "adam":
         opt = keras.optimizers.Adam(schedule, **clip)
     elif cfg.optimizer == "sgd":

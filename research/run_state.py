@@ -56,6 +56,7 @@ class RunState:
       finished: every stage ran.
       data: what the data looked like (`num_train`, `num_val`, `class_names`,
         `skipped_images`).
+      bn_adapted: `--bn=adapt` re-estimations: `{"stage", "images"}`.
       config_changes: configs changed on resume with `--allow_config_change`:
         `{"global_epoch", "changed"}`.
       train_images / train_seconds / wall_seconds: throughput and time counters.
@@ -80,6 +81,7 @@ class RunState:
     finished: bool = False
     data: dict = field(default_factory=dict)
     config_changes: list[dict] = field(default_factory=list)
+    bn_adapted: list[dict] = field(default_factory=list)
     train_images: float = 0.0
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -145,6 +147,7 @@ class RunState:
             "images_per_second": self.images_per_second(),
             **self.data,
             "config_changes": self.config_changes,
+            "bn_adapted": self.bn_adapted,
             "history": self.history,
             "config": config,
         }

@@ -48,6 +48,7 @@ class Source:
     test: tf.data.Dataset | None = None
     num_test: int = 0
     test_from: str = "none"
+    train_counts: list[int] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -165,7 +166,7 @@ def load_digits_source(cfg: DataConfig, size: int) -> Source:
     return Source(_from_arrays(images[tr], labels[tr], size), _from_arrays(images[va], labels[va], size),
                   len(tr), len(va), [names[k] for k in keep], size,
                   test=_from_arrays(images[te], labels[te], size) if len(te) else None, num_test=len(te),
-                  test_from=test_from)
+                  test_from=test_from, train_counts=np.bincount(labels[tr], minlength=len(keep)).tolist())
 
 
 def _list_class_folder(root: str) -> tuple[list[str], list[list[str]]]:
@@ -364,7 +365,7 @@ def load_folder_source(cfg: DataConfig, size: int) -> Source:
                   len(out["train"][0]), len(out["val"][0]), [names[k] for k in keep], size,
                   [p for bad in skipped.values() for p in bad], skipped,
                   test=_files_dataset(*test, size) if test else None, num_test=len(test[0]) if test else 0,
-                  test_from=test_from)
+                  test_from=test_from, train_counts=np.bincount(out["train"][1], minlength=len(keep)).tolist())
 
 
 def load_tfds_source(cfg: DataConfig, size: int) -> Source:
@@ -423,7 +424,7 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
     table[keep] = np.arange(len(keep), dtype=np.int32)
     table_t = tf.constant(table)
 
-    def make(split: str) -> tuple[tf.data.Dataset, int]:
+    def make(split: str) -> tuple[tf.data.Dataset, np.ndarray]:
         try:
             ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
         except (ValueError, KeyError, tf.errors.OpError) as e:
@@ -431,15 +432,16 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
         ds = ds.map(lambda x, y: (x, tf.gather(table_t, tf.cast(y, tf.int32))))
         if len(keep) < len(names):
             ds = ds.filter(lambda x, y: y >= 0)
-        n = int(ds.map(lambda x, y: 1).reduce(0, lambda a, b: a + b))
+        counts = ds.map(lambda x, y: tf.one_hot(y, len(keep), dtype=tf.int64)).reduce(
+            tf.zeros([len(keep)], tf.int64), lambda a, b: a + b).numpy()
         ds = ds.map(lambda x, y: (_resize_uint8(_ensure_rgb(x), size), y), num_parallel_calls=AUTOTUNE)
-        return ds, n
+        return ds, counts
 
-    train, n_train = make(train_split)
-    val, n_val = make(val_split)
-    test, n_test = make(test_split) if test_split else (None, 0)
-    return Source(train, val, n_train, n_val, [names[k] for k in keep], size, test=test, num_test=n_test,
-                  test_from=test_from)
+    train, c_train = make(train_split)
+    val, c_val = make(val_split)
+    test, c_test = make(test_split) if test_split else (None, np.zeros(1, np.int64))
+    return Source(train, val, int(c_train.sum()), int(c_val.sum()), [names[k] for k in keep], size, test=test,
+                  num_test=int(c_test.sum()), test_from=test_from, train_counts=c_train.tolist())
 
 
 def _ensure_rgb(x):
@@ -449,6 +451,43 @@ def _ensure_rgb(x):
     if x.shape[-1] == 1:
         x = tf.image.grayscale_to_rgb(x)
     return x[..., :3]
+
+
+def class_weights(spec: str, class_names: list[str], counts: list[int]) -> list[float] | None:
+    """The per-class loss weights of `--class_weight` (None for `none`).
+
+    `balanced` is scikit-learn's `compute_class_weight("balanced")`: n / (k n_c)
+    over the training split's counts.
+
+    Raises:
+      UserError: a class without training images (balanced); a file that is not
+        JSON, misses or adds class names, or gives a weight that is not positive.
+    """
+    if spec == "none":
+        return None
+    if spec == "balanced":
+        empty = [c for c, n in zip(class_names, counts) if n == 0]
+        if empty:
+            raise UserError(f"--class_weight=balanced: class {empty[0]!r} has no training images")
+        total = sum(counts)
+        return [total / (len(counts) * n) for n in counts]
+    import json
+    try:
+        with open(spec) as f:
+            given = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--class_weight={spec}: not a readable JSON file ({e})") from None
+    if not isinstance(given, dict):
+        raise UserError(f"--class_weight={spec}: expected a JSON object {{class name: weight}}")
+    missing = [c for c in class_names if c not in given]
+    extra = [c for c in given if c not in class_names]
+    if missing or extra:
+        raise UserError(f"--class_weight={spec}: missing classes {missing or 'none'}, unknown classes "
+                        f"{extra or 'none'}; the classes are {_show(class_names)}")
+    weights = [given[c] for c in class_names]
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights):
+        raise UserError(f"--class_weight={spec}: every weight must be a positive number")
+    return [float(w) for w in weights]
 
 
 def load_source(cfg: DataConfig, image_size: int) -> Source:

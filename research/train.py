@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from research import backbones, checkpoints, data, distribute, sources, unfreeze
+from research import backbones, checkpoints, data, distribute, ema, sources, unfreeze
 from research.config import ExperimentConfig, StageConfig, UserError, config_diff, validate
 from research.early_stopping import EarlyStopping
 from research.features import FeatureCache
@@ -235,10 +235,14 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
     changes = _changes_on_resume(workdir, config, allow_config_change)
     source, pipeline = build_inputs(config, strategy, verbose=verbose)
     _check_monitor(config, source.num_classes)
+    weights = sources.class_weights(config.train.class_weight, source.class_names, source.train_counts)
+    if weights and verbose:
+        print("class weights: " + ", ".join(f"{c} {w:.3g}" for c, w in zip(source.class_names[:10], weights))
+              + (", ..." if len(weights) > 10 else ""), flush=True)
     built = build(config, source.num_classes, strategy)
     with checkpoints.workdir_lock(workdir, enabled=chief):
         ctl = Controller(config, workdir, strategy, source, pipeline, built, chief=chief, verbose=verbose,
-                         preemption=preemption)
+                         preemption=preemption, class_weights=weights)
         try:
             run, resumed_from = checkpoints.restore_or_initialize(ctl.ckpts, init=lambda: init_weights(config, built))
             if run.finished:
@@ -264,7 +268,7 @@ class Controller:
 
     def __init__(self, config: ExperimentConfig, workdir: str, strategy, source: sources.Source,
                  pipeline: data.Pipeline, built: Model, *, chief: bool, verbose: bool,
-                 preemption: Preemption | None):
+                 preemption: Preemption | None, class_weights: list[float] | None = None):
         self.config, self.workdir, self.strategy = config, workdir, strategy
         self.source, self.pipeline, self.m = source, pipeline, built
         self.chief, self.verbose, self.preemption = chief, verbose, preemption
@@ -275,8 +279,12 @@ class Controller:
             raise UserError(f"one optimizer step needs batch_size*grad_accum_steps = "
                             f"{config.data.batch_size * self.accum} images but the training set has {source.num_train}")
         self.jit = distribute.use_xla(t.jit_compile)
+        self.ema = t.ema_decay > 0
+        self.best_is_ema = t.early_stopping.monitor.startswith("val_ema/")
         self.trainer = Trainer(built.model, built.optimizer, strategy=strategy, grad_accum_steps=self.accum,
-                               jit_compile=self.jit)
+                               jit_compile=self.jit, label_smoothing=t.label_smoothing,
+                               class_weights=class_weights)
+        self.class_weights = class_weights
         self.scratch = None if chief else tempfile.mkdtemp(prefix="worker_ckpt_")
         self.ckpts = checkpoints.Checkpoints(workdir, model=built.model, base=built.base, optimizer=built.optimizer,
                                              keep=t.checkpoint_keep, scratch_dir=self.scratch)
@@ -344,8 +352,17 @@ class Controller:
             self._repair_best(run)
         src = self.source
         run.data = {"num_train": src.num_train, "num_val": src.num_val, "num_test": src.num_test,
-                    "test_from": src.test_from, "class_names": src.class_names, "skipped_images": src.skipped}
+                    "test_from": src.test_from, "class_names": src.class_names, "train_counts": src.train_counts,
+                    "class_weights": self.class_weights, "skipped_images": src.skipped}
         self._write_json("config.json", self.config.to_dict())
+
+    def _save_best(self, run: RunState) -> None:
+        """`best/` holds the weights the monitor scored: the average with a `val_ema/` monitor."""
+        if self.best_is_ema:
+            with ema.swapped_in(self.m.optimizer):
+                self.ckpts.save_best(run)
+        else:
+            self.ckpts.save_best(run)
 
     def _data_changes(self, run: RunState) -> list[str]:
         src = self.source
@@ -360,7 +377,7 @@ class Controller:
         if os.path.exists(os.path.join(self.workdir, run.best["checkpoint"] + ".index")):
             return
         if run.global_epoch == run.best["global_epoch"] + 1 and run.step_in_epoch == 0:
-            self.ckpts.save_best(run)
+            self._save_best(run)
         else:
             logging.warning("best/ lacks %s and cannot be rebuilt from this checkpoint", run.best["checkpoint"])
 
@@ -404,13 +421,31 @@ class Controller:
         if run.stage_start_step is None:
             run.stage_start_step = self.step()
         self.m.schedule.set_stage(stage, start_step=run.stage_start_step, steps_per_epoch=self.steps_per_epoch)
+        if self.config.model.bn == "adapt" and run.epoch == 0 and run.step_in_epoch == 0:
+            self._adapt_bn(run, stage)
         while run.epoch < stage.epochs and not run.stage_stopped:
             trainer, kind, selection = self._activate(run, stage)
             train_m = self._train_epoch(run, stage, trainer, kind)
-            val_m = trainer.evaluate(self.strategy.experimental_distribute_dataset(
-                self._features.val_dataset() if kind == "features" else self.pipeline.val_dataset()))
+            val_ds = self._features.val_dataset() if kind == "features" else self.pipeline.val_dataset()
+            val_m = {"val": trainer.evaluate(self.strategy.experimental_distribute_dataset(val_ds))}
+            if self.ema:
+                with ema.swapped_in(self.m.optimizer):
+                    val_m["val_ema"] = trainer.evaluate(self.strategy.experimental_distribute_dataset(val_ds))
             self._end_epoch(run, stage, es, train_m, val_m, selection)
         self._end_stage(run, index, stage, es)
+
+    def _adapt_bn(self, run: RunState, stage: StageConfig) -> None:
+        """`--bn=adapt`: BN statistics re-estimated on the training images (no augmentation)
+        before the stage trains. A run killed before the stage's first checkpoint does
+        it again on resume, from the same weights: the same statistics."""
+        from research import bn_adapt
+        t0 = time.perf_counter()
+        n = bn_adapt.adapt(self.m.base, self.pipeline.train_dataset(run.global_epoch, augment=False))
+        self._features = None  # cached base features were computed with the old statistics
+        self._active_key = None
+        self.say(f"stage {stage.name}: BatchNorm statistics re-estimated on {n} training images "
+                 f"({time.perf_counter() - t0:.1f}s)")
+        run.bn_adapted.append({"stage": stage.name, "images": n})
 
     def _early_stopping(self, stage: StageConfig, state: dict | None) -> EarlyStopping:
         """The stage's early stopping (its patience may override the run's), resumed from `state`."""
@@ -438,7 +473,8 @@ class Controller:
                                     lr_decay_per_block=stage.lr_decay_per_block, limit_top=limit)
         unfreeze.apply_policy(self.m.model, cfg_m.backbone, selection)
         head_only = len(selection.variables) == len(unfreeze.head_variables(self.m.model))
-        use_cache = self.config.train.cache_features and head_only and not self.config.augment.enabled
+        aug = self.config.augment
+        use_cache = self.config.train.cache_features and head_only and not (aug.enabled or aug.mixes)
         if self.config.train.cache_features and not use_cache and run.epoch == 0 and limit in (None, 1):
             logging.warning("stage %s: --cache_features applies to head-only stages without "
                             "augmentation; training through the base", stage.name)
@@ -460,7 +496,9 @@ class Controller:
         if self._features is None:
             self._features = FeatureCache(self.m.model, self.pipeline)
             self._head_trainer = Trainer(self._features.head, self.m.optimizer, strategy=self.strategy,
-                                         grad_accum_steps=self.accum, jit_compile=self.jit)
+                                         grad_accum_steps=self.accum, jit_compile=self.jit,
+                                         label_smoothing=self.config.train.label_smoothing,
+                                         class_weights=self.class_weights)
             self.say(f"cached base features of {len(self._features.train_y)} training and "
                      f"{len(self._features.val_y)} validation images in {self._features.seconds:.1f}s")
         return self._head_trainer
@@ -504,15 +542,20 @@ class Controller:
                 self.save_latest(run)
         return metrics_from_sums(sums)
 
-    def _end_epoch(self, run: RunState, stage: StageConfig, es: EarlyStopping, train_m: dict, val_m: dict,
-                   selection: unfreeze.Selection) -> None:
-        """Early stopping, the best record, summaries, history, checkpoints."""
+    def _end_epoch(self, run: RunState, stage: StageConfig, es: EarlyStopping, train_m: dict,
+                   val_m: dict[str, dict], selection: unfreeze.Selection) -> None:
+        """Early stopping, the best record, summaries, history, checkpoints.
+
+        `val_m` holds the validation metrics of the trained weights (`val`) and,
+        with `--ema_decay`, of their average (`val_ema`).
+        """
         t = self.config.train
         step = self.step()
         top5 = self.source.num_classes > 5
-        metrics = {**prefixed("train", {k: v for k, v in train_m.items() if top5 or k != "top5_accuracy"}),
-                   **prefixed("val", {k: v for k, v in val_m.items() if top5 or k != "top5_accuracy"}),
-                   "learning_rate": current_lr(self.m.optimizer), "images_per_second": run.images_per_second()}
+        metrics = {**prefixed("train", {k: v for k, v in train_m.items() if top5 or k != "top5_accuracy"})}
+        for split, m in val_m.items():
+            metrics.update(prefixed(split, {k: v for k, v in m.items() if top5 or k != "top5_accuracy"}))
+        metrics.update({"learning_rate": current_lr(self.m.optimizer), "images_per_second": run.images_per_second()})
         scale = loss_scale_value(self.m.optimizer)
         if scale is not None:
             metrics["loss_scale"] = scale
@@ -526,9 +569,10 @@ class Controller:
         last = run.stage == len(self.config.stages) - 1 and (stop or run.epoch + 1 == stage.epochs)
 
         self.summaries.scalars("train", {k.removeprefix("train/"): v for k, v in metrics.items()
-                                         if not k.startswith("val/")}, step)
-        self.summaries.scalars("val", {k.removeprefix("val/"): v for k, v in metrics.items() if k.startswith("val/")},
-                               step)
+                                         if not k.startswith(("val/", "val_ema/"))}, step)
+        for split in val_m:
+            self.summaries.scalars(split, {k.removeprefix(f"{split}/"): v for k, v in metrics.items()
+                                           if k.startswith(f"{split}/")}, step)
         epoch_number = run.global_epoch + 1
         if itstime(epoch_number, t.histogram_every_epochs, epoch_number if last else None):
             self.summaries.histograms("train", selection.variables, step)
@@ -540,7 +584,8 @@ class Controller:
         if improved:
             run.best = {"stage": stage.name, "stage_index": run.stage, "epoch": run.epoch,
                         "global_epoch": run.global_epoch, "monitor": es.monitor, "value": value,
-                        "val/loss": metrics["val/loss"], "val/accuracy": metrics["val/accuracy"],
+                        **{f"{s}/{m}": metrics[f"{s}/{m}"] for s in val_m for m in ("loss", "accuracy")},
+                        "weights": "ema" if self.best_is_ema else "trained",
                         "checkpoint": os.path.join("best", f"ckpt-{run.global_epoch + 1}")}
         run.next_epoch(es.state())
         self.stream.epoch_done()
@@ -553,7 +598,7 @@ class Controller:
         # the two saves leaves for the resumed run to write (`_repair_best`).
         path = self.save_latest(run)
         if improved:
-            self.ckpts.save_best(run)
+            self._save_best(run)
         if self.preemption is not None and self.preemption.signum:
             raise Interrupted(self.preemption.signum, path)
 
@@ -566,6 +611,9 @@ class Controller:
                 b = run.best
                 weights_from = f"{os.path.relpath(path, self.workdir)} (stage {b['stage']}, epoch {b['epoch'] + 1})"
         final_val = prefixed("val", self._evaluate_images())
+        if self.ema:
+            with ema.swapped_in(self.m.optimizer):
+                final_val.update(prefixed("val_ema", self._evaluate_images()))
         history = run.stage_history(stage.name)
         run.stages.append({
             "name": stage.name, "unfreeze": stage.unfreeze, "epochs_run": len(history),
@@ -592,22 +640,29 @@ class Controller:
         ds = self.pipeline.test_dataset()
         if ds is None:
             return
-        final = prefixed("test", self.trainer.evaluate(self.strategy.experimental_distribute_dataset(ds)))
+        def score() -> dict:
+            return self.trainer.evaluate(self.strategy.experimental_distribute_dataset(ds))
+
+        final = prefixed("test", score())
+        if self.ema:
+            with ema.swapped_in(self.m.optimizer):
+                final.update(prefixed("test_ema", score()))
         run.final.update(final)
         best = run.best
         if best is not None:
             restored = run.stages[-1]["weights_from"] != "last epoch"
-            if restored or best["global_epoch"] == run.global_epoch - 1:
-                best.update(final)  # the same weights
+            if restored or (best["global_epoch"] == run.global_epoch - 1 and not self.best_is_ema):
+                best.update({k: v for k, v in final.items() if k.startswith("test/")})  # the same weights
             else:
                 kept = self.m.model.get_weights()
                 if self.ckpts.restore_best_weights() is None:
                     logging.warning("best/ holds no checkpoint; its weights are not scored on test")
                 else:
-                    best.update(prefixed("test", self.trainer.evaluate(
-                        self.strategy.experimental_distribute_dataset(ds))))
+                    best.update(prefixed("test", score()))
                 self.m.model.set_weights(kept)
-        self.summaries.scalars("test", {k.removeprefix("test/"): v for k, v in final.items()}, self.step())
+        for split in ("test", "test_ema"):
+            self.summaries.scalars(split, {k.removeprefix(f"{split}/"): v for k, v in final.items()
+                                           if k.startswith(f"{split}/")}, self.step())
         self.say(f"  test (final weights): {_headline(final)}"
                  + (f"; best epoch's: {_headline(best)}" if best and "test/accuracy" in best else ""))
 

@@ -238,3 +238,29 @@ def test_exif_orientation_in_predict_and_the_saved_model(trained, tmp_path):
         names = json.loads((wd / "export" / "labels.json").read_text())["class_names"]
         got = {t["class"]: t["probability"] for t in p["top"]}
         np.testing.assert_allclose([got[c] for c in names], want[i], rtol=1e-5, atol=1e-6)
+
+
+def test_test_time_augmentation_averages_the_views_probabilities(trained):
+    """--tta=flip and --tta=crops against the exported model's probabilities on the same views."""
+    root, wd = trained
+    files = _files(root)
+    pixels = np.stack([decode_and_resize(tf.constant(f.read_bytes()), 16).numpy() for f in files]).astype("float32")
+    sm = tf.saved_model.load(str(wd / "export" / "saved_model"))
+
+    def probs(views):
+        return np.mean([sm.signatures["predict_float"](tf.constant(v))["probabilities"].numpy() for v in views], 0)
+
+    big = tf.image.resize(pixels, (18, 18)).numpy()  # round(16 / 0.875)
+    crops = [big[:, 1:17, 1:17], big[:, :16, :16], big[:, :16, 2:], big[:, 2:, :16], big[:, 2:, 2:]]
+    expected = {"flip": probs([pixels, pixels[:, :, ::-1]]), "crops": probs(crops + [crops[0][:, :, ::-1]])}
+    for mode, views in (("flip", 2), ("crops", 6)):
+        r = run_module("launch.evaluate", f"--workdir={wd}", "--checkpoint=latest", f"--tta={mode}",
+                       f"--name=tta_{mode}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        report = json.loads((wd / "eval" / f"tta_{mode}.json").read_text())
+        y = np.array([report["class_names"].index(f.parent.name) for f in files])
+        p = expected[mode]
+        assert report["tta"]["views"] == views
+        assert report["tta"]["accuracy"] == pytest.approx((p.argmax(1) == y).mean(), abs=1e-9)
+        assert report["tta"]["loss"] == pytest.approx(-np.log(p[np.arange(len(y)), y]).mean(), rel=1e-4)
+        assert "accuracy" in report and f"test-time augmentation ({mode}" in r.stdout

@@ -28,8 +28,14 @@ def _model(train_bn: bool):
     return model, sel
 
 
-@pytest.mark.parametrize("opt,train_bn", [("sgd", False), ("adam", False), ("adam", True), ("sgd", True)])
-def test_one_epoch_equals_model_fit(opt, train_bn):
+# Class weights far from 1, so a loop that ignored them would end far outside the tolerance.
+CLASS_WEIGHT = {c: w for c, w in enumerate([3.0, 0.2, 1.0, 0.5, 2.0, 1.5, 0.3, 1.0, 4.0, 0.7])}
+
+
+@pytest.mark.parametrize("opt,train_bn,smoothing,weighted", [
+    ("sgd", False, 0.0, False), ("adam", False, 0.0, False), ("adam", True, 0.0, False), ("sgd", True, 0.0, False),
+    ("adam", False, 0.1, False), ("sgd", False, 0.0, True)])
+def test_one_epoch_equals_model_fit(opt, train_bn, smoothing, weighted):
     x, y = _digits()
     ref, _ = _model(train_bn)
     ours, sel = _model(train_bn)
@@ -39,19 +45,25 @@ def test_one_epoch_equals_model_fit(opt, train_bn):
     lr = 0.01 if opt == "sgd" else 1e-3
     cfg = TrainConfig(optimizer=opt, momentum=0.9)
 
-    ref.compile(optimizer=build_optimizer(cfg, lr), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                jit_compile=False)
-    ref.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    if smoothing:  # Keras's own label smoothing needs one-hot targets
+        loss, targets = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=smoothing), np.eye(10)[y]
+    else:
+        loss, targets = keras.losses.SparseCategoricalCrossentropy(from_logits=True), y
+    ref.compile(optimizer=build_optimizer(cfg, lr), loss=loss, jit_compile=False)
+    history = ref.fit(x, targets, batch_size=32, epochs=1, shuffle=False, verbose=0,
+                      class_weight=CLASS_WEIGHT if weighted else None)
 
     schedule = StageSchedule()
     schedule.set_stage(StageConfig(lr=lr, epochs=1, schedule="constant"), start_step=0, steps_per_epoch=8)
     optimizer = build_optimizer(cfg, schedule)
     optimizer.build(sel.variables)
-    trainer = Trainer(ours, optimizer, strategy=tf.distribute.get_strategy())
+    trainer = Trainer(ours, optimizer, strategy=tf.distribute.get_strategy(), label_smoothing=smoothing,
+                      class_weights=[CLASS_WEIGHT[c] for c in range(10)] if weighted else None)
     trainer.set_trainable(sel.variables)
     it = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True))
-    trainer.train(it, 5)
-    trainer.train(it, 3)  # two calls: steps_per_loop boundaries must not matter
+    sums = trainer.train(it, 5)[0] + trainer.train(it, 3)[0]  # two calls: steps_per_loop boundaries must not matter
+    # The reported training loss is the objective fit reports (smoothed when smoothing).
+    assert sums[0] / sums[3] == pytest.approx(history.history["loss"][0], rel=1e-4)
 
     # Sanity: training moved the weights a lot compared with the tolerance.
     assert trainer.tracing_count() == 1

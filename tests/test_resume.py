@@ -50,7 +50,16 @@ def _wait_for_checkpoint(wd, number, proc, timeout=300):
     raise AssertionError("checkpoint never appeared")
 
 
-@pytest.mark.parametrize("args,kill_after", [(ONE_STAGE, 2), (TWO_STAGES, 3)], ids=["mid-stage", "stage-boundary"])
+# The recipe options, killed inside the second stage: the BN statistics re-estimated at its
+# start (--bn=adapt) and the weight average (--ema_decay) are in the checkpoint, and the mixed
+# batches are drawn from (seed, epoch, batch); a resume that re-estimated, restarted or re-drew
+# any of them would not be bit-identical.
+RECIPE = ["--bn=adapt", "--ema_decay=0.9", "--label_smoothing=0.1", "--mixup=0.4", "--cutmix=1", "--mix_prob=0.8",
+          "--class_weight=balanced"]
+
+
+@pytest.mark.parametrize("args,kill_after", [(ONE_STAGE, 2), (TWO_STAGES, 3), (TWO_STAGES + RECIPE, 4)],
+                         ids=["mid-stage", "stage-boundary", "recipe-options-second-stage"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, args, kill_after):
     ref = tmp_path / "ref"
     r = run_module("launch.train", f"--workdir={ref}", *args)
