@@ -11,7 +11,6 @@
 import csv
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
