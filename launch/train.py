@@ -51,6 +51,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     d("bool", "skip_bad_images", _D.skip_bad_images, "Skip unreadable images instead of failing.")
     # Augmentation
     d("bool", "horizontal_flip", _A.horizontal_flip, "Random horizontal flips.")
+    d("bool", "vertical_flip", _A.vertical_flip, "Random vertical flips.")
+    d("string", "crop_scale", _A.crop_scale, "Random-resized-crop: MIN,MAX fraction of the area kept, e.g. 0.08,1 "
+      "(empty: off).")
+    d("string", "crop_ratio", _A.crop_ratio, "Random-resized-crop: MIN,MAX aspect ratio (log-uniform).")
     d("float", "rotation", _A.rotation, "Max random rotation, degrees.")
     d("float", "width_shift", _A.width_shift, "Max horizontal shift, fraction of width.")
     d("float", "height_shift", _A.height_shift, "Max vertical shift, fraction of height.")
@@ -169,7 +173,9 @@ def config_from_flags(fv: flags.FlagValues = F) -> C.ExperimentConfig:
                           test_fraction=fv.test_fraction, classes=fv.classes,
                           image_size=fv.image_size, batch_size=fv.batch_size, shuffle_buffer=fv.shuffle_buffer,
                           cache=fv.cache, skip_bad_images=fv.skip_bad_images, threads=fv.data_threads),
-        augment=C.AugmentConfig(horizontal_flip=fv.horizontal_flip, rotation=fv.rotation, width_shift=fv.width_shift,
+        augment=C.AugmentConfig(horizontal_flip=fv.horizontal_flip, vertical_flip=fv.vertical_flip,
+                                crop_scale=fv.crop_scale, crop_ratio=fv.crop_ratio,
+                                rotation=fv.rotation, width_shift=fv.width_shift,
                                 height_shift=fv.height_shift, zoom=fv.zoom, contrast=fv.contrast,
                                 mixup=fv.mixup, cutmix=fv.cutmix, mix_prob=fv.mix_prob),
         model=C.ModelConfig(backbone=fv.backbone, weights=fv.weights, alpha=fv.alpha, dropout=fv.dropout,

@@ -39,62 +39,113 @@ class Augmenter:
 
     def __init__(self, cfg: AugmentConfig):
         self.cfg = cfg
-        self.warps = bool(cfg.rotation or cfg.width_shift or cfg.height_shift or cfg.zoom)
+        self.warps = bool(cfg.rotation or cfg.width_shift or cfg.height_shift or cfg.zoom or cfg.crop_scale)
         # Keras's own contrast adjustment, fed the stateless per-image factors drawn here.
         self.contrast = keras.layers.RandomContrast(cfg.contrast, value_range=(0, 255)) if cfg.contrast else None
 
-    def sample(self, n, seed) -> dict[str, tf.Tensor]:
+    def sample(self, n, seed, height: int = 1, width: int = 1) -> dict[str, tf.Tensor]:
         """Per-image parameters for a batch of `n`, a function of `seed` (shape [2] int) only.
 
         Ranges are those of the Keras layers with the same settings: flip with
         probability 1/2, angle uniform in +-rotation degrees, shift uniform in
         +-shift of the side, zoom factor uniform in 1 +- zoom (above 1 zooms out),
-        contrast factor uniform in 1 +- contrast.
+        contrast factor uniform in 1 +- contrast. The random-resized crop is
+        torchvision's `RandomResizedCrop.get_params` on a continuous box (`crop_box`).
         """
         keys = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 6)
+        # Knobs added later draw from their own keys, so the older ones keep their draws.
+        more = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 1), 5)
 
         def uniform(i, half_width):
             return tf.random.stateless_uniform([n], keys[i], -1.0, 1.0) * float(half_width)
 
         flip = tf.random.stateless_uniform([n], keys[0]) < 0.5
-        return {"flip": tf.logical_and(flip, self.cfg.horizontal_flip),
-                "angle": uniform(1, self.cfg.rotation * math.pi / 180.0),
-                "shift": tf.stack([uniform(2, self.cfg.width_shift), uniform(3, self.cfg.height_shift)], axis=1),
-                "zoom": 1.0 + uniform(4, self.cfg.zoom),
-                "contrast": 1.0 + uniform(5, self.cfg.contrast)}
+        vflip = tf.random.stateless_uniform([n], more[0]) < 0.5
+        p = {"flip": tf.logical_and(flip, self.cfg.horizontal_flip),
+             "vflip": tf.logical_and(vflip, self.cfg.vertical_flip),
+             "angle": uniform(1, self.cfg.rotation * math.pi / 180.0),
+             "shift": tf.stack([uniform(2, self.cfg.width_shift), uniform(3, self.cfg.height_shift)], axis=1),
+             "zoom": 1.0 + uniform(4, self.cfg.zoom),
+             "contrast": 1.0 + uniform(5, self.cfg.contrast)}
+        if self.cfg.crop_scale:
+            p["crop"] = crop_box(n, more[1:], self.cfg.crop_range("crop_scale"), self.cfg.crop_range("crop_ratio"),
+                                 height, width)
+        return p
 
     def __call__(self, images: tf.Tensor, seed) -> tf.Tensor:
         """Augments a float batch [N, H, W, C] in [0, 255]; `seed` is a shape [2] int tensor."""
-        p = self.sample(tf.shape(images)[0], seed)
+        height, width = images.shape[1], images.shape[2]
+        p = self.sample(tf.shape(images)[0], seed, height, width)
         if self.warps:
-            height, width = images.shape[1], images.shape[2]
             images = keras.ops.image.affine_transform(
                 images, affine_matrices(p, height, width), interpolation="bilinear", fill_mode="nearest")
-        elif self.cfg.horizontal_flip:
-            images = tf.where(p["flip"][:, None, None, None], tf.reverse(images, axis=[2]), images)
+        else:
+            if self.cfg.horizontal_flip:
+                images = tf.where(p["flip"][:, None, None, None], tf.reverse(images, axis=[2]), images)
+            if self.cfg.vertical_flip:
+                images = tf.where(p["vflip"][:, None, None, None], tf.reverse(images, axis=[1]), images)
         if self.contrast is not None:
             images = self.contrast.transform_images(images, {"contrast_factor": p["contrast"][:, None, None, None]})
         return images
 
 
-def affine_matrices(p: dict, height: int, width: int) -> tf.Tensor:
-    """The [N, 8] output-to-input transforms of flip, then rotation, shift and zoom.
+def crop_box(n, keys, scale: tuple[float, float], ratio: tuple[float, float], height: int, width: int
+             ) -> tf.Tensor:
+    """[N, 4] random-resized-crop boxes `(x0, y0, w, h)` in pixels, torchvision's rule.
 
-    The four warps chained map an output pixel x to the input pixel
-    flip(rotate(shift(zoom(x)))); about the image centre c that is
-    A (x - c) + c + t with A = zoom * flip * rotation and t = -flip * rotation * shift.
+    Ten tries per image of an area fraction uniform in `scale` and an aspect ratio
+    log-uniform in `ratio`; the first box that fits is placed uniformly in the
+    image. If none fits, the centred box of the whole image with its ratio clamped
+    to `ratio`.
+    """
+    tries = 10
+    area = tf.random.stateless_uniform([n, tries], keys[0], scale[0], scale[1]) * float(height * width)
+    r = tf.exp(tf.random.stateless_uniform([n, tries], keys[1], math.log(ratio[0]), math.log(ratio[1])))
+    w, h = tf.sqrt(area * r), tf.sqrt(area / r)
+    fits = (w <= width) & (h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+    w = tf.gather(w, first, batch_dims=1)
+    h = tf.gather(h, first, batch_dims=1)
+    own = width / height
+    fw = float(width) if ratio[0] <= own <= ratio[1] else (width if own < ratio[0] else height * ratio[1])
+    fh = float(height) if ratio[0] <= own <= ratio[1] else (width / ratio[0] if own < ratio[0] else height)
+    ok = tf.reduce_any(fits, axis=1)
+    w = tf.where(ok, w, float(fw))
+    h = tf.where(ok, h, float(fh))
+    u = tf.random.stateless_uniform([n, 2], keys[2])
+    x0 = tf.where(ok, u[:, 0] * (width - w), (width - w) / 2.0)
+    y0 = tf.where(ok, u[:, 1] * (height - h), (height - h) / 2.0)
+    return tf.stack([x0, y0, w, h], axis=1)
+
+
+def affine_matrices(p: dict, height: int, width: int) -> tf.Tensor:
+    """The [N, 8] output-to-input transforms of the crop, then flips, rotation, shift and zoom.
+
+    The warps chained map an output pixel x to the input pixel
+    crop(flip(rotate(shift(zoom(x))))); about the image centre c the last four are
+    A (x - c) + c + t with A = zoom * flip * rotation and t = -flip * rotation * shift,
+    flip = diag(±1, ±1). The random-resized crop (applied to the original image
+    first, as torchvision does) maps pixel centres of the resized box back into the
+    box: x_in = x0 + (x + 1/2) w / W - 1/2.
     """
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
     s = tf.where(p["flip"], -1.0, 1.0)
+    v = tf.where(p["vflip"], -1.0, 1.0) if "vflip" in p else tf.ones_like(s)
     cos, sin, z = tf.cos(p["angle"]), tf.sin(p["angle"]), p["zoom"]
-    # Keras's rotation matrix for angle a is [[cos, -sin], [sin, cos]]; the flip negates row 0.
-    a00, a01, a10, a11 = z * s * cos, -z * s * sin, z * sin, z * cos
+    # Keras's rotation matrix for angle a is [[cos, -sin], [sin, cos]]; the flips negate rows 0 and 1.
+    a00, a01, a10, a11 = z * s * cos, -z * s * sin, z * v * sin, z * v * cos
     dx, dy = p["shift"][:, 0] * width, p["shift"][:, 1] * height
     t0 = -(s * cos * dx - s * sin * dy)
-    t1 = -(sin * dx + cos * dy)
+    t1 = -v * (sin * dx + cos * dy)
+    b0, b1 = cx - a00 * cx - a01 * cy + t0, cy - a10 * cx - a11 * cy + t1
+    if "crop" in p:
+        x0, y0, w, h = (p["crop"][:, i] for i in range(4))
+        sx, sy = w / width, h / height
+        a00, a01, b0 = sx * a00, sx * a01, sx * b0 + x0 + 0.5 * sx - 0.5
+        a10, a11, b1 = sy * a10, sy * a11, sy * b1 + y0 + 0.5 * sy - 0.5
     zeros = tf.zeros_like(z)
-    return tf.stack([a00, a01, cx - a00 * cx - a01 * cy + t0,
-                     a10, a11, cy - a10 * cx - a11 * cy + t1, zeros, zeros], axis=1)
+    return tf.stack([a00, a01, b0, a10, a11, b1, zeros, zeros], axis=1)
 
 
 def build(cfg: AugmentConfig) -> Augmenter | None:

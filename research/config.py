@@ -81,7 +81,10 @@ class AugmentConfig:
     """Augmentation settings, the ImageDataGenerator knobs (see research/augment.py).
 
     Attributes:
-      horizontal_flip: random left-right flips.
+      horizontal_flip / vertical_flip: random left-right / up-down flips.
+      crop_scale: Inception-style random-resized-crop, `MIN,MAX` fraction of the
+        image area kept (e.g. `0.08,1`; empty: off), at an aspect ratio drawn
+        log-uniformly in `crop_ratio` (`MIN,MAX`), resized back to the full side.
       rotation: maximum rotation in degrees (ImageDataGenerator's rotation_range).
       width_shift / height_shift: maximum shift as a fraction of the side.
       zoom: maximum zoom in or out as a fraction (0.1 means 90%..110%).
@@ -92,6 +95,9 @@ class AugmentConfig:
     """
 
     horizontal_flip: bool = False
+    vertical_flip: bool = False
+    crop_scale: str = ""
+    crop_ratio: str = "0.75,1.3333"
     rotation: float = 0.0
     width_shift: float = 0.0
     height_shift: float = 0.0
@@ -104,8 +110,13 @@ class AugmentConfig:
     @property
     def enabled(self) -> bool:
         """Any per-image augmentation (mixing is a batch-level step of its own)."""
-        return bool(self.horizontal_flip or self.rotation or self.width_shift
-                    or self.height_shift or self.zoom or self.contrast)
+        return bool(self.horizontal_flip or self.vertical_flip or self.crop_scale or self.rotation
+                    or self.width_shift or self.height_shift or self.zoom or self.contrast)
+
+    def crop_range(self, name: str) -> tuple[float, float]:
+        """`crop_scale` or `crop_ratio` as (min, max)."""
+        lo, hi = (float(v) for v in getattr(self, name).split(","))
+        return lo, hi
 
     @property
     def mixes(self) -> bool:
@@ -360,6 +371,14 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     for name in ("rotation", "width_shift", "height_shift", "zoom", "contrast"):
         v = getattr(a, name)
         _check(v >= 0 and math.isfinite(v), f"--{name}={v} must be a finite number >= 0")
+    for name, low, high in (("crop_scale", 0.0, 1.0), ("crop_ratio", 0.0, math.inf)):
+        if name == "crop_scale" and not a.crop_scale:
+            continue
+        try:
+            lo, hi = a.crop_range(name)
+        except ValueError:
+            raise UserError(f"--{name}={getattr(a, name)!r} is not MIN,MAX (for example 0.08,1)") from None
+        _check(low < lo <= hi <= high, f"--{name}={getattr(a, name)} needs {low} < MIN <= MAX <= {high}")
     for name in ("mixup", "cutmix"):
         _check(getattr(a, name) >= 0 and math.isfinite(getattr(a, name)),
                f"--{name}={getattr(a, name)} is the α of a Beta(α, α) and must be >= 0 (0: off; 0.2-1 is common)")

@@ -102,3 +102,67 @@ def test_contrast_keeps_each_image_mean_and_scales_its_spread():
     mean = x.numpy().mean(axis=(1, 2), keepdims=True)
     np.testing.assert_allclose(np.clip((x.numpy() - mean) * f[:, None, None, None] + mean, 0, 255), y, atol=1e-3)
     assert not np.allclose(f, 1.0)
+
+
+def test_random_resized_crop_boxes_stay_in_their_ranges():
+    scale, ratio = (0.08, 1.0), (0.75, 4 / 3)
+    boxes = augment.crop_box(4000, tf.random.experimental.stateless_split(tf.constant([3, 4], tf.int64), 3),
+                             scale, ratio, H, W).numpy()
+    x0, y0, w, h = boxes.T
+    assert (x0 >= -1e-4).all() and (y0 >= -1e-4).all() and (x0 + w <= W + 1e-3).all() and (y0 + h <= H + 1e-3).all()
+    area, r = w * h / (H * W), w / h
+    fitted = ~np.isclose(area, 1.0)  # a fallback box is the whole image here (its ratio 4/3 is in range)
+    assert fitted.mean() > 0.9
+    assert (area[fitted] >= scale[0] - 1e-5).all() and (area[fitted] <= scale[1] + 1e-5).all()
+    assert (r >= ratio[0] - 1e-4).all() and (r <= ratio[1] + 1e-4).all()
+    assert np.log(r[fitted]).std() > 0.05 and area[fitted].std() > 0.1  # really drawn, not fixed
+    # No box of 90 % of the area at ratio 3-4 fits: the centred fallback, ratio clamped to 3.
+    x0, y0, w, h = augment.crop_box(5, tf.random.experimental.stateless_split(tf.constant([1, 1], tf.int64), 3),
+                                    (0.9, 1.0), (3.0, 4.0), H, W).numpy().T
+    assert np.allclose(w, W) and np.allclose(h, W / 3.0) and np.allclose(y0, (H - W / 3.0) / 2) and np.allclose(x0, 0)
+
+
+def test_random_resized_crop_samples_the_box_bilinearly():
+    """The warp against scipy's bilinear sampling of the drawn box (pixel centres mapped
+    into the box, borders clamped)."""
+    from scipy import ndimage
+
+    aug = augment.build(AugmentConfig(crop_scale="0.2,1"))
+    x = _images(4)
+    seed = tf.constant([5, 6], tf.int64)
+    out = aug(x, seed).numpy()
+    boxes = aug.sample(4, seed, H, W)["crop"].numpy()
+    rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    for i, (x0, y0, w, h) in enumerate(boxes):
+        yi = y0 + (rows + 0.5) * h / H - 0.5
+        xi = x0 + (cols + 0.5) * w / W - 0.5
+        for c in range(3):
+            ref = ndimage.map_coordinates(x.numpy()[i, :, :, c], [yi, xi], order=1, mode="nearest")
+            np.testing.assert_allclose(out[i, :, :, c], ref, atol=1e-2, err_msg=f"image {i}")
+
+
+def test_vertical_flip_alone_and_inside_the_warp():
+    x = _images(16)
+    seed = tf.constant([2, 3], tf.int64)
+    plain = augment.build(AugmentConfig(vertical_flip=True))
+    flips = plain.sample(16, seed)["vflip"].numpy()
+    assert 0 < flips.sum() < 16
+    out = plain(x, seed).numpy()
+    expected = np.where(flips[:, None, None, None], x.numpy()[:, ::-1], x.numpy())
+    assert np.array_equal(out, expected)
+    # Through the fused warp (with an identity crop), the same flips.
+    warped = augment.build(AugmentConfig(vertical_flip=True, crop_scale="1,1", crop_ratio=f"{W / H},{W / H}"))
+    np.testing.assert_allclose(warped(x, seed).numpy(), expected, atol=1e-3)
+
+
+def test_parallel_map_gives_the_same_crops_as_a_sequential_one():
+    aug = augment.build(AugmentConfig(crop_scale="0.08,1", vertical_flip=True, horizontal_flip=True))
+    ds = tf.data.Dataset.from_tensor_slices(_images(64)).batch(8).enumerate()
+
+    def run(calls):
+        out = ds.map(lambda i, x: aug(x, tf.stack([tf.constant(5, tf.int64), i])), num_parallel_calls=calls)
+        return np.concatenate([b.numpy() for b in out])
+
+    seq = run(None)
+    assert np.array_equal(seq, run(tf.data.AUTOTUNE))
+    assert not np.array_equal(seq, _images(64).numpy())
