@@ -1,0 +1,48 @@
+"""The learning-rate range test for a run's config: `lr_find.png` and a suggested LR.
+
+    python -m launch.lr_find --out=/tmp/lr_ants -- --dataset=folder:../shared/data/hymenoptera \\
+        --backbone=mobilenet --alpha=0.25 --weights=PATH.h5 --head_epochs=8 --unfreeze=all
+
+Own flags before `--`, then any `launch.train` flags (the config whose last stage,
+or `--stage`, is tested). Nothing is written to a run; see research/lr_find.py.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from launch import common
+
+F = flags.FLAGS
+flags.DEFINE_string("out", "/tmp/lr_find", "Directory for lr_find.json and lr_find.png.")
+flags.DEFINE_integer("stage", -1, "Which stage of the config to test (default: the last).")
+flags.DEFINE_float("start", 1e-7, "First learning rate.")
+flags.DEFINE_float("end", 1.0, "Last learning rate.")
+flags.DEFINE_integer("steps", 100, "Steps of the sweep (it stops early once the loss diverges).")
+
+
+def main(argv):
+    common.start_tensorflow_quietly()
+    from launch.train import config_from_args
+    from research.config import UserError
+    from research.lr_find import lr_range_test
+    try:
+        r = lr_range_test(config_from_args(argv[1:]), F.out, stage=F.stage, start=F.start, end=F.end,
+                          steps=F.steps)
+    except UserError as e:
+        common.die(str(e), common.EXIT_USER_ERROR)
+    s = r["suggestion"]
+    print(f"\nstage {r['stage']} ({r['unfreeze']}): {r['steps_run']} steps, lr {r['lrs'][0]:.2g} .. {r['lrs'][-1]:.2g}")
+    print(f"suggested lr: {s['steepest']:.2g} (steepest descent); min/10: {s['min_lr_over_10']:.2g}")
+    print(f"plot: {F.out}/lr_find.png")
+
+
+def _parse(argv):
+    if "--" in argv:
+        cut = argv.index("--")
+        return common.parse_flags_or_exit(argv[:cut]) + argv[cut + 1:]
+    return common.parse_flags_or_exit(argv)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse)

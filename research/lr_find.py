@@ -1,0 +1,143 @@
+"""The learning-rate range test (Smith, 2017; fastai's `lr_find`).
+
+From a run's own config (data, backbone, weights, the trainable set of one of its
+stages, optimizer, augmentation), the learning rate grows exponentially from
+`start` to `end` over at most `steps` optimizer steps while the training loss is
+recorded. The loss is smoothed as fastai does (an exponential moving average with
+bias correction) and the test stops once the smoothed loss exceeds `diverge`
+times its minimum. The suggestion is the learning rate where the smoothed loss
+falls fastest (the steepest negative slope against log LR) before its minimum;
+`min_lr / 10` (the minimum's learning rate divided by ten) is given beside it.
+
+Nothing is written to any run: the model is built and initialised here, trained
+for the test only, and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from research import distribute, unfreeze
+from research.config import ExperimentConfig, UserError, validate
+from research.loop import COUNT, LOSS_SUM, Trainer
+from research.optim import build_optimizer, current_lr
+
+
+class ExponentialLR(keras.optimizers.schedules.LearningRateSchedule):
+    """lr(step) = start * (end / start) ** (step / (steps - 1))."""
+
+    def __init__(self, start: float, end: float, steps: int):
+        self.start, self.end, self.steps = float(start), float(end), int(steps)
+
+    def __call__(self, step):
+        frac = tf.cast(step, tf.float32) / float(max(self.steps - 1, 1))
+        return self.start * tf.pow(self.end / self.start, frac)
+
+    def get_config(self):
+        return {"start": self.start, "end": self.end, "steps": self.steps}
+
+
+def smooth(losses: list[float], beta: float = 0.98) -> np.ndarray:
+    """fastai's smoothing: an exponential moving average with bias correction."""
+    avg, out = 0.0, []
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** (i + 1)))
+    return np.array(out)
+
+
+def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> dict[str, float]:
+    """The steepest descent of the smoothed loss before its minimum, and min_lr / 10."""
+    lowest = int(np.argmin(smoothed))
+    slope = np.gradient(smoothed[:lowest + 1], np.log(lrs[:lowest + 1])) if lowest >= 2 else None
+    steepest = float(lrs[int(np.argmin(slope))]) if slope is not None else float(lrs[lowest])
+    return {"steepest": steepest, "min_lr_over_10": float(lrs[lowest]) / 10.0, "min_loss_lr": float(lrs[lowest])}
+
+
+def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = -1, start: float = 1e-7,
+                  end: float = 1.0, steps: int = 100, diverge: float = 4.0, verbose: bool = True) -> dict:
+    """Runs the range test for `config`'s stage `stage` (default: the last) and writes
+    `lr_find.json` and `lr_find.png` in `out_dir`.
+
+    Returns:
+      `{"lrs", "losses", "smoothed", "suggestion", "stage", ...}`.
+
+    Raises:
+      UserError: bad config, data or weights; a bad stage index or LR range.
+    """
+    from research import train as train_lib
+
+    config = validate(config)
+    if not (0 < start < end) or steps < 10:
+        raise UserError(f"--start={start}, --end={end}, --steps={steps}: need 0 < start < end and steps >= 10")
+    if not -len(config.stages) <= stage < len(config.stages):
+        raise UserError(f"--stage={stage}: the config has {len(config.stages)} stage(s)")
+    st = config.stages[stage]
+    strategy = distribute.setup(config.train)
+    source, pipeline = train_lib.build_inputs(config, strategy, verbose=verbose)
+    m = train_lib.build(config, source.num_classes, strategy)
+    train_lib.init_weights(config, m)
+    with strategy.scope():
+        optimizer = build_optimizer(config.train, ExponentialLR(start, end, steps),
+                                    loss_scale=config.train.precision == "mixed_float16")
+        selection = unfreeze.select(m.model, config.model.backbone, st.unfreeze, train_bn=config.model.train_bn)
+        unfreeze.apply_policy(m.model, config.model.backbone, selection)
+        optimizer.build(selection.variables)
+    trainer = Trainer(m.model, optimizer, strategy=strategy, label_smoothing=config.train.label_smoothing)
+    trainer.set_trainable(selection.variables)
+    epochs = math.ceil(steps / pipeline.steps_per_epoch)
+    iterator = iter(strategy.experimental_distribute_dataset(pipeline.train_stream(0, epochs)))
+    lrs, losses = [], []
+    t0 = time.perf_counter()
+    for i in range(steps):
+        lr = current_lr(optimizer)  # the rate this step uses
+        sums, bad = trainer.train(iterator, 1)
+        loss = sums[LOSS_SUM] / max(sums[COUNT], 1.0)
+        if bad >= 0 or not math.isfinite(loss):
+            break
+        lrs.append(lr)
+        losses.append(float(loss))
+        sm = smooth(losses)
+        if len(sm) > 5 and sm[-1] > diverge * sm.min():
+            break
+    if len(losses) < 5:
+        raise UserError(f"the loss diverged after {len(losses)} steps from lr {start:g}; lower --start")
+    lrs_a, smoothed = np.array(lrs), smooth(losses)
+    result = {"stage": st.name, "unfreeze": st.unfreeze, "steps_run": len(losses), "start": start, "end": end,
+              "lrs": lrs, "losses": losses, "smoothed": smoothed.tolist(), "suggestion": suggest(lrs_a, smoothed),
+              "seconds": time.perf_counter() - t0, "traces": trainer.tracing_count()}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "lr_find.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    _plot(os.path.join(out_dir, "lr_find.png"), result)
+    return result
+
+
+def _plot(path: str, r: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(r["lrs"], r["losses"], alpha=0.3, label="loss")
+    ax.plot(r["lrs"], r["smoothed"], label="smoothed")
+    s = r["suggestion"]
+    ax.axvline(s["steepest"], color="k", ls="--", lw=1, label=f"steepest {s['steepest']:.2g}")
+    ax.axvline(s["min_lr_over_10"], color="gray", ls=":", lw=1, label=f"min/10 {s['min_lr_over_10']:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"LR range test, stage {r['stage']} ({r['unfreeze']})", fontsize=9)
+    low, high = min(r["smoothed"]), max(r["smoothed"][: max(3, len(r["smoothed"]) // 2)])
+    ax.set_ylim(low - 0.1 * abs(low), high + 0.5 * (high - low) + 1e-3)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
