@@ -42,6 +42,10 @@ class Augmenter:
         self.warps = bool(cfg.rotation or cfg.width_shift or cfg.height_shift or cfg.zoom or cfg.crop_scale)
         # Keras's own contrast adjustment, fed the stateless per-image factors drawn here.
         self.contrast = keras.layers.RandomContrast(cfg.contrast, value_range=(0, 255)) if cfg.contrast else None
+        # Keras's colour layers too; their own factor arguments are unused (the draws are fed).
+        self.brightness = keras.layers.RandomBrightness(cfg.brightness, value_range=(0, 255)) if cfg.brightness else None
+        self.saturation = keras.layers.RandomSaturation(0.5, value_range=(0, 1)) if cfg.saturation else None
+        self.hue = keras.layers.RandomHue(0.5, value_range=(0, 1)) if cfg.hue else None
 
     def sample(self, n, seed, height: int = 1, width: int = 1) -> dict[str, tf.Tensor]:
         """Per-image parameters for a batch of `n`, a function of `seed` (shape [2] int) only.
@@ -71,6 +75,14 @@ class Augmenter:
         if self.cfg.crop_scale:
             p["crop"] = crop_box(n, more[1:], self.cfg.crop_range("crop_scale"), self.cfg.crop_range("crop_ratio"),
                                  height, width)
+        colour = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 2), 5)
+        p["brightness"] = tf.random.stateless_uniform([n], colour[0], -1.0, 1.0) * self.cfg.brightness * 255.0
+        p["saturation"] = 1.0 + tf.random.stateless_uniform([n], colour[1], -1.0, 1.0) * self.cfg.saturation
+        p["hue"] = tf.random.stateless_uniform([n], colour[2], -1.0, 1.0) * self.cfg.hue
+        if self.cfg.erase_prob:
+            p["erase"] = erase_box(n, colour[3], self.cfg.erase_prob, height, width)
+            p["erase_noise"] = colour[4]
         return p
 
     def __call__(self, images: tf.Tensor, seed) -> tf.Tensor:
@@ -87,6 +99,13 @@ class Augmenter:
                 images = tf.where(p["vflip"][:, None, None, None], tf.reverse(images, axis=[1]), images)
         if self.contrast is not None:
             images = self.contrast.transform_images(images, {"contrast_factor": p["contrast"][:, None, None, None]})
+        if self.brightness is not None:
+            images = self.brightness.transform_images(images, {"rgb_delta": p["brightness"][:, None, None, None]})
+        for layer, key in ((self.saturation, "saturation"), (self.hue, "hue")):
+            if layer is not None:
+                images = layer.transform_images(images / 255.0, {"factor": p[key]}) * 255.0
+        if "erase" in p:
+            images = erase(images, p["erase"], p["erase_noise"])
         return images
 
 
@@ -117,6 +136,41 @@ def crop_box(n, keys, scale: tuple[float, float], ratio: tuple[float, float], he
     x0 = tf.where(ok, u[:, 0] * (width - w), (width - w) / 2.0)
     y0 = tf.where(ok, u[:, 1] * (height - h), (height - h) / 2.0)
     return tf.stack([x0, y0, w, h], axis=1)
+
+
+def erase_box(n, seed, prob: float, height: int, width: int, scale=(0.02, 0.33), ratio=(0.3, 3.3)) -> tf.Tensor:
+    """[N, 4] integer boxes `(y0, y1, x0, x1)` to erase (empty for images left alone).
+
+    torchvision's `RandomErasing.get_params`: ten tries of an area fraction uniform
+    in `scale` and an aspect ratio log-uniform in `ratio`, sides rounded; the first
+    box smaller than the image is placed uniformly. No fit: nothing is erased.
+    """
+    keys = tf.random.experimental.stateless_split(seed, 4)
+    tries = 10
+    area = tf.random.stateless_uniform([n, tries], keys[0], scale[0], scale[1]) * float(height * width)
+    r = tf.exp(tf.random.stateless_uniform([n, tries], keys[1], math.log(ratio[0]), math.log(ratio[1])))
+    h = tf.cast(tf.round(tf.sqrt(area * r)), tf.int32)
+    w = tf.cast(tf.round(tf.sqrt(area / r)), tf.int32)
+    fits = (h < height) & (w < width)
+    first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+    h, w = tf.gather(h, first, batch_dims=1), tf.gather(w, first, batch_dims=1)
+    on = (tf.random.stateless_uniform([n], keys[2]) < prob) & tf.reduce_any(fits, axis=1)
+    u = tf.random.stateless_uniform([n, 2], keys[3])
+    y0 = tf.cast(u[:, 0] * tf.cast(height - h + 1, tf.float32), tf.int32)
+    x0 = tf.cast(u[:, 1] * tf.cast(width - w + 1, tf.float32), tf.int32)
+    h, w = tf.where(on, h, 0), tf.where(on, w, 0)
+    return tf.stack([y0, y0 + h, x0, x0 + w], axis=1)
+
+
+def erase(images: tf.Tensor, boxes: tf.Tensor, seed) -> tf.Tensor:
+    """Fills each image's box with uniform noise in [0, 255]."""
+    height, width = images.shape[1], images.shape[2]
+    rows = tf.range(height)[None, :, None]
+    cols = tf.range(width)[None, None, :]
+    inside = ((rows >= boxes[:, 0, None, None]) & (rows < boxes[:, 1, None, None])
+              & (cols >= boxes[:, 2, None, None]) & (cols < boxes[:, 3, None, None]))
+    noise = tf.random.stateless_uniform(tf.shape(images), seed, 0.0, 255.0, dtype=images.dtype)
+    return tf.where(inside[..., None], noise, images)
 
 
 def affine_matrices(p: dict, height: int, width: int) -> tf.Tensor:

@@ -89,6 +89,12 @@ class AugmentConfig:
       width_shift / height_shift: maximum shift as a fraction of the side.
       zoom: maximum zoom in or out as a fraction (0.1 means 90%..110%).
       contrast: maximum contrast change as a fraction.
+      brightness: maximum brightness shift, a fraction of the value range added
+        to every pixel (Keras's `RandomBrightness`).
+      saturation: maximum saturation change: saturation times U(1 - s, 1 + s).
+      hue: maximum hue rotation, a fraction of the colour circle (<= 0.5).
+      erase_prob: probability of random erasing (Zhong et al., 2020; torchvision's
+        box rule: 2-33 % of the area, aspect ratio 0.3-3.3), the box filled with noise.
       mixup / cutmix: α of the Beta(α, α) mixing weight of mixup / CutMix (0:
         off); training targets become soft (research/mix.py).
       mix_prob: probability that a training batch is mixed.
@@ -103,6 +109,10 @@ class AugmentConfig:
     height_shift: float = 0.0
     zoom: float = 0.0
     contrast: float = 0.0
+    brightness: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    erase_prob: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
     mix_prob: float = 1.0
@@ -111,7 +121,8 @@ class AugmentConfig:
     def enabled(self) -> bool:
         """Any per-image augmentation (mixing is a batch-level step of its own)."""
         return bool(self.horizontal_flip or self.vertical_flip or self.crop_scale or self.rotation
-                    or self.width_shift or self.height_shift or self.zoom or self.contrast)
+                    or self.width_shift or self.height_shift or self.zoom or self.contrast
+                    or self.brightness or self.saturation or self.hue or self.erase_prob)
 
     def crop_range(self, name: str) -> tuple[float, float]:
         """`crop_scale` or `crop_ratio` as (min, max)."""
@@ -384,6 +395,9 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
                f"--{name}={getattr(a, name)} is the α of a Beta(α, α) and must be >= 0 (0: off; 0.2-1 is common)")
     _check(0.0 <= a.mix_prob <= 1.0, f"--mix_prob={a.mix_prob} must be in [0, 1]")
     _check(a.rotation <= 180, f"--rotation={a.rotation} is in degrees and must be <= 180")
+    for name, high in (("brightness", 1.0), ("saturation", 1.0), ("hue", 0.5), ("erase_prob", 1.0)):
+        v = getattr(a, name)
+        _check(0.0 <= v <= high, f"--{name}={v} must be in [0, {high}]")
     for name in ("width_shift", "height_shift", "zoom", "contrast"):
         _check(getattr(a, name) < 1, f"--{name}={getattr(a, name)} is a fraction and must be < 1")
 

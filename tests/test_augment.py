@@ -166,3 +166,48 @@ def test_parallel_map_gives_the_same_crops_as_a_sequential_one():
     seq = run(None)
     assert np.array_equal(seq, run(tf.data.AUTOTUNE))
     assert not np.array_equal(seq, _images(64).numpy())
+
+
+def test_colour_jitter_equals_tf_image_with_the_drawn_factors():
+    """Keras's colour layers fed the stateless draws: brightness adds, saturation multiplies,
+    hue rotates, as tf.image.adjust_saturation / adjust_hue do per image."""
+    x = _images(6)
+    seed = tf.constant([8, 9], tf.int64)
+    for cfg, key in ((AugmentConfig(brightness=0.2), "brightness"), (AugmentConfig(saturation=0.6), "saturation"),
+                     (AugmentConfig(hue=0.2), "hue")):
+        aug = augment.build(cfg)
+        p = aug.sample(6, seed, H, W)
+        out = aug(x, seed).numpy()
+        f = p[key].numpy()
+        if key == "brightness":
+            assert (np.abs(f) <= 0.2 * 255 + 1e-3).all() and f.std() > 1
+            ref = np.clip(x.numpy() + f[:, None, None, None], 0, 255)
+        elif key == "saturation":
+            assert ((f >= 0.4) & (f <= 1.6)).all() and f.std() > 0.05
+            ref = np.stack([tf.image.adjust_saturation(x[i] / 255.0, f[i]).numpy() * 255.0 for i in range(6)])
+        else:
+            assert (np.abs(f) <= 0.2).all() and f.std() > 0.01
+            ref = np.stack([tf.image.adjust_hue(x[i] / 255.0, f[i]).numpy() * 255.0 for i in range(6)])
+        np.testing.assert_allclose(out, ref, atol=0.5, err_msg=key)
+
+
+def test_random_erasing_fills_a_box_of_the_allowed_size_with_noise():
+    n = 400
+    aug = augment.build(AugmentConfig(erase_prob=0.5))
+    x = _images(n)
+    seed = tf.constant([4, 2], tf.int64)
+    boxes = aug.sample(n, seed, H, W)["erase"].numpy()
+    out = aug(x, seed).numpy()
+    erased = (boxes[:, 1] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 2])
+    assert 0.4 < erased.mean() < 0.6
+    for i in np.flatnonzero(erased)[:50]:
+        y0, y1, x0, x1 = boxes[i]
+        h, w = y1 - y0, x1 - x0
+        assert 0 <= y0 and y1 <= H and 0 <= x0 and x1 <= W
+        assert 0.02 * H * W - H - W <= h * w <= 0.33 * H * W + H + W  # sides are rounded
+        inside = np.zeros((H, W), bool)
+        inside[y0:y1, x0:x1] = True
+        assert np.array_equal(out[i][~inside], x.numpy()[i][~inside])
+        assert not np.allclose(out[i][inside], x.numpy()[i][inside])
+    for i in np.flatnonzero(~erased)[:20]:
+        assert np.array_equal(out[i], x.numpy()[i])
