@@ -3,7 +3,7 @@
     python -m launch.lr_find --out=/tmp/lr_ants -- --dataset=folder:../shared/data/hymenoptera \\
         --backbone=mobilenet --alpha=0.25 --weights=PATH.h5 --head_epochs=8 --unfreeze=all
 
-Own flags before `--`, then any `launch.train` flags (the config whose last stage,
+Own flags before `--`, then any `launch.train` flags (the config whose first stage,
 or `--stage`, is tested). Nothing is written to a run; see research/lr_find.py.
 """
 
@@ -15,7 +15,8 @@ from launch import common
 
 F = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/lr_find", "Directory for lr_find.json and lr_find.png.")
-flags.DEFINE_integer("stage", -1, "Which stage of the config to test (default: the last).")
+flags.DEFINE_integer("stage", 0, "Which stage of the config to test (default: the first; a later one is tested "
+                     "from the initial weights, without training the stages before it).")
 flags.DEFINE_float("start", 1e-7, "First learning rate.")
 flags.DEFINE_float("end", 1.0, "Last learning rate.")
 flags.DEFINE_integer("steps", 100, "Steps of the sweep (it stops early once the loss diverges).")
@@ -34,6 +35,8 @@ def main(argv):
     s = r["suggestion"]
     print(f"\nstage {r['stage']} ({r['unfreeze']}): {r['steps_run']} steps, lr {r['lrs'][0]:.2g} .. {r['lrs'][-1]:.2g}")
     print(f"suggested lr: {s['steepest']:.2g} (steepest descent); min/10: {s['min_lr_over_10']:.2g}")
+    if r["note"]:
+        print(f"note: {r['note']}")
     print(f"plot: {F.out}/lr_find.png")
 
 

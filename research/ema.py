@@ -24,6 +24,12 @@ def pairs(optimizer) -> list:
     return list(zip(inner._trainable_variables, inner._model_variables_moving_average))
 
 
+def reset_to_weights(optimizer) -> None:
+    """Sets every average to its variable's current value (after `restore_best_weights`)."""
+    for v, average in pairs(optimizer):
+        average.assign(v)
+
+
 @contextlib.contextmanager
 def swapped_in(optimizer):
     """The averaged weights in the model for the duration of the block, the trained ones after."""

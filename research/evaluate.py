@@ -155,8 +155,8 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
     cfg = dataclasses.replace(cfg, skip_bad_images=skip_bad_images or cfg.skip_bad_images)
     if dataset:
         cfg = dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir or cfg.data_dir)
-    if split not in SPLITS:
-        cfg = dataclasses.replace(cfg, val_split=split)
+    if split not in SPLITS:  # a named TFDS split, loaded as the validation split and nothing else
+        cfg = dataclasses.replace(cfg, val_split=split, test="none")
     if dataset:
         # Another source: take its classes by the run's names, so indices line up.
         other = sources.class_names(cfg)

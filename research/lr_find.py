@@ -24,7 +24,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from research import distribute, unfreeze
+from absl import logging
+
+from research import distribute, sources, unfreeze
 from research.config import ExperimentConfig, UserError, validate
 from research.loop import COUNT, LOSS_SUM, Trainer
 from research.optim import build_optimizer, current_lr
@@ -61,10 +63,14 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> dict[str, float]:
     return {"steepest": steepest, "min_lr_over_10": float(lrs[lowest]) / 10.0, "min_loss_lr": float(lrs[lowest])}
 
 
-def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = -1, start: float = 1e-7,
+def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, start: float = 1e-7,
                   end: float = 1.0, steps: int = 100, diverge: float = 4.0, verbose: bool = True) -> dict:
-    """Runs the range test for `config`'s stage `stage` (default: the last) and writes
+    """Runs the range test for `config`'s stage `stage` (default: the first) and writes
     `lr_find.json` and `lr_find.png` in `out_dir`.
+
+    A later stage is tested from the initial weights with a fresh head: the stages
+    before it are not trained first, so its curve is only indicative (the result
+    says so under `note`).
 
     Returns:
       `{"lrs", "losses", "smoothed", "suggestion", "stage", ...}`.
@@ -80,6 +86,11 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = -1, st
     if not -len(config.stages) <= stage < len(config.stages):
         raise UserError(f"--stage={stage}: the config has {len(config.stages)} stage(s)")
     st = config.stages[stage]
+    index = stage % len(config.stages)
+    note = (f"stage {st.name} was tested from the initial weights with a fresh head; the {index} stage(s) before "
+            "it were not trained first, so the curve is only indicative for it") if index else ""
+    if note:
+        logging.warning(note)
     strategy = distribute.setup(config.train)
     source, pipeline = train_lib.build_inputs(config, strategy, verbose=verbose)
     m = train_lib.build(config, source.num_classes, strategy)
@@ -90,9 +101,13 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = -1, st
         selection = unfreeze.select(m.model, config.model.backbone, st.unfreeze, train_bn=config.model.train_bn)
         unfreeze.apply_policy(m.model, config.model.backbone, selection)
         optimizer.build(selection.variables)
-    trainer = Trainer(m.model, optimizer, strategy=strategy, label_smoothing=config.train.label_smoothing)
+    accum = config.train.grad_accum_steps
+    trainer = Trainer(m.model, optimizer, strategy=strategy, grad_accum_steps=accum,
+                      label_smoothing=config.train.label_smoothing,
+                      class_weights=sources.class_weights(config.train.class_weight, source.class_names,
+                                                          source.train_counts))
     trainer.set_trainable(selection.variables)
-    epochs = math.ceil(steps / pipeline.steps_per_epoch)
+    epochs = math.ceil(steps * accum / pipeline.steps_per_epoch)
     iterator = iter(strategy.experimental_distribute_dataset(pipeline.train_stream(0, epochs)))
     lrs, losses = [], []
     t0 = time.perf_counter()
@@ -110,7 +125,8 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = -1, st
     if len(losses) < 5:
         raise UserError(f"the loss diverged after {len(losses)} steps from lr {start:g}; lower --start")
     lrs_a, smoothed = np.array(lrs), smooth(losses)
-    result = {"stage": st.name, "unfreeze": st.unfreeze, "steps_run": len(losses), "start": start, "end": end,
+    result = {"stage": st.name, "unfreeze": st.unfreeze, "note": note, "steps_run": len(losses), "start": start,
+              "end": end,
               "lrs": lrs, "losses": losses, "smoothed": smoothed.tolist(), "suggestion": suggest(lrs_a, smoothed),
               "seconds": time.perf_counter() - t0, "traces": trainer.tracing_count()}
     os.makedirs(out_dir, exist_ok=True)

@@ -159,10 +159,12 @@ def load_digits_source(cfg: DataConfig, size: int) -> Source:
     images = np.repeat(images[..., None], 3, axis=-1)
     names = [str(i) for i in range(10)]
     keep = parse_classes(cfg.classes, names)
-    mask = np.isin(d.target, keep)
-    images, labels = images[mask], np.searchsorted(keep, d.target[mask])
     _, test_plan, test_from = _plan(cfg, has_val=False, has_test=False, own="digits")
-    tr, va, te = carve(labels, cfg.val_fraction, cfg.test_fraction if test_plan == "carve" else 0.0)
+    # Carved over all ten classes, then subset (as folders are): a digit's split is the same
+    # whatever --classes, so a run on 0-9 never trained on the test images of a run on 5-9.
+    parts = carve(d.target, cfg.val_fraction, cfg.test_fraction if test_plan == "carve" else 0.0)
+    tr, va, te = (idx[np.isin(d.target[idx], keep)] for idx in parts)
+    labels = np.searchsorted(keep, d.target)
     return Source(_from_arrays(images[tr], labels[tr], size), _from_arrays(images[va], labels[va], size),
                   len(tr), len(va), [names[k] for k in keep], size,
                   test=_from_arrays(images[te], labels[te], size) if len(te) else None, num_test=len(te),
@@ -407,14 +409,21 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
     if val_plan == test_plan == "own" and own_val == own_test:
         raise UserError(f"tfds:{name}: {own_val!r} would be both the validation and the test split; pass another "
                         "--test_split, or --test=none to validate on it without a test split")
+    if val_plan == test_plan == "own" and own_val.split("[")[0] == own_test.split("[")[0] and own_val != own_test:
+        raise UserError(f"tfds:{name}: --val_split={own_val!r} and the test split {own_test!r} are slices of the same "
+                        "split, which this code cannot check for overlap; name another --test_split, or --test=none")
     # Carved slices are TFDS percent slices of the training split: deterministic and
     # the same for every seed (TFDS shuffled the examples when it prepared them).
+    # Validation is the last v %, test the t % before it: turning test on keeps validation.
     v = int(round(100 * cfg.val_fraction)) if val_plan == "carve" else 0
     t = int(round(100 * cfg.test_fraction)) if test_plan == "carve" else 0
+    if (val_plan == "carve" and v < 1) or (test_plan == "carve" and t < 1):
+        raise UserError(f"tfds:{name}: --val_fraction and --test_fraction carve whole percents of "
+                        f"{cfg.train_split!r}; each must be at least 0.01")
     ts = cfg.train_split
     train_split = f"{ts}[:{100 - v - t}%]" if v + t else ts
-    val_split = f"{ts}[{100 - v - t}%:{100 - t}%]" if val_plan == "carve" else own_val
-    test_split = {"own": own_test, "val": own_val, "carve": f"{ts}[{100 - t}%:]", "none": ""}[test_plan]
+    val_split = f"{ts}[{100 - v}%:]" if val_plan == "carve" else own_val
+    test_split = {"own": own_test, "val": own_val, "carve": f"{ts}[{100 - v - t}%:{100 - v}%]", "none": ""}[test_plan]
     if test_plan == "own":
         test_from = f"tfds:{name} split {own_test!r}"
     elif test_plan == "val":

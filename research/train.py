@@ -94,7 +94,16 @@ def _changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> l
     if not (os.path.exists(path) and checkpoints.has_checkpoint(workdir)):
         return []  # nothing trained yet: the new config simply replaces the old one
     with open(path) as f:
-        diff = config_diff(json.load(f), config.to_dict())
+        old = json.load(f)
+    diff = config_diff(old, config.to_dict())
+    # The optimizer's slots are checkpointed by position: another optimizer, or an EMA turned
+    # on or off, would load one slot's values into another (or fail to load at all).
+    layout = [d for d in diff if d.startswith("train.optimizer:") or (
+        d.startswith("train.ema_decay:") and bool(old.get("train", {}).get("ema_decay", 0)) != bool(config.train.ema_decay))]
+    if layout:
+        raise UserError(f"--workdir={workdir!r}: {'; '.join(layout)} changes the optimizer's checkpointed state, "
+                        "which cannot be resumed even with --allow_config_change; start a new run from its "
+                        f"weights: --workdir=NEW --weights=ckpt:{workdir}")
     if diff and not allow:
         raise UserError(f"--workdir={workdir!r} holds a run with a different config; changed: {'; '.join(diff)}; "
                         "use another --workdir, or pass --allow_config_change to resume with the new config")
@@ -610,6 +619,9 @@ class Controller:
             if path is not None:
                 b = run.best
                 weights_from = f"{os.path.relpath(path, self.workdir)} (stage {b['stage']}, epoch {b['epoch'] + 1})"
+                # The average restarts from the restored weights: it would otherwise keep the
+                # epochs that were just discarded.
+                ema.reset_to_weights(self.m.optimizer)
         final_val = prefixed("val", self._evaluate_images())
         if self.ema:
             with ema.swapped_in(self.m.optimizer):

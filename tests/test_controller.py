@@ -206,6 +206,10 @@ def test_allow_config_change_resumes_an_unfinished_run_and_records_it(tmp_path):
     more = dataclasses.replace(cfg(1e-3), stages=cfg(1e-3).stages + (StageConfig(name="more", epochs=1),))
     with pytest.raises(train_lib.UserError, match=r"stages.1.name: '\(absent\)' -> 'more'"):
         train_lib.train_and_evaluate(more, str(wd), verbose=False)
+    # Turning the weight average on would load the optimizer's slots into each other: refused, even allowed.
+    ema_on = dataclasses.replace(cfg(1e-3), train=TrainConfig(export=False, ema_decay=0.9))
+    with pytest.raises(train_lib.UserError, match="changes the optimizer's checkpointed state"):
+        train_lib.train_and_evaluate(ema_on, str(wd), verbose=False, allow_config_change=True)
     res = train_lib.train_and_evaluate(cfg(5e-4), str(wd), verbose=False, allow_config_change=True)
     assert res["epochs_run"] == 3
     assert res["config_changes"] == [{"global_epoch": 1, "changed": ["stages.0.lr: 0.001 -> 0.0005"]}]

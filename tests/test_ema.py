@@ -47,6 +47,12 @@ def test_the_average_is_the_closed_form_recurrence_over_every_built_variable():
     moved = [v.path for v, a in pairs if not np.allclose(a.numpy(), v.numpy())]
     assert moved and set(moved) <= head_paths  # a frozen variable's average is its value
 
+    # After restore_best_weights the controller restarts the average from the restored weights.
+    saved = [a.numpy().copy() for _, a in pairs]
+    ema.reset_to_weights(optimizer)
+    assert all(np.array_equal(a.numpy(), v.numpy()) for v, a in pairs)
+    for (_, a), value in zip(pairs, saved):
+        a.assign(value)
     # Swapping in scores the average and gives the trained weights back exactly.
     trained = [v.numpy().copy() for v, _ in pairs]
     with ema.swapped_in(optimizer):

@@ -60,6 +60,20 @@ def test_digits_splits_are_disjoint_and_the_same_whatever_the_seed():
     assert len(val & test) <= 2 and len(train & test) <= 5
 
 
+def test_a_digits_split_does_not_depend_on_the_class_subset():
+    """Pretraining on 0-9 and fine-tuning on 5-9 must not put the second run's test images
+    in the first run's training set: each digit's split is the same under any --classes."""
+    every = sources.load_source(DataConfig(batch_size=1), 8)
+    half = sources.load_source(DataConfig(batch_size=1, classes="5-9"), 8)
+
+    def of_digit(ds, label):
+        return {x.tobytes() for x, y in ds.as_numpy_iterator() if y == label}
+
+    for split in ("train", "val", "test"):
+        # digit 7 is label 7 of the full set and label 2 of the 5-9 subset
+        assert of_digit(getattr(every, split), 7) == of_digit(getattr(half, split), 2), split
+
+
 def _write_folder(root, counts, seed=0):
     """Class folders of tiny PNGs under `root`; returns every file written."""
     from PIL import Image

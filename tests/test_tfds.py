@@ -66,6 +66,12 @@ def test_the_tfds_test_split_is_the_test_split_and_never_validation(prepared):
     assert (carved.num_train, carved.num_val, carved.num_test) == (38, 10, 12)
     seen = [{x.tobytes() for x, _ in ds.as_numpy_iterator()} for ds in (carved.train, carved.val, carved.test)]
     assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    # Slices of one split cannot be checked for overlap; a carve below a whole percent is empty.
+    with pytest.raises(UserError, match="slices of the same split"):
+        sources.load_source(DataConfig(dataset="tfds:tiny_colors", data_dir=str(data_dir), val_split="test[:50%]"), 16)
+    with pytest.raises(UserError, match="each must be at least 0.01"):
+        sources.load_source(DataConfig(dataset="tfds:tiny_colors", data_dir=str(data_dir), test="val",
+                                       val_fraction=0.004), 16)
 
 
 def test_unknown_tfds_name_is_a_user_error_naming_the_data_dir(tmp_path):
