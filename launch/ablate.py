@@ -40,13 +40,6 @@ flags.DEFINE_bool("rerun", False, "Run again, from scratch, trials that ran befo
                   "(default: refuse, naming the difference).")
 
 
-def parse_args(argv):
-    """Own flags before `--`, train flags after it."""
-    if "--" in argv:
-        cut = argv.index("--")
-        return common.parse_flags_or_exit(argv[:cut]) + argv[cut + 1:]
-    return common.parse_flags_or_exit(argv)
-
 
 def main(argv):
     common.start_tensorflow_quietly()  # the parent builds backbones to check the trials' specs
@@ -82,4 +75,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_args)
+    app.run(main, flags_parser=common.parse_own_flags_then_passthrough)

@@ -37,6 +37,14 @@ def parse_flags_or_exit(argv):
     return rest
 
 
+def parse_own_flags_then_passthrough(argv):
+    """The tool's own flags before `--`, then `launch.train` flags after it, passed on unparsed."""
+    if "--" in argv:
+        cut = argv.index("--")
+        return parse_flags_or_exit(argv[:cut]) + argv[cut + 1:]
+    return parse_flags_or_exit(argv)
+
+
 def die(message: str, status: int) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)

@@ -40,12 +40,5 @@ def main(argv):
     print(f"plot: {F.out}/lr_find.png")
 
 
-def _parse(argv):
-    if "--" in argv:
-        cut = argv.index("--")
-        return common.parse_flags_or_exit(argv[:cut]) + argv[cut + 1:]
-    return common.parse_flags_or_exit(argv)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    app.run(main, flags_parser=common.parse_own_flags_then_passthrough)

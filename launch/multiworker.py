@@ -78,13 +78,5 @@ def main(argv):
     sys.exit(status or procs[0].returncode or 0)
 
 
-def parse_args(argv):
-    """Own flags before `--`, training flags after it."""
-    if "--" in argv:
-        cut = argv.index("--")
-        return common.parse_flags_or_exit(argv[:cut]) + argv[cut + 1:]
-    return common.parse_flags_or_exit(argv)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_args)
+    app.run(main, flags_parser=common.parse_own_flags_then_passthrough)

@@ -77,9 +77,13 @@ class Augmenter:
                                  height, width)
         colour = tf.random.experimental.stateless_split(
             tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 2), 5)
-        p["brightness"] = tf.random.stateless_uniform([n], colour[0], -1.0, 1.0) * self.cfg.brightness * 255.0
-        p["saturation"] = 1.0 + tf.random.stateless_uniform([n], colour[1], -1.0, 1.0) * self.cfg.saturation
-        p["hue"] = tf.random.stateless_uniform([n], colour[2], -1.0, 1.0) * self.cfg.hue
+        # Drawn only when on: the draws run for every training batch.
+        if self.cfg.brightness:
+            p["brightness"] = tf.random.stateless_uniform([n], colour[0], -1.0, 1.0) * self.cfg.brightness * 255.0
+        if self.cfg.saturation:
+            p["saturation"] = 1.0 + tf.random.stateless_uniform([n], colour[1], -1.0, 1.0) * self.cfg.saturation
+        if self.cfg.hue:
+            p["hue"] = tf.random.stateless_uniform([n], colour[2], -1.0, 1.0) * self.cfg.hue
         if self.cfg.erase_prob:
             p["erase"] = erase_box(n, colour[3], self.cfg.erase_prob, height, width)
             p["erase_noise"] = colour[4]

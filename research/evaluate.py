@@ -72,17 +72,17 @@ TTA = ("none", "flip", "crops")
 
 
 def tta_views(mode: str, size: int) -> list:
-    """The test-time views of `mode`, each a function of a uint8/float image batch [N, S, S, 3].
+    """The test-time views of `mode`, each a function of a uint8/float image batch [N, S, S, 3];
+    None is the image itself, whose prediction the plain evaluation already made.
 
     `flip`: the image and its mirror. `crops`: the image enlarged by 1/0.875 (the
     usual centre-crop ratio) and cut into its centre and four corner crops of the
     original side, plus the mirror of the centre.
     """
-    identity = [lambda x: x]
     if mode == "flip":
-        return identity + [lambda x: tf.image.flip_left_right(x)]
+        return [None, lambda x: tf.image.flip_left_right(x)]
     if mode != "crops":
-        return identity
+        return [None]
     big = int(round(size / 0.875))
     m = big - size
 
@@ -198,7 +198,7 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
         report["top5_accuracy"] = float((top5 == labels[:, None]).any(axis=1).mean())
     report["macro_f1"] = float(np.mean([c["f1"] for c in report["per_class"]]))
     if tta != "none":
-        probs = [np.exp(_log_softmax(predict_dataset(model, split_ds.batch(64).map(
+        probs = [np.exp(log_probs if view is None else _log_softmax(predict_dataset(model, split_ds.batch(64).map(
             lambda x, y, view=view: (entry.preprocess(tf.cast(view(x), tf.float32)), y)))[0]))
                  for view in tta_views(tta, size)]
         mean = np.mean(probs, axis=0)

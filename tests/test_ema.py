@@ -63,7 +63,8 @@ def test_the_average_is_the_closed_form_recurrence_over_every_built_variable():
 def test_a_run_monitors_the_average_and_keeps_it_in_best(tmp_path):
     wd = tmp_path / "run"
     r = run_module("launch.train", f"--workdir={wd}", "--image_size=16", "--classes=0-4", "--epochs=3", "--noexport",
-                   "--ema_decay=0.9", "--early_stopping_monitor=val_ema/accuracy", "--early_stopping_mode=max")
+                   "--ema_decay=0.9", "--early_stopping_monitor=val_ema/accuracy", "--early_stopping_mode=max",
+                   "--restore_best_weights")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((wd / "results.json").read_text())
     assert all({"val_ema/loss", "val_ema/accuracy"} <= set(h) for h in res["history"])
@@ -72,6 +73,10 @@ def test_a_run_monitors_the_average_and_keeps_it_in_best(tmp_path):
     assert best["weights"] == "ema" and best["monitor"] == "val_ema/accuracy"
     assert best["value"] == max(h["val_ema/accuracy"] for h in res["history"])
     assert {"test/accuracy", "test_ema/accuracy", "val_ema/accuracy"} <= set(res["final"])
+    # restore_best_weights put best/'s averaged weights back and restarted the average from them:
+    # the trained and the averaged weights are then one and the same.
+    assert res["final"]["val_ema/accuracy"] == res["final"]["val/accuracy"] == best["val_ema/accuracy"]
+    assert res["final"]["test_ema/accuracy"] == res["final"]["test/accuracy"]
     # best/ holds the averaged weights: evaluating it reproduces the averaged weights' scores.
     for split, key in (("val", "val_ema/accuracy"), ("test", "test/accuracy")):
         r = run_module("launch.evaluate", f"--workdir={wd}", f"--split={split}", f"--name=best_{split}")
