@@ -5,6 +5,11 @@
         --dataset=folder:../shared/data/hymenoptera --backbone=mobilenet --alpha=0.25 --weights=... \\
         --head_epochs=5 --finetune_epochs=5 --finetune_lr=1e-4
 
+    # the Keras guide's model.fit recipe vs the defaults and another recipe, on the same data and seeds
+    python -m launch.ablate --study=recipes --root=runs/recipes --recipe='adapt:--bn=adapt' -- \\
+        --dataset=folder:../shared/data/hymenoptera --test=val --backbone=mobilenet --alpha=0.25 \\
+        --weights=... --head_epochs=4 --lr=1e-3 --finetune_epochs=4 --finetune_lr=1e-4
+
     # Yosinski et al. (2014) at small scale, on the embedded digits (~10 min on 2 CPU cores)
     python -m launch.ablate --study=transfer
 
@@ -28,9 +33,12 @@ F = flags.FLAGS
 flags.DEFINE_string("root", None, "Sweep directory (default: /tmp/ablate_<study>).")
 flags.DEFINE_multi_string("sweep", [], "KEY:V1,V2,... over any launch.train flag (repeat for a grid; "
                           "use ';' between values that contain commas).")
-flags.DEFINE_enum("study", "sweep", ["sweep", "transfer"], "sweep: the --sweep grid; transfer: Yosinski et al.")
+flags.DEFINE_enum("study", "sweep", ["sweep", "transfer", "recipes"], "sweep: the --sweep grid; transfer: "
+                  "Yosinski et al.; recipes: the Keras guide's model.fit recipe vs the defaults and any --recipe.")
 flags.DEFINE_integer("parallel", 1, "Trials run at the same time (subprocesses).")
-flags.DEFINE_string("seeds", "0,1,2", "Transfer study: seeds.")
+flags.DEFINE_string("seeds", "0,1,2", "Transfer and recipes studies: seeds.")
+flags.DEFINE_multi_string("recipe", [], "Recipes study: NAME:FLAGS, a recipe run beside the guide's and the "
+                          "defaults, e.g. 'adapt:--bn=adapt --schedule=constant' (repeat for more).")
 flags.DEFINE_string("classes_a", "0-4", "Transfer study: the classes of half A.")
 flags.DEFINE_string("classes_b", "5-9", "Transfer study: the classes of half B.")
 flags.DEFINE_integer("epochs", 10, "Transfer study: epochs of every run (bases and transfers).")
@@ -39,6 +47,10 @@ flags.DEFINE_string("baseline", None, "KEY:VALUE, the sweep row the others are c
 flags.DEFINE_bool("rerun", False, "Run again, from scratch, trials that ran before with other settings "
                   "(default: refuse, naming the difference).")
 
+
+
+def _seeds() -> list[str]:
+    return [s.strip() for s in F.seeds.split(",") if s.strip()]
 
 
 def main(argv):
@@ -55,9 +67,13 @@ def main(argv):
     try:
         if F.study == "transfer":
             rows, _ = ablation.run_transfer_study(
-                root, train_flags, config_from_args, seeds=[s.strip() for s in F.seeds.split(",") if s.strip()],
+                root, train_flags, config_from_args, seeds=_seeds(),
                 classes_a=F.classes_a, classes_b=F.classes_b, epochs=F.epochs, parallel=F.parallel, rerun=F.rerun)
             report = "transfer.md"
+        elif F.study == "recipes":
+            rows = ablation.run_recipe_study(root, train_flags, config_from_args, seeds=_seeds(),
+                                             recipes=F.recipe, parallel=F.parallel, rerun=F.rerun)
+            report = "results.md"
         else:
             if not F.sweep:
                 common.die("give at least one --sweep=KEY:V1,V2 (or --study=transfer)", common.EXIT_USER_ERROR)

@@ -11,13 +11,13 @@ from launch import common
 
 F = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run to export.")
-flags.DEFINE_string("checkpoint", "latest", "latest (the final weights) | best | a checkpoint path.")
+flags.DEFINE_string("checkpoint", "latest", "latest (the final weights) | best | ema (the final weights' average, --ema_decay) | a checkpoint path.")
 flags.DEFINE_string("out", None, "Output directory (default: DIR/export).")
 
 
 def main(argv):
     if len(argv) > 1 or not F.workdir:
-        common.die("usage: python -m launch.export --workdir=DIR [--checkpoint=latest|best|PATH]",
+        common.die("usage: python -m launch.export --workdir=DIR [--checkpoint=latest|best|ema|PATH]",
                    common.EXIT_USER_ERROR)
     common.start_tensorflow_quietly()
     from research.config import UserError

@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -52,12 +53,15 @@ class Trial:
       values: the swept values, `{flag: value}` (shown in tables and HParams).
       flags: every `--flag=value` passed to the run (base flags, then values).
       group: rows with the same group are aggregated over seeds.
+      module: what runs it: `launch.train`, or `launch.guide_recipe` (the Keras
+        guide's `model.fit` recipe, research/guide.py), with the same flags.
     """
 
     name: str
     values: dict[str, str]
     flags: list[str]
     group: str = ""
+    module: str = "launch.train"
 
 
 def parse_sweep(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -135,10 +139,14 @@ def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: b
       UserError: a trial whose flags are invalid, or one that ran before with a
         config other than what its flags give now (without `rerun`).
     """
+    from research import guide
+
     configs = {}
     for t in trials:
         try:
             configs[t.name] = make_config(t.flags)
+            if t.module == "launch.guide_recipe":
+                guide.check(configs[t.name])
         except UserError as e:
             raise UserError(f"trial {t.name}: {e}") from None
     check_specs(list(configs.values()))
@@ -176,7 +184,7 @@ def run_trial(root: str, trial: Trial, *, log=print) -> dict:
     err_path = os.path.join(wd, "error.txt")
     if os.path.exists(err_path):
         os.remove(err_path)
-    cmd = [sys.executable, "-m", "launch.train", f"--workdir={wd}", *trial.flags]
+    cmd = [sys.executable, "-m", trial.module, f"--workdir={wd}", *trial.flags]
     log(f"[ablate] running {trial.name}")
     t0 = time.time()
     with open(os.path.join(wd, "stdout.log"), "a") as out, open(os.path.join(wd, "stderr.log"), "a") as err:
@@ -508,6 +516,66 @@ def run_sweep(root: str, sweep_items: list[str], train_flags: list[str], make_co
     run_all(root, trials, parallel=parallel, log=log)
     rows = collect(root, trials)
     write_tables(root, rows, keys, baseline=base)
+    plot(root, rows, keys)
+    write_hparams(root, trials)
+    return rows
+
+
+def parse_recipes(items: list[str]) -> list[tuple[str, list[str]]]:
+    """`--recipe=NAME:FLAGS` items -> (name, flags), e.g. `adapt:--bn=adapt --schedule=constant`.
+
+    Raises:
+      UserError: a malformed item, a reserved or repeated name.
+    """
+    out = []
+    for item in items:
+        name, sep, rest = item.partition(":")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            raise UserError(f"--recipe={item!r} is not NAME:FLAGS (for example 'adapt:--bn=adapt --schedule=constant')")
+        if name in RECIPES_BUILTIN or name in [n for n, _ in out]:
+            raise UserError(f"--recipe name {name!r} is taken; the study always runs {', '.join(RECIPES_BUILTIN)}")
+        flags_ = shlex.split(rest)
+        bad = [f for f in flags_ if not f.startswith("--")]
+        if bad:
+            raise UserError(f"--recipe={item!r}: {bad[0]!r} is not a --flag")
+        out.append((name, flags_))
+    return out
+
+
+# The guide's `model.fit` recipe (the baseline) and this codebase's defaults, on the same flags.
+RECIPES_BUILTIN = ("guide", "default")
+
+
+def recipe_trials(base_flags: list[str], recipes: list[tuple[str, list[str]]], seeds: list[str]) -> list[Trial]:
+    """Per seed: the guide's recipe, the defaults, then each named recipe (its flags
+    after the shared ones, so they override them)."""
+    trials = []
+    for name, extra in [("guide", []), ("default", []), *recipes]:
+        for seed in seeds:
+            values = {"recipe": name, SEED_KEY: seed}
+            trials.append(Trial(trial_name(values), values, [*base_flags, *extra, f"--seed={seed}"],
+                                trial_name({"recipe": name}),
+                                "launch.guide_recipe" if name == "guide" else "launch.train"))
+    return trials
+
+
+def run_recipe_study(root: str, train_flags: list[str], make_config: MakeConfig, *, seeds: list[str],
+                     recipes: list[str], parallel: int = 1, rerun: bool = False, log=print) -> list[dict]:
+    """The Keras guide's `model.fit` recipe against this codebase's defaults and any
+    `--recipe=NAME:FLAGS`, on the same data, weights, stages and seeds: one table
+    (mean, 95 % t-interval, paired difference against the guide) and one plot.
+
+    Raises:
+      UserError: invalid flags or recipes, stages the guide cannot run, or stale trials.
+    """
+    trials = recipe_trials(train_flags, parse_recipes(recipes), seeds)
+    prepare(root, trials, make_config, rerun=rerun, log=log)
+    run_all(root, trials, parallel=parallel, log=log)
+    rows = collect(root, trials)
+    keys = ["recipe", SEED_KEY]
+    write_tables(root, rows, keys, title="Recipes: the Keras guide's model.fit recipe and this codebase's",
+                 baseline=("recipe", "guide"))
     plot(root, rows, keys)
     write_hparams(root, trials)
     return rows

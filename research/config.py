@@ -24,6 +24,7 @@ OPTIMIZERS = ("adam", "sgd", "adamw")
 JIT = ("auto", "true", "false")
 BN_POLICIES = ("frozen", "train", "adapt")
 TEST_SOURCES = ("auto", "val", "none")
+SAMPLERS = ("shuffle", "balanced")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -54,6 +55,10 @@ class DataConfig:
       batch_size: the global batch size.
       shuffle_buffer: tf.data shuffle buffer (capped at the dataset size).
       cache: keep decoded, resized images in memory after the first epoch.
+      sampler: `shuffle`: each training image once per epoch; `balanced`: every
+        draw picks a class uniformly, then the next image of its shuffled cycle,
+        as many draws per epoch as there are training images (for imbalanced
+        folders; an alternative to `class_weight`, not a complement).
       skip_bad_images: drop unreadable images (and report how many) instead of failing.
       threads: tf.data threads of the input pipeline; 0 picks them (see
         `research/data.py:pipeline_threads`).
@@ -72,6 +77,7 @@ class DataConfig:
     batch_size: int = 32
     shuffle_buffer: int = 10000
     cache: bool = True
+    sampler: str = "shuffle"
     skip_bad_images: bool = False
     threads: int = 0
 
@@ -376,6 +382,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     _check(d.batch_size >= 1, f"--batch_size={d.batch_size} must be >= 1")
     _check(d.image_size >= 0, f"--image_size={d.image_size} must be >= 0 (0 means the backbone's default)")
     _check(d.shuffle_buffer >= 1, f"--shuffle_buffer={d.shuffle_buffer} must be >= 1")
+    _choice("sampler", d.sampler, SAMPLERS)
+    _check(not (d.sampler == "balanced" and config.train.class_weight != "none"),
+           f"--sampler=balanced and --class_weight={config.train.class_weight} both correct for class imbalance; "
+           "use one of them")
     _check(d.threads >= 0, f"--data_threads={d.threads} must be >= 0 (0: automatic)")
 
     a = config.augment

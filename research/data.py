@@ -42,18 +42,36 @@ def pipeline_threads(requested: int, *, cached: bool) -> int | None:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
+def balanced(elements: tf.data.Dataset, class_counts: list[int], seed) -> tf.data.Dataset:
+    """An endless stream of `(x, label)` elements whose label is uniform over the classes.
+
+    Each draw picks a class with probability 1/k (classes without training images
+    left out), then that class's next image in a shuffled cycle of its images
+    (reshuffled at every pass): an image comes back only after every image of
+    its class has. A function of `seed` only.
+    """
+    present = [c for c, n in enumerate(class_counts) if n > 0]
+    per_class = [elements.filter(lambda x, y, c=c: tf.equal(tf.cast(y, tf.int64), c))
+                 .shuffle(class_counts[c], seed=seed + c).repeat() for c in present]
+    return tf.data.Dataset.sample_from_datasets(per_class, [1.0 / len(present)] * len(present), seed=seed)
+
+
 def epoch_stream(elements: tf.data.Dataset, epoch_seeds: list[int], *, shuffle_buffer: int, batch_size: int,
-                 batches_per_epoch: int) -> tf.data.Dataset:
+                 batches_per_epoch: int, class_counts: list[int] | None = None) -> tf.data.Dataset:
     """Consecutive epochs of shuffled full batches of `elements`, as (epoch seed, batch index, batch).
 
     Epoch i is shuffled with `epoch_seeds[i]` alone, so an epoch's batches do not
-    depend on where the stream started.
+    depend on where the stream started. With `class_counts` (`--sampler=balanced`)
+    an epoch is as many draws of `balanced` as there are elements.
     """
     def one_epoch(seed):
         # A tensor op seed needs a graph-level seed that is not 0 (TF compares the
         # pair with (0, 0) in Python); any constant keeps the order a function of seed.
         tf.random.set_seed(1)
-        batches = elements.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+        if class_counts:
+            batches = balanced(elements, class_counts, seed)
+        else:
+            batches = elements.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
         batches = batches.batch(batch_size, drop_remainder=True).take(batches_per_epoch)
         return tf.data.Dataset.zip(tf.data.Dataset.from_tensors(seed).repeat(),
                                    tf.data.Dataset.range(batches_per_epoch), batches)
@@ -75,12 +93,15 @@ class Pipeline:
       threads: size of the pipeline's own tf.data thread pool (None: TF's shared
         pool over every core); see `pipeline_threads`.
       deterministic: the run enables op determinism (`--deterministic`).
+      sampler: `shuffle` (each training image once per epoch) or `balanced`
+        (classes drawn uniformly, `balanced`).
     """
 
     def __init__(self, source: Source, *, batch_size: int, preprocess, augment: AugmentConfig,
                  seed: int = 0, cache: bool = True, shuffle_buffer: int = 10000, threads: int | None = None,
-                 deterministic: bool = False):
+                 deterministic: bool = False, sampler: str = "shuffle"):
         self.source = source
+        self.class_counts = list(source.train_counts) if sampler == "balanced" else None
         self.batch_size = batch_size
         self.preprocess = preprocess
         self.augment_cfg = augment
@@ -167,7 +188,7 @@ class Pipeline:
         n = batches_per_epoch or self.steps_per_epoch
         ds = epoch_stream(self._train, [self.epoch_seed(e) for e in range(first_epoch, first_epoch + num_epochs)],
                           shuffle_buffer=self.shuffle_buffer, batch_size=self.batch_size,
-                          batches_per_epoch=n).skip(skip)
+                          batches_per_epoch=n, class_counts=self.class_counts).skip(skip)
         if augment and self._augment is not None:
             # A stateless seed per batch, (epoch seed, batch index): the same images under
             # a parallel map, run to run and across a resume.

@@ -68,7 +68,7 @@ class FeatureCache:
         ds = epoch_stream(tf.data.Dataset.from_tensor_slices((self.train_x, self.train_y)),
                           [p.epoch_seed(e) for e in range(first_epoch, first_epoch + num_epochs)],
                           shuffle_buffer=p.shuffle_buffer, batch_size=p.batch_size,
-                          batches_per_epoch=batches_per_epoch or p.steps_per_epoch)
+                          batches_per_epoch=batches_per_epoch or p.steps_per_epoch, class_counts=p.class_counts)
         ds = ds.skip(skip).map(lambda seed, index, batch: batch)
         return ds.prefetch(AUTOTUNE).with_options(p.options())
 

@@ -137,7 +137,7 @@ def build_inputs(config: ExperimentConfig, strategy, *, verbose: bool = True) ->
                              augment=config.augment, seed=config.train.seed, cache=cfg_d.cache,
                              shuffle_buffer=cfg_d.shuffle_buffer,
                              threads=data.pipeline_threads(cfg_d.threads, cached=cfg_d.cache),
-                             deterministic=config.train.deterministic)
+                             deterministic=config.train.deterministic, sampler=cfg_d.sampler)
     if pipeline.threads and cfg_d.cache:
         # Decode on every core now; the training stream then runs on its capped pool.
         logging.info("decoded %d training images into the cache in %.1fs", source.num_train, pipeline.fill_cache())
@@ -640,6 +640,11 @@ class Controller:
         if index == len(self.config.stages) - 1:
             run.final, run.finished = dict(final_val), True
             self._evaluate_test(run)
+            if self.ema:
+                # Before the checkpoint that marks the run finished: a kill in between
+                # repeats this stage end, and ema/ is written again from the same averages.
+                with ema.swapped_in(self.m.optimizer):
+                    self.ckpts.save_ema(run)
         self.save_latest(run)
 
     def _evaluate_test(self, run: RunState) -> None:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from research import data, sources
 from research.config import AugmentConfig, DataConfig, UserError
@@ -105,3 +106,52 @@ def test_a_long_image_check_shows_its_progress(tmp_path, capsys):
     assert out.startswith("checking 2400 images ...\n") and "2400/2400" in out and "\r" not in out, out
     sources.check_images([str(path)] * 10, skip_bad=False)
     assert capsys.readouterr().out == ""  # a short check stays quiet
+
+
+def _imbalanced_source(counts, size=4):
+    """A Source whose image i of class c is filled with the value 100 c + i (its identity)."""
+    ys = np.concatenate([np.full(n, c) for c, n in enumerate(counts)]).astype(np.int32)
+    ids = np.concatenate([100 * c + np.arange(n) for c, n in enumerate(counts)])
+    xs = np.broadcast_to(ids[:, None, None, None], (len(ids), size, size, 3)).astype(np.uint8)
+    ds = tf.data.Dataset.from_tensor_slices((xs, ys))
+    return sources.Source(train=ds, val=ds.take(2), num_train=len(ys), num_val=2,
+                          class_names=[f"c{c}" for c in range(len(counts))], image_size=size,
+                          train_counts=list(counts))
+
+
+def test_balanced_sampler_draws_classes_uniformly_and_cycles_each_class():
+    counts = [60, 12, 8]  # 80 images; the rarest class is 7.5x rarer than the commonest
+    p = data.Pipeline(_imbalanced_source(counts), batch_size=8, preprocess=lambda x: x, augment=AugmentConfig(),
+                      seed=0, sampler="balanced")
+    assert p.steps_per_epoch == 10
+    epochs = 30
+    batches = [(x.numpy(), y.numpy()) for x, y in p.train_stream(0, epochs, augment=False)]
+    ids = np.concatenate([x[:, 0, 0, 0] for x, _ in batches]).astype(int)
+    y = np.concatenate([y for _, y in batches])
+    assert np.array_equal(ids // 100, y)  # images keep their labels
+    # Uniform over classes: each of 3 classes ~ Binomial(2400, 1/3); 5 standard deviations is ~115.
+    freq = np.bincount(y, minlength=3)
+    assert len(y) == epochs * 80 and np.all(np.abs(freq - len(y) / 3) < 5 * np.sqrt(len(y) * 2 / 9)), freq
+    # Shuffled cycles within a class, restarted each epoch: in an epoch, every run of n_c
+    # consecutive draws of class c, aligned on its cycles, holds every image of c once.
+    for e in range(epochs):
+        ids_e, y_e = ids[e * 80:(e + 1) * 80], y[e * 80:(e + 1) * 80]
+        for c, n in enumerate(counts):
+            seq = ids_e[y_e == c]
+            for start in range(0, len(seq) - n + 1, n):
+                assert sorted(seq[start:start + n]) == list(range(100 * c, 100 * c + n)), (e, c)
+    # A function of (seed, epoch): the stream started at epoch 4, or resumed 3 batches into it,
+    # gives the same batches; another seed does not.
+    again = [(x.numpy(), y.numpy()) for x, y in p.train_stream(4, 2, augment=False)]
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(again, batches[40:60]))
+    resumed = [x.numpy() for x, _ in p.train_stream(4, 1, skip=3, augment=False)]
+    assert all(np.array_equal(a, b[0]) for a, b in zip(resumed, batches[43:50]))
+    other = data.Pipeline(_imbalanced_source(counts), batch_size=8, preprocess=lambda x: x,
+                          augment=AugmentConfig(), seed=1, sampler="balanced")
+    assert not np.array_equal(next(iter(other.train_stream(0, 1, augment=False)))[0].numpy(), batches[0][0])
+
+
+def test_default_sampler_sees_each_image_once_per_epoch():
+    p = data.Pipeline(_imbalanced_source([60, 12, 8]), batch_size=8, preprocess=lambda x: x, augment=AugmentConfig())
+    ids = np.concatenate([x.numpy()[:, 0, 0, 0] for x, _ in p.train_dataset(0, augment=False)]).astype(int)
+    assert sorted(ids) == sorted(np.concatenate([100 * c + np.arange(n) for c, n in enumerate([60, 12, 8])]))

@@ -94,3 +94,27 @@ def test_bad_ema_flags_exit_2(tmp_path, flags, message):
     r = run_module("launch.train", f"--workdir={tmp_path / 'run'}", *flags)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_final_average_is_saved_in_ema_and_exported(tmp_path):
+    wd = tmp_path / "run"
+    r = run_module("launch.train", f"--workdir={wd}", "--image_size=16", "--classes=0-4", "--epochs=2", "--noexport",
+                   "--ema_decay=0.9")
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = json.loads((wd / "results.json").read_text())["final"]
+    assert final["test_ema/accuracy"] != final["test/accuracy"]  # else the check below tells nothing
+    r = run_module("launch.evaluate", f"--workdir={wd}", "--checkpoint=ema", "--split=test", "--name=ema")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((wd / "eval" / "ema.json").read_text())
+    assert report["accuracy"] == pytest.approx(final["test_ema/accuracy"], abs=1e-9)
+    r = run_module("launch.export", f"--workdir={wd}", "--checkpoint=ema", f"--out={tmp_path / 'export'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "/ema/" in json.loads((tmp_path / "export" / "labels.json").read_text())["checkpoint"]
+
+
+def test_ema_checkpoint_of_a_run_without_ema_exits_2(tmp_path):
+    wd = tmp_path / "run"
+    assert run_module("launch.train", f"--workdir={wd}", "--image_size=16", "--classes=0-1", "--epochs=1",
+                      "--noexport").returncode == 0
+    r = run_module("launch.export", f"--workdir={wd}", "--checkpoint=ema")
+    assert r.returncode == 2 and "--ema_decay" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]

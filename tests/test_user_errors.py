@@ -27,6 +27,9 @@ CASES = {
     "bad classes": (["--classes=3-99"], "out of range"),
     "bad stages": (["--stages=unfreeze=all epochs=x"], "not a valid int"),
     "no weights file": (["--weights=/nonexistent.h5"], "no such file"),
+    "unknown sampler": (["--sampler=weighted"], "shuffle|balanced"),
+    "sampler and class weights": (["--sampler=balanced", "--class_weight=balanced"],
+                                  "both correct for class imbalance"),
     "top-5 monitor with 5 classes": (["--classes=0-4", "--early_stopping_monitor=val/top5_accuracy"],
                                      "needs more than 5 classes"),
 }
