@@ -49,6 +49,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     d("bool", "cache", _D.cache, "Cache decoded, resized images in memory.")
     d("enum", "sampler", _D.sampler, "Training draws: shuffle (each image once per epoch) | balanced (each draw "
       "picks a class uniformly, then its next image; for imbalanced folders).", enum_values=list(C.SAMPLERS))
+    d("float", "eval_crop", _D.eval_crop, "Evaluation (val, test, evaluate, the export) keeps this central fraction "
+      "of each side, resized back (0.875 is the ImageNet convention; 1: the whole image).")
     d("integer", "data_threads", _D.threads, "tf.data threads (0: half the cores when training on CPU, all with a GPU/TPU).")
     d("bool", "skip_bad_images", _D.skip_bad_images, "Skip unreadable images instead of failing.")
     # Augmentation
@@ -178,7 +180,8 @@ def config_from_flags(fv: flags.FlagValues = F) -> C.ExperimentConfig:
                           val_split=fv.val_split, val_fraction=fv.val_fraction, test=fv.test, test_split=fv.test_split,
                           test_fraction=fv.test_fraction, classes=fv.classes,
                           image_size=fv.image_size, batch_size=fv.batch_size, shuffle_buffer=fv.shuffle_buffer,
-                          cache=fv.cache, sampler=fv.sampler, skip_bad_images=fv.skip_bad_images, threads=fv.data_threads),
+                          cache=fv.cache, sampler=fv.sampler, eval_crop=fv.eval_crop,
+                          skip_bad_images=fv.skip_bad_images, threads=fv.data_threads),
         augment=C.AugmentConfig(horizontal_flip=fv.horizontal_flip, vertical_flip=fv.vertical_flip,
                                 crop_scale=fv.crop_scale, crop_ratio=fv.crop_ratio,
                                 rotation=fv.rotation, width_shift=fv.width_shift,

@@ -206,6 +206,33 @@ def affine_matrices(p: dict, height: int, width: int) -> tf.Tensor:
     return tf.stack([a00, a01, b0, a10, a11, b1, zeros, zeros], axis=1)
 
 
+def eval_view(size: int, fraction: float):
+    """`--eval_crop`: the central `fraction` of each side, resized back to `size` (float
+    batches in, float batches out), or None for the whole image.
+
+    Built from Keras's `CenterCrop` and `Resizing` layers, the same ones the
+    exported model holds (research/export.py), so that evaluation during
+    training, `launch.evaluate` and the export see the same pixels.
+    """
+    layers = eval_view_layers(size, fraction)
+    if not layers:
+        return None
+
+    def view(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+    return view
+
+
+def eval_view_layers(size: int, fraction: float) -> list:
+    if fraction >= 1.0:
+        return []
+    side = max(1, int(round(size * fraction)))
+    return [keras.layers.CenterCrop(side, side, name="eval_center_crop"),
+            keras.layers.Resizing(size, size, interpolation="bilinear", name="eval_resize")]
+
+
 def build(cfg: AugmentConfig) -> Augmenter | None:
     """The augmentation of `cfg`, or None when every knob is off."""
     return Augmenter(cfg) if cfg.enabled else None

@@ -59,6 +59,10 @@ class DataConfig:
         draw picks a class uniformly, then the next image of its shuffled cycle,
         as many draws per epoch as there are training images (for imbalanced
         folders; an alternative to `class_weight`, not a complement).
+      eval_crop: the central fraction of each side that evaluation keeps (validation,
+        test, `launch.evaluate`, and the exported model, so `launch.predict` too),
+        resized back to the input side; 0.875 is the ImageNet convention that
+        pairs with random-resized-crop training; 1 keeps the whole image.
       skip_bad_images: drop unreadable images (and report how many) instead of failing.
       threads: tf.data threads of the input pipeline; 0 picks them (see
         `research/data.py:pipeline_threads`).
@@ -78,6 +82,7 @@ class DataConfig:
     shuffle_buffer: int = 10000
     cache: bool = True
     sampler: str = "shuffle"
+    eval_crop: float = 1.0
     skip_bad_images: bool = False
     threads: int = 0
 
@@ -383,6 +388,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     _check(d.image_size >= 0, f"--image_size={d.image_size} must be >= 0 (0 means the backbone's default)")
     _check(d.shuffle_buffer >= 1, f"--shuffle_buffer={d.shuffle_buffer} must be >= 1")
     _choice("sampler", d.sampler, SAMPLERS)
+    _check(0.0 < d.eval_crop <= 1.0, f"--eval_crop={d.eval_crop} must be in (0, 1] (1: the whole image; 0.875 is common)")
     _check(not (d.sampler == "balanced" and config.train.class_weight != "none"),
            f"--sampler=balanced and --class_weight={config.train.class_weight} both correct for class imbalance; "
            "use one of them")

@@ -95,11 +95,13 @@ class Pipeline:
       deterministic: the run enables op determinism (`--deterministic`).
       sampler: `shuffle` (each training image once per epoch) or `balanced`
         (classes drawn uniformly, `balanced`).
+      eval_crop: the central fraction of each side that validation and test
+        images keep, resized back (`augment.eval_view`); 1 keeps the whole image.
     """
 
     def __init__(self, source: Source, *, batch_size: int, preprocess, augment: AugmentConfig,
                  seed: int = 0, cache: bool = True, shuffle_buffer: int = 10000, threads: int | None = None,
-                 deterministic: bool = False, sampler: str = "shuffle"):
+                 deterministic: bool = False, sampler: str = "shuffle", eval_crop: float = 1.0):
         self.source = source
         self.class_counts = list(source.train_counts) if sampler == "balanced" else None
         self.batch_size = batch_size
@@ -120,6 +122,10 @@ class Pipeline:
         self._augment_and_preprocess = tf.function(
             self._augment_and_preprocess_fn, input_signature=[images, tf.TensorSpec([2], tf.int64)])
         self._preprocess = tf.function(lambda x: preprocess(tf.cast(x, tf.float32)), input_signature=[images])
+        self.train_preprocess = self._preprocess  # uint8 batches -> model input
+        view = augment_lib.eval_view(source.image_size, eval_crop)
+        self.eval_preprocess = self._preprocess if view is None else tf.function(
+            lambda x: preprocess(view(tf.cast(x, tf.float32))), input_signature=[images])
 
     def fill_cache(self) -> float:
         """Decodes every training image into the cache now, before training, on every
@@ -231,5 +237,6 @@ class Pipeline:
 
     def _eval_batches(self, elements: tf.data.Dataset) -> tf.data.Dataset:
         ds = elements.batch(self.batch_size)
-        ds = ds.map(lambda x, y: (self._preprocess(x), y), num_parallel_calls=None if self.deterministic else AUTOTUNE)
+        ds = ds.map(lambda x, y: (self.eval_preprocess(x), y),
+                    num_parallel_calls=None if self.deterministic else AUTOTUNE)
         return ds.prefetch(AUTOTUNE).with_options(self.options())

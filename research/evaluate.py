@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from research import backbones, sources
+from research import augment, backbones, sources
 from research.checkpoints import load_run
 from research.errors import UserError
 
@@ -178,7 +178,12 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
     for d in datasets[1:]:  # `all`: every image of a split-less folder, whichever slice it fell in
         split_ds = split_ds.concatenate(d)
     skipped = [p for part in parts for p in source.skipped_by_split.get(part, [])]
-    ds = split_ds.batch(64).map(lambda x, y: (entry.preprocess(tf.cast(x, tf.float32)), y))
+    crop = augment.eval_view(size, cfg.eval_crop) or (lambda x: x)  # as the run evaluated, and the export does
+
+    def model_input(x):
+        return entry.preprocess(crop(tf.cast(x, tf.float32)))
+
+    ds = split_ds.batch(64).map(lambda x, y: (model_input(x), y))
     logits, labels = predict_dataset(model, ds)
     k = len(class_names)
     log_probs = _log_softmax(logits)
@@ -199,7 +204,7 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
     report["macro_f1"] = float(np.mean([c["f1"] for c in report["per_class"]]))
     if tta != "none":
         probs = [np.exp(log_probs if view is None else _log_softmax(predict_dataset(model, split_ds.batch(64).map(
-            lambda x, y, view=view: (entry.preprocess(tf.cast(view(x), tf.float32)), y)))[0]))
+            lambda x, y, view=view: (model_input(view(x)), y)))[0]))
                  for view in tta_views(tta, size)]
         mean = np.mean(probs, axis=0)
         tta_pred = mean.argmax(axis=1)

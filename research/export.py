@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from research import augment
 from research import images as images_lib
 from research.checkpoints import load_run
 from research.errors import UserError
@@ -60,11 +61,12 @@ def preprocessing_layers(backbone: str) -> list[keras.layers.Layer]:
     raise UserError(f"no export preprocessing for backbone {backbone!r}")
 
 
-def inference_model(model: keras.Model, backbone: str) -> keras.Model:
-    """Pixels in [0, 255] -> preprocessing -> classifier -> softmax probabilities."""
+def inference_model(model: keras.Model, backbone: str, *, eval_crop: float = 1.0) -> keras.Model:
+    """Pixels in [0, 255] -> the evaluation crop (`--eval_crop`) -> preprocessing ->
+    classifier -> softmax probabilities."""
     inputs = keras.Input(model.input_shape[1:], name="pixels")
     x = inputs
-    for layer in preprocessing_layers(backbone):
+    for layer in augment.eval_view_layers(model.input_shape[1], eval_crop) + preprocessing_layers(backbone):
         x = layer(x)
     logits = model(x, training=False)
     probs = keras.layers.Softmax(dtype="float32", name="probabilities")(logits)
@@ -100,7 +102,7 @@ def _export(workdir, checkpoint, out_dir, class_names):
     out_dir = out_dir or os.path.join(workdir, "export")
     os.makedirs(out_dir, exist_ok=True)
     size = model.input_shape[1]
-    full = inference_model(model, config.model.backbone)
+    full = inference_model(model, config.model.backbone, eval_crop=config.data.eval_crop)
     full.save(os.path.join(out_dir, "model.keras"))
 
     labels = tf.constant(class_names)
@@ -121,7 +123,7 @@ def _export(workdir, checkpoint, out_dir, class_names):
     archive.write_out(os.path.join(out_dir, "saved_model"), verbose=False)
     meta = {"class_names": class_names, "image_size": size, "backbone": config.model.backbone,
             "checkpoint": path, "input": "RGB pixels in [0, 255], upright (EXIF orientation applied), "
-            "resized to image_size (antialiased bilinear)"}
+            "resized to image_size (antialiased bilinear)", "eval_crop": config.data.eval_crop}
     with open(os.path.join(out_dir, "labels.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta

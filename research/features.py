@@ -31,12 +31,13 @@ def head_model(model: keras.Model) -> keras.Model:
 
 
 def extract(model: keras.Model, ds: tf.data.Dataset, preprocess) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled base features of every (uint8 image, label) in `ds`, in order."""
+    """Pooled base features of every (uint8 image, label) in `ds`, in order; `preprocess`
+    maps uint8 batches to the model's input (`Pipeline.train_preprocess`, `eval_preprocess`)."""
     base, pool = backbones.base_of(model), model.get_layer("head_pool")
 
     @tf.function
     def features(x):
-        return pool(base(preprocess(tf.cast(x, tf.float32)), training=False))
+        return pool(base(preprocess(x), training=False))
 
     feats, labels = [], []
     for x, y in ds.batch(128):
@@ -57,8 +58,8 @@ class FeatureCache:
         t0 = time.perf_counter()
         self.pipeline = pipeline
         self.head = head_model(model)
-        self.train_x, self.train_y = extract(model, pipeline.cached_train, pipeline.preprocess)
-        self.val_x, self.val_y = extract(model, pipeline.cached_val, pipeline.preprocess)
+        self.train_x, self.train_y = extract(model, pipeline.cached_train, pipeline.train_preprocess)
+        self.val_x, self.val_y = extract(model, pipeline.cached_val, pipeline.eval_preprocess)
         self.seconds = time.perf_counter() - t0
 
     def train_stream(self, first_epoch: int, num_epochs: int, *, batches_per_epoch: int | None = None,

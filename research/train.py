@@ -137,7 +137,8 @@ def build_inputs(config: ExperimentConfig, strategy, *, verbose: bool = True) ->
                              augment=config.augment, seed=config.train.seed, cache=cfg_d.cache,
                              shuffle_buffer=cfg_d.shuffle_buffer,
                              threads=data.pipeline_threads(cfg_d.threads, cached=cfg_d.cache),
-                             deterministic=config.train.deterministic, sampler=cfg_d.sampler)
+                             deterministic=config.train.deterministic, sampler=cfg_d.sampler,
+                             eval_crop=cfg_d.eval_crop)
     if pipeline.threads and cfg_d.cache:
         # Decode on every core now; the training stream then runs on its capped pool.
         logging.info("decoded %d training images into the cache in %.1fs", source.num_train, pipeline.fill_cache())

@@ -264,3 +264,33 @@ def test_test_time_augmentation_averages_the_views_probabilities(trained):
         assert report["tta"]["accuracy"] == pytest.approx((p.argmax(1) == y).mean(), abs=1e-9)
         assert report["tta"]["loss"] == pytest.approx(-np.log(p[np.arange(len(y)), y]).mean(), rel=1e-4)
         assert "accuracy" in report and f"test-time augmentation ({mode}" in r.stdout
+
+
+def test_eval_crop_is_the_same_view_in_training_evaluate_and_the_export(tmp_path):
+    """--eval_crop=0.75 at 16 px: the central 12x12 resized back to 16x16, pinned to a crop
+    by slicing and tf.image.resize (not Keras's CenterCrop/Resizing, which implement it)."""
+    wd = tmp_path / "run"
+    r = run_module("launch.train", f"--workdir={wd}", "--image_size=16", "--classes=0-4", "--epochs=2",
+                   "--eval_crop=0.75")
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = json.loads((wd / "results.json").read_text())["final"]
+    r = run_module("launch.evaluate", f"--workdir={wd}", "--checkpoint=latest", "--split=test", "--name=crop")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((wd / "eval" / "crop.json").read_text())["accuracy"] == pytest.approx(
+        final["test/accuracy"], abs=1e-9)
+
+    from research import sources
+    config, model, _, _ = load_run(str(wd), checkpoint="latest")
+    x, y = (np.concatenate(a) for a in zip(*[(a.numpy(), b.numpy()) for a, b in
+                                             sources.load_source(config.data, 16).test.batch(256)]))
+    x = x.astype(np.float32)
+    cropped = tf.image.resize(x[:, 2:14, 2:14], (16, 16)).numpy()
+    entry = backbones.get(config.model.backbone)
+    reference = keras.ops.softmax(model(entry.preprocess(cropped), training=False)).numpy()
+    assert float((reference.argmax(1) == y).mean()) == pytest.approx(final["test/accuracy"], abs=1e-9)
+    uncropped = keras.ops.softmax(model(entry.preprocess(x), training=False)).numpy()
+    assert not np.allclose(reference, uncropped, atol=1e-3)  # the crop changes the predictions
+    exported = keras.models.load_model(wd / "export" / "model.keras")
+    np.testing.assert_allclose(exported(x).numpy(), reference, atol=1e-5)
+    saved = tf.saved_model.load(str(wd / "export" / "saved_model")).signatures["predict_float"]
+    np.testing.assert_allclose(saved(tf.constant(x))["probabilities"].numpy(), reference, atol=1e-5)

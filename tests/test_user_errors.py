@@ -27,6 +27,7 @@ CASES = {
     "bad classes": (["--classes=3-99"], "out of range"),
     "bad stages": (["--stages=unfreeze=all epochs=x"], "not a valid int"),
     "no weights file": (["--weights=/nonexistent.h5"], "no such file"),
+    "eval crop out of range": (["--eval_crop=1.5"], "--eval_crop=1.5 must be in (0, 1]"),
     "unknown sampler": (["--sampler=weighted"], "shuffle|balanced"),
     "sampler and class weights": (["--sampler=balanced", "--class_weight=balanced"],
                                   "both correct for class imbalance"),
