@@ -68,6 +68,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     d("float", "saturation", _A.saturation, "Max saturation change: saturation times U(1-s, 1+s).")
     d("float", "hue", _A.hue, "Max hue rotation, fraction of the colour circle (<= 0.5).")
     d("float", "erase_prob", _A.erase_prob, "Random erasing probability (a box of 2-33% of the area, noise-filled).")
+    d("integer", "randaugment", _A.randaugment, "RandAugment: operations per image (Keras's RandAugment ops, "
+      "drawn per image; 0: off, 2 is common).")
+    d("float", "randaugment_magnitude", _A.randaugment_magnitude, "RandAugment strength, Keras's factor in [0, 1].")
     d("float", "mixup", _A.mixup, "Mixup: α of the Beta(α, α) mixing weight (0: off; 0.2-1 is common).")
     d("float", "cutmix", _A.cutmix, "CutMix: α of the Beta(α, α) box area (0: off; 1 is common).")
     d("float", "mix_prob", _A.mix_prob, "Probability that a training batch is mixed (mixup or CutMix).")
@@ -187,7 +190,8 @@ def config_from_flags(fv: flags.FlagValues = F) -> C.ExperimentConfig:
                                 rotation=fv.rotation, width_shift=fv.width_shift,
                                 height_shift=fv.height_shift, zoom=fv.zoom, contrast=fv.contrast,
                                 brightness=fv.brightness, saturation=fv.saturation, hue=fv.hue,
-                                erase_prob=fv.erase_prob,
+                                erase_prob=fv.erase_prob, randaugment=fv.randaugment,
+                                randaugment_magnitude=fv.randaugment_magnitude,
                                 mixup=fv.mixup, cutmix=fv.cutmix, mix_prob=fv.mix_prob),
         model=C.ModelConfig(backbone=fv.backbone, weights=fv.weights, alpha=fv.alpha, dropout=fv.dropout,
                             bn=_bn_policy(fv), init_blocks=fv.init_blocks),

@@ -1,4 +1,4 @@
-"""Augmentation inside tf.data: one fused geometric warp per batch, then contrast.
+"""Augmentation inside tf.data: one fused geometric warp per batch, RandAugment, then colour.
 
 The knobs mirror the classic `ImageDataGenerator` ones (horizontal_flip,
 rotation_range in degrees, width/height_shift_range, zoom_range) plus contrast;
@@ -30,6 +30,68 @@ import tensorflow as tf
 from research.config import AugmentConfig
 
 
+class _Seeds(keras.random.SeedGenerator):
+    """Feeds a Keras layer's `get_random_transformation` stateless seeds derived from a
+    tensor: Keras accepts only an int or a `SeedGenerator` there, and an int would be
+    one constant per trace, a real generator one state shared across a parallel map.
+
+    Deliberately skips `SeedGenerator.__init__` (which makes a state variable):
+    `next` is all Keras's random ops call.
+    """
+
+    def __init__(self, seed):  # noqa: super-init-not-called
+        self._seed, self._count = tf.cast(seed, tf.int64), 0
+
+    def next(self, ordered=True):
+        self._count += 1
+        return tf.random.experimental.stateless_fold_in(self._seed, self._count)
+
+
+class RandAugment:
+    """Keras's `RandAugment` operations (Cubuk et al., 2020), drawn per image from a
+    stateless seed.
+
+    Keras's layer draws its operations once per batch from a stateful generator;
+    here each image draws its own `num_ops` operations, as in the paper and timm,
+    and every parameter comes from (epoch seed, batch index). The operations, their
+    magnitudes (`factor`) and their `transform_images` are the Keras layer's own.
+    """
+
+    def __init__(self, num_ops: int, magnitude: float):
+        self.layer = keras.layers.RandAugment(value_range=(0, 255), num_ops=num_ops, factor=magnitude)
+        self.ops = [getattr(self.layer, name) for name in self.layer._AUGMENT_LAYERS]  # Keras 3.15's list
+        self.num_ops = num_ops
+
+    def sample(self, images, seed) -> dict:
+        """Per image: `num_ops` operation indices; per operation: its Keras transformation."""
+        n = tf.shape(images)[0]
+        keys = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+        choice, params = keys[0], keys[1]
+        idx = tf.random.stateless_uniform([self.num_ops, n], choice, 0, len(self.ops), dtype=tf.int32)
+        gen = _Seeds(params)
+        return {"idx": idx, "transforms": [op.get_random_transformation(images, training=True, seed=gen)
+                                           for op in self.ops]}
+
+    def operation(self, j: int, images, transformation):
+        """Operation j on a batch. Keras 3.15's `Equalization` pools its histograms over
+        the whole batch; it runs image by image here, so that an image's result
+        depends on that image alone."""
+        op = self.ops[j]
+        if isinstance(op, keras.layers.Equalization):
+            return tf.map_fn(lambda im: op.transform_images(im[None], transformation)[0], images)
+        return op.transform_images(images, transformation)
+
+    def apply(self, images, p: dict):
+        for i in range(self.num_ops):
+            before = images
+            for j, t in enumerate(p["transforms"]):
+                images = tf.where((p["idx"][i] == j)[:, None, None, None], self.operation(j, before, t), images)
+        return images
+
+    def __call__(self, images, seed):
+        return self.apply(images, self.sample(images, seed))
+
+
 class Augmenter:
     """Draws per-image parameters from a seed and applies them to a batch.
 
@@ -46,6 +108,7 @@ class Augmenter:
         self.brightness = keras.layers.RandomBrightness(cfg.brightness, value_range=(0, 255)) if cfg.brightness else None
         self.saturation = keras.layers.RandomSaturation(0.5, value_range=(0, 1)) if cfg.saturation else None
         self.hue = keras.layers.RandomHue(0.5, value_range=(0, 1)) if cfg.hue else None
+        self.randaugment = RandAugment(cfg.randaugment, cfg.randaugment_magnitude) if cfg.randaugment else None
 
     def sample(self, n, seed, height: int = 1, width: int = 1) -> dict[str, tf.Tensor]:
         """Per-image parameters for a batch of `n`, a function of `seed` (shape [2] int) only.
@@ -101,6 +164,8 @@ class Augmenter:
                 images = tf.where(p["flip"][:, None, None, None], tf.reverse(images, axis=[2]), images)
             if self.cfg.vertical_flip:
                 images = tf.where(p["vflip"][:, None, None, None], tf.reverse(images, axis=[1]), images)
+        if self.randaugment is not None:
+            images = self.randaugment(images, tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 3))
         if self.contrast is not None:
             images = self.contrast.transform_images(images, {"contrast_factor": p["contrast"][:, None, None, None]})
         if self.brightness is not None:

@@ -106,6 +106,9 @@ class AugmentConfig:
       hue: maximum hue rotation, a fraction of the colour circle (<= 0.5).
       erase_prob: probability of random erasing (Zhong et al., 2020; torchvision's
         box rule: 2-33 % of the area, aspect ratio 0.3-3.3), the box filled with noise.
+      randaugment: operations per image of RandAugment (Cubuk et al., 2020; Keras's
+        `RandAugment` operations, drawn per image); 0: off. 2 is the paper's.
+      randaugment_magnitude: their strength, Keras's `factor` in [0, 1].
       mixup / cutmix: α of the Beta(α, α) mixing weight of mixup / CutMix (0:
         off); training targets become soft (research/mix.py).
       mix_prob: probability that a training batch is mixed.
@@ -124,6 +127,8 @@ class AugmentConfig:
     saturation: float = 0.0
     hue: float = 0.0
     erase_prob: float = 0.0
+    randaugment: int = 0
+    randaugment_magnitude: float = 0.5
     mixup: float = 0.0
     cutmix: float = 0.0
     mix_prob: float = 1.0
@@ -133,7 +138,7 @@ class AugmentConfig:
         """Any per-image augmentation (mixing is a batch-level step of its own)."""
         return bool(self.horizontal_flip or self.vertical_flip or self.crop_scale or self.rotation
                     or self.width_shift or self.height_shift or self.zoom or self.contrast
-                    or self.brightness or self.saturation or self.hue or self.erase_prob)
+                    or self.brightness or self.saturation or self.hue or self.erase_prob or self.randaugment)
 
     def crop_range(self, name: str) -> tuple[float, float]:
         """`crop_scale` or `crop_ratio` as (min, max)."""
@@ -411,7 +416,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
                f"--{name}={getattr(a, name)} is the α of a Beta(α, α) and must be >= 0 (0: off; 0.2-1 is common)")
     _check(0.0 <= a.mix_prob <= 1.0, f"--mix_prob={a.mix_prob} must be in [0, 1]")
     _check(a.rotation <= 180, f"--rotation={a.rotation} is in degrees and must be <= 180")
-    for name, high in (("brightness", 1.0), ("saturation", 1.0), ("hue", 0.5), ("erase_prob", 1.0)):
+    _check(0 <= a.randaugment <= 5, f"--randaugment={a.randaugment} is the number of operations per image, 0-5 "
+           "(0: off; 2 is common)")
+    for name, high in (("brightness", 1.0), ("saturation", 1.0), ("hue", 0.5), ("erase_prob", 1.0),
+                       ("randaugment_magnitude", 1.0)):
         v = getattr(a, name)
         _check(0.0 <= v <= high, f"--{name}={v} must be in [0, {high}]")
     for name in ("width_shift", "height_shift", "zoom", "contrast"):

@@ -82,8 +82,9 @@ def test_parameters_stay_in_range_and_depend_only_on_the_seed():
 
 @pytest.mark.parametrize("cfg", [AugmentConfig(horizontal_flip=True, rotation=20, zoom=0.2, contrast=0.2),
                                  AugmentConfig(crop_scale="0.08,1", vertical_flip=True, horizontal_flip=True,
-                                               brightness=0.2, saturation=0.3, hue=0.1, erase_prob=0.5)],
-                         ids=["warps", "crops-colour-erasing"])
+                                               brightness=0.2, saturation=0.3, hue=0.1, erase_prob=0.5),
+                                 AugmentConfig(horizontal_flip=True, randaugment=2, randaugment_magnitude=0.7)],
+                         ids=["warps", "crops-colour-erasing", "randaugment"])
 def test_parallel_map_gives_the_same_images_as_a_sequential_one(cfg):
     aug = augment.build(cfg)
     ds = tf.data.Dataset.from_tensor_slices(_images(64)).batch(8).enumerate()
@@ -203,3 +204,33 @@ def test_random_erasing_fills_a_box_of_the_allowed_size_with_noise():
         assert not np.allclose(out[i][inside], x.numpy()[i][inside])
     for i in np.flatnonzero(~erased)[:20]:
         assert np.array_equal(out[i], x.numpy()[i])
+
+
+def test_randaugment_applies_keras_operations_chosen_per_image():
+    """Each image gets the Keras RandAugment operation it drew, with Keras's parameters; with
+    the same draw for every image the batch equals Keras's own `RandAugment.transform_images`."""
+    ra = augment.RandAugment(num_ops=1, magnitude=0.6)
+    images = _images(24)
+    seed = tf.constant([3, 4], tf.int64)
+    p = ra.sample(images, seed)
+    out = ra.apply(images, p).numpy()
+    idx = p["idx"][0].numpy()
+    assert len(set(idx)) > 4  # images draw different operations
+    for k, j in enumerate(idx):
+        alone = ra.operation(j, images, p["transforms"][j]).numpy()[k]
+        np.testing.assert_allclose(out[k], alone, atol=1e-4)
+    # Equalization (op 10) of an image does not depend on the other images of its batch.
+    assert isinstance(ra.ops[10], keras.layers.Equalization)
+    np.testing.assert_allclose(ra.operation(10, images[:1], None).numpy()[0],
+                               ra.operation(10, images, None).numpy()[0], atol=1e-4)
+    assert np.array_equal(out, ra(images, seed).numpy())  # a function of the seed
+    assert not np.array_equal(out, ra(images, tf.constant([3, 5], tf.int64)).numpy())
+
+    two = augment.RandAugment(num_ops=2, magnitude=0.6)
+    p = two.sample(images, seed)
+    same = tf.constant([[4], [9]], tf.int32) * tf.ones_like(p["idx"])  # every image: op 4, then op 9
+    ours = two.apply(images, dict(p, idx=same)).numpy()
+    keras_own = two.layer.transform_images(images, {"transforms": dict(zip(two.layer._AUGMENT_LAYERS,
+                                                                            p["transforms"])),
+                                                    "layer_idxes": tf.constant([4, 9])}).numpy()
+    np.testing.assert_allclose(ours, keras_own, atol=1e-4)

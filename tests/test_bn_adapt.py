@@ -69,10 +69,11 @@ def test_adapted_statistics_are_the_average_of_kerass_batch_statistics():
 
 def test_recipe_options_under_mirrored_equal_one_device(tmp_path):
     """--bn=adapt (re-estimated at each stage start), --ema_decay, --label_smoothing, mixup and
-    CutMix, class weights: two mirrored CPU replicas end with the same weights, BN statistics and
+    CutMix, class weights, RandAugment, the evaluation crop: two mirrored CPU replicas end with the same weights, BN statistics and
     EMA slots as one device."""
     common = ["--classes=0-4", "--image_size=16", "--deterministic", "--dropout=0", "--noexport", "--bn=adapt",
               "--ema_decay=0.9", "--label_smoothing=0.1", "--mixup=0.4", "--cutmix=1", "--class_weight=balanced",
+              "--randaugment=1", "--eval_crop=0.875",
               "--stages=name=head unfreeze=none epochs=1 lr=3e-3; name=ft unfreeze=all epochs=1 lr=1e-3"]
     runs = {}
     for name, extra in (("one", ["--strategy=default"]), ("two", ["--strategy=mirrored", "--cpu_devices=2"])):

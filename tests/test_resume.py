@@ -56,7 +56,7 @@ def _wait_for_checkpoint(wd, number, proc, timeout=300):
 # re-estimated, restarted or re-drew any of them would not be bit-identical. (--class_weight,
 # which draws nothing, is refused beside --sampler=balanced.)
 RECIPE = ["--bn=adapt", "--ema_decay=0.9", "--label_smoothing=0.1", "--mixup=0.4", "--cutmix=1", "--mix_prob=0.8",
-          "--sampler=balanced"]
+          "--sampler=balanced", "--randaugment=2", "--eval_crop=0.875"]
 
 
 @pytest.mark.parametrize("args,kill_after", [(ONE_STAGE, 2), (TWO_STAGES, 3), (TWO_STAGES + RECIPE, 4)],
