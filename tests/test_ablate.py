@@ -214,3 +214,51 @@ def test_default_transfer_study_has_the_papers_shape(tmp_path):
     cliff = stats.paired_difference(by_seed[("AnB", 3)], by_seed[("BnB", 3)])
     assert cliff.n == 3 and cliff.hi < 0, cliff
     assert mean[("AnB", 3)] - mean[("AnB", 1)] < mean[("BnB", 3)] - mean[("BnB", 1)]
+
+
+RECIPE_TRAIN = ["--image_size=16", "--classes=0-4", "--head_epochs=1", "--finetune_epochs=1", "--unfreeze=all",
+                "--batch_size=32", "--verbosity=0"]
+
+
+def test_recipes_study_runs_the_guide_beside_the_defaults_on_the_same_test_split(tmp_path):
+    root = tmp_path / "recipes"
+    args = [f"--root={root}", "--study=recipes", "--seeds=0,1", "--recipe=const:--schedule=constant --lr=3e-3",
+            "--", *RECIPE_TRAIN]
+    r = run_module("launch.ablate", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(root / "summary.csv")))
+    assert [row["recipe"] for row in rows] == ["guide", "default", "const"]
+    assert all(row["n"] == "2" for row in rows)
+    assert rows[0]["diff_mean"] == "" and rows[1]["diff_n"] == rows[2]["diff_n"] == "2"
+    results = {t: json.loads((root / "trials" / t / "results.json").read_text())
+               for t in ("recipe-guide__seed-0", "recipe-default__seed-0", "recipe-const__seed-1")}
+    assert results["recipe-guide__seed-0"]["recipe"] == "keras-guide"
+    assert len({(r["num_test"], r["test_from"]) for r in results.values()}) == 1  # one test split for all
+    const = json.loads((root / "trials" / "recipe-const__seed-1" / "config.json").read_text())
+    assert const["stages"][0]["schedule"] == "constant" and const["stages"][0]["lr"] == 3e-3
+    assert const["train"]["seed"] == 1
+    # The paired difference is the mean of the per-seed differences of the trials' own numbers.
+    acc = {(rec, s): json.loads((root / "trials" / f"recipe-{rec}__seed-{s}" / "results.json").read_text())
+           ["final"]["test/accuracy"] for rec in ("guide", "default") for s in (0, 1)}
+    expected = ((acc["default", 0] - acc["guide", 0]) + (acc["default", 1] - acc["guide", 1])) / 2
+    assert float(rows[1]["diff_mean"]) == pytest.approx(expected, abs=1e-9)
+    assert "Δ vs recipe=guide" in (root / "results.md").read_text()
+    # Run again: every trial, the guide's included, is finished and reused.
+    r = run_module("launch.ablate", *args)
+    assert r.returncode == 0 and "running" not in r.stdout, r.stdout[-2000:]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--recipe=guide:--lr=1"], "'guide' is taken"),
+    (["--recipe=nocolon"], "is not NAME:FLAGS"),
+    (["--recipe=x:lr=1"], "is not a --flag"),
+    (["--", "--image_size=16", "--unfreeze=top:1", "--head_epochs=1"], "the Keras guide's recipe trains the head, "
+                                                                       "then the whole base"),
+])
+def test_bad_recipes_exit_2_before_any_trial(tmp_path, extra, message):
+    args = [f"--root={tmp_path / 'r'}", "--study=recipes", *extra]
+    if "--" not in extra:
+        args += ["--", *RECIPE_TRAIN]
+    r = run_module("launch.ablate", *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "r" / "trials").exists() or not os.listdir(tmp_path / "r" / "trials")
