@@ -122,6 +122,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     # Checkpoints, early stopping, summaries
     d("integer", "checkpoint_keep", _T.checkpoint_keep, "Latest checkpoints kept in ckpt/.")
     d("integer", "checkpoint_every_steps", _T.checkpoint_every_steps, "Also checkpoint every K steps (0: only every epoch).")
+    d("bool", "log_block_grads", _T.log_block_grads, "TensorBoard per block and epoch: block_rgn/BLOCK (relative "
+      "gradient norm) and block_change/BLOCK (relative weight change since the stage began).")
     d("integer", "histogram_every_epochs", _T.histogram_every_epochs, "Weight histograms every N epochs and at the last (0: off).")
     d("bool", "early_stopping", _E.enabled, "Stop a stage when the monitor stops improving.")
     d("string", "early_stopping_monitor", _E.monitor, " | ".join(C.MONITORS))
@@ -202,7 +204,7 @@ def config_from_flags(fv: flags.FlagValues = F) -> C.ExperimentConfig:
             jit_compile=fv.jit_compile, precision=fv.precision, strategy=fv.strategy,
             grad_accum_steps=fv.grad_accum_steps, collective_timeout=fv.collective_timeout,
             checkpoint_keep=fv.checkpoint_keep, checkpoint_every_steps=fv.checkpoint_every_steps,
-            histogram_every_epochs=fv.histogram_every_epochs, export=fv.export, cache_features=fv.cache_features,
+            histogram_every_epochs=fv.histogram_every_epochs, log_block_grads=fv.log_block_grads, export=fv.export, cache_features=fv.cache_features,
             early_stopping=C.EarlyStoppingConfig(
                 enabled=fv.early_stopping, monitor=fv.early_stopping_monitor, mode=fv.early_stopping_mode,
                 min_delta=fv.early_stopping_min_delta, patience=fv.early_stopping_patience,

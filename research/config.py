@@ -249,6 +249,10 @@ class TrainConfig:
         training split, scikit-learn's rule) or a JSON file `{class name:
         weight}`; each training example's loss is multiplied by its class's
         weight, as `model.fit(class_weight=...)` does. Evaluation is unweighted.
+      log_block_grads: per block, each epoch, TensorBoard's `block_rgn/BLOCK` (the
+        relative gradient norm: the RMS over the epoch's steps of the block's
+        gradient norm, over its weight norm) and `block_change/BLOCK`
+        (‖θ - θ_start‖ / ‖θ_start‖ since the stage began), research/probe.py.
       ema_decay: keep an exponential moving average of the trained weights
         (Keras's optimizer EMA, `ema_momentum`); 0 disables it. The averaged
         weights are scored each epoch (`val_ema/...`), can be monitored for
@@ -273,6 +277,7 @@ class TrainConfig:
     checkpoint_keep: int = 3
     checkpoint_every_steps: int = 0
     histogram_every_epochs: int = 0
+    log_block_grads: bool = False
     cache_features: bool = False
     export: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -340,11 +345,17 @@ def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
                                train=dataclasses.replace(config.train, class_weight=cw))
 
 
-_SPEC_FORMS = ("none", "all", "top:K", "blocks:a,b", "from:NAME", "regex:PATTERN")
+_SPEC_FORMS = ("none", "all", "top:K", "blocks:a,b", "from:NAME", "regex:PATTERN", "auto:K", "auto:rgn:K",
+               "auto:probe:K")
 
 
 def _check_spec_syntax(stage: "StageConfig") -> None:
     kind, sep, arg = stage.unfreeze.partition(":")
+    if kind == "auto":
+        _check(bool(re.fullmatch(r"((rgn|probe):)?[1-9]\d*", arg)),
+               f"stage {stage.name!r}: unfreeze spec {stage.unfreeze!r} is not valid; auto specs are auto:K, "
+               "auto:rgn:K (relative gradient norms) or auto:probe:K (linear probes), K >= 1")
+        return
     ok = (stage.unfreeze in ("none", "all") or (sep and arg and kind in ("top", "blocks", "from", "regex")))
     _check(bool(ok), f"stage {stage.name!r}: unfreeze spec {stage.unfreeze!r} is not valid; "
            f"allowed forms: {', '.join(_SPEC_FORMS)}")
@@ -564,7 +575,7 @@ def simple_stages(*, head_epochs: int, lr: float, unfreeze: str, finetune_epochs
 # The same list decides when a sweep trial that ran before counts as stale.
 RESUME_SAFE_FIELDS = {"train.steps_per_loop", "train.checkpoint_keep", "train.checkpoint_every_steps",
                       "train.histogram_every_epochs", "train.strategy", "train.collective_timeout", "train.export",
-                      "train.cache_features", "train.jit_compile", "data.threads"}
+                      "train.cache_features", "train.jit_compile", "data.threads", "train.log_block_grads"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -74,16 +74,32 @@ class Trainer:
         self.soft_loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=self.label_smoothing)
         self.variables: list = []
         self.lr_multipliers: list[float] = []
+        # --log_block_grads: the block index of each trained variable (-1: not in a block),
+        # and the summed squared gradient norm per block since the last `take_block_sums`.
+        self.num_blocks = 0
+        self.block_ids: list[int] = []
+        self.block_sums = np.zeros(0)
+        self.block_steps = 0
         self.train_fn = None
         self.eval_fn = self._make_eval_fn()
 
     # -- the step --------------------------------------------------------------
 
-    def set_trainable(self, variables: list, lr_multipliers: dict[str, float] | None = None) -> None:
-        """Sets the explicit variable list and makes a fresh traced step for it."""
+    def set_trainable(self, variables: list, lr_multipliers: dict[str, float] | None = None,
+                      block_of: dict[str, int] | None = None, num_blocks: int = 0) -> None:
+        """Sets the explicit variable list and makes a fresh traced step for it.
+
+        Args:
+          block_of: `{variable path: block index}` to sum each block's squared
+            gradient norm in the step (`--log_block_grads`); None: not summed.
+          num_blocks: the number of blocks the indices count.
+        """
         self.variables = list(variables)
         mult = lr_multipliers or {}
         self.lr_multipliers = [float(mult.get(v.path, 1.0)) for v in self.variables]
+        self.num_blocks = num_blocks if block_of is not None else 0
+        self.block_ids = [block_of.get(v.path, -1) for v in self.variables] if block_of is not None else []
+        self.block_sums = np.zeros(self.num_blocks)
         self.train_fn = self._make_train_fn()
 
     def _loss_and_grads(self, x, y):
@@ -133,8 +149,15 @@ class Trainer:
         # Computed after the update so it cannot alter how the update is computed.
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync if tf.distribute.has_strategy() else 1
         with tf.control_dependencies([self.optimizer.iterations]):
-            norm = tf.linalg.global_norm(grads) / tf.cast(self.optimizer.scale_loss(1.0), tf.float32)
-        return sums + tf.stack([0.0, 0.0, 0.0, 0.0, norm / replicas, 1.0 / replicas])
+            unscale = tf.cast(self.optimizer.scale_loss(1.0), tf.float32)
+            norm = tf.linalg.global_norm(grads) / unscale
+            # Per block: the squared norm of the gradients the step already has, summed
+            # over the loop call with the other sums (no extra pass, no host sync).
+            block_sq = [tf.add_n([tf.reduce_sum(tf.square(tf.cast(grads[i], tf.float32)))
+                                  for i, b in enumerate(self.block_ids) if b == j] or [tf.constant(0.0)])
+                        for j in range(self.num_blocks)]
+            block_sq = tf.stack(block_sq) / (unscale * unscale * replicas) if block_sq else tf.zeros([0])
+        return sums + tf.stack([0.0, 0.0, 0.0, 0.0, norm / replicas, 1.0 / replicas]), block_sq
 
     def _rescale_updates(self, scaled, old) -> None:
         """Layer-wise LR decay: variable v moves by `mult` times the optimizer's update.
@@ -160,18 +183,23 @@ class Trainer:
         accum = self.grad_accum_steps
         strategy = self.strategy
 
+        num_blocks = self.num_blocks
+
         @tf.function
         def train_fn(iterator, num_steps):
             sums = tf.zeros([NUM_SUMS])
+            blocks = tf.zeros([num_blocks])
             first_bad = tf.constant(-1, tf.int64)
             for i in tf.range(tf.cast(num_steps, tf.int64)):
                 batches = tuple(next(iterator) for _ in range(accum))
-                per_replica = strategy.run(step, args=(batches,))
+                per_replica, per_replica_blocks = strategy.run(step, args=(batches,))
                 s = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+                if num_blocks:
+                    blocks += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_blocks, axis=None)
                 bad = tf.logical_not(tf.math.is_finite(s[LOSS_SUM]))
                 first_bad = tf.where(bad & (first_bad < 0), i, first_bad)
                 sums += s
-            return sums, first_bad
+            return sums, first_bad, blocks
 
         # A fresh function per trainable set is the design (see the module docstring),
         # so TF's "frequent retracing" warning, which counts traces across functions,
@@ -185,8 +213,18 @@ class Trainer:
         Returns:
           (summed metrics, index of the first step with a non-finite loss or -1).
         """
-        sums, first_bad = self.train_fn(iterator, tf.constant(num_steps, tf.int64))
+        sums, first_bad, blocks = self.train_fn(iterator, tf.constant(num_steps, tf.int64))
+        if self.num_blocks:
+            self.block_sums += blocks.numpy().astype(np.float64)
+            self.block_steps += num_steps
         return sums.numpy().astype(np.float64), int(first_bad)
+
+    def take_block_sums(self) -> tuple[np.ndarray, int]:
+        """Per block, the squared gradient norms summed over the steps since the last call
+        (replicas' local gradients, averaged over replicas), and those steps; resets them."""
+        out = (self.block_sums, self.block_steps)
+        self.block_sums, self.block_steps = np.zeros(self.num_blocks), 0
+        return out
 
     # -- evaluation ------------------------------------------------------------
 

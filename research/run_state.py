@@ -57,6 +57,9 @@ class RunState:
       data: what the data looked like (`num_train`, `num_val`, `class_names`,
         `skipped_images`).
       bn_adapted: `--bn=adapt` re-estimations: `{"stage", "images"}`.
+      auto_unfreeze: `auto:` specs resolved at their stage's start: `{"stage",
+        "spec", "method", "k", "scores", "blocks", "resolved", "seconds"}`; a
+        resumed stage reuses its record rather than measuring again.
       config_changes: configs changed on resume with `--allow_config_change`:
         `{"global_epoch", "changed"}`.
       train_images / train_seconds / wall_seconds: throughput and time counters.
@@ -82,6 +85,7 @@ class RunState:
     data: dict = field(default_factory=dict)
     config_changes: list[dict] = field(default_factory=list)
     bn_adapted: list[dict] = field(default_factory=list)
+    auto_unfreeze: list[dict] = field(default_factory=list)
     train_images: float = 0.0
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -148,6 +152,7 @@ class RunState:
             **self.data,
             "config_changes": self.config_changes,
             "bn_adapted": self.bn_adapted,
+            "auto_unfreeze": self.auto_unfreeze,
             "history": self.history,
             "config": config,
         }

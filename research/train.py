@@ -212,6 +212,10 @@ def _seed_variables(model) -> list:
     return [v for v in model.variables if id(v) not in weights]
 
 
+# `auto:rgn:K` measures gradients on this many training batches (no update).
+AUTO_RGN_BATCHES = 8
+
+
 # --- the recipe ------------------------------------------------------------------------------
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_change: bool = False,
@@ -433,9 +437,12 @@ class Controller:
         self.m.schedule.set_stage(stage, start_step=run.stage_start_step, steps_per_epoch=self.steps_per_epoch)
         if self.config.model.bn == "adapt" and run.epoch == 0 and run.step_in_epoch == 0:
             self._adapt_bn(run, stage)
+        self._spec(run, stage)  # an auto: spec measures and chooses now, before any update
         while run.epoch < stage.epochs and not run.stage_stopped:
             trainer, kind, selection = self._activate(run, stage)
             train_m = self._train_epoch(run, stage, trainer, kind)
+            if self.config.train.log_block_grads and kind == "images":
+                train_m.update(self._block_grad_metrics(trainer))
             val_ds = self._features.val_dataset() if kind == "features" else self.pipeline.val_dataset()
             val_m = {"val": trainer.evaluate(self.strategy.experimental_distribute_dataset(val_ds))}
             if self.ema:
@@ -456,6 +463,45 @@ class Controller:
         self.say(f"stage {stage.name}: BatchNorm statistics re-estimated on {n} training images "
                  f"({time.perf_counter() - t0:.1f}s)")
         run.bn_adapted.append({"stage": stage.name, "images": n})
+
+    def _spec(self, run: RunState, stage: StageConfig) -> str:
+        """The stage's unfreeze spec; an `auto:` one resolved to `blocks:...` at the stage's
+        start and recorded, so a resumed stage trains the same blocks without measuring."""
+        auto = unfreeze.parse_auto(stage.unfreeze)
+        if auto is None:
+            return stage.unfreeze
+        record = next((r for r in run.auto_unfreeze if r["stage"] == stage.name), None)
+        if record is None:
+            record = self._choose_blocks(run, stage, *auto)
+            run.auto_unfreeze.append(record)
+        return record["resolved"]
+
+    def _choose_blocks(self, run: RunState, stage: StageConfig, method: str, k: int) -> dict:
+        """Scores every block on the training data (validation too, for probes) with the
+        weights the stage starts from, and picks K (research/probe.py). Test is never read."""
+        from research import probe
+        t0 = time.perf_counter()
+        backbone = self.config.model.backbone
+        names = backbones.blocks(self.m.base, backbone)
+        if method == "rgn":
+            batches = self.pipeline.train_dataset(run.global_epoch, augment=False).take(AUTO_RGN_BATCHES)
+            scores = probe.relative_gradient_norms(self.m.model, backbone, batches)
+            blocks = probe.choose_by_rgn(scores, names, k)
+        else:
+            taps = probe.tap_model(self.m.base, backbone)
+            feats, labels = {}, {}
+            for split, ds, prep in (("train", self.pipeline.cached_train, self.pipeline.train_preprocess),
+                                    ("val", self.pipeline.cached_val, self.pipeline.eval_preprocess)):
+                feats[split], labels[split] = probe.tap_features(
+                    taps, ds.batch(128).map(lambda x, y, prep=prep: (prep(x), y)))
+            rows = probe.probe_curve(feats, labels, names, log=lambda text: None)
+            scores = {r["block"]: r["val_accuracy"] for r in rows}
+            blocks = probe.choose_by_probe(rows, names, k)
+        seconds = time.perf_counter() - t0
+        self.say(f"stage {stage.name}: {stage.unfreeze} chose {', '.join(blocks)} by {method} "
+                 f"({', '.join(f'{b} {s:.3g}' for b, s in scores.items())}; {seconds:.1f}s)")
+        return {"stage": stage.name, "spec": stage.unfreeze, "method": method, "k": k, "scores": scores,
+                "blocks": blocks, "resolved": "blocks:" + ",".join(blocks), "seconds": seconds}
 
     def _early_stopping(self, stage: StageConfig, state: dict | None) -> EarlyStopping:
         """The stage's early stopping (its patience may override the run's), resumed from `state`."""
@@ -479,7 +525,7 @@ class Controller:
             return self._active
         self._active_key = key
         cfg_m = self.config.model
-        selection = unfreeze.select(self.m.model, cfg_m.backbone, stage.unfreeze, train_bn=cfg_m.train_bn,
+        selection = unfreeze.select(self.m.model, cfg_m.backbone, self._spec(run, stage), train_bn=cfg_m.train_bn,
                                     lr_decay_per_block=stage.lr_decay_per_block, limit_top=limit)
         unfreeze.apply_policy(self.m.model, cfg_m.backbone, selection)
         head_only = len(selection.variables) == len(unfreeze.head_variables(self.m.model))
@@ -489,9 +535,19 @@ class Controller:
             logging.warning("stage %s: --cache_features applies to head-only stages without "
                             "augmentation; training through the base", stage.name)
         trainer = self._feature_trainer() if use_cache else self.trainer
-        trainer.set_trainable(selection.variables, selection.lr_multipliers)
+        if self.config.train.log_block_grads and not use_cache:
+            index = {b: i for i, b in enumerate(self._block_names)}
+            block_of = {v.path: index[b] for b, vs in self._block_vars.items() for v in vs}
+            trainer.set_trainable(selection.variables, selection.lr_multipliers, block_of=block_of,
+                                  num_blocks=len(self._block_names))
+            self._block_start = self._stage_start_weights(stage)
+        else:
+            trainer.set_trainable(selection.variables, selection.lr_multipliers)
         label = stage.name if limit is None else f"{stage.name}/top{len(selection.blocks)}"
         record = dict(unfreeze.describe(selection, self.m.model, stage=stage.name), key=label, from_epoch=run.epoch)
+        auto = next((r for r in run.auto_unfreeze if r["stage"] == stage.name), None)
+        if auto is not None:  # why these blocks: the scores and the choice
+            record["auto"] = {k: auto[k] for k in ("spec", "method", "k", "scores", "seconds")}
         self.say("\n== " + unfreeze.summary_text(record, markdown=False))
         if not any(r["key"] == label for r in run.trainable):
             run.trainable.append(record)
@@ -501,6 +557,47 @@ class Controller:
             self.summaries.images("train", "augmented_inputs", self.pipeline.raw_train_batch(run.global_epoch), step)
         self._active = (trainer, "features" if use_cache else "images", selection)
         return self._active
+
+    @property
+    def _block_vars(self) -> dict[str, list]:
+        from research import probe
+        return probe.block_variables(self.m.model, self.config.model.backbone)
+
+    @property
+    def _block_names(self) -> list[str]:
+        return list(self._block_vars)
+
+    def _stage_start_weights(self, stage: StageConfig) -> dict[str, list[np.ndarray]]:
+        """`--log_block_grads`: every block's weights when the stage began, kept in
+        `block_grads/STAGE.npz` so that a resumed stage measures change from the same point."""
+        path = os.path.join(self.workdir, "block_grads", f"{stage.name}.npz")
+        blocks = self._block_vars
+        if os.path.exists(path):
+            with np.load(path) as f:
+                return {b: [f[f"{b}/{i}"] for i in range(len(vs))] for b, vs in blocks.items()}
+        start = {b: [np.array(v.numpy()) for v in vs] for b, vs in blocks.items()}
+        if self.chief:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = path + ".tmp.npz"
+            np.savez(tmp, **{f"{b}/{i}": w for b, ws in start.items() for i, w in enumerate(ws)})
+            os.replace(tmp, path)
+        return start
+
+    def _block_grad_metrics(self, trainer: Trainer) -> dict[str, float]:
+        """The epoch's per-block RGN and relative weight change (`--log_block_grads`)."""
+        sq, steps = trainer.take_block_sums()
+        if not steps:
+            return {}
+        out = {}
+        for i, (b, vs) in enumerate(self._block_vars.items()):
+            now = [v.numpy() for v in vs]
+            norm = float(np.sqrt(sum(np.sum(np.square(w, dtype=np.float64)) for w in now)))
+            start = self._block_start[b]
+            moved = float(np.sqrt(sum(np.sum(np.square(w - w0, dtype=np.float64)) for w, w0 in zip(now, start))))
+            start_norm = float(np.sqrt(sum(np.sum(np.square(w0, dtype=np.float64)) for w0 in start)))
+            out[f"block_rgn/{b}"] = float(np.sqrt(sq[i] / steps)) / max(norm, 1e-12)
+            out[f"block_change/{b}"] = moved / max(start_norm, 1e-12)
+        return out
 
     def _feature_trainer(self) -> Trainer:
         if self._features is None:

@@ -6,6 +6,10 @@ An unfreeze spec picks blocks of the backbone (ordered input -> output, see
     none             head only (linear probe)
     all              every block
     top:K            the last K blocks
+    auto:K           K blocks chosen at the stage's start: `auto:rgn:K` (the default
+                     method) the K with the largest relative gradient norm,
+                     `auto:probe:K` the K above the linear probes' peak
+                     (research/probe.py); recorded in trainable.json
     blocks:a,b,...   exactly these blocks (surgical fine-tuning)
     from:NAME        block NAME and every block above it
     regex:PATTERN    base variables whose path matches PATTERN (re.search)
@@ -59,6 +63,15 @@ class Selection:
         return [v.path for v in self.variables]
 
 
+def parse_auto(spec: str) -> tuple[str, int] | None:
+    """`auto:K` (= `auto:rgn:K`), `auto:rgn:K`, `auto:probe:K` -> (method, K); None for other specs."""
+    kind, _, arg = spec.partition(":")
+    if kind != "auto":
+        return None
+    method, _, k = arg.rpartition(":")
+    return method or "rgn", int(k)
+
+
 def resolve_blocks(spec: str, block_names: list[str], *, backbone: str = "") -> list[str]:
     """Resolves a block-based spec to the unfrozen blocks, input to output.
 
@@ -72,6 +85,11 @@ def resolve_blocks(spec: str, block_names: list[str], *, backbone: str = "") -> 
     valid = f"valid blocks of {backbone or 'this backbone'} (input to output): {', '.join(block_names)}"
     kind, _, arg = spec.partition(":")
     n = len(block_names)
+    auto = parse_auto(spec)
+    if auto is not None:  # chosen at the stage's start (research/train.py); here only K is checked
+        if not 1 <= auto[1] <= n:
+            raise UserError(f"unfreeze spec {spec!r}: K={auto[1]} is not in 1..{n}; {valid}")
+        return list(block_names)
     if spec == "none":
         return []
     if spec == "all":

@@ -1,0 +1,36 @@
+"""Linear probes at every block of a run's backbone: which blocks' features transfer.
+
+    python -m launch.probe --out=runs/probe_ants -- --dataset=folder:../shared/data/hymenoptera --test=val \\
+        --backbone=mobilenet --alpha=0.25 --weights=PATH.h5 --image_size=224
+
+Own flags before `--`, then `launch.train` flags (data, splits, backbone, weights).
+Writes probe.csv, probe.md, probe.json, probe.png and TensorBoard scalars in --out
+(research/probe.py). Nothing is trained but the probes.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from launch import common
+
+F = flags.FLAGS
+flags.DEFINE_string("out", "/tmp/probe", "Directory for probe.csv, probe.md, probe.png and TensorBoard scalars.")
+
+
+def main(argv):
+    common.start_tensorflow_quietly()
+    from launch.train import config_from_args
+    from research.config import UserError
+    from research.probe import run_probe
+    try:
+        run_probe(config_from_args(argv[1:]), F.out)
+    except UserError as e:
+        common.die(str(e), common.EXIT_USER_ERROR)
+    with open(f"{F.out}/probe.md") as f:
+        print("\n" + f.read())
+    print(f"plot: {F.out}/probe.png\ninspect: tensorboard --logdir {F.out}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=common.parse_own_flags_then_passthrough)

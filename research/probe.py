@@ -1,0 +1,284 @@
+"""Which blocks to unfreeze, measured before fine-tuning: block-wise linear probes and
+relative gradient norms.
+
+* **Linear probes at every depth** (Alain & Bengio, 2016; the transferability curves
+  of Yosinski et al., 2014 and Kornblith et al., 2019): the pretrained backbone
+  frozen, the globally pooled output of every block (a *tap*) is recorded in one
+  pass over the data, and a logistic regression is fitted on each tap. Where the
+  probe's accuracy stops rising with depth, the blocks above have become specific
+  to the source task: those are the ones worth unfreezing.
+* **Relative gradient norms** (Lee et al., 2023, "Surgical fine-tuning", Auto-RGN):
+  ‖∂L/∂θ_b‖ / ‖θ_b‖ per block b on a few batches of the target data, without an
+  update. Blocks with a large RGN are those the target task pulls on hardest.
+
+The probe is a scikit-learn `LogisticRegression` (L-BFGS, standardised features)
+rather than a head trained by the loop: it is convex, so one fit per tap and
+regularisation strength is the answer, with no learning rate or epoch count to
+choose, and the strength is chosen on validation from `C_GRID`. Given the
+features it is deterministic, so a probe curve has no seed spread: its intervals
+are Wilson score intervals over the test images.
+
+`auto:K` specs (`research/unfreeze.py`) turn either signal into K blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from research import backbones
+
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+
+
+# --- taps ---------------------------------------------------------------------------------
+
+def tap_layers(base: keras.Model, backbone: str) -> list[tuple[str, str]]:
+    """(block, the name of its last layer) for every block, input to output: a block's
+    output is its last layer's in the base's (topologically sorted) layer order."""
+    block_of = backbones.get(backbone).block_of(base)
+    last: dict[str, str] = {}
+    for layer in base.layers:
+        last[block_of[layer.name]] = layer.name
+    return [(b, last[b]) for b in backbones.blocks(base, backbone)]
+
+
+def tap_model(base: keras.Model, backbone: str) -> keras.Model:
+    """The base with one output per block: that block's output, globally average-pooled."""
+    outputs = [keras.layers.GlobalAveragePooling2D(name=f"tap_{block}")(base.get_layer(name).output)
+               for block, name in tap_layers(base, backbone)]
+    return keras.Model(base.inputs, outputs, name="taps")
+
+
+def tap_features(taps: keras.Model, batches: tf.data.Dataset, *, progress=None) -> tuple[list[np.ndarray], np.ndarray]:
+    """One pass over `(model input, label)` batches: per tap, the [N, channels] features; the labels."""
+    run = tf.function(lambda x: taps(x, training=False))
+    feats: list[list[np.ndarray]] = []
+    labels = []
+    for x, y in batches:
+        outs = run(x)
+        if not feats:
+            feats = [[] for _ in outs]
+        for f, o in zip(feats, outs):
+            f.append(o.numpy().astype(np.float32))
+        labels.append(y.numpy())
+        if progress:
+            progress(sum(len(v) for v in labels))
+    return [np.concatenate(f) for f in feats], np.concatenate(labels).astype(np.int64)
+
+
+# --- the probe ------------------------------------------------------------------------------
+
+def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a proportion (binomial over `n` images)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def fit_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+              test: tuple[np.ndarray, np.ndarray] | None) -> dict:
+    """A logistic regression on one tap: C chosen on validation accuracy (ties: the lower
+    validation log-loss), then scored on train, validation and test."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    (xt, yt), (xv, yv) = train, val
+    labels = np.unique(yt)
+    best = None
+    for c in C_GRID:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+        clf.fit(xt, yt)
+        acc = float((clf.predict(xv) == yv).mean())
+        loss = float(log_loss(yv, clf.predict_proba(xv), labels=labels))
+        if best is None or (acc, -loss) > (best[1], -best[2]):
+            best = (c, acc, loss, clf)
+    c, val_acc, val_loss, clf = best
+    out = {"C": c, "train_accuracy": float((clf.predict(xt) == yt).mean()), "val_accuracy": val_acc,
+           "val_loss": val_loss}
+    if test is not None:
+        xs, ys = test
+        correct = int((clf.predict(xs) == ys).sum())
+        lo, hi = wilson(correct, len(ys))
+        out.update({"test_accuracy": correct / len(ys), "test_lo": lo, "test_hi": hi, "num_test": len(ys)})
+    return out
+
+
+def probe_curve(features: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray], blocks: list[str],
+                *, log=print) -> list[dict]:
+    """One row per block: its channels and the probe's accuracies (`fit_probe`)."""
+    rows = []
+    for i, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        test = (features["test"][i], labels["test"]) if "test" in features else None
+        r = fit_probe((features["train"][i], labels["train"]), (features["val"][i], labels["val"]), test)
+        rows.append({"block": block, "depth": i + 1, "channels": int(features["train"][i].shape[1]), **r})
+        log(f"[probe] {block}: val {r['val_accuracy']:.4f}" +
+            (f", test {r['test_accuracy']:.4f}" if "test_accuracy" in r else "") +
+            f" (C={r['C']:g}, {time.perf_counter() - t0:.1f}s)")
+    return rows
+
+
+# --- relative gradient norms -----------------------------------------------------------------
+
+def block_variables(model: keras.Model, backbone: str) -> dict[str, list]:
+    """Every base variable created trainable, by block (BatchNorm's gamma/beta included)."""
+    base = backbones.base_of(model)
+    block_of = backbones.get(backbone).block_of(base)
+    out: dict[str, list] = {b: [] for b in backbones.blocks(base, backbone)}
+    for layer in base.layers:
+        out[block_of[layer.name]].extend(layer._trainable_variables)  # whatever layer.trainable says now
+    return {b: vs for b, vs in out.items() if vs}
+
+
+def relative_gradient_norms(model: keras.Model, backbone: str, batches) -> dict[str, float]:
+    """‖g_b‖ / ‖θ_b‖ per block, g_b the mean gradient of the cross-entropy over `batches`
+    (the model in inference mode, no update): Lee et al.'s RGN, per block."""
+    by_block = block_variables(model, backbone)
+    variables = [v for vs in by_block.values() for v in vs]
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def grads(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch([v.value for v in variables])  # Keras variables: watch the tf.Variables they hold
+            loss = loss_fn(y, model(x, training=False))
+        return tape.gradient(loss, variables)
+
+    total, n = None, 0
+    for x, y in batches:
+        g = [tf.zeros_like(v) if gi is None else gi for gi, v in zip(grads(x, y), variables)]
+        total = g if total is None else [a + b for a, b in zip(total, g)]
+        n += 1
+    if not n:
+        raise ValueError("no batches to measure gradients on")
+    out, i = {}, 0
+    for block, vs in by_block.items():
+        g2 = sum(float(tf.reduce_sum(tf.square(total[i + j] / n))) for j in range(len(vs)))
+        w2 = sum(float(tf.reduce_sum(tf.square(v))) for v in vs)
+        out[block] = math.sqrt(g2) / max(math.sqrt(w2), 1e-12)
+        i += len(vs)
+    return out
+
+
+# --- choosing K blocks ------------------------------------------------------------------------
+
+def choose_by_rgn(scores: dict[str, float], blocks: list[str], k: int) -> list[str]:
+    """The K blocks with the largest RGN (ties: the deeper block), input to output."""
+    ranked = sorted(scores, key=lambda b: (-scores[b], -blocks.index(b)))
+    chosen = set(ranked[:k])
+    return [b for b in blocks if b in chosen]
+
+
+def choose_by_probe(rows: list[dict], blocks: list[str], k: int) -> list[str]:
+    """The K blocks right above the probe's validation peak (the first block reaching
+    the best validation accuracy); when fewer than K lie above it, the top K blocks."""
+    best = max(r["val_accuracy"] for r in rows)
+    peak = next(i for i, r in enumerate(rows) if r["val_accuracy"] >= best)
+    start = min(peak + 1, len(blocks) - k)
+    return blocks[max(0, start):max(0, start) + k]
+
+
+# --- the probe of a run's config (launch/probe.py) -------------------------------------------
+
+def run_probe(config, out_dir: str, *, log=print) -> list[dict]:
+    """Probes every block of the config's backbone, initialised as the run would be
+    (pretrained weights, or `ckpt:`), on its data and splits; writes `probe.csv`,
+    `probe.md`, `probe.png` and TensorBoard scalars (step = block depth) in `out_dir`.
+
+    Raises:
+      UserError: bad data, weights or flags (as `launch.train` reports them).
+    """
+    import os
+
+    from research import train as train_lib
+
+    os.makedirs(out_dir, exist_ok=True)
+    strategy = tf.distribute.get_strategy()
+    t0 = time.perf_counter()
+    source, pipeline = train_lib.build_inputs(config, strategy, verbose=False)
+    m = train_lib.build(config, source.num_classes, strategy)
+    train_lib.init_weights(config, m)
+    taps = tap_model(m.base, config.model.backbone)
+    blocks = [b for b, _ in tap_layers(m.base, config.model.backbone)]
+    splits = {"train": (pipeline.cached_train, pipeline.train_preprocess), "val": (pipeline.cached_val,
+                                                                                   pipeline.eval_preprocess)}
+    if source.test is not None:
+        splits["test"] = (source.test, pipeline.eval_preprocess)
+    features, labels = {}, {}
+    for split, (ds, prep) in splits.items():
+        batches = ds.batch(128).map(lambda x, y, prep=prep: (prep(x), y)).prefetch(tf.data.AUTOTUNE)
+        features[split], labels[split] = tap_features(taps, batches)
+    extract_s = time.perf_counter() - t0
+    size = sum(f.nbytes for fs in features.values() for f in fs)
+    log(f"[probe] {len(blocks)} taps of {config.model.backbone} on {sum(len(v) for v in labels.values())} images "
+        f"({size / 2**20:.0f} MB of features) in {extract_s:.1f}s")
+    rows = probe_curve(features, labels, blocks, log=log)
+    write_probe(out_dir, rows, title=f"{config.model.backbone} on {config.data.dataset}",
+                test_from=source.test_from, seconds={"extract": extract_s,
+                                                      "total": time.perf_counter() - t0})
+    return rows
+
+
+def write_probe(out_dir: str, rows: list[dict], *, title: str, test_from: str, seconds: dict) -> None:
+    import csv
+    import json
+    import os
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = ["depth", "block", "channels", "C", "train_accuracy", "val_accuracy", "val_loss", "test_accuracy",
+            "test_lo", "test_hi", "num_test"]
+    with open(os.path.join(out_dir, "probe.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    has_test = all("test_accuracy" in r for r in rows)
+    lines = [f"# Linear probes per block: {title}", "",
+             f"A logistic regression on each block's pooled output, the backbone frozen; C chosen on validation. "
+             f"Test: {test_from}" + ("; its 95 % Wilson interval over the test images." if has_test else "."),
+             f"Feature extraction {seconds['extract']:.1f}s, in all {seconds['total']:.1f}s.", "",
+             "| depth | block | channels | C | train | val | " + ("test [95 %] |" if has_test else ""),
+             "|---|---|---|---|---|---|" + ("---|" if has_test else "")]
+    for r in rows:
+        cells = [str(r["depth"]), r["block"], str(r["channels"]), f"{r['C']:g}", f"{r['train_accuracy']:.4f}",
+                 f"{r['val_accuracy']:.4f}"]
+        if has_test:
+            cells.append(f"{r['test_accuracy']:.4f} [{r['test_lo']:.4f}, {r['test_hi']:.4f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    with open(os.path.join(out_dir, "probe.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "probe.json"), "w") as f:
+        json.dump({"rows": rows, "test_from": test_from, "seconds": seconds}, f, indent=2)
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(rows) + 2), 3.8))
+    x = [r["depth"] for r in rows]
+    ax.plot(x, [r["val_accuracy"] for r in rows], "o-", label="validation")
+    if has_test:
+        ax.errorbar(x, [r["test_accuracy"] for r in rows],
+                    yerr=[[r["test_accuracy"] - r["test_lo"] for r in rows], [r["test_hi"] - r["test_accuracy"]
+                                                                              for r in rows]],
+                    fmt="s-", capsize=3, label="test (95 % Wilson)")
+    ax.set_xticks(x, [r["block"] for r in rows], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("probe accuracy")
+    ax.set_title(f"linear probe per block: {title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "probe.png"), dpi=120)
+    plt.close(fig)
+    with tf.summary.create_file_writer(out_dir).as_default():
+        for r in rows:
+            for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+                if key in r:
+                    tf.summary.scalar(f"probe/{key}", r[key], step=r["depth"])
