@@ -33,10 +33,14 @@ F = flags.FLAGS
 flags.DEFINE_string("root", None, "Sweep directory (default: /tmp/ablate_<study>).")
 flags.DEFINE_multi_string("sweep", [], "KEY:V1,V2,... over any launch.train flag (repeat for a grid; "
                           "use ';' between values that contain commas).")
-flags.DEFINE_enum("study", "sweep", ["sweep", "transfer", "recipes"], "sweep: the --sweep grid; transfer: "
-                  "Yosinski et al.; recipes: the Keras guide's model.fit recipe vs the defaults and any --recipe.")
+flags.DEFINE_enum("study", "sweep", ["sweep", "transfer", "recipes", "probe"], "sweep: the --sweep grid; "
+                  "transfer: Yosinski et al.; recipes: the Keras guide's model.fit recipe vs the defaults and any "
+                  "--recipe; probe: linear probes per block and --auto specs against the sweep over --specs.")
 flags.DEFINE_integer("parallel", 1, "Trials run at the same time (subprocesses).")
-flags.DEFINE_string("seeds", "0,1,2", "Transfer and recipes studies: seeds.")
+flags.DEFINE_string("seeds", "0,1,2", "Transfer, recipes and probe studies: seeds.")
+flags.DEFINE_string("specs", "none,top:1,top:2,top:4,all", "Probe study: the fixed unfreeze specs swept (';' "
+                    "between specs that contain commas).")
+flags.DEFINE_string("auto", "auto:rgn:2,auto:probe:2", "Probe study: the auto specs judged against the sweep.")
 flags.DEFINE_multi_string("recipe", [], "Recipes study: NAME:FLAGS, a recipe run beside the guide's and the "
                           "defaults, e.g. 'adapt:--bn=adapt --schedule=constant' (repeat for more).")
 flags.DEFINE_string("classes_a", "0-4", "Transfer study: the classes of half A.")
@@ -70,6 +74,13 @@ def main(argv):
                 root, train_flags, config_from_args, seeds=_seeds(),
                 classes_a=F.classes_a, classes_b=F.classes_b, epochs=F.epochs, parallel=F.parallel, rerun=F.rerun)
             report = "transfer.md"
+        elif F.study == "probe":
+            split = (lambda text: [s.strip() for s in (text.split(";") if ";" in text else text.split(","))
+                                   if s.strip()])
+            rows, _ = ablation.run_probe_study(root, train_flags, config_from_args, seeds=_seeds(),
+                                               specs=split(F.specs), autos=split(F.auto), parallel=F.parallel,
+                                               rerun=F.rerun)
+            report = "probe_study.md"
         elif F.study == "recipes":
             rows = ablation.run_recipe_study(root, train_flags, config_from_args, seeds=_seeds(),
                                              recipes=F.recipe, parallel=F.parallel, rerun=F.rerun)

@@ -27,15 +27,15 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-import shutil
 from typing import Callable
 
+import numpy as np
 
 from research import stats
 from research.config import ExperimentConfig, UserError, config_diff
@@ -705,3 +705,128 @@ def transfer_report(root: str, rows: list[dict], *, title: str) -> dict:
     plot(root, plot_rows, ["n", "condition", SEED_KEY], metric=metric, filename="transfer.png",
          baseline=("baseB (B from scratch)", base_b), title=title)
     return {"accuracy": accuracy, "vs_baseB": vs_base, "baseB": base_b, "metric": metric}
+
+
+# --- the probe study: which blocks, predicted, against the sweep ------------------------------
+
+def run_probe_study(root: str, train_flags: list[str], make_config: MakeConfig, *, seeds: list[str],
+                    specs: list[str], autos: list[str], parallel: int = 1, rerun: bool = False,
+                    log=print) -> tuple[list[dict], dict]:
+    """The probe curve (`launch.probe`), the `auto:` specs' choices, and the brute-force
+    sweep over fixed specs, on the same data and seeds: `probe_study.md`, `probe_study.png`.
+
+    Raises:
+      UserError: invalid flags or specs, or stale trials without `rerun`.
+    """
+    from research import unfreeze
+
+    bad = [a for a in autos if unfreeze.parse_auto(a) is None]
+    if bad or not specs:
+        raise UserError(f"--auto takes auto:K, auto:rgn:K or auto:probe:K specs (got {bad}); --specs the fixed "
+                        "specs to sweep (e.g. none,top:1,top:2,all)" if bad else "--specs lists no fixed spec")
+    trials = expand([("unfreeze", [*specs, *autos]), (SEED_KEY, seeds)], train_flags)
+    prepare(root, trials, make_config, rerun=rerun, log=log)
+    probe_dir = os.path.join(root, "probe")
+    if not os.path.exists(os.path.join(probe_dir, "probe.json")):
+        log("[ablate] running the linear probes")
+        cmd = [sys.executable, "-m", "launch.probe", f"--out={probe_dir}", "--", *train_flags]
+        os.makedirs(probe_dir, exist_ok=True)
+        with open(os.path.join(probe_dir, "stdout.log"), "w") as out, \
+                open(os.path.join(probe_dir, "stderr.log"), "w") as err:
+            rc = subprocess.call(cmd, stdout=out, stderr=err, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        if rc != 0:
+            raise UserError(f"launch.probe failed (exit {rc}); see {probe_dir}/stderr.log")
+    run_all(root, trials, parallel=parallel, log=log)
+    rows = collect(root, trials)
+    for r in rows:
+        if r["status"] == "done" and unfreeze.parse_auto(r["unfreeze"]):
+            with open(os.path.join(trial_dir(root, next(t for t in trials if t.name == r["trial"])),
+                                   "results.json")) as f:
+                auto = json.load(f)["auto_unfreeze"][-1]
+            r["auto_blocks"], r["auto_seconds"] = ",".join(auto["blocks"]), auto["seconds"]
+    keys = ["unfreeze", SEED_KEY]
+    write_tables(root, rows, keys, title="Unfreeze specs: fixed and auto", baseline=("unfreeze", specs[0]))
+    plot(root, rows, keys)
+    write_hparams(root, trials)
+    with open(os.path.join(probe_dir, "probe.json")) as f:
+        probe = json.load(f)
+    summary = probe_report(root, rows, probe, specs=specs, autos=autos)
+    return rows, summary
+
+
+def probe_report(root: str, rows: list[dict], probe: dict, *, specs: list[str], autos: list[str]) -> dict:
+    """`probe_study.md` and `probe_study.png`: the probe curve, then each auto spec against
+    the best and the worst fixed spec (paired by seed) and the cost of predicting."""
+    metric = headline_metric(rows)
+    done = [r for r in rows if r["status"] == "done"]
+    by = {s: {r[SEED_KEY]: r[metric] for r in done if r["unfreeze"] == s} for s in [*specs, *autos]}
+    means = {s: stats.t_interval(list(v.values())) for s, v in by.items() if v}
+    fixed = [s for s in specs if s in means]
+    best = max(fixed, key=lambda s: means[s].mean)
+    worst = min(fixed, key=lambda s: means[s].mean)
+    sweep_s = sum(r["wall_time_s"] for r in done if r["unfreeze"] in specs)
+    lines = [f"# Which blocks to unfreeze: the prediction against the sweep", "", *protocol_lines(rows, metric), "",
+             "## Linear probes per block (the backbone frozen)", "",
+             "| depth | block | val | test [95 % Wilson] |", "|---|---|---|---|"]
+    for p in probe["rows"]:
+        test = f"{p['test_accuracy']:.4f} [{p['test_lo']:.4f}, {p['test_hi']:.4f}]" if "test_accuracy" in p else ""
+        lines.append(f"| {p['depth']} | {p['block']} | {p['val_accuracy']:.4f} | {test} |")
+    lines += ["", f"Probes: {probe['seconds']['total']:.0f}s. The sweep over {len(fixed)} fixed specs: "
+              f"{sweep_s:.0f}s of training.", "",
+              f"## {metric}: fixed specs and auto specs, mean and 95 % t-interval over seeds", "",
+              f"| spec | n | {metric} | blocks chosen (per seed) | Δ vs best ({best}) | Δ vs worst ({worst}) "
+              "| in best's interval | measuring s | run s (mean) | run s / sweep s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = {"best": best, "worst": worst, "sweep_seconds": sweep_s, "auto": {}}
+    for s in [*fixed, *[a for a in autos if a in means]]:
+        rs = [r for r in done if r["unfreeze"] == s]
+        run_s = float(np.mean([r["wall_time_s"] for r in rs]))
+        cells = [f"`{s}`", str(means[s].n), means[s].format()]
+        if s in autos:
+            vs_best, vs_worst = stats.paired_difference(by[s], by[best]), stats.paired_difference(by[s], by[worst])
+            inside = means[best].has_interval and means[best].lo <= means[s].mean <= means[best].hi
+            measuring = float(np.mean([r.get("auto_seconds", 0.0) for r in rs]))
+            chosen = "; ".join(f"{r[SEED_KEY]}: {r.get('auto_blocks', '')}" for r in rs)
+            cells += [chosen, vs_best.format(signed=True) + (" *" if vs_best.excludes_zero() else ""),
+                      vs_worst.format(signed=True) + (" *" if vs_worst.excludes_zero() else ""),
+                      "yes" if inside else "no", f"{measuring:.1f}", f"{run_s:.0f}", f"{run_s / max(sweep_s, 1e-9):.2f}"]
+            out["auto"][s] = {"mean": means[s], "vs_best": vs_best, "vs_worst": vs_worst, "inside_best": inside,
+                              "run_fraction_of_sweep": run_s / max(sweep_s, 1e-9)}
+        else:
+            cells += ["", "", "", "", "", f"{run_s:.0f}", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "`*`: the paired interval excludes zero. *run s / sweep s*: one auto run (measurement "
+              "included) against the whole sweep's training time."]
+    with open(os.path.join(root, "probe_study.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot_probe_study(root, probe, means, fixed, [a for a in autos if a in means], metric)
+    return out
+
+
+def _plot_probe_study(root: str, probe: dict, means: dict, fixed: list[str], autos: list[str], metric: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    rows = probe["rows"]
+    x = [r["depth"] for r in rows]
+    a.plot(x, [r["val_accuracy"] for r in rows], "o-", label="probe, validation")
+    if all("test_accuracy" in r for r in rows):
+        a.plot(x, [r["test_accuracy"] for r in rows], "s-", label="probe, test")
+    a.set_xticks(x, [r["block"] for r in rows], rotation=60, ha="right", fontsize=7)
+    a.set_ylabel("linear probe accuracy")
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    names = [*fixed, *autos]
+    for i, s in enumerate(names):
+        iv = means[s]
+        half = (iv.hi - iv.mean) if iv.has_interval else 0.0
+        b.errorbar([i], [iv.mean], yerr=[half], fmt="o" if s in fixed else "D", capsize=3,
+                   color="C0" if s in fixed else "C3")
+    b.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    b.set_ylabel(f"fine-tuned {metric}")
+    b.grid(alpha=0.3)
+    b.set_title("fixed specs (blue), auto (red): mean, 95 % t-interval", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "probe_study.png"), dpi=120)
+    plt.close(fig)

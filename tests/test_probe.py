@@ -175,3 +175,26 @@ def test_launch_probe_writes_its_table_plot_and_scalars(tmp_path):
     assert all(0 <= row["val_accuracy"] <= 1 and "test_accuracy" in row for row in rows)
     assert (tmp_path / "probe.png").stat().st_size > 1000 and "| depth | block |" in (tmp_path / "probe.md").read_text()
     assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_probe_study_judges_auto_specs_against_the_sweep(tmp_path):
+    root = tmp_path / "study"
+    r = run_module("launch.ablate", "--study=probe", f"--root={root}", "--seeds=0,1", "--specs=none,top:1,all",
+                   "--auto=auto:1", "--", "--image_size=16", "--classes=0-4", "--head_epochs=1",
+                   "--finetune_epochs=1", "--batch_size=32")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = (root / "probe_study.md").read_text()
+    assert "| 3 | block3 |" in report and "`auto:1`" in report and (root / "probe_study.png").exists()
+    acc, blocks = {}, {}
+    for spec in ("none", "top_1", "all", "auto_1"):
+        for seed in (0, 1):
+            res = json.loads((root / "trials" / f"unfreeze-{spec}__seed-{seed}" / "results.json").read_text())
+            acc[spec, seed] = res["final"]["test/accuracy"]
+            if spec == "auto_1":
+                blocks[seed] = res["auto_unfreeze"][0]["blocks"]
+    means = {s: (acc[s, 0] + acc[s, 1]) / 2 for s in ("none", "top_1", "all")}
+    best = max(means, key=means.get)
+    line = next(ln for ln in report.splitlines() if ln.startswith("| `auto:1`"))
+    assert f"0: {','.join(blocks[0])}; 1: {','.join(blocks[1])}" in line
+    diff = ((acc["auto_1", 0] - acc[best, 0]) + (acc["auto_1", 1] - acc[best, 1])) / 2
+    assert f"{diff:+.4f}" in line
