@@ -19,7 +19,8 @@ flags.DEFINE_string("dataset", None, "Another dataset with the same classes (def
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 flags.DEFINE_string("split", None, "val | test | train | all, as the run split the data (TFDS: also any split "
                     "name). Default: all for a --dataset folder without split sub-folders, else val.")
-flags.DEFINE_string("checkpoint", "best", "best | latest | ema (the final weights' average, --ema_decay) | a checkpoint path.")
+flags.DEFINE_string("checkpoint", "best", "best | latest | ema (the EMA weights saved at the end of a "
+                    "--ema_decay run) | a checkpoint path.")
 flags.DEFINE_string("name", None, "Report name (default: from dataset and split).")
 flags.DEFINE_enum("tta", "none", ["none", "flip", "crops"], "Test-time augmentation, scored beside the plain "
                   "numbers: flip (image and mirror) or crops (centre, 4 corners and mirrored centre of the image "

@@ -11,7 +11,8 @@ from launch import common
 
 F = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run to export.")
-flags.DEFINE_string("checkpoint", "latest", "latest (the final weights) | best | ema (the final weights' average, --ema_decay) | a checkpoint path.")
+flags.DEFINE_string("checkpoint", "latest", "latest (the final weights) | best | ema (the EMA weights saved at "
+                    "the end of a --ema_decay run) | a checkpoint path.")
 flags.DEFINE_string("out", None, "Output directory (default: DIR/export).")
 
 

@@ -12,7 +12,7 @@ guide's (research/guide.py). Writes config.json and results.json like a run.
 
 from __future__ import annotations
 
-from launch import common  # noqa: F401  (sets TF log level before TF loads)
+from launch import common  # first: sets the TF log level before TensorFlow loads
 
 from absl import app
 

@@ -12,7 +12,6 @@ carves validation from OUT/train and tests on OUT/test.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 
@@ -32,28 +31,29 @@ def main(argv):
         common.die(f"--src={F.src!r}: no such directory", common.EXIT_USER_ERROR)
     if not F.out:
         common.die("--out is required", common.EXIT_USER_ERROR)
-    if os.path.exists(F.out) and os.listdir(F.out):
-        common.die(f"--out={F.out}: exists and is not empty", common.EXIT_USER_ERROR)
+    if os.path.exists(F.out) and (not os.path.isdir(F.out) or os.listdir(F.out)):
+        common.die(f"--out={F.out}: exists and is not an empty directory", common.EXIT_USER_ERROR)
     if F.train_per_class < 1 or F.test_per_class < 0:
         common.die("--train_per_class must be >= 1 and --test_per_class >= 0", common.EXIT_USER_ERROR)
     classes = sorted(d for d in os.listdir(F.src) if os.path.isdir(os.path.join(F.src, d)))
     if not classes:
         common.die(f"--src={F.src}: no class sub-folders", common.EXIT_USER_ERROR)
     need = F.train_per_class + F.test_per_class
+    files = {c: sorted(f for f in os.listdir(os.path.join(F.src, c)) if f.lower().endswith(images.IMAGE_EXTENSIONS))
+             for c in classes}
+    short = [f"{c!r} ({len(fs)})" for c, fs in files.items() if len(fs) < need]
+    if short:  # checked before anything is written
+        common.die(f"classes with fewer than {need} images: {', '.join(short)}", common.EXIT_USER_ERROR)
     for c in classes:
-        files = sorted(f for f in os.listdir(os.path.join(F.src, c)) if f.lower().endswith(images.IMAGE_EXTENSIONS))
-        if len(files) < need:
-            common.die(f"class {c!r} has {len(files)} images, fewer than {need}", common.EXIT_USER_ERROR)
-        parts = {"train": files[:F.train_per_class]}
+        parts = {"train": files[c][:F.train_per_class]}
         if F.test_per_class:
-            parts["test"] = files[len(files) - F.test_per_class:]
+            parts["test"] = files[c][len(files[c]) - F.test_per_class:]
         for split, names in parts.items():
             os.makedirs(os.path.join(F.out, split, c), exist_ok=True)
             for name in names:
                 os.symlink(os.path.abspath(os.path.join(F.src, c, name)), os.path.join(F.out, split, c, name))
     print(f"{F.out}: {len(classes)} classes, {F.train_per_class} train"
           + (f" and {F.test_per_class} test" if F.test_per_class else "") + " images each (symbolic links)")
-    sys.exit(0)
 
 
 if __name__ == "__main__":

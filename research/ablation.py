@@ -521,6 +521,10 @@ def run_sweep(root: str, sweep_items: list[str], train_flags: list[str], make_co
     return rows
 
 
+# The guide's `model.fit` recipe (the baseline) and this codebase's defaults, on the same flags.
+RECIPES_BUILTIN = ("guide", "default")
+
+
 def parse_recipes(items: list[str]) -> list[tuple[str, list[str]]]:
     """`--recipe=NAME:FLAGS` items -> (name, flags), e.g. `adapt:--bn=adapt --schedule=constant`.
 
@@ -535,16 +539,16 @@ def parse_recipes(items: list[str]) -> list[tuple[str, list[str]]]:
             raise UserError(f"--recipe={item!r} is not NAME:FLAGS (for example 'adapt:--bn=adapt --schedule=constant')")
         if name in RECIPES_BUILTIN or name in [n for n, _ in out]:
             raise UserError(f"--recipe name {name!r} is taken; the study always runs {', '.join(RECIPES_BUILTIN)}")
-        flags_ = shlex.split(rest)
-        bad = [f for f in flags_ if not f.startswith("--")]
+        try:
+            flags_ = shlex.split(rest)
+        except ValueError as e:
+            raise UserError(f"--recipe={item!r}: {e}") from None
+        bad = [f for f in flags_ if not f.startswith("--") or f.startswith("--workdir")]
         if bad:
-            raise UserError(f"--recipe={item!r}: {bad[0]!r} is not a --flag")
+            raise UserError(f"--recipe={item!r}: {bad[0]!r} is not a launch.train --flag (each trial gets its own "
+                            "--workdir)")
         out.append((name, flags_))
     return out
-
-
-# The guide's `model.fit` recipe (the baseline) and this codebase's defaults, on the same flags.
-RECIPES_BUILTIN = ("guide", "default")
 
 
 def recipe_trials(base_flags: list[str], recipes: list[tuple[str, list[str]]], seeds: list[str]) -> list[Trial]:
@@ -727,7 +731,12 @@ def run_probe_study(root: str, train_flags: list[str], make_config: MakeConfig, 
     trials = expand([("unfreeze", [*specs, *autos]), (SEED_KEY, seeds)], train_flags)
     prepare(root, trials, make_config, rerun=rerun, log=log)
     probe_dir = os.path.join(root, "probe")
-    if not os.path.exists(os.path.join(probe_dir, "probe.json")):
+    probe_json = os.path.join(probe_dir, "probe.json")
+    if os.path.exists(probe_json):
+        with open(probe_json) as f:
+            if json.load(f).get("train_flags") != train_flags or rerun:  # stale: probe again
+                shutil.rmtree(probe_dir)
+    if not os.path.exists(probe_json):
         log("[ablate] running the linear probes")
         cmd = [sys.executable, "-m", "launch.probe", f"--out={probe_dir}", "--", *train_flags]
         os.makedirs(probe_dir, exist_ok=True)
@@ -736,6 +745,10 @@ def run_probe_study(root: str, train_flags: list[str], make_config: MakeConfig, 
             rc = subprocess.call(cmd, stdout=out, stderr=err, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
         if rc != 0:
             raise UserError(f"launch.probe failed (exit {rc}); see {probe_dir}/stderr.log")
+        with open(probe_json) as f:
+            probe = json.load(f)
+        with open(probe_json, "w") as f:
+            json.dump(dict(probe, train_flags=train_flags), f, indent=2)
     run_all(root, trials, parallel=parallel, log=log)
     rows = collect(root, trials)
     for r in rows:
@@ -762,9 +775,13 @@ def probe_report(root: str, rows: list[dict], probe: dict, *, specs: list[str], 
     by = {s: {r[SEED_KEY]: r[metric] for r in done if r["unfreeze"] == s} for s in [*specs, *autos]}
     means = {s: stats.t_interval(list(v.values())) for s, v in by.items() if v}
     fixed = [s for s in specs if s in means]
+    if not fixed:
+        raise UserError(f"no fixed-spec trial finished in {root}; see results.md for their errors")
     best = max(fixed, key=lambda s: means[s].mean)
     worst = min(fixed, key=lambda s: means[s].mean)
-    sweep_s = sum(r["wall_time_s"] for r in done if r["unfreeze"] in specs)
+    # The sweep's cost for one seed: every fixed spec's run of that seed, averaged over seeds.
+    seeds = sorted({r[SEED_KEY] for r in done if r["unfreeze"] in specs})
+    sweep_s = sum(r["wall_time_s"] for r in done if r["unfreeze"] in specs) / max(len(seeds), 1)
     lines = [f"# Which blocks to unfreeze: the prediction against the sweep", "", *protocol_lines(rows, metric), "",
              "## Linear probes per block (the backbone frozen)", "",
              "| depth | block | val | test [95 % Wilson] |", "|---|---|---|---|"]
@@ -772,7 +789,7 @@ def probe_report(root: str, rows: list[dict], probe: dict, *, specs: list[str], 
         test = f"{p['test_accuracy']:.4f} [{p['test_lo']:.4f}, {p['test_hi']:.4f}]" if "test_accuracy" in p else ""
         lines.append(f"| {p['depth']} | {p['block']} | {p['val_accuracy']:.4f} | {test} |")
     lines += ["", f"Probes: {probe['seconds']['total']:.0f}s. The sweep over {len(fixed)} fixed specs: "
-              f"{sweep_s:.0f}s of training.", "",
+              f"{sweep_s:.0f}s of training per seed.", "",
               f"## {metric}: fixed specs and auto specs, mean and 95 % t-interval over seeds", "",
               f"| spec | n | {metric} | blocks chosen (per seed) | Δ vs best ({best}) | Δ vs worst ({worst}) "
               "| in best's interval | measuring s | run s (mean) | run s / sweep s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -795,7 +812,7 @@ def probe_report(root: str, rows: list[dict], probe: dict, *, specs: list[str], 
             cells += ["", "", "", "", "", f"{run_s:.0f}", ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "`*`: the paired interval excludes zero. *run s / sweep s*: one auto run (measurement "
-              "included) against the whole sweep's training time."]
+              "included) against the sweep's training time for one seed (every fixed spec once)."]
     with open(os.path.join(root, "probe_study.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     _plot_probe_study(root, probe, means, fixed, [a for a in autos if a in means], metric)

@@ -39,7 +39,7 @@ class _Seeds(keras.random.SeedGenerator):
     `next` is all Keras's random ops call.
     """
 
-    def __init__(self, seed):  # noqa: super-init-not-called
+    def __init__(self, seed):
         self._seed, self._count = tf.cast(seed, tf.int64), 0
 
     def next(self, ordered=True):
@@ -58,7 +58,9 @@ class RandAugment:
     """
 
     def __init__(self, num_ops: int, magnitude: float):
-        self.layer = keras.layers.RandAugment(value_range=(0, 255), num_ops=num_ops, factor=magnitude)
+        # float32 whatever the global policy: the ops' outputs are blended with float32 images.
+        self.layer = keras.layers.RandAugment(value_range=(0, 255), num_ops=num_ops, factor=magnitude,
+                                              dtype="float32")
         self.ops = [getattr(self.layer, name) for name in self.layer._AUGMENT_LAYERS]  # Keras 3.15's list
         self.num_ops = num_ops
 
@@ -82,6 +84,7 @@ class RandAugment:
         return op.transform_images(images, transformation)
 
     def apply(self, images, p: dict):
+        """Round i applies each image's i-th operation to the round's input."""
         for i in range(self.num_ops):
             before = images
             for j, t in enumerate(p["transforms"]):
@@ -291,11 +294,13 @@ def eval_view(size: int, fraction: float):
 
 
 def eval_view_layers(size: int, fraction: float) -> list:
+    """The Keras layers of `eval_view` ([] for the whole image)."""
     if fraction >= 1.0:
         return []
     side = max(1, int(round(size * fraction)))
-    return [keras.layers.CenterCrop(side, side, name="eval_center_crop"),
-            keras.layers.Resizing(size, size, interpolation="bilinear", name="eval_resize")]
+    # float32 whatever the training precision, as the exported model computes (research/export.py).
+    return [keras.layers.CenterCrop(side, side, name="eval_center_crop", dtype="float32"),
+            keras.layers.Resizing(size, size, interpolation="bilinear", name="eval_resize", dtype="float32")]
 
 
 def build(cfg: AugmentConfig) -> Augmenter | None:

@@ -42,34 +42,46 @@ def pipeline_threads(requested: int, *, cached: bool) -> int | None:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def balanced(elements: tf.data.Dataset, class_counts: list[int], seed) -> tf.data.Dataset:
-    """An endless stream of `(x, label)` elements whose label is uniform over the classes.
+def per_class(elements: tf.data.Dataset, class_counts: list[int], *, cache: bool) -> list[tuple[tf.data.Dataset, int]]:
+    """`(the class's elements, their number)` for every class with training images.
 
-    Each draw picks a class with probability 1/k (classes without training images
-    left out), then that class's next image in a shuffled cycle of its images
-    (reshuffled at every pass): an image comes back only after every image of
-    its class has. A function of `seed` only.
+    Each class's elements are filtered out of `elements` once and, with `cache`,
+    kept in their own cache, so that drawing from a class does not scan the others.
     """
-    present = [c for c, n in enumerate(class_counts) if n > 0]
-    per_class = [elements.filter(lambda x, y, c=c: tf.equal(tf.cast(y, tf.int64), c))
-                 .shuffle(class_counts[c], seed=seed + c).repeat() for c in present]
-    return tf.data.Dataset.sample_from_datasets(per_class, [1.0 / len(present)] * len(present), seed=seed)
+    out = []
+    for c, n in enumerate(class_counts):
+        if n > 0:
+            ds = elements.filter(lambda x, y, c=c: tf.equal(tf.cast(y, tf.int64), c))
+            out.append((ds.cache() if cache else ds, n))
+    return out
+
+
+def balanced(classes: list[tuple[tf.data.Dataset, int]], seed) -> tf.data.Dataset:
+    """An endless stream of `(x, label)` elements whose label is uniform over `classes`.
+
+    Each draw picks a class with probability 1/k, then that class's next image in a
+    shuffled cycle of its images (reshuffled at every pass): an image comes back only
+    after every image of its class has. A function of `seed` only.
+    """
+    streams = [ds.shuffle(n, seed=seed + i).repeat() for i, (ds, n) in enumerate(classes)]
+    return tf.data.Dataset.sample_from_datasets(streams, [1.0 / len(streams)] * len(streams), seed=seed)
 
 
 def epoch_stream(elements: tf.data.Dataset, epoch_seeds: list[int], *, shuffle_buffer: int, batch_size: int,
-                 batches_per_epoch: int, class_counts: list[int] | None = None) -> tf.data.Dataset:
+                 batches_per_epoch: int, classes: list[tuple[tf.data.Dataset, int]] | None = None
+                 ) -> tf.data.Dataset:
     """Consecutive epochs of shuffled full batches of `elements`, as (epoch seed, batch index, batch).
 
     Epoch i is shuffled with `epoch_seeds[i]` alone, so an epoch's batches do not
-    depend on where the stream started. With `class_counts` (`--sampler=balanced`)
-    an epoch is as many draws of `balanced` as there are elements.
+    depend on where the stream started. With `classes` (`--sampler=balanced`, from
+    `per_class`) an epoch is `batches_per_epoch` batches of `balanced` draws.
     """
     def one_epoch(seed):
         # A tensor op seed needs a graph-level seed that is not 0 (TF compares the
         # pair with (0, 0) in Python); any constant keeps the order a function of seed.
         tf.random.set_seed(1)
-        if class_counts:
-            batches = balanced(elements, class_counts, seed)
+        if classes:
+            batches = balanced(classes, seed)
         else:
             batches = elements.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
         batches = batches.batch(batch_size, drop_remainder=True).take(batches_per_epoch)
@@ -103,7 +115,7 @@ class Pipeline:
                  seed: int = 0, cache: bool = True, shuffle_buffer: int = 10000, threads: int | None = None,
                  deterministic: bool = False, sampler: str = "shuffle", eval_crop: float = 1.0):
         self.source = source
-        self.class_counts = list(source.train_counts) if sampler == "balanced" else None
+        self.sampler = sampler
         self.batch_size = batch_size
         self.preprocess = preprocess
         self.augment_cfg = augment
@@ -114,6 +126,7 @@ class Pipeline:
         self.shuffle_buffer = max(1, min(shuffle_buffer, source.num_train))
         self._train = source.train.cache() if cache else source.train
         self._val = source.val.cache() if cache else source.val
+        self._classes = per_class(self._train, source.train_counts, cache=cache) if sampler == "balanced" else None
         # Traced once per pipeline rather than once per dataset built (every validation
         # pass and every training stream builds one): tracing the augmentation again in
         # Python held back the first batch by ~60 ms (docs/BENCHMARKS.md).
@@ -194,7 +207,7 @@ class Pipeline:
         n = batches_per_epoch or self.steps_per_epoch
         ds = epoch_stream(self._train, [self.epoch_seed(e) for e in range(first_epoch, first_epoch + num_epochs)],
                           shuffle_buffer=self.shuffle_buffer, batch_size=self.batch_size,
-                          batches_per_epoch=n, class_counts=self.class_counts).skip(skip)
+                          batches_per_epoch=n, classes=self._classes).skip(skip)
         if augment and self._augment is not None:
             # A stateless seed per batch, (epoch seed, batch index): the same images under
             # a parallel map, run to run and across a resume.

@@ -75,9 +75,10 @@ def tta_views(mode: str, size: int) -> list:
     """The test-time views of `mode`, each a function of a uint8/float image batch [N, S, S, 3];
     None is the image itself, whose prediction the plain evaluation already made.
 
-    `flip`: the image and its mirror. `crops`: the image enlarged by 1/0.875 (the
-    usual centre-crop ratio) and cut into its centre and four corner crops of the
-    original side, plus the mirror of the centre.
+    `flip`: the image and its mirror (each through the run's `--eval_crop`). `crops`:
+    the image enlarged by 1/0.875 (the usual centre-crop ratio) and cut into its
+    centre and four corner crops of the original side, plus the mirror of the
+    centre (these replace `--eval_crop`'s view).
     """
     if mode == "flip":
         return [None, lambda x: tf.image.flip_left_right(x)]
@@ -203,8 +204,10 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
         report["top5_accuracy"] = float((top5 == labels[:, None]).any(axis=1).mean())
     report["macro_f1"] = float(np.mean([c["f1"] for c in report["per_class"]]))
     if tta != "none":
+        # `crops` views are crops already: the run's --eval_crop applies to the others only.
+        view_input = (lambda x: entry.preprocess(tf.cast(x, tf.float32))) if tta == "crops" else model_input
         probs = [np.exp(log_probs if view is None else _log_softmax(predict_dataset(model, split_ds.batch(64).map(
-            lambda x, y, view=view: (model_input(view(x)), y)))[0]))
+            lambda x, y, view=view: (view_input(view(x)), y)))[0]))
                  for view in tta_views(tta, size)]
         mean = np.mean(probs, axis=0)
         tta_pred = mean.argmax(axis=1)

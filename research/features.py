@@ -66,10 +66,15 @@ class FeatureCache:
                      skip: int = 0) -> tf.data.Dataset:
         """Feature batches in the order of `Pipeline.train_stream`'s image batches."""
         p = self.pipeline
+        classes = None
+        if p.sampler == "balanced":
+            classes = [(tf.data.Dataset.from_tensor_slices((self.train_x[self.train_y == c],
+                                                            self.train_y[self.train_y == c])), int(n))
+                       for c, n in enumerate(np.bincount(self.train_y)) if n > 0]
         ds = epoch_stream(tf.data.Dataset.from_tensor_slices((self.train_x, self.train_y)),
                           [p.epoch_seed(e) for e in range(first_epoch, first_epoch + num_epochs)],
                           shuffle_buffer=p.shuffle_buffer, batch_size=p.batch_size,
-                          batches_per_epoch=batches_per_epoch or p.steps_per_epoch, class_counts=p.class_counts)
+                          batches_per_epoch=batches_per_epoch or p.steps_per_epoch, classes=classes)
         ds = ds.skip(skip).map(lambda seed, index, batch: batch)
         return ds.prefetch(AUTOTUNE).with_options(p.options())
 

@@ -50,6 +50,9 @@ def check(config: ExperimentConfig) -> None:
     if config.model.weights.startswith("ckpt:"):
         raise UserError("the Keras guide's recipe starts from pretrained weights (imagenet or a .h5 file), "
                         "not another run's checkpoint")
+    if config.data.eval_crop != 1.0:
+        raise UserError(f"--eval_crop={config.data.eval_crop}: the Keras guide's recipe evaluates whole images; "
+                        "give --eval_crop to the recipes that use it (--recipe=NAME:--eval_crop=...)")
 
 
 def build(config: ExperimentConfig, num_classes: int) -> tuple[keras.Model, keras.Model]:
@@ -79,6 +82,8 @@ def run(config: ExperimentConfig, workdir: str, *, log=print) -> dict:
       UserError: stages the guide does not have, or data / weights problems.
     """
     check(config)
+    if os.path.isdir(os.path.join(workdir, "ckpt")):
+        raise UserError(f"--workdir={workdir} holds a launch.train run; give the guide's recipe its own --workdir")
     t0 = time.time()
     keras.utils.set_random_seed(config.train.seed)
     entry = backbones.get(config.model.backbone)
@@ -97,17 +102,20 @@ def run(config: ExperimentConfig, workdir: str, *, log=print) -> dict:
         return ds.map(lambda x, y: (entry.preprocess(tf.cast(x, tf.float32)), y)).prefetch(tf.data.AUTOTUNE)
 
     train_ds, val_ds = batches(source.train, True), batches(source.val, False)
-    history, stages, epoch = [], [], 0
+    history, stages, epoch, fit_seconds = [], [], 0, 0.0
+    names = {"loss": "train/loss", "accuracy": "train/accuracy", "val_loss": "val/loss", "val_accuracy": "val/accuracy"}
     for stage in config.stages:
         base.trainable = stage.unfreeze == "all"
         model.compile(optimizer=keras.optimizers.Adam(stage.lr),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
         log(f"[guide] {stage.name}: base.trainable={base.trainable}, Adam({stage.lr:g}), {stage.epochs} epochs")
+        t_fit = time.time()
         h = model.fit(train_ds, epochs=epoch + stage.epochs, initial_epoch=epoch, validation_data=val_ds,
                       verbose=0)
+        fit_seconds += time.time() - t_fit
         epoch += stage.epochs
         for i in range(stage.epochs):
-            history.append({"stage": stage.name, **{k: float(v[i]) for k, v in h.history.items()}})
+            history.append({"stage": stage.name, **{names.get(k, k): float(v[i]) for k, v in h.history.items()}})
         stages.append({"name": stage.name, "unfreeze": stage.unfreeze, "epochs": stage.epochs,
                        "trainable_params": int(sum(v.numpy().size for v in model.trainable_weights))})
     final = {}
@@ -116,9 +124,10 @@ def run(config: ExperimentConfig, workdir: str, *, log=print) -> dict:
             loss, acc = model.evaluate(ds, verbose=0)
             final.update({f"{split}/loss": float(loss), f"{split}/accuracy": float(acc)})
     wall = time.time() - t0
+    # images/s over fit's time (validation passes included), as launch.train's counts its steps' time.
     results = {"recipe": RECIPE, "final": final, "best": None, "best_epoch": None, "epochs_run": epoch,
                "early_stopping_fired": False, "stages": stages, "history": history, "wall_time_s": wall,
-               "images_per_second": source.num_train * epoch / wall, "num_test": source.num_test,
+               "images_per_second": source.num_train * epoch / max(fit_seconds, 1e-9), "num_test": source.num_test,
                "test_from": source.test_from}
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -142,6 +142,8 @@ class Trainer:
             grads = [g / len(batches) for g in grads]
         scaled = [(v, m) for v, m in zip(self.variables, self.lr_multipliers) if m != 1.0]
         old = [tf.identity(v) for v, _ in scaled]
+        # The loss scale these gradients carry (apply may change a dynamic scale).
+        unscale = tf.cast(self.optimizer.scale_loss(1.0), tf.float32)
         self.optimizer.apply(grads, self.variables)
         if scaled:
             self._rescale_updates(scaled, old)
@@ -149,14 +151,19 @@ class Trainer:
         # Computed after the update so it cannot alter how the update is computed.
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync if tf.distribute.has_strategy() else 1
         with tf.control_dependencies([self.optimizer.iterations]):
-            unscale = tf.cast(self.optimizer.scale_loss(1.0), tf.float32)
-            norm = tf.linalg.global_norm(grads) / unscale
+            norm = tf.linalg.global_norm(grads) / tf.cast(self.optimizer.scale_loss(1.0), tf.float32)
             # Per block: the squared norm of the gradients the step already has, summed
-            # over the loop call with the other sums (no extra pass, no host sync).
+            # over the loop call with the other sums (no extra pass, no host sync). A
+            # replica's gradient is 1/replicas of its local mean's (the loss reduction),
+            # so R * ||g_r||^2, summed over replicas, is the mean of the local squared norms.
             block_sq = [tf.add_n([tf.reduce_sum(tf.square(tf.cast(grads[i], tf.float32)))
                                   for i, b in enumerate(self.block_ids) if b == j] or [tf.constant(0.0)])
                         for j in range(self.num_blocks)]
-            block_sq = tf.stack(block_sq) / (unscale * unscale * replicas) if block_sq else tf.zeros([0])
+            if block_sq:
+                block_sq = tf.stack(block_sq) * replicas / (unscale * unscale)
+                block_sq = tf.where(tf.math.is_finite(block_sq), block_sq, 0.0)  # a skipped fp16 step
+            else:
+                block_sq = tf.zeros([0])
         return sums + tf.stack([0.0, 0.0, 0.0, 0.0, norm / replicas, 1.0 / replicas]), block_sq
 
     def _rescale_updates(self, scaled, old) -> None:

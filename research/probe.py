@@ -54,7 +54,7 @@ def tap_model(base: keras.Model, backbone: str) -> keras.Model:
     return keras.Model(base.inputs, outputs, name="taps")
 
 
-def tap_features(taps: keras.Model, batches: tf.data.Dataset, *, progress=None) -> tuple[list[np.ndarray], np.ndarray]:
+def tap_features(taps: keras.Model, batches: tf.data.Dataset) -> tuple[list[np.ndarray], np.ndarray]:
     """One pass over `(model input, label)` batches: per tap, the [N, channels] features; the labels."""
     run = tf.function(lambda x: taps(x, training=False))
     feats: list[list[np.ndarray]] = []
@@ -66,9 +66,16 @@ def tap_features(taps: keras.Model, batches: tf.data.Dataset, *, progress=None) 
         for f, o in zip(feats, outs):
             f.append(o.numpy().astype(np.float32))
         labels.append(y.numpy())
-        if progress:
-            progress(sum(len(v) for v in labels))
     return [np.concatenate(f) for f in feats], np.concatenate(labels).astype(np.int64)
+
+
+def split_features(taps: keras.Model, splits: dict) -> tuple[dict, dict]:
+    """`{split: (uint8 (image, label) dataset, preprocess)}` -> per split, the taps' features and the labels."""
+    features, labels = {}, {}
+    for split, (ds, prep) in splits.items():
+        batches = ds.batch(128).map(lambda x, y, prep=prep: (prep(x), y)).prefetch(tf.data.AUTOTUNE)
+        features[split], labels[split] = tap_features(taps, batches)
+    return features, labels
 
 
 # --- the probe ------------------------------------------------------------------------------
@@ -93,13 +100,16 @@ def fit_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.nd
     from sklearn.preprocessing import StandardScaler
 
     (xt, yt), (xv, yv) = train, val
-    labels = np.unique(yt)
+    labels = np.unique(np.concatenate([yt, yv]))
     best = None
     for c in C_GRID:
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
         clf.fit(xt, yt)
         acc = float((clf.predict(xv) == yv).mean())
-        loss = float(log_loss(yv, clf.predict_proba(xv), labels=labels))
+        # A class without training images gets probability 0 (log_loss clips it).
+        proba = np.zeros((len(yv), len(labels)))
+        proba[:, np.searchsorted(labels, clf.classes_)] = clf.predict_proba(xv)
+        loss = float(log_loss(yv, proba, labels=labels))
         if best is None or (acc, -loss) > (best[1], -best[2]):
             best = (c, acc, loss, clf)
     c, val_acc, val_loss, clf = best
@@ -130,33 +140,49 @@ def probe_curve(features: dict[str, list[np.ndarray]], labels: dict[str, np.ndar
 
 # --- relative gradient norms -----------------------------------------------------------------
 
-def block_variables(model: keras.Model, backbone: str) -> dict[str, list]:
-    """Every base variable created trainable, by block (BatchNorm's gamma/beta included)."""
-    base = backbones.base_of(model)
-    block_of = backbones.get(backbone).block_of(base)
-    out: dict[str, list] = {b: [] for b in backbones.blocks(base, backbone)}
+def block_variables(model: keras.Model, backbone: str, *, train_bn: bool = False) -> dict[str, list]:
+    """The base variables a run could train, by block: those of `unfreeze.select`'s
+    `all` spec (BatchNorm's gamma/beta only with `train_bn`)."""
+    from research import unfreeze
+
+    base, block_of, names = unfreeze.layer_blocks(model, backbone)
+    selected = {id(v) for v in unfreeze.select(model, backbone, "all", train_bn=train_bn).variables}
+    out: dict[str, list] = {b: [] for b in names}
     for layer in base.layers:
-        out[block_of[layer.name]].extend(layer._trainable_variables)  # whatever layer.trainable says now
+        out[block_of[layer.name]].extend(v for v in layer.weights if id(v) in selected)
     return {b: vs for b, vs in out.items() if vs}
 
 
-def relative_gradient_norms(model: keras.Model, backbone: str, batches) -> dict[str, float]:
+def relative_gradient_norms(model: keras.Model, backbone: str, batches: tf.data.Dataset, *,
+                            train_bn: bool = False) -> dict[str, float]:
     """‖g_b‖ / ‖θ_b‖ per block, g_b the mean gradient of the cross-entropy over `batches`
-    (the model in inference mode, no update): Lee et al.'s RGN, per block."""
-    by_block = block_variables(model, backbone)
+    (the model in inference mode, no update): Lee et al.'s RGN, per block.
+
+    Runs under the current strategy: each replica differentiates its share of a batch
+    and the gradients are summed across replicas (and workers), so every replica and
+    worker gets the same scores, and the same choice of blocks.
+    """
+    by_block = block_variables(model, backbone, train_bn=train_bn)
     variables = [v for vs in by_block.values() for v in vs]
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    strategy = tf.distribute.get_strategy()
+
+    def replica_grads(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch([v.value for v in variables])  # frozen Keras variables: watch what they hold
+            per_example = keras.losses.sparse_categorical_crossentropy(y, model(x, training=False),
+                                                                       from_logits=True)
+            loss = tf.reduce_sum(per_example) / tf.cast(tf.shape(y)[0], tf.float32)
+        grads = tape.gradient(loss, [v.value for v in variables])
+        return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
 
     @tf.function
-    def grads(x, y):
-        with tf.GradientTape() as tape:
-            tape.watch([v.value for v in variables])  # Keras variables: watch the tf.Variables they hold
-            loss = loss_fn(y, model(x, training=False))
-        return tape.gradient(loss, variables)
+    def grads(dist_batch):
+        per_replica = strategy.run(replica_grads, args=dist_batch)
+        return [strategy.reduce(tf.distribute.ReduceOp.MEAN, g, axis=None) for g in per_replica]
 
     total, n = None, 0
-    for x, y in batches:
-        g = [tf.zeros_like(v) if gi is None else gi for gi, v in zip(grads(x, y), variables)]
+    for dist_batch in strategy.experimental_distribute_dataset(batches):
+        g = grads(dist_batch)
         total = g if total is None else [a + b for a, b in zip(total, g)]
         n += 1
     if not n:
@@ -214,10 +240,7 @@ def run_probe(config, out_dir: str, *, log=print) -> list[dict]:
                                                                                    pipeline.eval_preprocess)}
     if source.test is not None:
         splits["test"] = (source.test, pipeline.eval_preprocess)
-    features, labels = {}, {}
-    for split, (ds, prep) in splits.items():
-        batches = ds.batch(128).map(lambda x, y, prep=prep: (prep(x), y)).prefetch(tf.data.AUTOTUNE)
-        features[split], labels[split] = tap_features(taps, batches)
+    features, labels = split_features(taps, splits)
     extract_s = time.perf_counter() - t0
     size = sum(f.nbytes for fs in features.values() for f in fs)
     log(f"[probe] {len(blocks)} taps of {config.model.backbone} on {sum(len(v) for v in labels.values())} images "
@@ -266,8 +289,9 @@ def write_probe(out_dir: str, rows: list[dict], *, title: str, test_from: str, s
     ax.plot(x, [r["val_accuracy"] for r in rows], "o-", label="validation")
     if has_test:
         ax.errorbar(x, [r["test_accuracy"] for r in rows],
-                    yerr=[[r["test_accuracy"] - r["test_lo"] for r in rows], [r["test_hi"] - r["test_accuracy"]
-                                                                              for r in rows]],
+                    # max(0, ...): at 0 % or 100 % the bound equals the proportion up to rounding
+                    yerr=[[max(0.0, r["test_accuracy"] - r["test_lo"]) for r in rows],
+                          [max(0.0, r["test_hi"] - r["test_accuracy"]) for r in rows]],
                     fmt="s-", capsize=3, label="test (95 % Wilson)")
     ax.set_xticks(x, [r["block"] for r in rows], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("probe accuracy")

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from research import backbones, checkpoints, data, distribute, ema, sources, unfreeze
+from research import backbones, checkpoints, data, distribute, ema, probe, sources, unfreeze
 from research.config import ExperimentConfig, StageConfig, UserError, config_diff, validate
 from research.early_stopping import EarlyStopping
 from research.features import FeatureCache
@@ -308,6 +308,10 @@ class Controller:
         self._features: FeatureCache | None = None
         self._head_trainer: Trainer | None = None
         self._active_key = None
+        # --log_block_grads: the variables a run could train, by block, and their values at the stage start.
+        self._blocks = (probe.block_variables(built.model, config.model.backbone, train_bn=config.model.train_bn)
+                        if t.log_block_grads else {})
+        self._block_start: dict[str, list[np.ndarray]] = {}
         self.t_start = time.time()
         self.wall_before = 0.0
 
@@ -441,7 +445,7 @@ class Controller:
         while run.epoch < stage.epochs and not run.stage_stopped:
             trainer, kind, selection = self._activate(run, stage)
             train_m = self._train_epoch(run, stage, trainer, kind)
-            if self.config.train.log_block_grads and kind == "images":
+            if self._blocks and kind == "images":
                 train_m.update(self._block_grad_metrics(trainer))
             val_ds = self._features.val_dataset() if kind == "features" else self.pipeline.val_dataset()
             val_m = {"val": trainer.evaluate(self.strategy.experimental_distribute_dataset(val_ds))}
@@ -470,7 +474,8 @@ class Controller:
         auto = unfreeze.parse_auto(stage.unfreeze)
         if auto is None:
             return stage.unfreeze
-        record = next((r for r in run.auto_unfreeze if r["stage"] == stage.name), None)
+        record = next((r for r in run.auto_unfreeze if r["stage"] == stage.name and r["spec"] == stage.unfreeze),
+                      None)
         if record is None:
             record = self._choose_blocks(run, stage, *auto)
             run.auto_unfreeze.append(record)
@@ -479,21 +484,18 @@ class Controller:
     def _choose_blocks(self, run: RunState, stage: StageConfig, method: str, k: int) -> dict:
         """Scores every block on the training data (validation too, for probes) with the
         weights the stage starts from, and picks K (research/probe.py). Test is never read."""
-        from research import probe
         t0 = time.perf_counter()
         backbone = self.config.model.backbone
         names = backbones.blocks(self.m.base, backbone)
         if method == "rgn":
             batches = self.pipeline.train_dataset(run.global_epoch, augment=False).take(AUTO_RGN_BATCHES)
-            scores = probe.relative_gradient_norms(self.m.model, backbone, batches)
+            scores = probe.relative_gradient_norms(self.m.model, backbone, batches,
+                                                   train_bn=self.config.model.train_bn)
             blocks = probe.choose_by_rgn(scores, names, k)
         else:
-            taps = probe.tap_model(self.m.base, backbone)
-            feats, labels = {}, {}
-            for split, ds, prep in (("train", self.pipeline.cached_train, self.pipeline.train_preprocess),
-                                    ("val", self.pipeline.cached_val, self.pipeline.eval_preprocess)):
-                feats[split], labels[split] = probe.tap_features(
-                    taps, ds.batch(128).map(lambda x, y, prep=prep: (prep(x), y)))
+            feats, labels = probe.split_features(probe.tap_model(self.m.base, backbone), {
+                "train": (self.pipeline.cached_train, self.pipeline.train_preprocess),
+                "val": (self.pipeline.cached_val, self.pipeline.eval_preprocess)})
             rows = probe.probe_curve(feats, labels, names, log=lambda text: None)
             scores = {r["block"]: r["val_accuracy"] for r in rows}
             blocks = probe.choose_by_probe(rows, names, k)
@@ -535,17 +537,16 @@ class Controller:
             logging.warning("stage %s: --cache_features applies to head-only stages without "
                             "augmentation; training through the base", stage.name)
         trainer = self._feature_trainer() if use_cache else self.trainer
-        if self.config.train.log_block_grads and not use_cache:
-            index = {b: i for i, b in enumerate(self._block_names)}
-            block_of = {v.path: index[b] for b, vs in self._block_vars.items() for v in vs}
+        if self._blocks and not use_cache:
+            block_of = {v.path: i for i, vs in enumerate(self._blocks.values()) for v in vs}
             trainer.set_trainable(selection.variables, selection.lr_multipliers, block_of=block_of,
-                                  num_blocks=len(self._block_names))
-            self._block_start = self._stage_start_weights(stage)
+                                  num_blocks=len(self._blocks))
+            self._block_start = self._stage_start_weights(run, stage)
         else:
             trainer.set_trainable(selection.variables, selection.lr_multipliers)
         label = stage.name if limit is None else f"{stage.name}/top{len(selection.blocks)}"
         record = dict(unfreeze.describe(selection, self.m.model, stage=stage.name), key=label, from_epoch=run.epoch)
-        auto = next((r for r in run.auto_unfreeze if r["stage"] == stage.name), None)
+        auto = next((r for r in run.auto_unfreeze if r["stage"] == stage.name and r["spec"] == stage.unfreeze), None)
         if auto is not None:  # why these blocks: the scores and the choice
             record["auto"] = {k: auto[k] for k in ("spec", "method", "k", "scores", "seconds")}
         self.say("\n== " + unfreeze.summary_text(record, markdown=False))
@@ -558,28 +559,24 @@ class Controller:
         self._active = (trainer, "features" if use_cache else "images", selection)
         return self._active
 
-    @property
-    def _block_vars(self) -> dict[str, list]:
-        from research import probe
-        return probe.block_variables(self.m.model, self.config.model.backbone)
-
-    @property
-    def _block_names(self) -> list[str]:
-        return list(self._block_vars)
-
-    def _stage_start_weights(self, stage: StageConfig) -> dict[str, list[np.ndarray]]:
+    def _stage_start_weights(self, run: RunState, stage: StageConfig) -> dict[str, list[np.ndarray]]:
         """`--log_block_grads`: every block's weights when the stage began, kept in
-        `block_grads/STAGE.npz` so that a resumed stage measures change from the same point."""
+        `block_grads/STAGE.npz` with the stage's start step, so that a resumed stage
+        measures change from the same point. A file of another start (a run begun
+        again without a checkpoint), or of other variables, is replaced."""
         path = os.path.join(self.workdir, "block_grads", f"{stage.name}.npz")
-        blocks = self._block_vars
+        keys = {f"{b}/{i}": tuple(v.shape) for b, vs in self._blocks.items() for i, v in enumerate(vs)}
         if os.path.exists(path):
             with np.load(path) as f:
-                return {b: [f[f"{b}/{i}"] for i in range(len(vs))] for b, vs in blocks.items()}
-        start = {b: [np.array(v.numpy()) for v in vs] for b, vs in blocks.items()}
+                if (int(f["stage_start_step"]) == run.stage_start_step
+                        and {k: f[k].shape for k in f.files if k != "stage_start_step"} == keys):
+                    return {b: [f[f"{b}/{i}"] for i in range(len(vs))] for b, vs in self._blocks.items()}
+        start = {b: [np.array(v.numpy()) for v in vs] for b, vs in self._blocks.items()}
         if self.chief:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = path + ".tmp.npz"
-            np.savez(tmp, **{f"{b}/{i}": w for b, ws in start.items() for i, w in enumerate(ws)})
+            np.savez(tmp, stage_start_step=run.stage_start_step,
+                     **{f"{b}/{i}": w for b, ws in start.items() for i, w in enumerate(ws)})
             os.replace(tmp, path)
         return start
 
@@ -589,7 +586,7 @@ class Controller:
         if not steps:
             return {}
         out = {}
-        for i, (b, vs) in enumerate(self._block_vars.items()):
+        for i, (b, vs) in enumerate(self._blocks.items()):
             now = [v.numpy() for v in vs]
             norm = float(np.sqrt(sum(np.sum(np.square(w, dtype=np.float64)) for w in now)))
             start = self._block_start[b]

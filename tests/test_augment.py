@@ -234,3 +234,15 @@ def test_randaugment_applies_keras_operations_chosen_per_image():
                                                                             p["transforms"])),
                                                     "layer_idxes": tf.constant([4, 9])}).numpy()
     np.testing.assert_allclose(ours, keras_own, atol=1e-4)
+
+
+def test_randaugment_and_the_eval_crop_run_in_float32_under_mixed_precision():
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        aug = augment.build(AugmentConfig(randaugment=2, horizontal_flip=True))
+        out = aug(_images(8), tf.constant([1, 2], tf.int64))
+        view = augment.eval_view(H, 0.75)(_images(2))
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    assert out.dtype == tf.float32 and view.dtype == tf.float32 and view.shape == (2, H, H, 3)

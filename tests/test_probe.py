@@ -28,6 +28,11 @@ def test_a_tap_is_the_backbone_truncated_at_its_block(backbone, size):
         truncated = keras.Model(base.inputs, base.get_layer(layer).output)
         expected = tf.reduce_mean(truncated(x, training=False), axis=[1, 2])
         np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5, err_msg=block)
+    # Block boundaries named independently of the block map: a block ends where the next begins.
+    known = {"small_cnn": {"block1": "block1_pool", "block3": "block3_relu"},
+             "mobilenet": {"stem": "conv1_relu", "conv_dw_1": "conv_pw_1_relu", "conv_dw_13": "conv_pw_13_relu"},
+             "inception_v3": {"mixed0": "mixed0", "mixed10": "mixed10"}}[backbone]
+    assert {b: layer for b, layer in pairs if b in known} == known
     # The last tap is the base's own pooled output.
     np.testing.assert_allclose(outs[-1].numpy(), tf.reduce_mean(base(x), axis=[1, 2]).numpy(), atol=1e-5)
 
@@ -198,3 +203,17 @@ def test_probe_study_judges_auto_specs_against_the_sweep(tmp_path):
     assert f"0: {','.join(blocks[0])}; 1: {','.join(blocks[1])}" in line
     diff = ((acc["auto_1", 0] - acc[best, 0]) + (acc["auto_1", 1] - acc[best, 1])) / 2
     assert f"{diff:+.4f}" in line
+
+
+def test_auto_rgn_under_mirrored_equals_one_device(tmp_path):
+    """Two mirrored CPU replicas score every block as one device does, so they choose the same blocks."""
+    args = ["--image_size=16", "--classes=0-4", "--head_epochs=1", "--finetune_epochs=1", "--noexport",
+            "--unfreeze=auto:2", "--dropout=0", "--batch_size=32"]
+    scores = {}
+    for name, extra in (("one", ["--strategy=default"]), ("two", ["--strategy=mirrored", "--cpu_devices=2"])):
+        r = run_module("launch.train", f"--workdir={tmp_path / name}", *args, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        scores[name] = json.loads((tmp_path / name / "results.json").read_text())["auto_unfreeze"][0]
+    assert scores["one"]["blocks"] == scores["two"]["blocks"]
+    for block, value in scores["one"]["scores"].items():
+        assert scores["two"]["scores"][block] == pytest.approx(value, rel=1e-3), block

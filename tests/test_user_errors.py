@@ -66,3 +66,19 @@ def test_corrupt_image_named_then_skipped(tmp_path, tiny_folder):
     import json
     results = json.loads((tmp_path / "run2" / "results.json").read_text())
     assert results["skipped_images"] == [str(bad)]
+
+
+def test_subset_checks_every_class_before_writing(tmp_path, tiny_folder):
+    out = tmp_path / "subset"
+    r = run_module("launch.subset", f"--src={tiny_folder}", f"--out={out}", "--train_per_class=20",
+                   "--test_per_class=20")
+    assert r.returncode == 2 and "fewer than 40 images" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
+    assert not out.exists()
+    r = run_module("launch.subset", f"--src={tiny_folder}", f"--out={out}", "--train_per_class=20",
+                   "--test_per_class=5")
+    assert r.returncode == 0, r.stderr[-1000:]
+    train = sorted(p.name for p in (out / "train" / "class 0").iterdir())
+    test = sorted(p.name for p in (out / "test" / "class 0").iterdir())
+    everything = sorted(p.name for p in (tiny_folder / "class 0").iterdir())
+    assert train == everything[:20] and test == everything[-5:] and not set(train) & set(test)
+    assert (out / "train" / "class 0" / train[0]).is_symlink()
