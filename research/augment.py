@@ -64,35 +64,43 @@ class RandAugment:
         self.ops = [getattr(self.layer, name) for name in self.layer._AUGMENT_LAYERS]  # Keras 3.15's list
         self.num_ops = num_ops
 
-    def sample(self, images, seed) -> dict:
-        """Per image: `num_ops` operation indices; per operation: its Keras transformation."""
-        n = tf.shape(images)[0]
+    def choices(self, n, seed) -> tuple[tf.Tensor, tf.Tensor]:
+        """[num_ops, n]: each image's operation in each round; and the key of their parameters."""
         keys = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-        choice, params = keys[0], keys[1]
-        idx = tf.random.stateless_uniform([self.num_ops, n], choice, 0, len(self.ops), dtype=tf.int32)
-        gen = _Seeds(params)
-        return {"idx": idx, "transforms": [op.get_random_transformation(images, training=True, seed=gen)
-                                           for op in self.ops]}
+        idx = tf.random.stateless_uniform([self.num_ops, n], keys[0], 0, len(self.ops), dtype=tf.int32)
+        return idx, keys[1]
 
-    def operation(self, j: int, images, transformation):
-        """Operation j on a batch. Keras 3.15's `Equalization` pools its histograms over
-        the whole batch; it runs image by image here, so that an image's result
-        depends on that image alone."""
+    def operation(self, j: int, images, seed):
+        """Operation j, its Keras parameters drawn from `seed`, on the images that drew it.
+
+        Keras 3.15's `Equalization` pools its histograms over the whole batch; it
+        runs image by image here, so that an image's result depends on it alone.
+        """
         op = self.ops[j]
+        transformation = op.get_random_transformation(images, training=True, seed=_Seeds(seed))
         if isinstance(op, keras.layers.Equalization):
             return tf.map_fn(lambda im: op.transform_images(im[None], transformation)[0], images)
         return op.transform_images(images, transformation)
 
-    def apply(self, images, p: dict):
-        """Round i applies each image's i-th operation to the round's input."""
-        for i in range(self.num_ops):
-            before = images
-            for j, t in enumerate(p["transforms"]):
-                images = tf.where((p["idx"][i] == j)[:, None, None, None], self.operation(j, before, t), images)
-        return images
-
     def __call__(self, images, seed):
-        return self.apply(images, self.sample(images, seed))
+        """Round i applies each image's i-th operation to the round's input. Each operation
+        runs on the images that drew it only (gathered, then scattered back): one
+        operation per image per round, not every operation on the whole batch as the
+        Keras layer computes them."""
+        idx, key = self.choices(tf.shape(images)[0], seed)
+        for i in range(self.num_ops):
+            out = images
+            for j in range(len(self.ops)):
+                chosen = tf.where(idx[i] == j)[:, 0]
+                op_seed = tf.random.experimental.stateless_fold_in(key, i * len(self.ops) + j)
+
+                def run(out=out, chosen=chosen, op_seed=op_seed, j=j, before=images):
+                    done = self.operation(j, tf.gather(before, chosen), op_seed)
+                    return tf.tensor_scatter_nd_update(out, chosen[:, None], done)
+
+                out = tf.cond(tf.size(chosen) > 0, run, lambda out=out: out)
+            images = out
+        return images
 
 
 class Augmenter:

@@ -207,33 +207,35 @@ def test_random_erasing_fills_a_box_of_the_allowed_size_with_noise():
 
 
 def test_randaugment_applies_keras_operations_chosen_per_image():
-    """Each image gets the Keras RandAugment operation it drew, with Keras's parameters; with
-    the same draw for every image the batch equals Keras's own `RandAugment.transform_images`."""
+    """Each image gets the Keras RandAugment operation it drew, and its result depends on
+    that image alone; an operation's output is Keras's own `RandAugment.transform_images`."""
     ra = augment.RandAugment(num_ops=1, magnitude=0.6)
     images = _images(24)
     seed = tf.constant([3, 4], tf.int64)
-    p = ra.sample(images, seed)
-    out = ra.apply(images, p).numpy()
-    idx = p["idx"][0].numpy()
+    out = ra(images, seed).numpy()
+    idx, key = ra.choices(24, seed)
+    idx = idx[0].numpy()
     assert len(set(idx)) > 4  # images draw different operations
-    for k, j in enumerate(idx):
-        alone = ra.operation(j, images, p["transforms"][j]).numpy()[k]
-        np.testing.assert_allclose(out[k], alone, atol=1e-4)
-    # Equalization (op 10) of an image does not depend on the other images of its batch.
-    assert isinstance(ra.ops[10], keras.layers.Equalization)
-    np.testing.assert_allclose(ra.operation(10, images[:1], None).numpy()[0],
-                               ra.operation(10, images, None).numpy()[0], atol=1e-4)
-    assert np.array_equal(out, ra(images, seed).numpy())  # a function of the seed
+    for j in set(idx):
+        chosen = np.flatnonzero(idx == j)
+        alone = ra.operation(j, tf.gather(images, chosen), tf.random.experimental.stateless_fold_in(key, j))
+        np.testing.assert_allclose(out[chosen], alone.numpy(), atol=1e-4, err_msg=type(ra.ops[j]).__name__)
+    # Other images' pixels do not matter (Equalization included): change them all but image k.
+    for k in range(24):
+        other = tf.where(tf.range(24)[:, None, None, None] == k, images, 255.0 - images)
+        np.testing.assert_allclose(ra(other, seed).numpy()[k], out[k], atol=1e-4)
     assert not np.array_equal(out, ra(images, tf.constant([3, 5], tf.int64)).numpy())
 
     two = augment.RandAugment(num_ops=2, magnitude=0.6)
-    p = two.sample(images, seed)
-    same = tf.constant([[4], [9]], tf.int32) * tf.ones_like(p["idx"])  # every image: op 4, then op 9
-    ours = two.apply(images, dict(p, idx=same)).numpy()
-    keras_own = two.layer.transform_images(images, {"transforms": dict(zip(two.layer._AUGMENT_LAYERS,
-                                                                            p["transforms"])),
-                                                    "layer_idxes": tf.constant([4, 9])}).numpy()
-    np.testing.assert_allclose(ours, keras_own, atol=1e-4)
+    for j in (0, 4, 9):  # shear, colour degeneration, auto-contrast: ours against the Keras layer's own
+        s = tf.constant([7, j], tf.int64)
+        transforms = {name: op.get_random_transformation(images, training=True, seed=augment._Seeds(s))
+                      for name, op in zip(two.layer._AUGMENT_LAYERS, two.ops)}
+        keras_own = two.layer.transform_images(images, {"transforms": transforms,
+                                                        "layer_idxes": tf.constant([j, j])})
+        twice = two.operation(j, two.operation(j, images, s), s)
+        np.testing.assert_allclose(twice.numpy(), keras_own.numpy(), atol=1e-3)
+    assert isinstance(ra.ops[10], keras.layers.Equalization)
 
 
 def test_randaugment_and_the_eval_crop_run_in_float32_under_mixed_precision():
