@@ -37,6 +37,18 @@ def test_a_tap_is_the_backbone_truncated_at_its_block(backbone, size):
     np.testing.assert_allclose(outs[-1].numpy(), tf.reduce_mean(base(x), axis=[1, 2]).numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("backbone,size", [("vgg16", 32), ("mobilenet_v2", 32), ("resnet50", 32),
+                                           ("efficientnet_b0", 32), ("xception", 71)])
+def test_every_backbone_has_one_tap_per_block(backbone, size):
+    base = backbones.build_base(backbone, image_size=size)
+    taps = probe.tap_model(base, backbone)
+    x = tf.zeros([1, size, size, 3])
+    outs = taps(x, training=False)
+    assert len(outs) == len(backbones.blocks(base, backbone)) and all(o.shape[1] > 0 for o in outs)
+    np.testing.assert_allclose(outs[-1].numpy(), tf.reduce_mean(base(x, training=False), axis=[1, 2]).numpy(),
+                               atol=1e-5)
+
+
 def test_the_probe_peaks_at_the_block_the_label_comes_from():
     """Labels are a linear function of block1's pooled output: block1's probe reads them
     exactly, deeper blocks (random weights, ReLU, pooling) only partly."""
