@@ -88,7 +88,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     d("integer", "epochs", None, "Epochs of a single-stage run (the same as --finetune_epochs without --head_epochs).")
     d("integer", "head_epochs", 0, "Epochs of a head-only first stage (0: none).")
     d("float", "lr", _S.lr, "Learning rate (of the head stage, and of fine-tuning unless --finetune_lr).")
-    d("string", "unfreeze", _S.unfreeze, "Unfreeze spec of the (fine-tuning) stage: none | all | top:K | blocks:a,b | from:NAME | regex:PAT")
+    d("string", "unfreeze", _S.unfreeze, "Unfreeze spec of the (fine-tuning) stage: none | all | top:K | blocks:a,b | "
+      "from:NAME | regex:PAT | auto:K (= auto:rgn:K) | auto:probe:K (chosen at the stage's start)")
     d("integer", "finetune_epochs", _S.epochs, "Epochs of the (fine-tuning) stage.")
     d("float", "finetune_lr", None, "Learning rate of the fine-tuning stage (default: --lr).")
     d("enum", "schedule", _S.schedule, "Learning-rate schedule within each stage.", enum_values=list(C.SCHEDULES))

@@ -37,7 +37,7 @@ import numpy as np
 from research import backbones
 from research.errors import UserError
 
-SPEC_HELP = "none, all, top:K, blocks:a,b,..., from:NAME, regex:PATTERN"
+SPEC_HELP = "none, all, top:K, blocks:a,b,..., from:NAME, regex:PATTERN, auto:K, auto:rgn:K, auto:probe:K"
 
 
 @dataclass
