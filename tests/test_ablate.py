@@ -251,7 +251,9 @@ def test_recipes_study_runs_the_guide_beside_the_defaults_on_the_same_test_split
 @pytest.mark.parametrize("extra,message", [
     (["--recipe=guide:--lr=1"], "'guide' is taken"),
     (["--recipe=nocolon"], "is not NAME:FLAGS"),
-    (["--recipe=x:lr=1"], "is not a --flag"),
+    (["--recipe=x:lr=1"], "'lr=1' is not a launch.train --flag"),
+    (["--recipe=x:--workdir=/tmp/elsewhere"], "each trial gets its own --workdir"),
+    (["--recipe=x:--lr='1"], "No closing quotation"),
     (["--", "--image_size=16", "--unfreeze=top:1", "--head_epochs=1"], "the Keras guide's recipe trains the head, "
                                                                        "then the whole base"),
 ])
