@@ -220,6 +220,7 @@ RECIPE_TRAIN = ["--image_size=16", "--classes=0-4", "--head_epochs=1", "--finetu
                 "--batch_size=32", "--verbosity=0"]
 
 
+@pytest.mark.slow  # 6 runs, 3 of them model.fit, then the re-run, ~100 s on 2 cores
 def test_recipes_study_runs_the_guide_beside_the_defaults_on_the_same_test_split(tmp_path):
     root = tmp_path / "recipes"
     args = [f"--root={root}", "--study=recipes", "--seeds=0,1", "--recipe=const:--schedule=constant --lr=3e-3",

@@ -194,6 +194,7 @@ def test_launch_probe_writes_its_table_plot_and_scalars(tmp_path):
     assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # 9 runs and the probes, ~90 s on 2 cores
 def test_probe_study_judges_auto_specs_against_the_sweep(tmp_path):
     root = tmp_path / "study"
     r = run_module("launch.ablate", "--study=probe", f"--root={root}", "--seeds=0,1", "--specs=none,top:1,all",
