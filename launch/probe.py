@@ -16,6 +16,8 @@ from launch import common
 
 F = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/probe", "Directory for probe.csv, probe.md, probe.png and TensorBoard scalars.")
+flags.DEFINE_float("max_memory_mb", 2048, "Features larger than this are written to OUT/features and read "
+                   "memory-mapped.")
 
 
 def main(argv):
@@ -24,7 +26,7 @@ def main(argv):
     from research.config import UserError
     from research.probe import run_probe
     try:
-        run_probe(config_from_args(argv[1:]), F.out)
+        run_probe(config_from_args(argv[1:]), F.out, max_memory_mb=F.max_memory_mb)
     except UserError as e:
         common.die(str(e), common.EXIT_USER_ERROR)
     with open(f"{F.out}/probe.md") as f:

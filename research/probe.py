@@ -24,6 +24,7 @@ are Wilson score intervals over the test images.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import keras
@@ -54,27 +55,49 @@ def tap_model(base: keras.Model, backbone: str) -> keras.Model:
     return keras.Model(base.inputs, outputs, name="taps")
 
 
-def tap_features(taps: keras.Model, batches: tf.data.Dataset) -> tuple[list[np.ndarray], np.ndarray]:
-    """One pass over `(model input, label)` batches: per tap, the [N, channels] features; the labels."""
+def tap_features(taps: keras.Model, batches: tf.data.Dataset, *, num: int | None = None,
+                 directory: str | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """One pass over `(model input, label)` batches: per tap, the [N, channels] features; the labels.
+
+    With `directory` (and `num`, the number of examples), each tap's features are
+    written batch by batch into `directory/TAP.npy` and returned memory-mapped, so
+    that memory holds one batch, not the dataset.
+    """
     run = tf.function(lambda x: taps(x, training=False))
-    feats: list[list[np.ndarray]] = []
-    labels = []
+    feats: list = []
+    labels, done = [], 0
     for x, y in batches:
-        outs = run(x)
+        outs = [o.numpy().astype(np.float32) for o in run(x)]
         if not feats:
-            feats = [[] for _ in outs]
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+                feats = [np.lib.format.open_memmap(os.path.join(directory, f"{i}.npy"), mode="w+",
+                                                   dtype=np.float32, shape=(num, o.shape[1]))
+                         for i, o in enumerate(outs)]
+            else:
+                feats = [[] for _ in outs]
         for f, o in zip(feats, outs):
-            f.append(o.numpy().astype(np.float32))
+            if directory:
+                f[done:done + len(o)] = o
+            else:
+                f.append(o)
+        done += len(outs[0])
         labels.append(y.numpy())
+    if directory:
+        for f in feats:
+            f.flush()
+        return feats, np.concatenate(labels).astype(np.int64)
     return [np.concatenate(f) for f in feats], np.concatenate(labels).astype(np.int64)
 
 
-def split_features(taps: keras.Model, splits: dict) -> tuple[dict, dict]:
-    """`{split: (uint8 (image, label) dataset, preprocess)}` -> per split, the taps' features and the labels."""
+def split_features(taps: keras.Model, splits: dict, *, directory: str | None = None) -> tuple[dict, dict]:
+    """`{split: (uint8 (image, label) dataset, preprocess, number of examples)}` -> per split, the
+    taps' features (memory-mapped under `directory/SPLIT/` if given) and the labels."""
     features, labels = {}, {}
-    for split, (ds, prep) in splits.items():
+    for split, (ds, prep, num) in splits.items():
         batches = ds.batch(128).map(lambda x, y, prep=prep: (prep(x), y)).prefetch(tf.data.AUTOTUNE)
-        features[split], labels[split] = tap_features(taps, batches)
+        features[split], labels[split] = tap_features(
+            taps, batches, num=num, directory=os.path.join(directory, split) if directory else None)
     return features, labels
 
 
@@ -216,19 +239,21 @@ def choose_by_probe(rows: list[dict], blocks: list[str], k: int) -> list[str]:
 
 # --- the probe of a run's config (launch/probe.py) -------------------------------------------
 
-def run_probe(config, out_dir: str, *, log=print) -> list[dict]:
+def run_probe(config, out_dir: str, *, max_memory_mb: float = 2048, log=print) -> list[dict]:
     """Probes every block of the config's backbone, initialised as the run would be
     (pretrained weights, or `ckpt:`), on its data and splits; writes `probe.csv`,
     `probe.md`, `probe.png` and TensorBoard scalars (step = block depth) in `out_dir`.
 
+    The features of every tap stay in memory when they fit in `max_memory_mb`;
+    otherwise they are written to `out_dir/features/` and read back memory-mapped.
+
     Raises:
       UserError: bad data, weights or flags (as `launch.train` reports them).
     """
-    import os
-
     from research import train as train_lib
 
     os.makedirs(out_dir, exist_ok=True)
+    keras.utils.set_random_seed(config.train.seed)  # the head, and a backbone without pretrained weights
     strategy = tf.distribute.get_strategy()
     t0 = time.perf_counter()
     source, pipeline = train_lib.build_inputs(config, strategy, verbose=False)
@@ -236,15 +261,18 @@ def run_probe(config, out_dir: str, *, log=print) -> list[dict]:
     train_lib.init_weights(config, m)
     taps = tap_model(m.base, config.model.backbone)
     blocks = [b for b, _ in tap_layers(m.base, config.model.backbone)]
-    splits = {"train": (pipeline.cached_train, pipeline.train_preprocess), "val": (pipeline.cached_val,
-                                                                                   pipeline.eval_preprocess)}
+    splits = {"train": (pipeline.cached_train, pipeline.train_preprocess, source.num_train),
+              "val": (pipeline.cached_val, pipeline.eval_preprocess, source.num_val)}
     if source.test is not None:
-        splits["test"] = (source.test, pipeline.eval_preprocess)
-    features, labels = split_features(taps, splits)
+        splits["test"] = (source.test, pipeline.eval_preprocess, source.num_test)
+    channels = sum(int(o.shape[-1]) for o in taps.outputs)
+    size_mb = sum(n for _, _, n in splits.values()) * channels * 4 / 2**20
+    on_disk = size_mb > max_memory_mb
+    features, labels = split_features(taps, splits, directory=os.path.join(out_dir, "features") if on_disk else None)
     extract_s = time.perf_counter() - t0
-    size = sum(f.nbytes for fs in features.values() for f in fs)
     log(f"[probe] {len(blocks)} taps of {config.model.backbone} on {sum(len(v) for v in labels.values())} images "
-        f"({size / 2**20:.0f} MB of features) in {extract_s:.1f}s")
+        f"({size_mb:.0f} MB of features, {'on disk in ' + out_dir + '/features' if on_disk else 'in memory'}) "
+        f"in {extract_s:.1f}s")
     rows = probe_curve(features, labels, blocks, log=log)
     write_probe(out_dir, rows, title=f"{config.model.backbone} on {config.data.dataset}",
                 test_from=source.test_from, seconds={"extract": extract_s,
@@ -255,7 +283,6 @@ def run_probe(config, out_dir: str, *, log=print) -> list[dict]:
 def write_probe(out_dir: str, rows: list[dict], *, title: str, test_from: str, seconds: dict) -> None:
     import csv
     import json
-    import os
 
     import matplotlib
     matplotlib.use("Agg")

@@ -494,8 +494,8 @@ class Controller:
             blocks = probe.choose_by_rgn(scores, names, k)
         else:
             feats, labels = probe.split_features(probe.tap_model(self.m.base, backbone), {
-                "train": (self.pipeline.cached_train, self.pipeline.train_preprocess),
-                "val": (self.pipeline.cached_val, self.pipeline.eval_preprocess)})
+                "train": (self.pipeline.cached_train, self.pipeline.train_preprocess, self.source.num_train),
+                "val": (self.pipeline.cached_val, self.pipeline.eval_preprocess, self.source.num_val)})
             rows = probe.probe_curve(feats, labels, names, log=lambda text: None)
             scores = {r["block"]: r["val_accuracy"] for r in rows}
             blocks = probe.choose_by_probe(rows, names, k)

@@ -192,6 +192,12 @@ def test_launch_probe_writes_its_table_plot_and_scalars(tmp_path):
     assert all(0 <= row["val_accuracy"] <= 1 and "test_accuracy" in row for row in rows)
     assert (tmp_path / "probe.png").stat().st_size > 1000 and "| depth | block |" in (tmp_path / "probe.md").read_text()
     assert list(tmp_path.glob("events.out.tfevents.*"))
+    # Over the memory budget, the features go to disk and are read back memory-mapped: the same probes.
+    r = run_module("launch.probe", f"--out={tmp_path / 'disk'}", "--max_memory_mb=0", "--", "--image_size=16",
+                   "--classes=0-4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "disk" / "probe.json").read_text())["rows"] == rows
+    assert len(list((tmp_path / "disk" / "features" / "train").glob("*.npy"))) == 3
 
 
 @pytest.mark.slow  # 9 runs and the probes, ~90 s on 2 cores
