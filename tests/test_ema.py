@@ -96,6 +96,7 @@ def test_bad_ema_flags_exit_2(tmp_path, flags, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a run, evaluate and an export
 def test_the_final_average_is_saved_in_ema_and_exported(tmp_path):
     wd = tmp_path / "run"
     r = run_module("launch.train", f"--workdir={wd}", "--image_size=16", "--classes=0-4", "--epochs=2", "--noexport",

@@ -266,6 +266,7 @@ def test_test_time_augmentation_averages_the_views_probabilities(trained):
         assert "accuracy" in report and f"test-time augmentation ({mode}" in r.stdout
 
 
+@pytest.mark.slow  # a run, evaluate and two exports
 def test_eval_crop_is_the_same_view_in_training_evaluate_and_the_export(tmp_path):
     """--eval_crop=0.75 at 16 px: the central 12x12 resized back to 16x16, pinned to a crop
     by slicing and tf.image.resize (not Keras's CenterCrop/Resizing, which implement it)."""

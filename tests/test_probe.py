@@ -39,6 +39,7 @@ def test_a_tap_is_the_backbone_truncated_at_its_block(backbone, size):
 
 @pytest.mark.parametrize("backbone,size", [("vgg16", 32), ("mobilenet_v2", 32), ("resnet50", 32),
                                            ("efficientnet_b0", 32), ("xception", 71)])
+@pytest.mark.slow  # builds five full-size backbones
 def test_every_backbone_has_one_tap_per_block(backbone, size):
     base = backbones.build_base(backbone, image_size=size)
     taps = probe.tap_model(base, backbone)
@@ -145,6 +146,7 @@ def test_block_grad_sums_of_the_step_equal_the_hand_computed_norms_and_trace_onc
     np.testing.assert_allclose(sums, expected, rtol=1e-4)
 
 
+@pytest.mark.slow  # several runs; keeps the default suite under 15 min
 def test_auto_k_picks_k_blocks_deterministically_and_says_why(tmp_path):
     args = ["--image_size=16", "--classes=0-4", "--head_epochs=1", "--finetune_epochs=1", "--noexport"]
     chosen = []
@@ -168,6 +170,7 @@ def test_bad_auto_specs_exit_2(tmp_path):
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
 
 
+@pytest.mark.slow  # several runs; keeps the default suite under 15 min
 def test_log_block_grads_changes_no_weight(tmp_path):
     args = ["--image_size=16", "--classes=0-4", "--deterministic", "--head_epochs=1", "--finetune_epochs=2",
             "--unfreeze=top:2", "--noexport"]
@@ -184,6 +187,7 @@ def test_log_block_grads_changes_no_weight(tmp_path):
     assert ft["train/block_rgn/block3"] > 0 and ft["train/block_change/block3"] > 0
 
 
+@pytest.mark.slow  # several runs; keeps the default suite under 15 min
 def test_launch_probe_writes_its_table_plot_and_scalars(tmp_path):
     r = run_module("launch.probe", f"--out={tmp_path}", "--", "--image_size=16", "--classes=0-4")
     assert r.returncode == 0, r.stderr[-3000:]
