@@ -16,21 +16,14 @@ from launch import common  # first: sets the TF log level before TensorFlow load
 
 from absl import app
 
-from launch.train import F, config_from_flags, define_flags
+from launch.train import F, config_or_exit, define_flags
 
 
 def main(argv):
-    if len(argv) > 1:
-        common.die(f"unexpected arguments {argv[1:]}; all options are --flags", common.EXIT_USER_ERROR)
-    if not F.workdir:
-        common.die("--workdir is required, e.g. --workdir=/tmp/guide", common.EXIT_USER_ERROR)
-    from research.config import UserError
-    try:
-        config = config_from_flags()
-    except UserError as e:
-        common.die(str(e), common.EXIT_USER_ERROR)
+    config = config_or_exit(argv, "/tmp/guide")
     common.start_tensorflow_quietly()
     from research import guide
+    from research.config import UserError
     try:
         r = guide.run(config, F.workdir)
     except UserError as e:

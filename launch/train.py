@@ -239,15 +239,21 @@ def config_from_args(args: list[str]) -> C.ExperimentConfig:
     return config_from_flags(fv)
 
 
-def main(argv):
+def config_or_exit(argv, example_workdir: str) -> C.ExperimentConfig:
+    """The command line's config (`--workdir` required); any user error exits 2, before
+    TensorFlow is imported: a bad flag costs well under a second."""
     if len(argv) > 1:
         common.die(f"unexpected arguments {argv[1:]}; all options are --flags", common.EXIT_USER_ERROR)
     if not F.workdir:
-        common.die("--workdir is required, e.g. --workdir=/tmp/run1", common.EXIT_USER_ERROR)
+        common.die(f"--workdir is required, e.g. --workdir={example_workdir}", common.EXIT_USER_ERROR)
     try:
-        config = config_from_flags()
-    except C.UserError as e:  # before TensorFlow is imported: a bad flag costs well under a second
+        return config_from_flags()
+    except C.UserError as e:
         common.die(str(e), common.EXIT_USER_ERROR)
+
+
+def main(argv):
+    config = config_or_exit(argv, "/tmp/run1")
 
     from research.config import UserError
     with common.quiet_tensorflow_startup():
