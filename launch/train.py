@@ -31,7 +31,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     d("string", "preset", None, "A named recipe (research/presets.py: quickstart, ants_top2, features, lp_ft); "
       "flags given override it.")
     # Data
-    d("string", "dataset", _D.dataset, "digits | folder:PATH | tfds:NAME")
+    d("string", "dataset", _D.dataset, "digits | folder:PATH | tfds:NAME | tfrecord:DIR (shards written by launch.convert)")
     d("string", "data_dir", _D.data_dir, "TFDS data directory.")
     d("string", "train_split", _D.train_split, "TFDS training split.")
     d("string", "val_split", _D.val_split, "TFDS validation split (default: validation/val if present, else a slice of train).")
@@ -46,7 +46,11 @@ def define_flags(fv: flags.FlagValues) -> None:
     d("integer", "image_size", _D.image_size, "Input side in pixels (0: the backbone's default).")
     d("integer", "batch_size", _D.batch_size, "Global batch size.")
     d("integer", "shuffle_buffer", _D.shuffle_buffer, "Shuffle buffer size.")
-    d("bool", "cache", _D.cache, "Cache decoded, resized images in memory.")
+    d("enum", "cache", _D.cache, "Where decoded, resized images are kept between epochs: memory | disk (written "
+      "once to --cache_dir, reused on resume and by later runs) | none (decoded every epoch) | auto (memory if "
+      "they take under 25% of the available RAM, else disk).", enum_values=["auto", "memory", "disk", "none"])
+    d("string", "cache_dir", _D.cache_dir, "The disk cache and the image check's results (default: WORKDIR/cache); "
+      "share one between runs to decode a dataset once.")
     d("enum", "sampler", _D.sampler, "Training draws: shuffle (each image once per epoch) | balanced (each draw "
       "picks a class uniformly, then its next image; for imbalanced folders).", enum_values=list(C.SAMPLERS))
     d("float", "eval_crop", _D.eval_crop, "Evaluation (val, test, evaluate, the export) keeps this central fraction "
@@ -186,7 +190,7 @@ def config_from_flags(fv: flags.FlagValues = F) -> C.ExperimentConfig:
                           val_split=fv.val_split, val_fraction=fv.val_fraction, test=fv.test, test_split=fv.test_split,
                           test_fraction=fv.test_fraction, classes=fv.classes,
                           image_size=fv.image_size, batch_size=fv.batch_size, shuffle_buffer=fv.shuffle_buffer,
-                          cache=fv.cache, sampler=fv.sampler, eval_crop=fv.eval_crop,
+                          cache=fv.cache, cache_dir=fv.cache_dir or "", sampler=fv.sampler, eval_crop=fv.eval_crop,
                           skip_bad_images=fv.skip_bad_images, threads=fv.data_threads),
         augment=C.AugmentConfig(horizontal_flip=fv.horizontal_flip, vertical_flip=fv.vertical_flip,
                                 crop_scale=fv.crop_scale, crop_ratio=fv.crop_ratio,

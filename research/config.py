@@ -54,7 +54,12 @@ class DataConfig:
       image_size: side of the square model input; 0 means the backbone's default.
       batch_size: the global batch size.
       shuffle_buffer: tf.data shuffle buffer (capped at the dataset size).
-      cache: keep decoded, resized images in memory after the first epoch.
+      cache: where the decoded, resized images are kept between epochs: `memory`,
+        `disk` (written once to `cache_dir`, reused by resumes and later runs on the
+        same data and size), `none` (decoded every epoch), or `auto` (memory when
+        they take under a quarter of the available RAM, else disk).
+      cache_dir: the disk cache and the folder check's results (`images.json`);
+        empty: `WORKDIR/cache`. Share one between runs to decode a dataset once.
       sampler: `shuffle`: each training image once per epoch; `balanced`: every
         draw picks a class uniformly, then the next image of its shuffled cycle,
         as many draws per epoch as there are training images (for imbalanced
@@ -80,7 +85,8 @@ class DataConfig:
     image_size: int = 0
     batch_size: int = 32
     shuffle_buffer: int = 10000
-    cache: bool = True
+    cache: str = "auto"
+    cache_dir: str = ""
     sampler: str = "shuffle"
     eval_crop: float = 1.0
     skip_bad_images: bool = False
@@ -300,11 +306,14 @@ class ExperimentConfig:
         train = dict(d["train"], early_stopping=es)
         if isinstance(train.get("jit_compile"), bool):  # config.json written before `auto` existed
             train["jit_compile"] = str(train["jit_compile"]).lower()
+        data = dict(d["data"])
+        if isinstance(data.get("cache"), bool):  # config.json written before the cache modes existed
+            data["cache"] = "memory" if data["cache"] else "none"
         model = dict(d["model"])
         if "train_bn" in model:  # config.json written before `bn` existed
             model["bn"] = "train" if model.pop("train_bn") else "frozen"
         return cls(
-            data=DataConfig(**d["data"]),
+            data=DataConfig(**data),
             augment=AugmentConfig(**d["augment"]),
             model=ModelConfig(**model),
             train=TrainConfig(**train),
@@ -329,9 +338,11 @@ def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
     """
     d, m = config.data, config.model
     ds = d.dataset
-    if ds.startswith("folder:") and ds[len("folder:"):]:
-        ds = "folder:" + os.path.abspath(os.path.expanduser(ds[len("folder:"):]))
+    for kind in ("folder:", "tfrecord:"):
+        if ds.startswith(kind) and ds[len(kind):]:
+            ds = kind + os.path.abspath(os.path.expanduser(ds[len(kind):]))
     data_dir = os.path.abspath(os.path.expanduser(d.data_dir)) if d.data_dir else d.data_dir
+    cache_dir = os.path.abspath(os.path.expanduser(d.cache_dir)) if d.cache_dir else d.cache_dir
     w = m.weights
     if w.startswith("ckpt:") and w[len("ckpt:"):]:
         w = "ckpt:" + os.path.abspath(os.path.expanduser(w[len("ckpt:"):]))
@@ -340,7 +351,7 @@ def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
     cw = config.train.class_weight
     if cw not in ("none", "balanced"):
         cw = os.path.abspath(os.path.expanduser(cw))
-    return dataclasses.replace(config, data=dataclasses.replace(d, dataset=ds, data_dir=data_dir),
+    return dataclasses.replace(config, data=dataclasses.replace(d, dataset=ds, data_dir=data_dir, cache_dir=cache_dir),
                                model=dataclasses.replace(m, weights=w),
                                train=dataclasses.replace(config.train, class_weight=cw))
 
@@ -389,12 +400,16 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     config = resolve_paths(config)
     d, m, t = config.data, config.model, config.train
     ds = d.dataset
-    _check(ds == "digits" or ds.startswith("folder:") or ds.startswith("tfds:"),
-           f"--dataset={ds!r} is not valid; allowed values: digits, folder:PATH, tfds:NAME")
+    _check(ds == "digits" or ds.startswith(("folder:", "tfds:", "tfrecord:")),
+           f"--dataset={ds!r} is not valid; allowed values: digits, folder:PATH, tfds:NAME, tfrecord:DIR")
+    _check(not (ds.startswith("tfrecord:") and not ds[len("tfrecord:"):]),
+           "--dataset=tfrecord: needs the directory launch.convert wrote, e.g. tfrecord:/data/flowers-shards")
     _check(not (ds.startswith("folder:") and not ds[len("folder:"):]), "--dataset=folder: needs a path, e.g. folder:/data/flowers")
     _check(not (ds.startswith("tfds:") and not ds[len("tfds:"):]), "--dataset=tfds: needs a dataset name, e.g. tfds:tf_flowers")
-    if ds.startswith("folder:"):
-        _check(os.path.isdir(ds[len("folder:"):]), f"--dataset={ds}: no such directory")
+    for kind in ("folder:", "tfrecord:"):
+        if ds.startswith(kind):
+            _check(os.path.isdir(ds[len(kind):]), f"--dataset={ds}: no such directory")
+    _choice("cache", d.cache, ("auto", "memory", "disk", "none"))
     _check(0.0 < d.val_fraction < 1.0, f"--val_fraction={d.val_fraction} must be strictly between 0 and 1")
     _choice("test", d.test, TEST_SOURCES)
     _check(0.0 < d.test_fraction < 1.0, f"--test_fraction={d.test_fraction} must be strictly between 0 and 1")
@@ -575,7 +590,8 @@ def simple_stages(*, head_epochs: int, lr: float, unfreeze: str, finetune_epochs
 # The same list decides when a sweep trial that ran before counts as stale.
 RESUME_SAFE_FIELDS = {"train.steps_per_loop", "train.checkpoint_keep", "train.checkpoint_every_steps",
                       "train.histogram_every_epochs", "train.strategy", "train.collective_timeout", "train.export",
-                      "train.cache_features", "train.jit_compile", "data.threads", "train.log_block_grads"}
+                      "train.cache_features", "train.jit_compile", "data.threads", "train.log_block_grads",
+                      "data.cache", "data.cache_dir"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

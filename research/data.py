@@ -3,6 +3,14 @@
 decode and resize (parallel) -> cache -> shuffle (seeded per epoch) -> batch ->
 augment -> preprocess -> prefetch.
 
+The cache (`--cache`) keeps the decoded, resized images `memory` (in RAM), on
+`disk` (written once by `Pipeline.prepare` into a directory named after the split's
+fingerprint, and read back by every later epoch, resume and run on the same data),
+or `none` (decode every epoch). Each yields the same images in the same order, so
+the batches of an epoch do not depend on the mode; `auto` picks memory when the
+decoded images take under a quarter of the available RAM, else disk
+(`choose_cache`).
+
 Shuffling and augmentation are seeded by `(seed, epoch)`, so epoch e sees the same
 order and the same augmented images whether or not the run was interrupted before
 it: resume needs no iterator state in the checkpoint.
@@ -11,6 +19,7 @@ it: resume needs no iterator state in the checkpoint.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import numpy as np
@@ -18,10 +27,35 @@ import tensorflow as tf
 
 from research import augment as augment_lib
 from research import mix as mix_lib
-from research.config import AugmentConfig
+from research.config import AugmentConfig, UserError
 from research.sources import Source, progress_bar
 
 AUTOTUNE = tf.data.AUTOTUNE
+
+CACHE_MODES = ("auto", "memory", "disk", "none")
+MEMORY_SHARE = 0.25  # `auto` caches in RAM when the decoded images take less than this share of it
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def choose_cache(mode: str, num_images: int, size: int, *, available_bytes: int | None = None) -> tuple[str, str]:
+    """`--cache`'s mode for `num_images` decoded images of side `size`, and why.
+
+    `auto` is `memory` when the estimate (N x size^2 x 3 bytes) is under
+    `MEMORY_SHARE` of `available_bytes` (default: the RAM available now), else `disk`.
+    """
+    if mode != "auto":
+        return mode, f"--cache={mode}"
+    if available_bytes is None:
+        import psutil
+        available_bytes = psutil.virtual_memory().available
+    need = num_images * size * size * 3
+    pick = "memory" if need < MEMORY_SHARE * available_bytes else "disk"
+    return pick, (f"--cache=auto chose {pick}: {num_images} decoded images at {size}x{size} px take ~{_gib(need)}, "
+                  f"{need / max(available_bytes, 1):.0%} of the {_gib(available_bytes)} of RAM available "
+                  f"(memory below {MEMORY_SHARE:.0%})")
 
 
 def pipeline_threads(requested: int, *, cached: bool) -> int | None:
@@ -100,7 +134,10 @@ class Pipeline:
       preprocess: the backbone's `preprocess_input` (float [0, 255] RGB in).
       augment: augmentation settings (applied to training batches only).
       seed: base seed; epoch e shuffles and augments with seeds derived from (seed, e).
-      cache: keep the decoded images in memory after the first epoch.
+      cache: `memory`, `disk` or `none` (see the module's docstring; `auto` is
+        resolved by `choose_cache`); True and False mean memory and none.
+      cache_dir: where the `disk` cache is written (one directory per split and
+        fingerprint).
       shuffle_buffer: shuffle buffer size (capped at the training set size).
       threads: size of the pipeline's own tf.data thread pool (None: TF's shared
         pool over every core); see `pipeline_threads`.
@@ -109,24 +146,41 @@ class Pipeline:
         (classes drawn uniformly, `balanced`).
       eval_crop: the central fraction of each side that validation and test
         images keep, resized back (`augment.eval_view`); 1 keeps the whole image.
+      replicas: the strategy's replicas in sync (used only by a source sharded by worker).
     """
 
     def __init__(self, source: Source, *, batch_size: int, preprocess, augment: AugmentConfig,
-                 seed: int = 0, cache: bool = True, shuffle_buffer: int = 10000, threads: int | None = None,
-                 deterministic: bool = False, sampler: str = "shuffle", eval_crop: float = 1.0):
+                 seed: int = 0, cache: str | bool = "memory", cache_dir: str | None = None, shuffle_buffer: int = 10000,
+                 threads: int | None = None, deterministic: bool = False, sampler: str = "shuffle",
+                 eval_crop: float = 1.0, replicas: int = 1):
         self.source = source
         self.sampler = sampler
         self.batch_size = batch_size
         self.preprocess = preprocess
         self.augment_cfg = augment
         self.seed = seed
-        self.cache = cache
+        self.cache = {True: "memory", False: "none"}.get(cache, cache)
+        if self.cache not in ("memory", "disk", "none"):
+            raise ValueError(f"cache={cache!r}: resolve `auto` with choose_cache first")
+        if self.cache == "disk" and not cache_dir:
+            raise ValueError("cache='disk' needs a cache_dir")
+        self.cache_dir = cache_dir
         self.threads = threads
         self.deterministic = deterministic
+        # A source sharded by worker (`Source.shard`) feeds each replica its own batches
+        # (`distribute`): a replica's share of the global batch, `local` per step on each worker.
+        index, workers = source.shard
+        self.sharded = workers > 1
+        if self.sharded and batch_size % replicas:
+            raise UserError(f"--batch_size={batch_size} must be a multiple of the {replicas} replicas when each "
+                            "worker reads its own shards of a tfrecord: source")
+        self.stream_batch = batch_size // replicas if self.sharded else batch_size
+        self.local = replicas // workers if self.sharded else 1
         self.shuffle_buffer = max(1, min(shuffle_buffer, source.num_train))
-        self._train = source.train.cache() if cache else source.train
-        self._val = source.val.cache() if cache else source.val
-        self._classes = per_class(self._train, source.train_counts, cache=cache) if sampler == "balanced" else None
+        self._train = self._cached("train", source.train)
+        self._val = self._cached("val", source.val)
+        self._classes = (per_class(self._train, source.class_counts(), cache=self.cache == "memory")
+                         if sampler == "balanced" else None)
         # Traced once per pipeline rather than once per dataset built (every validation
         # pass and every training stream builds one): tracing the augmentation again in
         # Python held back the first batch by ~60 ms (docs/BENCHMARKS.md).
@@ -140,23 +194,79 @@ class Pipeline:
         self.eval_preprocess = self._preprocess if view is None else tf.function(
             lambda x: preprocess(view(tf.cast(x, tf.float32))), input_signature=[images])
 
-    def fill_cache(self) -> float:
-        """Decodes every training image into the cache now, before training, on every
-        core (the training stream may then run on fewer threads); returns seconds."""
+    def _disk_path(self, split: str) -> str:
+        return os.path.join(self.cache_dir, f"{split}-{self.source.image_size}px-{self.source.fingerprints[split]}")
+
+    def _cached(self, split: str, elements: tf.data.Dataset) -> tf.data.Dataset:
+        if self.cache == "memory":
+            return elements.cache()
+        if self.cache == "disk":
+            # Read back once `prepare` has written it; tf.data would otherwise write a cache
+            # of its own while training, and a kill mid-epoch would leave it half-written.
+            return elements.cache(os.path.join(self._disk_path(split), "images"))
+        return elements
+
+    def prepare(self) -> float:
+        """Writes what later starts reuse, before training: the folder check's results
+        (`Source.remember`) and, with `disk`, the cache of the training and validation
+        images; with `memory` and a capped thread pool, decodes the training images into
+        RAM on every core (the stream then runs on fewer threads). Returns seconds."""
         t0 = time.perf_counter()
-        if self.cache:
-            n = self.source.num_train
-            bar = progress_bar(n, f"decoding {n} training images into the cache")
-            done = 0
-            for images, _ in self._train.batch(256).prefetch(AUTOTUNE):
-                done += int(images.shape[0])
-                if bar:
-                    bar.update(done)
+        if self.source.remember is not None:
+            self.source.remember()
+        if self.cache == "disk":
+            self._write_disk_cache("train", self.source.train, self.source.num_train)
+            self._write_disk_cache("val", self.source.val, self.source.num_val)
+        elif self.cache == "memory" and self.threads:
+            self._decode_all(self._train, self.source.num_train, "decoding {n} training images into the cache")
         return time.perf_counter() - t0
+
+    fill_cache = prepare
+
+    @staticmethod
+    def _decode_all(elements: tf.data.Dataset, n: int, what: str) -> None:
+        bar = progress_bar(n, what.format(n=n))
+        done = 0
+        for images, _ in elements.batch(256).prefetch(AUTOTUNE):
+            done += int(images.shape[0])
+            if bar:
+                bar.update(done)
+
+    def _write_disk_cache(self, split: str, elements: tf.data.Dataset, n: int) -> None:
+        """Writes `split`'s decoded images to its cache directory, whole or not at all:
+        into a temporary directory renamed when complete, so that a run killed while
+        writing leaves no cache that a later run would take for a whole one."""
+        final = self._disk_path(split)
+        if os.path.exists(os.path.join(final, "images.index")):
+            return
+        parent, base = os.path.split(final)
+        os.makedirs(parent, exist_ok=True)
+        for name in os.listdir(parent):  # left by a killed run
+            if name.startswith(base + ".tmp-") and not _alive(name.rsplit("-", 1)[-1]):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        tmp = f"{final}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        self._decode_all(elements.cache(os.path.join(tmp, "images")), n,
+                         f"decoding {{n}} {split} images into the disk cache {parent}")
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process (a second worker) finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.sharded:  # every worker takes as many steps as the worker with the fewest images
+            return self.source.min_worker_train // (self.stream_batch * self.local)
         return self.source.num_train // self.batch_size
+
+    def distribute(self, strategy: tf.distribute.Strategy, make_dataset) -> tf.distribute.DistributedDataset:
+        """`make_dataset()` distributed over `strategy`'s replicas: split into per-replica
+        parts of each global batch, or, from a source sharded by worker, one stream per
+        worker whose consecutive batches go to the worker's replicas."""
+        if self.sharded:
+            return strategy.distribute_datasets_from_function(lambda context: make_dataset())
+        return strategy.experimental_distribute_dataset(make_dataset())
 
     @property
     def cached_train(self) -> tf.data.Dataset:
@@ -167,15 +277,19 @@ class Pipeline:
         return self._val
 
     def epoch_seed(self, epoch: int) -> int:
-        """The shuffle and augmentation seed of `epoch` (a function of (seed, epoch) only)."""
-        return int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0] % (2**31 - 1))
+        """The shuffle and augmentation seed of `epoch` (a function of (seed, epoch) only;
+        and of the worker, for a source sharded by worker)."""
+        key = [self.seed, epoch] + ([self.source.shard[0]] if self.sharded else [])
+        return int(np.random.SeedSequence(key).generate_state(1)[0] % (2**31 - 1))
 
     def options(self) -> tf.data.Options:
         opts = tf.data.Options()
         opts.deterministic = True
-        # In-memory sources have no files to shard: each worker keeps its share of
-        # elements (multi-worker); explicit, so TF does not warn and fall back.
-        opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        # Sources not sharded by worker: each worker keeps its share of the elements
+        # (multi-worker); explicit, so TF does not warn and fall back. A sharded source
+        # is its worker's share already.
+        opts.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF if self.sharded else tf.data.experimental.AutoShardPolicy.DATA)
         if self.threads:
             opts.threading.private_threadpool_size = self.threads
         return opts
@@ -204,10 +318,10 @@ class Pipeline:
             batches are not augmented.
           augment: False for the un-augmented images.
         """
-        n = batches_per_epoch or self.steps_per_epoch
+        n = (batches_per_epoch or self.steps_per_epoch) * self.local
         ds = epoch_stream(self._train, [self.epoch_seed(e) for e in range(first_epoch, first_epoch + num_epochs)],
-                          shuffle_buffer=self.shuffle_buffer, batch_size=self.batch_size,
-                          batches_per_epoch=n, classes=self._classes).skip(skip)
+                          shuffle_buffer=self.shuffle_buffer, batch_size=self.stream_batch,
+                          batches_per_epoch=n, classes=self._classes).skip(skip * self.local)
         if augment and self._augment is not None:
             # A stateless seed per batch, (epoch seed, batch index): the same images under
             # a parallel map, run to run and across a resume.
@@ -253,3 +367,13 @@ class Pipeline:
         ds = ds.map(lambda x, y: (self.eval_preprocess(x), y),
                     num_parallel_calls=None if self.deterministic else AUTOTUNE)
         return ds.prefetch(AUTOTUNE).with_options(self.options())
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -86,6 +86,19 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return kind == "worker" and index == 0
 
 
+def worker_of(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+    """`(this worker's index, the number of workers)`: the chief first, then the workers
+    in TF_CONFIG order (the order of MultiWorkerMirroredStrategy's input pipelines);
+    `(0, 1)` for a single-worker strategy."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 0, 1
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec().as_dict()
+    tasks = [("chief", i) for i in range(len(spec.get("chief", [])))] + \
+            [("worker", i) for i in range(len(spec.get("worker", [])))]
+    return tasks.index((resolver.task_type, resolver.task_id)), len(tasks)
+
+
 def setup(cfg) -> tf.distribute.Strategy:
     """The run's runtime, in the order TensorFlow needs it: the strategy first
     (MultiWorkerMirroredStrategy must exist before any other op runs), then op

@@ -81,6 +81,9 @@ class FeatureCache:
     def train_dataset(self, epoch: int) -> tf.data.Dataset:
         return self.train_stream(epoch, 1)
 
+    def distribute(self, strategy: tf.distribute.Strategy, make_dataset) -> tf.distribute.DistributedDataset:
+        return strategy.experimental_distribute_dataset(make_dataset())
+
     def val_dataset(self) -> tf.data.Dataset:
         p = self.pipeline
         ds = tf.data.Dataset.from_tensor_slices((self.val_x, self.val_y)).batch(p.batch_size)

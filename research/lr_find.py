@@ -96,6 +96,7 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
         logging.warning(note)
     strategy = distribute.setup(config.train)
     source, pipeline = train_lib.build_inputs(config, strategy, verbose=verbose)
+    train_lib.prepare_inputs(pipeline)
     m = train_lib.build(config, source.num_classes, strategy)
     train_lib.init_weights(config, m)
     with strategy.scope():
@@ -108,10 +109,11 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     trainer = Trainer(m.model, optimizer, strategy=strategy, grad_accum_steps=accum,
                       label_smoothing=config.train.label_smoothing,
                       class_weights=sources.class_weights(config.train.class_weight, source.class_names,
-                                                          source.train_counts))
+                                                          source.class_counts() if config.train.class_weight
+                                                          == "balanced" else []))
     trainer.set_trainable(selection.variables)
     epochs = math.ceil(steps * accum / pipeline.steps_per_epoch)
-    iterator = iter(strategy.experimental_distribute_dataset(pipeline.train_stream(0, epochs)))
+    iterator = iter(pipeline.distribute(strategy, lambda: pipeline.train_stream(0, epochs)))
     lrs, losses = [], []
     t0 = time.perf_counter()
     for i in range(steps):

@@ -256,7 +256,8 @@ def run_probe(config, out_dir: str, *, max_memory_mb: float = 2048, log=print) -
     keras.utils.set_random_seed(config.train.seed)  # the head, and a backbone without pretrained weights
     strategy = tf.distribute.get_strategy()
     t0 = time.perf_counter()
-    source, pipeline = train_lib.build_inputs(config, strategy, verbose=False)
+    source, pipeline = train_lib.build_inputs(config, strategy, cache_dir=os.path.join(out_dir, "cache"), verbose=False)
+    train_lib.prepare_inputs(pipeline)
     m = train_lib.build(config, source.num_classes, strategy)
     train_lib.init_weights(config, m)
     taps = tap_model(m.base, config.model.backbone)

@@ -4,19 +4,27 @@ Sources (`DataConfig.dataset`):
   * `digits`        scikit-learn's bundled 8x8 handwritten digits (1797 real images, offline)
   * `folder:PATH`   one sub-folder per class; PATH/train + PATH/val (or validation) if present
   * `tfds:NAME`     any TFDS image-classification dataset
+  * `tfrecord:DIR`  TFRecord shards written by `python -m launch.convert`
 
 Every source becomes a `Source`: two `tf.data.Dataset`s of `(uint8 image resized to
 the model's input side, int32 label)`, their sizes and the class names.
 `research/data.py` turns them into the batched training and validation streams.
+
+Folder images are checked once: the result of each file's check is remembered in
+`CACHE_DIR/images.json`, keyed by path, size and modification time, so a resume
+or a second run opens no image it has seen before.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -49,10 +57,32 @@ class Source:
     num_test: int = 0
     test_from: str = "none"
     train_counts: list[int] = field(default_factory=list)
+    # What identifies each split's decoded images (the files, their sizes and times, the
+    # labels): a disk cache is reused only by a split with the same fingerprint.
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    # Multi-worker file sharding (`tfrecord:` only): this worker's index, the number of
+    # workers, and the fewest training images any worker holds; `train` and `num_train`
+    # are then this worker's own.
+    shard: tuple[int, int] = (0, 1)
+    min_worker_train: int = 0
+
+    # Counts the training images of each class when `train_counts` was left empty
+    # (a TFDS split sized from its metadata): only `--class_weight=balanced` and
+    # `--sampler=balanced` need them.
+    count_classes: Callable[[], list[int]] | None = None
+    # Writes what the folder check learnt (`CACHE_DIR/images.json`); called once the run
+    # may write, so that a user error leaves nothing behind.
+    remember: Callable[[], None] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def class_counts(self) -> list[int]:
+        """The training images of each class (counted on first use if the loader did not)."""
+        if not self.train_counts and self.count_classes is not None:
+            self.train_counts = [int(n) for n in self.count_classes()]
+        return self.train_counts
 
 
 # --- Class subsets -------------------------------------------------------------------
@@ -96,6 +126,15 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
 def _show(names: list[str], n: int = 20) -> str:
     s = ", ".join(names[:n])
     return s + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def fingerprint(*parts) -> str:
+    """A short stable hash of `parts` (strings, numbers, arrays, lists of them)."""
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(np.asarray(p).tobytes() if isinstance(p, np.ndarray) else repr(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 # --- Sources -------------------------------------------------------------------------
@@ -168,7 +207,9 @@ def load_digits_source(cfg: DataConfig, size: int) -> Source:
     return Source(_from_arrays(images[tr], labels[tr], size), _from_arrays(images[va], labels[va], size),
                   len(tr), len(va), [names[k] for k in keep], size,
                   test=_from_arrays(images[te], labels[te], size) if len(te) else None, num_test=len(te),
-                  test_from=test_from, train_counts=np.bincount(labels[tr], minlength=len(keep)).tolist())
+                  test_from=test_from, train_counts=np.bincount(labels[tr], minlength=len(keep)).tolist(),
+                  fingerprints={k: fingerprint("digits", idx, labels[idx]) for k, idx in zip(("train", "val", "test"),
+                                                                                          (tr, va, te))})
 
 
 def _list_class_folder(root: str) -> tuple[list[str], list[list[str]]]:
@@ -228,22 +269,67 @@ def progress_bar(total: int, what: str, *, threshold: int = 2000):
     return keras.utils.Progbar(total, verbose=1 if sys.stdout.isatty() else 2)
 
 
-def check_images(paths: list[str], *, skip_bad: bool) -> tuple[list[str], list[str]]:
-    """Decodes every image once before training starts.
+def _stat(path: str) -> list[int]:
+    try:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [-1, -1]
+
+
+def _read_manifest(path: str | None) -> dict:
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # unreadable: every image is checked again, and the file rewritten
+
+
+def _write_json_atomically(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)  # a kill leaves the old manifest or the new one, never half of one
+
+
+def check_images(paths: list[str], *, skip_bad: bool, known: dict | None = None
+                 ) -> tuple[list[str], list[str], list[list[int]]]:
+    """Decodes every image not checked before; adds the results to `known`.
+
+    An image counts as checked when `known` (`{path: [size, mtime_ns, error or
+    None]}`, the manifest's images) records it with its current size and
+    modification time: a resume or a second run on the same folder decodes
+    nothing, and a file replaced since is checked again.
 
     Returns:
-      (good paths, bad paths).
+      (good paths, bad paths, `[size, mtime_ns]` of every path).
 
     Raises:
       UserError: naming the first bad file, unless `skip_bad`.
     """
-    bar = progress_bar(len(paths), f"checking {len(paths)} images")
-    errors = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        for error in pool.map(_readable, paths):
-            errors.append(error)
-            if bar and (len(errors) % 200 == 0 or len(errors) == len(paths)):
-                bar.update(len(errors))
+    known = {} if known is None else known
+    stats = [_stat(p) for p in paths]
+    errors: list[str | None] = [None] * len(paths)
+    todo = []
+    for i, (p, st) in enumerate(zip(paths, stats)):
+        entry = known.get(p)
+        if entry and entry[:2] == st and st[0] >= 0:
+            errors[i] = entry[2]
+        else:
+            todo.append(i)
+    if todo:
+        bar = progress_bar(len(todo), f"checking {len(todo)} images" + (
+            f" ({len(paths) - len(todo)} checked before)" if len(todo) < len(paths) else ""))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+            for done, (i, error) in enumerate(zip(todo, pool.map(_readable, [paths[i] for i in todo])), 1):
+                errors[i] = error
+                if bar and (done % 200 == 0 or done == len(todo)):
+                    bar.update(done)
+        for i in todo:
+            known[paths[i]] = stats[i] + [errors[i]]
     bad = [(p, e) for p, e in zip(paths, errors) if e]
     if bad and not skip_bad:
         p, e = bad[0]
@@ -251,7 +337,7 @@ def check_images(paths: list[str], *, skip_bad: bool) -> tuple[list[str], list[s
         raise UserError(f"unreadable or corrupt image {p!r}: {e}{more}; fix or remove it, "
                         "or pass --skip_bad_images to skip such files")
     bad_set = {p for p, _ in bad}
-    return [p for p in paths if p not in bad_set], [p for p, _ in bad]
+    return [p for p in paths if p not in bad_set], [p for p, _ in bad], stats
 
 
 def _decode_file(path, label, size: int):
@@ -291,6 +377,8 @@ def class_names(cfg: DataConfig) -> list[str]:
             raise UserError(f"--dataset=folder:{path}: no such directory")
         dirs = folder_split_dirs(path)
         return _list_class_folder(os.path.join(path, dirs["train"]) if dirs else path)[0]
+    if cfg.dataset.startswith("tfrecord:"):
+        return list(read_tfrecord_manifest(cfg.dataset[len("tfrecord:"):])["class_names"])
     return load_source(dataclasses.replace(cfg, classes="", batch_size=1), 1).class_names
 
 
@@ -343,18 +431,22 @@ def folder_splits(cfg: DataConfig) -> tuple[list[str], dict[str, list[list[str]]
     return names, splits, test_from
 
 
-def load_folder_source(cfg: DataConfig, size: int) -> Source:
+def load_folder_source(cfg: DataConfig, size: int, cache_dir: str | None = None) -> Source:
     path = cfg.dataset[len("folder:"):]
     names, splits, test_from = folder_splits(cfg)
     keep = parse_classes(cfg.classes, names)
-    out, skipped = {}, {}
+    manifest = os.path.join(cache_dir, "images.json") if cache_dir else None
+    known = _read_manifest(manifest)
+    before = dict(known)
+    out, skipped, prints = {}, {}, {}
     for key, per_class in splits.items():
         paths = [p for new, c in enumerate(keep) for p in per_class[c]]
         labels = [new for new, c in enumerate(keep) for _ in per_class[c]]
-        good, bad = check_images(paths, skip_bad=cfg.skip_bad_images)
+        good, bad, stats = check_images(paths, skip_bad=cfg.skip_bad_images, known=known)
         skipped[key] = bad
-        good_set = set(good)
-        labels = [y for p, y in zip(paths, labels) if p in good_set]
+        bad_set = set(bad)
+        kept = [i for i, p in enumerate(paths) if p not in bad_set]
+        labels = [labels[i] for i in kept]
         if not paths and key == "test":  # a carved slice of a class folder or two
             logging.warning("%s: too few images to carve a test slice; the run has no test split", path)
             test_from = "none (too few images to carve a test slice)"
@@ -362,12 +454,16 @@ def load_folder_source(cfg: DataConfig, size: int) -> Source:
         if not good:
             raise UserError(f"no readable images in the {key} split of {path!r}")
         out[key] = (good, labels)
+        prints[key] = fingerprint("folder", good, labels, [stats[i] for i in kept])
     test = out.get("test")
     return Source(_files_dataset(*out["train"], size), _files_dataset(*out["val"], size),
                   len(out["train"][0]), len(out["val"][0]), [names[k] for k in keep], size,
                   [p for bad in skipped.values() for p in bad], skipped,
                   test=_files_dataset(*test, size) if test else None, num_test=len(test[0]) if test else 0,
-                  test_from=test_from, train_counts=np.bincount(out["train"][1], minlength=len(keep)).tolist())
+                  test_from=test_from, train_counts=np.bincount(out["train"][1], minlength=len(keep)).tolist(),
+                  fingerprints=prints,
+                  remember=(lambda: _write_json_atomically(manifest, {"version": 1, "images": known}))
+                  if manifest and known != before else None)
 
 
 def load_tfds_source(cfg: DataConfig, size: int) -> Source:
@@ -433,7 +529,24 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
     table[keep] = np.arange(len(keep), dtype=np.int32)
     table_t = tf.constant(table)
 
-    def make(split: str) -> tuple[tf.data.Dataset, np.ndarray]:
+    def count(split: str) -> np.ndarray:
+        # Labels only: the images are not decoded.
+        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False,
+                                decoders={"image": tfds.decode.SkipDecoding()})
+        ds = ds.map(lambda x, y: tf.gather(table_t, tf.cast(y, tf.int32)))
+        return ds.filter(lambda y: y >= 0).map(lambda y: tf.one_hot(y, len(keep), dtype=tf.int64)).reduce(
+            tf.zeros([len(keep)], tf.int64), lambda a, b: a + b).numpy()
+
+    def size_of(split: str) -> int | None:
+        """The split's size from the builder's metadata, without reading it (all classes only)."""
+        if len(keep) < len(names):
+            return None
+        try:
+            return int(info.splits[split].num_examples) or None
+        except Exception:  # no metadata (mock data), or a slice TFDS cannot size
+            return None
+
+    def make(split: str) -> tuple[tf.data.Dataset, int, list[int]]:
         try:
             ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
         except (ValueError, KeyError, tf.errors.OpError) as e:
@@ -441,16 +554,139 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
         ds = ds.map(lambda x, y: (x, tf.gather(table_t, tf.cast(y, tf.int32))))
         if len(keep) < len(names):
             ds = ds.filter(lambda x, y: y >= 0)
-        counts = ds.map(lambda x, y: tf.one_hot(y, len(keep), dtype=tf.int64)).reduce(
-            tf.zeros([len(keep)], tf.int64), lambda a, b: a + b).numpy()
         ds = ds.map(lambda x, y: (_resize_uint8(_ensure_rgb(x), size), y), num_parallel_calls=AUTOTUNE)
-        return ds, counts
+        n = size_of(split)
+        if n is not None:
+            return ds, n, []
+        counts = count(split)
+        return ds, int(counts.sum()), counts.tolist()
 
-    train, c_train = make(train_split)
-    val, c_val = make(val_split)
-    test, c_test = make(test_split) if test_split else (None, np.zeros(1, np.int64))
-    return Source(train, val, int(c_train.sum()), int(c_val.sum()), [names[k] for k in keep], size, test=test,
-                  num_test=int(c_test.sum()), test_from=test_from, train_counts=c_train.tolist())
+    train, n_train, c_train = make(train_split)
+    val, n_val, _ = make(val_split)
+    test, n_test, _ = make(test_split) if test_split else (None, 0, [])
+    version = str(getattr(info, "version", ""))
+    return Source(train, val, n_train, n_val, [names[k] for k in keep], size, test=test,
+                  num_test=n_test, test_from=test_from, train_counts=c_train,
+                  count_classes=lambda: count(train_split),
+                  fingerprints={k: fingerprint("tfds", name, version, cfg.data_dir, split, keep)
+                                for k, split in (("train", train_split), ("val", val_split), ("test", test_split))})
+
+
+# --- TFRecord shards (`python -m launch.convert`) ------------------------------------------
+
+TFRECORD_MANIFEST = "manifest.json"
+TFRECORD_FEATURES = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64),
+                     "path": tf.io.FixedLenFeature([], tf.string)}
+
+
+def read_tfrecord_manifest(root: str) -> dict:
+    """The manifest `launch.convert` wrote into `root`.
+
+    Raises:
+      UserError: no such directory, no manifest, or one this code cannot read.
+    """
+    path = os.path.join(root, TFRECORD_MANIFEST)
+    if not os.path.isdir(root):
+        raise UserError(f"--dataset=tfrecord:{root}: no such directory")
+    try:
+        with open(path) as f:
+            m = json.load(f)
+        if m.get("format") != "research-tfrecord" or "train" not in m["splits"] or "val" not in m["splits"]:
+            raise ValueError("not a manifest of launch.convert with train and val splits")
+        for split in m["splits"].values():
+            for shard in split["files"]:
+                if not os.path.exists(os.path.join(root, shard["name"])):
+                    raise ValueError(f"shard {shard['name']} is missing")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--dataset=tfrecord:{root}: {TFRECORD_MANIFEST} is missing or unreadable ({e}); "
+                        "write the shards with python -m launch.convert --dataset=folder:PATH --out=DIR") from None
+    return m
+
+
+def tfrecord_records(files: list[str]) -> tf.data.Dataset:
+    """The serialized records of `files`, in a fixed order: the files are read in
+    parallel, one record from each in turn (deterministic interleave)."""
+    names = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string))
+    return names.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20),
+                            cycle_length=max(1, min(len(files), 8)), block_length=1,
+                            num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def load_tfrecord_source(cfg: DataConfig, size: int, worker: tuple[int, int] = (0, 1)) -> Source:
+    """Shards written by `launch.convert`: the splits it wrote, `--classes` applied.
+
+    With `worker = (index, count)` and count > 1 (multi-worker training), this worker's
+    training split is its own files (every count-th, from index), or every count-th
+    record when there are fewer files than workers: the workers read disjoint shares
+    that together cover the split once.
+    """
+    root = cfg.dataset[len("tfrecord:"):]
+    m = read_tfrecord_manifest(root)
+    names = list(m["class_names"])
+    keep = parse_classes(cfg.classes, names)
+    if cfg.test == "val":
+        raise UserError(f"--test=val: tfrecord:{root} has the splits launch.convert wrote; convert with "
+                        "--test=val to hold out the folder's validation split as test")
+    table = np.full(len(names), -1, np.int32)
+    table[keep] = np.arange(len(keep), dtype=np.int32)
+    table_t = tf.constant(table)
+    index, count = worker
+
+    def parse(record):
+        ex = tf.io.parse_single_example(record, TFRECORD_FEATURES)
+        return ex["image"], tf.gather(table_t, tf.cast(ex["label"], tf.int32))
+
+    def elements(records: tf.data.Dataset) -> tf.data.Dataset:
+        ds = records.map(parse, num_parallel_calls=AUTOTUNE)
+        if len(keep) < len(names):
+            ds = ds.filter(lambda x, y: y >= 0)
+        return ds.map(lambda x, y: (_resize_uint8(images_lib.decode(x, size), size), y), num_parallel_calls=AUTOTUNE)
+
+    def split_counts(shards: list[dict]) -> np.ndarray:
+        c = np.sum([s["class_counts"] for s in shards], axis=0) if shards else np.zeros(len(names), np.int64)
+        return np.asarray(c)[keep]
+
+    def make(key: str):
+        shards = m["splits"][key]["files"]
+        files = [os.path.join(root, s["name"]) for s in shards]
+        stats = [_stat(f) for f in files]
+        counts = split_counts(shards)
+        return files, stats, counts
+
+    out, prints = {}, {}
+    for key in ("train", "val", "test"):
+        if key not in m["splits"] or (key == "test" and cfg.test == "none"):
+            continue
+        files, stats, counts = make(key)
+        records = tfrecord_records(files)
+        n = int(counts.sum())
+        shard_note = ()
+        if key == "train" and count > 1:
+            shards = m["splits"][key]["files"]
+            if len(files) >= count:
+                mine = list(range(index, len(files), count))
+                records = tfrecord_records([files[i] for i in mine])
+                per_worker = [int(split_counts([shards[i] for i in range(w, len(files), count)]).sum())
+                              for w in range(count)]
+            else:  # fewer files than workers: every count-th record
+                records = records.shard(count, index)
+                labels = np.fromiter(tfrecord_records(files).map(lambda r: parse(r)[1]).as_numpy_iterator(), np.int64)
+                position = np.arange(len(labels))
+                per_worker = [int(np.sum(labels[position % count == w] >= 0)) for w in range(count)]
+            n = per_worker[index]
+            shard_note = (index, count, min(per_worker))
+        out[key] = (elements(records), n, counts)
+        prints[key] = fingerprint("tfrecord", files, stats, keep, shard_note[:2])
+        if shard_note:
+            out["shard"] = shard_note
+    test = out.get("test")
+    shard = out.get("shard", (0, 1, 0))
+    return Source(out["train"][0], out["val"][0], out["train"][1], out["val"][1], [names[k] for k in keep], size,
+                  list(m.get("skipped", [])), test=test[0] if test else None, num_test=test[1] if test else 0,
+                  test_from=(f"tfrecord:{root} split 'test' ({m.get('test_from', 'written by launch.convert')})"
+                             if test else "none"),
+                  train_counts=[int(c) for c in out["train"][2]], fingerprints=prints,
+                  shard=shard[:2], min_worker_train=shard[2])
 
 
 def _ensure_rgb(x):
@@ -499,21 +735,32 @@ def class_weights(spec: str, class_names: list[str], counts: list[int]) -> list[
     return [float(w) for w in weights]
 
 
-def load_source(cfg: DataConfig, image_size: int) -> Source:
+def load_source(cfg: DataConfig, image_size: int, *, cache_dir: str | None = None,
+                worker: tuple[int, int] = (0, 1)) -> Source:
     """Loads the configured dataset, resized to `image_size`.
+
+    Args:
+      cfg: the data settings.
+      image_size: the model's input side.
+      cache_dir: where the folder check's results are remembered (None: nowhere).
+      worker: `(index, count)` of this worker under multi-worker training; only a
+        `tfrecord:` source shards its files by worker (others are sharded by tf.data).
 
     Raises:
       UserError: unknown source, missing folder, class folder without images,
-        unreadable image, unknown TFDS name or split.
+        unreadable image, unknown TFDS name or split, missing or bad shards.
     """
     if cfg.dataset == "digits":
         src = load_digits_source(cfg, image_size)
     elif cfg.dataset.startswith("folder:"):
-        src = load_folder_source(cfg, image_size)
+        src = load_folder_source(cfg, image_size, cache_dir)
     elif cfg.dataset.startswith("tfds:"):
         src = load_tfds_source(cfg, image_size)
+    elif cfg.dataset.startswith("tfrecord:"):
+        src = load_tfrecord_source(cfg, image_size, worker)
     else:
-        raise UserError(f"--dataset={cfg.dataset!r} is not valid; allowed values: digits, folder:PATH, tfds:NAME")
+        raise UserError(f"--dataset={cfg.dataset!r} is not valid; allowed values: digits, folder:PATH, tfds:NAME, "
+                        "tfrecord:DIR")
     if src.num_train < cfg.batch_size:
         raise UserError(f"--batch_size={cfg.batch_size} is larger than the training set "
                         f"({src.num_train} images); lower it")

@@ -112,8 +112,14 @@ def _changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> l
 
 # --- building ----------------------------------------------------------------------------
 
-def build_inputs(config: ExperimentConfig, strategy, *, verbose: bool = True) -> tuple[sources.Source, data.Pipeline]:
-    """Loads the data (every image checked) and builds the input pipeline; says what it found.
+def build_inputs(config: ExperimentConfig, strategy, *, cache_dir: str | None = None,
+                 verbose: bool = True) -> tuple[sources.Source, data.Pipeline]:
+    """Loads the data (every image not checked before is checked) and builds the input
+    pipeline; says what it found. Writes nothing: `Pipeline.prepare` does, later.
+
+    Args:
+      cache_dir: the disk cache and the folder check's results, unless `--cache_dir`
+        names one (None: neither is kept; `disk` then falls back to `none`).
 
     Raises:
       UserError: missing or unreadable data, unknown classes or splits.
@@ -121,28 +127,51 @@ def build_inputs(config: ExperimentConfig, strategy, *, verbose: bool = True) ->
     cfg_d = config.data
     entry = backbones.get(config.model.backbone)
     size = backbones.input_size(config.model.backbone, cfg_d.image_size)
-    source = sources.load_source(cfg_d, size)
+    cache_dir = cfg_d.cache_dir or cache_dir
+    source = sources.load_source(cfg_d, size, cache_dir=cache_dir, worker=distribute.worker_of(strategy))
     if source.skipped:
         logging.warning("skipped %d unreadable image(s), e.g. %s", len(source.skipped), source.skipped[0])
+    mode, why = data.choose_cache(cfg_d.cache, source.num_train + source.num_val, size)
+    if mode == "disk" and not cache_dir:
+        mode, why = "none", why + "; no cache directory here, so none"
     if verbose:
         names = ", ".join(source.class_names[:10]) + (", ..." if source.num_classes > 10 else "")
-        print(f"data: {cfg_d.dataset}: {source.num_classes} classes ({names}); {source.num_train} training, "
+        shard = (f" (worker {source.shard[0]} of {source.shard[1]} reads its own {source.num_train})"
+                 if source.shard[1] > 1 else "")
+        print(f"data: {cfg_d.dataset}: {source.num_classes} classes ({names}); {source.num_train} training{shard}, "
               f"{source.num_val} validation and {source.num_test} test images at {size}x{size} px"
               + (f"; skipped {len(source.skipped)} unreadable" if source.skipped else ""), flush=True)
+        print(f"cache: {mode}" + (f" in {cache_dir}" if mode == "disk" else "")
+              + (f" ({why})" if cfg_d.cache == "auto" else ""), flush=True)
         print(f"test: {source.test_from}" + ("; evaluated once, at the end of the run" if source.test else
                                              "; the run reports validation numbers only"), flush=True)
         print(f"model: {config.model.backbone} (weights {config.model.weights}); "
               f"{distribute.describe(strategy)}, {config.train.precision}", flush=True)
     pipeline = data.Pipeline(source, batch_size=cfg_d.batch_size, preprocess=entry.preprocess,
-                             augment=config.augment, seed=config.train.seed, cache=cfg_d.cache,
+                             augment=config.augment, seed=config.train.seed, cache=mode, cache_dir=cache_dir,
                              shuffle_buffer=cfg_d.shuffle_buffer,
-                             threads=data.pipeline_threads(cfg_d.threads, cached=cfg_d.cache),
+                             threads=data.pipeline_threads(cfg_d.threads, cached=mode != "none"),
                              deterministic=config.train.deterministic, sampler=cfg_d.sampler,
-                             eval_crop=cfg_d.eval_crop)
-    if pipeline.threads and cfg_d.cache:
-        # Decode on every core now; the training stream then runs on its capped pool.
-        logging.info("decoded %d training images into the cache in %.1fs", source.num_train, pipeline.fill_cache())
+                             eval_crop=cfg_d.eval_crop, replicas=strategy.num_replicas_in_sync)
     return source, pipeline
+
+
+def _cache_dir(workdir: str, strategy, chief: bool) -> str:
+    """`WORKDIR/cache`; a non-chief worker, which writes nothing into the workdir, keeps
+    its own under the system's temporary directory (the same one on every resume)."""
+    if chief:
+        return os.path.join(workdir, "cache")
+    index, _ = distribute.worker_of(strategy)
+    return os.path.join(tempfile.gettempdir(), f"research-cache-{sources.fingerprint(workdir)}-worker{index}")
+
+
+def prepare_inputs(pipeline: data.Pipeline) -> None:
+    """`Pipeline.prepare`, logged: the check's results and the disk cache written,
+    the memory cache filled."""
+    seconds = pipeline.prepare()
+    if seconds > 1:
+        logging.info("prepared the %s cache of %d training images in %.1fs", pipeline.cache,
+                     pipeline.source.num_train, seconds)
 
 
 @dataclass
@@ -247,9 +276,10 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
     if chief:
         checkpoints.check_unlocked(workdir)  # fail fast, before the data is read
     changes = _changes_on_resume(workdir, config, allow_config_change)
-    source, pipeline = build_inputs(config, strategy, verbose=verbose)
+    source, pipeline = build_inputs(config, strategy, cache_dir=_cache_dir(workdir, strategy, chief), verbose=verbose)
     _check_monitor(config, source.num_classes)
-    weights = sources.class_weights(config.train.class_weight, source.class_names, source.train_counts)
+    weights = sources.class_weights(config.train.class_weight, source.class_names,
+                                    source.class_counts() if config.train.class_weight == "balanced" else [])
     if weights and verbose:
         print("class weights: " + ", ".join(f"{c} {w:.3g}" for c, w in zip(source.class_names[:10], weights))
               + (", ..." if len(weights) > 10 else ""), flush=True)
@@ -261,6 +291,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
             run, resumed_from = checkpoints.restore_or_initialize(ctl.ckpts, init=lambda: init_weights(config, built))
             if run.finished:
                 return ctl.report_finished(run, changes)
+            prepare_inputs(pipeline)
             ctl.start(run, resumed_from, changes, allow_config_change)
             for index in range(run.stage, len(config.stages)):
                 ctl.run_stage(run, index)
@@ -532,7 +563,10 @@ class Controller:
         unfreeze.apply_policy(self.m.model, cfg_m.backbone, selection)
         head_only = len(selection.variables) == len(unfreeze.head_variables(self.m.model))
         aug = self.config.augment
-        use_cache = self.config.train.cache_features and head_only and not (aug.enabled or aug.mixes)
+        # Features are extracted from this worker's images only when it reads its own shards,
+        # and FeatureCache streams them as if every worker had every image.
+        use_cache = (self.config.train.cache_features and head_only and not (aug.enabled or aug.mixes)
+                     and not self.pipeline.sharded)
         if self.config.train.cache_features and not use_cache and run.epoch == 0 and limit in (None, 1):
             logging.warning("stage %s: --cache_features applies to head-only stages without "
                             "augmentation; training through the base", stage.name)
@@ -804,9 +838,8 @@ class TrainingStream:
     def iterator(self, source, kind: str, global_epoch: int, num_epochs: int, *, skip_steps: int):
         """The iterator that delivers `global_epoch` next (`skip_steps` into it when rebuilt)."""
         if self._at != (kind, global_epoch):
-            ds = source.train_stream(global_epoch, num_epochs, batches_per_epoch=self.batches_per_epoch,
-                                     skip=skip_steps * self.accum)
-            self._iterator = iter(self.strategy.experimental_distribute_dataset(ds))
+            self._iterator = iter(source.distribute(self.strategy, lambda: source.train_stream(
+                global_epoch, num_epochs, batches_per_epoch=self.batches_per_epoch, skip=skip_steps * self.accum)))
             self._at = (kind, global_epoch)
         return self._iterator
 

@@ -99,7 +99,7 @@ def test_a_long_image_check_shows_its_progress(tmp_path, capsys):
     from PIL import Image
     path = tmp_path / "one.png"
     Image.new("RGB", (8, 8), (10, 200, 30)).save(path)
-    good, bad = sources.check_images([str(path)] * 2400, skip_bad=False)
+    good, bad, _ = sources.check_images([str(path)] * 2400, skip_bad=False)
     assert len(good) == 2400 and bad == []
     out = capsys.readouterr().out
     # Redirected (not a terminal): the step is named, then one plain line when it ends.

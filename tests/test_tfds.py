@@ -55,6 +55,19 @@ def test_train_on_a_prepared_dataset_with_a_named_val_split(prepared, tmp_path):
     assert res["final"]["val/accuracy"] >= 0.9, res["final"]
 
 
+def test_sizes_come_from_the_metadata_and_class_counts_only_when_asked(prepared):
+    data_dir, src = prepared
+    # All classes: the split sizes are the builder's metadata, nothing was read to count.
+    assert src.train_counts == [] and (src.num_train, src.num_val, src.num_test) == (48, 12, 18)
+    counted = np.bincount([int(y) for _, y in src.train.as_numpy_iterator()], minlength=3).tolist()
+    assert src.class_counts() == counted and sum(counted) == 48
+    # A class subset has no metadata: its labels are counted (the images left undecoded).
+    sub = sources.load_source(DataConfig(dataset="tfds:tiny_colors", data_dir=str(data_dir), batch_size=8,
+                                         classes="red,blue"), 16)
+    assert sub.train_counts == [counted[0], counted[2]] and sub.num_train == counted[0] + counted[2]
+    assert sub.num_train == sum(1 for _ in sub.train)
+
+
 def test_the_tfds_test_split_is_the_test_split_and_never_validation(prepared):
     data_dir, src = prepared
     assert src.num_test == 18 and "split 'test'" in src.test_from
