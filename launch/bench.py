@@ -4,6 +4,7 @@ Ratios (medians of interleaved repeats, with both medians and every sample):
 loop_vs_fit, loop_vs_fit_matched, pipeline_vs_ceiling, feature_cache_speedup,
 steps_per_loop_speedup, and memory. See docs/BENCHMARKS.md for results.
 With --profile_dir: tf.profiler traces and op tables instead (see `benchmarks.measure.profile`).
+With --scale: start-up, memory and throughput as the dataset grows (see `benchmarks/scale.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ flags.DEFINE_string("images", "", "A folder of JPEGs per class for pipeline_vs_c
                     "(default: ../shared/data/hymenoptera/train if present, else generated JPEGs).")
 flags.DEFINE_integer("steps_per_loop", 20, "The loop's steps per call (the train default).")
 flags.DEFINE_bool("tiny", False, "Tiny settings for tests: checks every key is written, measures nothing useful.")
+flags.DEFINE_bool("scale", False, "Instead: start-up, peak RSS and throughput of the memory, disk, none and "
+                  "tfrecord inputs on generated JPEG folders of --scale_sizes images (benchmarks/scale.py).")
+flags.DEFINE_list("scale_sizes", ["10000", "100000"], "--scale: dataset sizes (the first is the small one).")
+flags.DEFINE_string("scale_dir", os.path.join(tempfile.gettempdir(), "research-scale"),
+                    "--scale: where the generated folders and shards are written once and kept.")
+flags.DEFINE_string("scale_baseline", "", "--scale: a checkout of an earlier version of this code, whose memory "
+                    "run at each size is measured too (e.g. git worktree add /tmp/before 4edb029).")
 flags.DEFINE_string("profile_dir", "", "Instead of measuring: write tf.profiler traces of the small_cnn step "
                     "(steps_per_loop N and 1) and of the augmented pipeline feeding MobileNet to this logdir, "
                     "with their op tables in profile.json (view: tensorboard --logdir DIR, Profile tab).")
@@ -36,6 +44,21 @@ def main(argv):
     import tensorflow as tf
     from benchmarks import measure as B
 
+    if F.scale:
+        from benchmarks import scale as S
+        sizes = [int(n) for n in F.scale_sizes]
+        t0 = time.time()
+        res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "tensorflow": tf.__version__},
+               "sizes": sizes, "runs": S.scale(sizes, F.scale_dir, baseline=F.scale_baseline)}
+        if len(sizes) > 1:
+            res["goals"] = S.goals(res["runs"], str(sizes[0]), str(sizes[-1]))
+            for k, v in res["goals"].items():
+                print(f"{k:45s} {v}")
+        res["seconds"] = round(time.time() - t0, 1)
+        with open(F.out, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {F.out} in {res['seconds']}s")
+        return
     folder = F.images
     shared = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                           "hymenoptera", "train")

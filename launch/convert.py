@@ -1,6 +1,7 @@
 """Writes a class-folder dataset as TFRecord shards (research/convert.py):
 
     python -m launch.convert --dataset=folder:/data/food-101 --out=/data/food-101-shards [--image_size=256]
+    python -m launch.convert ... --image_size=224 --encoding=raw   # pixels: no JPEG decoding while training
     python -m launch.train --workdir=/tmp/run --dataset=tfrecord:/data/food-101-shards ...
 
 Exit status 2, with nothing written, for a bad flag, a non-empty --out or a
@@ -19,6 +20,8 @@ flags.DEFINE_string("dataset", None, "folder:PATH, a folder of class folders (wi
 flags.DEFINE_string("out", None, "Where to write the shards and manifest.json (must not exist, or be empty).")
 flags.DEFINE_integer("image_size", 0, "Resize every image to this side and re-encode it as JPEG (0: keep each "
                      "file's own bytes; decoding then gives exactly the folder's images).")
+flags.DEFINE_enum("encoding", "jpeg", ["jpeg", "raw"], "With --image_size: re-encode as JPEG, or keep the resized "
+                  "pixels (raw: nothing to decode while training, about 5x the disk of a JPEG).")
 flags.DEFINE_float("shard_mb", 128, "Approximate size of each shard in MB.")
 flags.DEFINE_float("val_fraction", 0.2, "Validation fraction carved when the folder has no val/ folder.")
 flags.DEFINE_enum("test", "auto", ["auto", "val", "none"], "The test split, as launch.train's --test.")
@@ -40,7 +43,7 @@ def main(argv):
             raise UserError(f"--dataset={F.dataset}: launch.convert reads a folder:PATH dataset")
         common.start_tensorflow_quietly()
         from research import convert
-        convert.convert(cfg, F.out, image_size=F.image_size, shard_mb=F.shard_mb)
+        convert.convert(cfg, F.out, image_size=F.image_size, encoding=F.encoding, shard_mb=F.shard_mb)
     except UserError as e:
         common.die(str(e), common.EXIT_USER_ERROR)
 

@@ -9,8 +9,9 @@ The splits are the ones `--dataset=folder:PATH` would train on (its own
 written as `SPLIT-NNNNN.tfrecord` shards of about `shard_mb` MB in a fixed shuffled
 order, so that a bounded shuffle buffer draws every class and each worker's files
 (multi-worker training) hold every class. A record keeps the file's own bytes, or,
-with `image_size`, the image resized to that side and re-encoded as JPEG; its
-label and original path go with it. `manifest.json` records the class names, the
+with `image_size`, the image resized to that side and re-encoded as JPEG, or with
+`encoding="raw"` its decoded pixels (no decoding while training, at ~5x the bytes
+of a JPEG); its label and original path go with it. `manifest.json` records the class names, the
 split plan and, for every shard, its number of images of each class.
 
 The output appears whole or not at all: it is written into `OUT.tmp-PID` and
@@ -40,19 +41,21 @@ def _feature(value) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
 
-def _encoded(paths: list[str], image_size: int) -> tf.data.Dataset:
-    """Each file's bytes, or its image resized to `image_size` and re-encoded, in order."""
+def _encoded(paths: list[str], image_size: int, encoding: str) -> tf.data.Dataset:
+    """Each file's bytes, or its image resized to `image_size` and re-encoded as JPEG
+    or as raw pixels, in order."""
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string)).map(
         tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if image_size:
-        ds = ds.map(lambda data: tf.io.encode_jpeg(tf.cast(images_lib.resize(images_lib.decode(data, image_size),
-                                                                             image_size), tf.uint8), quality=95),
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        def encode(data):
+            pixels = tf.cast(images_lib.resize(images_lib.decode(data, image_size), image_size), tf.uint8)
+            return tf.io.serialize_tensor(pixels) if encoding == "raw" else tf.io.encode_jpeg(pixels, quality=95)
+        ds = ds.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def _write_split(out: str, key: str, paths: list[str], labels: list[int], num_classes: int, *, image_size: int,
-                 shard_bytes: int, bar, done: int) -> tuple[list[dict], int]:
+                 encoding: str, shard_bytes: int, bar, done: int) -> tuple[list[dict], int]:
     shards, writer, size, counts = [], None, 0, None
 
     def close():
@@ -62,7 +65,7 @@ def _write_split(out: str, key: str, paths: list[str], labels: list[int], num_cl
             shards[-1]["count"] = int(counts.sum())
             shards[-1]["bytes"] = os.path.getsize(os.path.join(out, shards[-1]["name"]))
 
-    for path, label, data in zip(paths, labels, _encoded(paths, image_size).as_numpy_iterator()):
+    for path, label, data in zip(paths, labels, _encoded(paths, image_size, encoding).as_numpy_iterator()):
         if writer is None or size >= shard_bytes:
             close()
             shards.append({"name": f"{key}-{len(shards):05d}.tfrecord"})
@@ -80,7 +83,8 @@ def _write_split(out: str, key: str, paths: list[str], labels: list[int], num_cl
     return shards, done
 
 
-def convert(cfg: DataConfig, out: str, *, image_size: int = 0, shard_mb: float = 128, log=print) -> dict:
+def convert(cfg: DataConfig, out: str, *, image_size: int = 0, encoding: str = "jpeg", shard_mb: float = 128,
+            log=print) -> dict:
     """Writes the splits of `cfg.dataset` (a `folder:`) as shards in `out`; returns the manifest.
 
     Raises:
@@ -93,6 +97,8 @@ def convert(cfg: DataConfig, out: str, *, image_size: int = 0, shard_mb: float =
         raise UserError(f"--out={out}: exists and is not an empty directory")
     if image_size < 0 or shard_mb <= 0:
         raise UserError(f"--image_size={image_size} must be >= 0 and --shard_mb={shard_mb} > 0")
+    if encoding not in ("jpeg", "raw") or (encoding == "raw" and not image_size):
+        raise UserError(f"--encoding={encoding}: jpeg, or raw with an --image_size (raw pixels of that side)")
     t0 = time.perf_counter()
     names, splits, test_from = sources.folder_splits(cfg)
     plan, skipped = {}, []
@@ -115,14 +121,16 @@ def convert(cfg: DataConfig, out: str, *, image_size: int = 0, shard_mb: float =
     total = sum(len(p) for p, _ in plan.values())
     bar = sources.progress_bar(total, f"writing {total} images as TFRecord shards", threshold=1)
     manifest = {"format": FORMAT, "version": 1, "source": cfg.dataset, "class_names": names,
-                "image_size": image_size, "image": "resized JPEG" if image_size else "the file's own bytes",
+                "image_size": image_size, "encoding": encoding,
+                "image": {"raw": "resized pixels (tf.io.serialize_tensor of uint8 [S, S, 3])",
+                          "jpeg": "resized JPEG" if image_size else "the file's own bytes"}[encoding],
                 "val_fraction": cfg.val_fraction, "test": cfg.test, "test_fraction": cfg.test_fraction,
                 "test_from": test_from, "skipped": skipped, "splits": {}}
     done = 0
     try:
         for key, (paths, labels) in plan.items():
             shards, done = _write_split(tmp, key, paths, labels, len(names), image_size=image_size,
-                                        shard_bytes=int(shard_mb * 2**20), bar=bar, done=done)
+                                        encoding=encoding, shard_bytes=int(shard_mb * 2**20), bar=bar, done=done)
             manifest["splits"][key] = {"count": len(paths), "class_counts": np.bincount(labels, minlength=len(names))
                                        .tolist(), "files": shards}
         if bar and done % 200:

@@ -636,11 +636,17 @@ def load_tfrecord_source(cfg: DataConfig, size: int, worker: tuple[int, int] = (
         ex = tf.io.parse_single_example(record, TFRECORD_FEATURES)
         return ex["image"], tf.gather(table_t, tf.cast(ex["label"], tf.int32))
 
+    def pixels(x):
+        if m.get("encoding") == "raw":  # resized at conversion: resized again only to another side
+            image = tf.ensure_shape(tf.io.parse_tensor(x, tf.uint8), [m["image_size"], m["image_size"], 3])
+            return image if m["image_size"] == size else _resize_uint8(image, size)
+        return _resize_uint8(images_lib.decode(x, size), size)
+
     def elements(records: tf.data.Dataset) -> tf.data.Dataset:
         ds = records.map(parse, num_parallel_calls=AUTOTUNE)
         if len(keep) < len(names):
             ds = ds.filter(lambda x, y: y >= 0)
-        return ds.map(lambda x, y: (_resize_uint8(images_lib.decode(x, size), size), y), num_parallel_calls=AUTOTUNE)
+        return ds.map(lambda x, y: (pixels(x), y), num_parallel_calls=AUTOTUNE)
 
     def split_counts(shards: list[dict]) -> np.ndarray:
         c = np.sum([s["class_counts"] for s in shards], axis=0) if shards else np.zeros(len(names), np.int64)

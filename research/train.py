@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
+import psutil
 import tensorflow as tf
 from absl import logging
 
@@ -345,6 +346,7 @@ class Controller:
         self._block_start: dict[str, list[np.ndarray]] = {}
         self.t_start = time.time()
         self.wall_before = 0.0
+        self.first_step_seconds: float | None = None
 
     # -- small helpers ------------------------------------------------------------------
 
@@ -402,7 +404,7 @@ class Controller:
         src = self.source
         run.data = {"num_train": src.num_train, "num_val": src.num_val, "num_test": src.num_test,
                     "test_from": src.test_from, "class_names": src.class_names, "train_counts": src.train_counts,
-                    "class_weights": self.class_weights, "skipped_images": src.skipped}
+                    "class_weights": self.class_weights, "skipped_images": src.skipped, "cache": self.pipeline.cache}
         self._write_json("config.json", self.config.to_dict())
 
     def _save_best(self, run: RunState) -> None:
@@ -660,6 +662,11 @@ class Controller:
             t0 = time.perf_counter()
             loop_sums, bad = trainer.train(iterator, n)
             dt = time.perf_counter() - t0
+            if self.first_step_seconds is None:
+                # Everything a launch does before it trains: imports, the data check, the cache,
+                # the model, the restore, the shuffle buffer's first fill.
+                self.first_step_seconds = time.time() - psutil.Process().create_time()
+                logging.info("first training steps done %.1fs after the process started", self.first_step_seconds)
             if bad >= 0:
                 raise NonFiniteLoss(
                     f"non-finite training loss at step {self.step() - n + bad + 1} (stage {stage.name}, epoch "

@@ -122,6 +122,15 @@ def test_convert_then_tfrecord_gives_the_images_and_labels_of_the_folder(tmp_pat
     assert resized.num_train == folder.train_counts[1] + folder.train_counts[3]
     labels = [int(y) for _, y in resized.train.as_numpy_iterator()]
     assert sorted(set(labels)) == [0, 1] and len(labels) == resized.num_train
+    # Raw pixels at the model's side: exactly the folder's images at that side, nothing to decode.
+    raw = tmp_path / "raw"
+    convert.convert(DataConfig(dataset=f"folder:{jpegs}"), str(raw), image_size=16, encoding="raw", log=lambda *_: None)
+    at16 = sources.load_source(DataConfig(dataset=f"folder:{jpegs}"), 16)
+    for split in ("train", "val", "test"):
+        assert _hashes(getattr(at16, split)) == _hashes(getattr(sources.load_source(
+            DataConfig(dataset=f"tfrecord:{raw}"), 16), split))
+    with pytest.raises(UserError, match="--encoding=raw"):
+        convert.convert(DataConfig(dataset=f"folder:{jpegs}"), str(tmp_path / "x"), encoding="raw")
 
 
 def _write_bad(folder):
