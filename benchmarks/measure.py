@@ -174,7 +174,7 @@ def pipeline_vs_ceiling(folder: str, *, size: int, batch: int, repeats: int, epo
              "pipeline_keras_layers": pipeline(_KerasLayersPipeline)}
     trainer = _trainer("mobilenet", size, 0.25, source.num_classes, "all", 1e-4)
     for p in pipes.values():
-        p.fill_cache()  # as training does before its first epoch (no-op without a cache)
+        p.prepare()  # as training does before its first epoch (no-op without a cache)
     steps = pipes["pipeline"].steps_per_epoch
     one_batch = next(iter(pipes["pipeline"].train_dataset(0)))
     ceiling_ds = tf.data.Dataset.from_tensors(one_batch).repeat()
@@ -344,7 +344,7 @@ def profile(logdir: str, folder: str, *, size: int, batch: int, steps: int, step
     pipe = Pipeline(source, batch_size=batch, preprocess=backbones.get("mobilenet").preprocess,
                     augment=AugmentConfig(horizontal_flip=True, rotation=10, zoom=0.1),
                     threads=pipeline_threads(0, cached=True))
-    pipe.fill_cache()
+    pipe.prepare()
     trainer = _trainer("mobilenet", size, 0.25, source.num_classes, "all", 1e-4)
     _timed_steps(trainer, iter(pipe.train_stream(0, 1)), pipe.steps_per_epoch, batch)
     run = os.path.join(logdir, "pipeline")

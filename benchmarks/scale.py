@@ -150,8 +150,14 @@ def throughput(folder: str, shards: dict[str, str], *, size: int = 64, batch: in
             cache = "none" if mode in shards else mode
             pipes[mode] = data_lib.Pipeline(source, batch_size=batch, preprocess=backbones.get("mobilenet").preprocess,
                                             augment=AugmentConfig(), cache=cache, cache_dir=cache_dir,
-                                            threads=data_lib.pipeline_threads(0, cached=cache != "none"))
+                                            threads=data_lib.pipeline_threads(
+                                                0, cached=cache != "none" or source.decoded))
             pipes[mode].prepare()
+        # Decoding every epoch on one thread instead of every core: does the step gain more than
+        # the decode loses? (`--data_threads=1`)
+        pipes["tfrecord_1_thread"] = data_lib.Pipeline(
+            pipes["tfrecord"].source, batch_size=batch, preprocess=backbones.get("mobilenet").preprocess,
+            augment=AugmentConfig(), cache="none", threads=1)
         trainer = _trainer("mobilenet", size, 0.25, pipes["memory"].source.num_classes, "all", 1e-4)
         epochs = 2 + (repeats + 1) * steps // pipes["memory"].steps_per_epoch
         iters = {m: iter(p.train_stream(0, epochs)) for m, p in pipes.items()}
@@ -165,7 +171,7 @@ def throughput(folder: str, shards: dict[str, str], *, size: int = 64, batch: in
 
         res = interleaved({m: run(m) for m in pipes}, repeats)
         res["ratios_vs_memory"] = {m: round(res[m]["median"] / res["memory"]["median"], 3)
-                                   for m in MODES[1:]}
+                                   for m in pipes if m != "memory"}
         res["setting"] = (f"mobilenet alpha 0.25, all blocks, {size} px, batch {batch}, no augmentation; samples of "
                           f"{steps} steps, {repeats} interleaved repeats after one warm-up, tf {tf.__version__}")
         return res
@@ -173,16 +179,18 @@ def throughput(folder: str, shards: dict[str, str], *, size: int = 64, batch: in
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
-def scale(sizes: list[int], root: str, *, modes=MODES, baseline: str = "", repeats: int = 5) -> dict:
+def scale(sizes: list[int], root: str, *, modes=MODES, baseline: str = "", repeats: int = 5,
+          phases=("throughput", "runs")) -> dict:
     out = {}
     for n in sizes:
         folder, shards, seconds = data(root, n)
         out[str(n)] = {"convert_seconds": seconds}
-        print(f"[bench --scale] N={n} throughput, interleaved", flush=True)
-        out[str(n)]["throughput"] = throughput(folder, shards, repeats=repeats)
-        print("  " + ", ".join(f"{m} {r['median']:.0f} img/s" for m, r in out[str(n)]["throughput"].items()
-                               if isinstance(r, dict) and "median" in r), flush=True)
-        for mode in modes + (("baseline",) if baseline else ()):
+        if "throughput" in phases:
+            print(f"[bench --scale] N={n} throughput, interleaved", flush=True)
+            out[str(n)]["throughput"] = throughput(folder, shards, repeats=repeats)
+            print("  " + ", ".join(f"{m} {r['median']:.0f} img/s" for m, r in out[str(n)]["throughput"].items()
+                                   if isinstance(r, dict) and "median" in r), flush=True)
+        for mode in (modes + (("baseline",) if baseline else ())) if "runs" in phases else ():
             print(f"[bench --scale] N={n} {mode}", flush=True)
             out[str(n)][mode] = run_mode(mode, folder, shards, code=baseline if mode == "baseline" else ROOT)
             r = out[str(n)][mode]
@@ -196,10 +204,17 @@ def scale(sizes: list[int], root: str, *, modes=MODES, baseline: str = "", repea
 def goals(res: dict, small: str, large: str) -> dict:
     """The issue's goals, from a `scale` result with a small and a large N."""
     g = {}
+    if "throughput" in res[large]:
+        for n in (small, large):
+            for mode, r in res[n]["throughput"]["ratios_vs_memory"].items():
+                g[f"throughput_{mode}_vs_memory_{n}"] = r
+    if "memory" not in res[large]:
+        return g
+    def peak(r):
+        return max(r["first_run"]["peak_rss_mb"], r["resume"]["peak_rss_mb"])
+
     for mode in MODES[1:]:
-        a, b = res[small][mode], res[large][mode]
-        peak = lambda r: max(r["first_run"]["peak_rss_mb"], r["resume"]["peak_rss_mb"])  # noqa: E731
-        g[f"rss_{mode}_{large}_vs_{small}"] = round(peak(b) / peak(a), 3)
+        g[f"rss_{mode}_{large}_vs_{small}"] = round(peak(res[large][mode]) / peak(res[small][mode]), 3)
     today = res[large].get("baseline")
     for mode in MODES:
         if today and res[large][mode]["resume"]["first_step_s"]:
@@ -209,7 +224,4 @@ def goals(res: dict, small: str, large: str) -> dict:
                 res[large][mode]["resume"]["epoch_line_s"] / today["resume"]["epoch_line_s"], 3)
             g[f"resume_first_step_{mode}_vs_today_epoch_line"] = round(
                 res[large][mode]["resume"]["first_step_s"] / today["resume"]["epoch_line_s"], 3)
-    for n in (small, large):
-        for mode, r in res[n]["throughput"]["ratios_vs_memory"].items():
-            g[f"throughput_{mode}_vs_memory_{n}"] = r
     return g

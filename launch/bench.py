@@ -32,6 +32,8 @@ flags.DEFINE_bool("scale", False, "Instead: start-up, peak RSS and throughput of
 flags.DEFINE_list("scale_sizes", ["10000", "100000"], "--scale: dataset sizes (the first is the small one).")
 flags.DEFINE_string("scale_dir", os.path.join(tempfile.gettempdir(), "research-scale"),
                     "--scale: where the generated folders and shards are written once and kept.")
+flags.DEFINE_list("scale_phases", ["throughput", "runs"], "--scale: the interleaved in-process throughput, the "
+                  "launch.train runs (start-up, resume, peak RSS), or both.")
 flags.DEFINE_string("scale_baseline", "", "--scale: a checkout of an earlier version of this code, whose memory "
                     "run at each size is measured too (e.g. git worktree add /tmp/before 4edb029).")
 flags.DEFINE_string("profile_dir", "", "Instead of measuring: write tf.profiler traces of the small_cnn step "
@@ -49,7 +51,7 @@ def main(argv):
         sizes = [int(n) for n in F.scale_sizes]
         t0 = time.time()
         res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "tensorflow": tf.__version__},
-               "sizes": sizes, "runs": S.scale(sizes, F.scale_dir, baseline=F.scale_baseline)}
+               "sizes": sizes, "runs": S.scale(sizes, F.scale_dir, baseline=F.scale_baseline, phases=F.scale_phases)}
         if len(sizes) > 1:
             res["goals"] = S.goals(res["runs"], str(sizes[0]), str(sizes[-1]))
             for k, v in res["goals"].items():

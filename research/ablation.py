@@ -184,7 +184,11 @@ def run_trial(root: str, trial: Trial, *, log=print) -> dict:
     err_path = os.path.join(wd, "error.txt")
     if os.path.exists(err_path):
         os.remove(err_path)
-    cmd = [sys.executable, "-m", trial.module, f"--workdir={wd}", *trial.flags]
+    flags_ = list(trial.flags)
+    if not any(f.startswith("--cache_dir=") for f in flags_):
+        # One image check and one disk cache for the whole sweep, not one per trial.
+        flags_.append(f"--cache_dir={os.path.join(os.path.abspath(root), 'cache')}")
+    cmd = [sys.executable, "-m", trial.module, f"--workdir={wd}", *flags_]
     log(f"[ablate] running {trial.name}")
     t0 = time.time()
     with open(os.path.join(wd, "stdout.log"), "a") as out, open(os.path.join(wd, "stderr.log"), "a") as err:

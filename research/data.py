@@ -60,7 +60,7 @@ def choose_cache(mode: str, num_images: int, size: int, *, available_bytes: int 
 
 def pipeline_threads(requested: int, *, cached: bool) -> int | None:
     """tf.data threads: `requested` if set; else half the cores when training on CPU
-    from a filled cache (`Pipeline.fill_cache`), TF's default pool otherwise.
+    from a filled cache (`Pipeline.prepare`), TF's default pool otherwise.
 
     On CPU the training step's own thread pool already spans every core, and an
     input pipeline free to use all of them too takes whole cores away from the
@@ -221,7 +221,6 @@ class Pipeline:
             self._decode_all(self._train, self.source.num_train, "decoding {n} training images into the cache")
         return time.perf_counter() - t0
 
-    fill_cache = prepare
 
     @staticmethod
     def _decode_all(elements: tf.data.Dataset, n: int, what: str) -> None:

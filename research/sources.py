@@ -65,6 +65,9 @@ class Source:
     # are then this worker's own.
     shard: tuple[int, int] = (0, 1)
     min_worker_train: int = 0
+    # Elements need no image decoding (raw-pixel shards): streaming them costs about what
+    # reading a cache does, so the pipeline's thread pool is capped as for a cache.
+    decoded: bool = False
 
     # Counts the training images of each class when `train_counts` was left empty
     # (a TFDS split sized from its metadata): only `--class_weight=balanced` and
@@ -221,7 +224,10 @@ def _list_class_folder(root: str) -> tuple[list[str], list[list[str]]]:
     files, ignored = [], []
     for c in classes:
         cdir = os.path.join(root, c)
-        names = [f for f in os.listdir(cdir) if os.path.isfile(os.path.join(cdir, f))]
+        # scandir: file types from the directory entries, no stat per file (a 100k-image folder
+        # is listed at every start).
+        with os.scandir(cdir) as entries:
+            names = [e.name for e in entries if e.is_file()]
         fs = sorted(os.path.join(cdir, f) for f in names if images_lib.has_image_extension(f))
         ignored += [os.path.join(cdir, f) for f in names
                     if not images_lib.has_image_extension(f) and not f.startswith(".")]  # .DS_Store & co.
@@ -652,47 +658,37 @@ def load_tfrecord_source(cfg: DataConfig, size: int, worker: tuple[int, int] = (
         c = np.sum([s["class_counts"] for s in shards], axis=0) if shards else np.zeros(len(names), np.int64)
         return np.asarray(c)[keep]
 
-    def make(key: str):
-        shards = m["splits"][key]["files"]
-        files = [os.path.join(root, s["name"]) for s in shards]
-        stats = [_stat(f) for f in files]
-        counts = split_counts(shards)
-        return files, stats, counts
+    def worker_share(files: list[str], shards: list[dict]) -> tuple[tf.data.Dataset, list[int]]:
+        """This worker's training records, and how many images each worker holds."""
+        if len(files) >= count:
+            per_worker = [int(split_counts(shards[w::count]).sum()) for w in range(count)]
+            return tfrecord_records(files[index::count]), per_worker
+        # Fewer files than workers: every count-th record (its labels read to count them).
+        labels = np.fromiter(tfrecord_records(files).map(lambda r: parse(r)[1]).as_numpy_iterator(), np.int64)
+        per_worker = [int(np.sum(labels[w::count] >= 0)) for w in range(count)]
+        return tfrecord_records(files).shard(count, index), per_worker
 
-    out, prints = {}, {}
+    out, prints, fewest = {}, {}, 0
     for key in ("train", "val", "test"):
         if key not in m["splits"] or (key == "test" and cfg.test == "none"):
             continue
-        files, stats, counts = make(key)
-        records = tfrecord_records(files)
-        n = int(counts.sum())
-        shard_note = ()
+        shards = m["splits"][key]["files"]
+        files = [os.path.join(root, s["name"]) for s in shards]
+        counts = split_counts(shards)
+        records, n, share = tfrecord_records(files), int(counts.sum()), ()
         if key == "train" and count > 1:
-            shards = m["splits"][key]["files"]
-            if len(files) >= count:
-                mine = list(range(index, len(files), count))
-                records = tfrecord_records([files[i] for i in mine])
-                per_worker = [int(split_counts([shards[i] for i in range(w, len(files), count)]).sum())
-                              for w in range(count)]
-            else:  # fewer files than workers: every count-th record
-                records = records.shard(count, index)
-                labels = np.fromiter(tfrecord_records(files).map(lambda r: parse(r)[1]).as_numpy_iterator(), np.int64)
-                position = np.arange(len(labels))
-                per_worker = [int(np.sum(labels[position % count == w] >= 0)) for w in range(count)]
-            n = per_worker[index]
-            shard_note = (index, count, min(per_worker))
+            records, per_worker = worker_share(files, shards)
+            n, fewest, share = per_worker[index], min(per_worker), (index, count)
         out[key] = (elements(records), n, counts)
-        prints[key] = fingerprint("tfrecord", files, stats, keep, shard_note[:2])
-        if shard_note:
-            out["shard"] = shard_note
+        prints[key] = fingerprint("tfrecord", files, [_stat(f) for f in files], keep, share)
     test = out.get("test")
-    shard = out.get("shard", (0, 1, 0))
     return Source(out["train"][0], out["val"][0], out["train"][1], out["val"][1], [names[k] for k in keep], size,
                   list(m.get("skipped", [])), test=test[0] if test else None, num_test=test[1] if test else 0,
                   test_from=(f"tfrecord:{root} split 'test' ({m.get('test_from', 'written by launch.convert')})"
                              if test else "none"),
                   train_counts=[int(c) for c in out["train"][2]], fingerprints=prints,
-                  shard=shard[:2], min_worker_train=shard[2])
+                  shard=(index, count) if count > 1 else (0, 1), min_worker_train=fewest,
+                  decoded=m.get("encoding") == "raw")
 
 
 def _ensure_rgb(x):

@@ -151,7 +151,7 @@ def build_inputs(config: ExperimentConfig, strategy, *, cache_dir: str | None = 
     pipeline = data.Pipeline(source, batch_size=cfg_d.batch_size, preprocess=entry.preprocess,
                              augment=config.augment, seed=config.train.seed, cache=mode, cache_dir=cache_dir,
                              shuffle_buffer=cfg_d.shuffle_buffer,
-                             threads=data.pipeline_threads(cfg_d.threads, cached=mode != "none"),
+                             threads=data.pipeline_threads(cfg_d.threads, cached=mode != "none" or source.decoded),
                              deterministic=config.train.deterministic, sampler=cfg_d.sampler,
                              eval_crop=cfg_d.eval_crop, replicas=strategy.num_replicas_in_sync)
     return source, pipeline

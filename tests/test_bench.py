@@ -87,3 +87,27 @@ def test_bench_profile_writes_traces_and_op_tables(tmp_path):
     assert any("Conv2D" in t["type"] for t in prof["steps_per_loop_1"]["by_type"])
     assert any(op["type"] == "ImageProjectiveTransformV3" for op in prof["pipeline"]["top_ops"]) or \
         any(t["type"] == "ImageProjectiveTransformV3" for t in prof["pipeline"]["by_type"])
+
+
+@pytest.mark.slow
+def test_bench_scale_writes_every_mode_and_its_goals(tmp_path):
+    out = tmp_path / "scale.json"
+    r = run_module("launch.bench", "--scale", "--scale_sizes=300,600", f"--scale_dir={tmp_path / 'data'}",
+                   f"--out={out}", timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    modes = ("memory", "disk", "none", "tfrecord", "tfrecord_raw")
+    for n in ("300", "600"):
+        t = res["runs"][n]["throughput"]
+        for m in modes:
+            _check_measurement({"samples": t[m]["samples"][:REPEATS], "median": statistics.median(
+                t[m]["samples"][:REPEATS])}, (n, m))
+            run = res["runs"][n][m]
+            # Killed after its second epoch's checkpoint, then resumed to its third: both launches trained.
+            assert run["first_run"]["returncode"] == -9 and run["resume"]["returncode"] == 0, run
+            assert 0 < run["first_run"]["first_step_s"] and 0 < run["resume"]["first_step_s"]
+            assert run["first_run"]["peak_rss_mb"] > 100
+        for m in modes[1:]:
+            assert t["ratios_vs_memory"][m] == pytest.approx(t[m]["median"] / t["memory"]["median"], abs=0.001)
+    g = res["goals"]
+    assert set(g) >= {"rss_disk_600_vs_300", "rss_tfrecord_600_vs_300", "throughput_tfrecord_vs_memory_600"}

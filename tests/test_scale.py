@@ -193,7 +193,37 @@ def test_a_run_checks_its_images_once_and_records_the_skipped_ones(tmp_path, jpe
     assert checked[str(bad)][2] and len(checked) == 401
 
 
+def test_a_sweep_checks_and_caches_the_images_once_for_all_its_trials(tmp_path, jpegs):
+    root = tmp_path / "sweep"
+    args = ["launch.ablate", f"--root={root}", "--sweep=seed:0,1", "--", f"--dataset=folder:{jpegs}",
+            "--backbone=small_cnn", "--image_size=16", "--batch_size=16", "--finetune_epochs=1", "--cache=disk",
+            "--verbosity=0"]
+    r = run_module(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cached = sorted(n.split("-")[0] for n in os.listdir(root / "cache") if not n.endswith(".json"))
+    assert cached == ["train", "val"]  # one disk cache, written by the first trial, read by the second
+    trials = sorted(os.listdir(root / "trials"))
+    assert len(trials) == 2 and not any((root / "trials" / t / "cache").exists() for t in trials)
+    again = run_module(*args)  # the shared cache directory does not make the trials stale
+    assert again.returncode == 0 and "running" not in again.stdout, again.stdout[-2000:]
+
+
 # --- Multi-worker: each worker reads its own files ---------------------------------------------
+
+@pytest.mark.parametrize("shard_mb", [0.01, 1000], ids=["many-files", "fewer-files-than-workers"])
+def test_worker_shares_are_disjoint_and_cover_the_split_once(tmp_path, jpegs, shard_mb):
+    out = tmp_path / "shards"
+    convert.convert(DataConfig(dataset=f"folder:{jpegs}"), str(out), shard_mb=shard_mb, log=lambda *_: None)
+    files = json.loads((out / "manifest.json").read_text())["splits"]["train"]["files"]
+    assert (len(files) >= 3) == (shard_mb < 1)
+    cfg = DataConfig(dataset=f"tfrecord:{out}", classes="0,1,3")
+    shares = [sources.load_source(cfg, 16, worker=(i, 3)) for i in range(3)]
+    seen = [[h for _, h in _hashes(s.train)] for s in shares]
+    whole = [h for _, h in _hashes(sources.load_source(cfg, 16).train)]
+    assert sorted(sum(seen, [])) == sorted(whole) and len(set(whole)) == len(whole) == 210
+    assert [s.num_train for s in shares] == [len(h) for h in seen]
+    assert all(s.min_worker_train == min(map(len, seen)) and s.shard == (i, 3) for i, s in enumerate(shares))
+
 
 WORKER = r'''
 import hashlib, json, sys
@@ -236,6 +266,18 @@ def test_two_workers_read_disjoint_shards_that_cover_the_split_once(tmp_path, sh
     assert w[0]["steps"] == w[1]["steps"] == min(len(x["own"]) for x in w) // 4
     for x in w:  # an epoch: this worker's images only, none twice
         assert len(x["seen"]) == x["steps"] * 4 == len(set(x["seen"])) and set(x["seen"]) <= set(x["own"])
+
+
+def test_two_workers_train_on_their_own_shards(tmp_path, shards):
+    wd = tmp_path / "mw"
+    r = run_module("launch.multiworker", "--num_workers=2", "--", f"--workdir={wd}", f"--dataset=tfrecord:{shards}",
+                   "--backbone=small_cnn", "--image_size=16", "--batch_size=16", "--finetune_epochs=2", "--noexport")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(worker 0 of 2 reads its own" in r.stdout
+    m = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["files"]
+    fewest = min(sum(f["count"] for f in m[w::2]) for w in range(2))
+    assert f"{fewest // 8}/{fewest // 8} - " in r.stdout  # steps: the worker with the fewest images, 8 per replica
+    assert json.loads((wd / "results.json").read_text())["epochs_run"] == 2
 
 
 # --- Exact resume after SIGKILL -----------------------------------------------------------------
