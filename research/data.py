@@ -53,9 +53,9 @@ def choose_cache(mode: str, num_images: int, size: int, *, available_bytes: int 
         available_bytes = psutil.virtual_memory().available
     need = num_images * size * size * 3
     pick = "memory" if need < MEMORY_SHARE * available_bytes else "disk"
-    return pick, (f"--cache=auto chose {pick}: {num_images} decoded images at {size}x{size} px take ~{_gib(need)}, "
-                  f"{need / max(available_bytes, 1):.0%} of the {_gib(available_bytes)} of RAM available "
-                  f"(memory below {MEMORY_SHARE:.0%})")
+    return pick, (f"auto: {num_images} decoded images at {size}x{size} px take ~{_gib(need)}, "
+                  f"{need / max(available_bytes, 1):.0%} of the {_gib(available_bytes)} of RAM available; "
+                  f"memory below {MEMORY_SHARE:.0%}")
 
 
 def pipeline_threads(requested: int, *, cached: bool) -> int | None:

@@ -143,7 +143,7 @@ def build_inputs(config: ExperimentConfig, strategy, *, cache_dir: str | None = 
               f"{source.num_val} validation and {source.num_test} test images at {size}x{size} px"
               + (f"; skipped {len(source.skipped)} unreadable" if source.skipped else ""), flush=True)
         print(f"cache: {mode}" + (f" in {cache_dir}" if mode == "disk" else "")
-              + (f" ({why})" if cfg_d.cache == "auto" else ""), flush=True)
+              + (f" ({why})" if cfg_d.cache != mode or cfg_d.cache == "auto" else ""), flush=True)
         print(f"test: {source.test_from}" + ("; evaluated once, at the end of the run" if source.test else
                                              "; the run reports validation numbers only"), flush=True)
         print(f"model: {config.model.backbone} (weights {config.model.weights}); "
@@ -570,8 +570,8 @@ class Controller:
         use_cache = (self.config.train.cache_features and head_only and not (aug.enabled or aug.mixes)
                      and not self.pipeline.sharded)
         if self.config.train.cache_features and not use_cache and run.epoch == 0 and limit in (None, 1):
-            logging.warning("stage %s: --cache_features applies to head-only stages without "
-                            "augmentation; training through the base", stage.name)
+            logging.warning("stage %s: --cache_features applies to head-only stages without augmentation, on "
+                            "data not sharded by worker; training through the base", stage.name)
         trainer = self._feature_trainer() if use_cache else self.trainer
         if self._blocks and not use_cache:
             block_of = {v.path: i for i, vs in enumerate(self._blocks.values()) for v in vs}

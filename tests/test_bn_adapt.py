@@ -67,6 +67,7 @@ def test_adapted_statistics_are_the_average_of_kerass_batch_statistics():
     assert all(np.array_equal(a, layer.moving_variance.numpy()) for a, layer in zip(first, layers))
 
 
+@pytest.mark.slow
 def test_recipe_options_under_mirrored_equal_one_device(tmp_path):
     """--bn=adapt (re-estimated at each stage start), --ema_decay, --label_smoothing, mixup and
     CutMix, class weights, RandAugment, the evaluation crop: two mirrored CPU replicas end with the same weights, BN statistics and

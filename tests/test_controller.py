@@ -5,6 +5,7 @@ metrics against an independent evaluation."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -288,11 +289,13 @@ def test_reported_metrics_equal_an_independent_evaluation(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     # A redirected log is plain text that starts by saying what runs, and has no start-up noise.
     assert "\x1b" not in r.stdout + r.stderr and "\r" not in r.stdout + r.stderr
-    first = r.stdout.splitlines()[:3]
+    first = r.stdout.splitlines()[:4]
     assert first[0] == "data: digits: 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9); 1259 training, 359 " \
                        "validation and 179 test images at 16x16 px", first
-    assert first[1] == "test: a 10% slice of the training images; evaluated once, at the end of the run", first
-    assert first[2].startswith("model: small_cnn (weights none); default strategy on CPU:0, float32"), first
+    assert re.fullmatch(r"cache: memory \(auto: 1618 decoded images at 16x16 px take ~1 MiB, 0% of the [\d.]+ GiB "
+                        r"of RAM available; memory below 25%\)", first[1]), first
+    assert first[2] == "test: a 10% slice of the training images; evaluated once, at the end of the run", first
+    assert first[3].startswith("model: small_cnn (weights none); default strategy on CPU:0, float32"), first
     assert "absl::InitializeLog" not in r.stderr and "cuInit" not in r.stderr, r.stderr[-2000:]
     res = _results(wd)
     r = run_module("launch.evaluate", f"--workdir={wd}", "--checkpoint=latest", "--name=final")

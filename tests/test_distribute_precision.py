@@ -116,6 +116,7 @@ def test_mixed_precision_digits_run(tmp_path, precision):
     assert np.isfinite(res["final"]["val/loss"]) and res["final"]["val/accuracy"] >= 0.9, res["final"]
 
 
+@pytest.mark.slow
 def test_mirrored_default_digits_run_reaches_the_same_accuracy(tmp_path):
     """The Quickstart job (`launch.train --workdir=DIR`, nothing else) reaches >= 0.95 on the
     1797 digits; the same job on 2 logical CPU replicas reaches the same accuracy within 0.02."""

@@ -228,6 +228,7 @@ def test_probe_study_judges_auto_specs_against_the_sweep(tmp_path):
     assert f"{diff:+.4f}" in line
 
 
+@pytest.mark.slow
 def test_auto_rgn_under_mirrored_equals_one_device(tmp_path):
     """Two mirrored CPU replicas score every block as one device does, so they choose the same blocks."""
     args = ["--image_size=16", "--classes=0-4", "--head_epochs=1", "--finetune_epochs=1", "--noexport",

@@ -59,7 +59,8 @@ RECIPE = ["--bn=adapt", "--ema_decay=0.9", "--label_smoothing=0.1", "--mixup=0.4
           "--sampler=balanced", "--randaugment=2", "--eval_crop=0.875"]
 
 
-@pytest.mark.parametrize("args,kill_after", [(ONE_STAGE, 2), (TWO_STAGES, 3), (TWO_STAGES + RECIPE, 4)],
+@pytest.mark.parametrize("args,kill_after", [(ONE_STAGE, 2), (TWO_STAGES, 3),
+                                             pytest.param(TWO_STAGES + RECIPE, 4, marks=pytest.mark.slow)],
                          ids=["mid-stage", "stage-boundary", "recipe-options-second-stage"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, args, kill_after):
     ref = tmp_path / "ref"

@@ -202,7 +202,7 @@ def test_a_sweep_checks_and_caches_the_images_once_for_all_its_trials(tmp_path, 
     assert r.returncode == 0, r.stderr[-3000:]
     cached = sorted(n.split("-")[0] for n in os.listdir(root / "cache") if not n.endswith(".json"))
     assert cached == ["train", "val"]  # one disk cache, written by the first trial, read by the second
-    trials = sorted(os.listdir(root / "trials"))
+    trials = sorted(t for t in os.listdir(root / "trials") if (root / "trials" / t).is_dir())
     assert len(trials) == 2 and not any((root / "trials" / t / "cache").exists() for t in trials)
     again = run_module(*args)  # the shared cache directory does not make the trials stale
     assert again.returncode == 0 and "running" not in again.stdout, again.stdout[-2000:]
@@ -286,7 +286,10 @@ RESUME = ["--deterministic", "--backbone=small_cnn", "--image_size=16", "--batch
           "--dropout=0.3", "--horizontal_flip", "--rotation=10", "--finetune_epochs=3", "--checkpoint_keep=10"]
 
 
-@pytest.mark.parametrize("source,cache", [("folder", "disk"), ("tfrecord", "none"), ("tfrecord", "disk")])
+# tfrecord + disk (default suite) covers both; each alone is in the slow suite.
+@pytest.mark.parametrize("source,cache", [pytest.param("folder", "disk", marks=pytest.mark.slow),
+                                          pytest.param("tfrecord", "none", marks=pytest.mark.slow),
+                                          ("tfrecord", "disk")])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, jpegs, shards, source, cache):
     from tests.test_resume import _assert_bit_identical, _start, _wait_for_checkpoint
     args = RESUME + [f"--dataset={'folder:' + str(jpegs) if source == 'folder' else 'tfrecord:' + str(shards)}",
