@@ -165,10 +165,10 @@ def pipeline_vs_ceiling(folder: str, *, size: int, batch: int, repeats: int, epo
     threads = pipeline_threads(0, cached=True)
 
     def pipeline(cls=Pipeline, **kw):
-        kw = {"augment": augment, "cache": True, "threads": threads, **kw}
+        kw = {"augment": augment, "cache": "memory", "threads": threads, **kw}
         return cls(source, batch_size=batch, preprocess=backbones.get("mobilenet").preprocess, **kw)
 
-    pipes = {"pipeline": pipeline(), "pipeline_first_epoch": pipeline(cache=False, threads=None),
+    pipes = {"pipeline": pipeline(), "pipeline_first_epoch": pipeline(cache="none", threads=None),
              "pipeline_no_augment": pipeline(augment=AugmentConfig()),
              "pipeline_all_threads": pipeline(threads=None),
              "pipeline_keras_layers": pipeline(_KerasLayersPipeline)}

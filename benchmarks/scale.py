@@ -45,7 +45,7 @@ MODES = ("memory", "disk", "none", "tfrecord", "tfrecord_raw")
 _EPOCH = re.compile(r"^stage \S+ epoch \d+/")
 
 
-def data(root: str, n: int) -> tuple[str, dict[str, str]]:
+def data(root: str, n: int) -> tuple[str, dict[str, str], dict[str, float]]:
     """The folder of `n` JPEGs and its shards under `root` (`tfrecord`: the JPEG files'
     bytes; `tfrecord_raw`: 64 px pixels), written once and kept; conversion seconds."""
     folder = os.path.join(root, f"jpegs-{n}")
@@ -202,7 +202,8 @@ def scale(sizes: list[int], root: str, *, modes=MODES, baseline: str = "", repea
 
 
 def goals(res: dict, small: str, large: str) -> dict:
-    """The issue's goals, from a `scale` result with a small and a large N."""
+    """The ratios the goals in docs/BENCHMARKS.md are stated in, from a `scale` result
+    with a small and a large N."""
     g = {}
     if "throughput" in res[large]:
         for n in (small, large):
@@ -215,13 +216,13 @@ def goals(res: dict, small: str, large: str) -> dict:
 
     for mode in MODES[1:]:
         g[f"rss_{mode}_{large}_vs_{small}"] = round(peak(res[large][mode]) / peak(res[small][mode]), 3)
-    today = res[large].get("baseline")
+    baseline = res[large].get("baseline")
     for mode in MODES:
-        if today and res[large][mode]["resume"]["first_step_s"]:
+        if baseline and res[large][mode]["resume"]["first_step_s"]:
             # Like for like: the time to the resumed epoch's first line. The earlier code logs no
             # first step, which comes later than that line: the first-step ratio is an upper bound.
             g[f"resume_epoch_line_{mode}_vs_today"] = round(
-                res[large][mode]["resume"]["epoch_line_s"] / today["resume"]["epoch_line_s"], 3)
+                res[large][mode]["resume"]["epoch_line_s"] / baseline["resume"]["epoch_line_s"], 3)
             g[f"resume_first_step_{mode}_vs_today_epoch_line"] = round(
-                res[large][mode]["resume"]["first_step_s"] / today["resume"]["epoch_line_s"], 3)
+                res[large][mode]["resume"]["first_step_s"] / baseline["resume"]["epoch_line_s"], 3)
     return g

@@ -321,6 +321,15 @@ class ExperimentConfig:
         )
 
 
+def writable_dir(path: str) -> bool:
+    """Whether `path` is a writable directory, or could be created as one (its nearest
+    existing ancestor is a writable directory)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise UserError(msg)
@@ -410,6 +419,8 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         if ds.startswith(kind):
             _check(os.path.isdir(ds[len(kind):]), f"--dataset={ds}: no such directory")
     _choice("cache", d.cache, ("auto", "memory", "disk", "none"))
+    _check(not d.cache_dir or writable_dir(d.cache_dir),
+           f"--cache_dir={d.cache_dir}: not a directory this process can create and write into")
     _check(0.0 < d.val_fraction < 1.0, f"--val_fraction={d.val_fraction} must be strictly between 0 and 1")
     _choice("test", d.test, TEST_SOURCES)
     _check(0.0 < d.test_fraction < 1.0, f"--test_fraction={d.test_fraction} must be strictly between 0 and 1")

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from research import images as images_lib
 from research import sources
-from research.config import DataConfig, UserError
+from research.config import DataConfig, UserError, writable_dir
 
 FORMAT = "research-tfrecord"
 ORDER_SEED = 0  # the fixed shuffle of the records within each split
@@ -95,6 +95,8 @@ def convert(cfg: DataConfig, out: str, *, image_size: int = 0, encoding: str = "
         raise UserError(f"--dataset={cfg.dataset}: launch.convert reads a folder:PATH dataset")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"--out={out}: exists and is not an empty directory")
+    if not writable_dir(os.path.dirname(os.path.abspath(out))):
+        raise UserError(f"--out={out}: its parent directory cannot be created or written into")
     if image_size < 0 or shard_mb <= 0:
         raise UserError(f"--image_size={image_size} must be >= 0 and --shard_mb={shard_mb} > 0")
     if encoding not in ("jpeg", "raw") or (encoding == "raw" and not image_size):
@@ -117,7 +119,6 @@ def convert(cfg: DataConfig, out: str, *, image_size: int = 0, encoding: str = "
     out = os.path.abspath(out)
     tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     total = sum(len(p) for p, _ in plan.values())
     bar = sources.progress_bar(total, f"writing {total} images as TFRecord shards", threshold=1)
     manifest = {"format": FORMAT, "version": 1, "source": cfg.dataset, "class_names": names,
@@ -128,6 +129,7 @@ def convert(cfg: DataConfig, out: str, *, image_size: int = 0, encoding: str = "
                 "test_from": test_from, "skipped": skipped, "splits": {}}
     done = 0
     try:
+        os.makedirs(tmp)
         for key, (paths, labels) in plan.items():
             shards, done = _write_split(tmp, key, paths, labels, len(names), image_size=image_size,
                                         encoding=encoding, shard_bytes=int(shard_mb * 2**20), bar=bar, done=done)
@@ -139,6 +141,9 @@ def convert(cfg: DataConfig, out: str, *, image_size: int = 0, encoding: str = "
         if os.path.isdir(out):
             os.rmdir(out)  # empty: checked above
         os.rename(tmp, out)
+    except (OSError, tf.errors.OpError) as e:  # a full disk; --out made by another process meanwhile
+        raise UserError(f"--out={out}: could not write the shards ({str(e).splitlines()[0]}); nothing was kept") \
+            from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n_files = sum(len(s["files"]) for s in manifest["splits"].values())

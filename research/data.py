@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from research import augment as augment_lib
 from research import mix as mix_lib
@@ -135,7 +137,7 @@ class Pipeline:
       augment: augmentation settings (applied to training batches only).
       seed: base seed; epoch e shuffles and augments with seeds derived from (seed, e).
       cache: `memory`, `disk` or `none` (see the module's docstring; `auto` is
-        resolved by `choose_cache`); True and False mean memory and none.
+        resolved by `choose_cache`).
       cache_dir: where the `disk` cache is written (one directory per split and
         fingerprint).
       shuffle_buffer: shuffle buffer size (capped at the training set size).
@@ -150,7 +152,7 @@ class Pipeline:
     """
 
     def __init__(self, source: Source, *, batch_size: int, preprocess, augment: AugmentConfig,
-                 seed: int = 0, cache: str | bool = "memory", cache_dir: str | None = None, shuffle_buffer: int = 10000,
+                 seed: int = 0, cache: str = "memory", cache_dir: str | None = None, shuffle_buffer: int = 10000,
                  threads: int | None = None, deterministic: bool = False, sampler: str = "shuffle",
                  eval_crop: float = 1.0, replicas: int = 1):
         self.source = source
@@ -159,7 +161,7 @@ class Pipeline:
         self.preprocess = preprocess
         self.augment_cfg = augment
         self.seed = seed
-        self.cache = {True: "memory", False: "none"}.get(cache, cache)
+        self.cache = cache
         if self.cache not in ("memory", "disk", "none"):
             raise ValueError(f"cache={cache!r}: resolve `auto` with choose_cache first")
         if self.cache == "disk" and not cache_dir:
@@ -181,6 +183,9 @@ class Pipeline:
         self._val = self._cached("val", source.val)
         self._classes = (per_class(self._train, source.class_counts(), cache=self.cache == "memory")
                          if sampler == "balanced" else None)
+        if self._classes and self.cache != "memory":
+            logging.warning("--sampler=balanced with --cache=%s reads the training images once per class and "
+                            "epoch (%d classes); --cache=memory reads them once", self.cache, len(self._classes))
         # Traced once per pipeline rather than once per dataset built (every validation
         # pass and every training stream builds one): tracing the augmentation again in
         # Python held back the first batch by ~60 ms (docs/BENCHMARKS.md).
@@ -212,12 +217,18 @@ class Pipeline:
         images; with `memory` and a capped thread pool, decodes the training images into
         RAM on every core (the stream then runs on fewer threads). Returns seconds."""
         t0 = time.perf_counter()
-        if self.source.remember is not None:
-            self.source.remember()
-        if self.cache == "disk":
-            self._write_disk_cache("train", self.source.train, self.source.num_train)
-            self._write_disk_cache("val", self.source.val, self.source.num_val)
-        elif self.cache == "memory" and self.threads:
+        try:
+            if self.source.remember is not None:
+                self.source.remember()
+            if self.cache == "disk":
+                self._write_disk_cache("train", self.source.train, self.source.num_train)
+                self._write_disk_cache("val", self.source.val, self.source.num_val)
+        except (OSError, tf.errors.OpError) as e:  # a full disk, a directory made read-only since
+            from research.checkpoints import StorageError
+            raise StorageError(f"could not write the image check's results or the disk cache in "
+                               f"{self.cache_dir}: {str(e).splitlines()[0]}; free some space, or pass another "
+                               "--cache_dir (or --cache=none)") from None
+        if self.cache == "memory" and self.threads:
             self._decode_all(self._train, self.source.num_train, "decoding {n} training images into the cache")
         return time.perf_counter() - t0
 
@@ -240,10 +251,12 @@ class Pipeline:
             return
         parent, base = os.path.split(final)
         os.makedirs(parent, exist_ok=True)
+        # A cache directory may be shared between hosts: only this host's dead writers' leftovers go.
+        mine = f"{base}.tmp-{socket.gethostname()}-"
         for name in os.listdir(parent):  # left by a killed run
-            if name.startswith(base + ".tmp-") and not _alive(name.rsplit("-", 1)[-1]):
+            if name.startswith(mine) and not _alive(name[len(mine):]):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-        tmp = f"{final}.tmp-{os.getpid()}"
+        tmp = os.path.join(parent, f"{mine}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         self._decode_all(elements.cache(os.path.join(tmp, "images")), n,
@@ -281,14 +294,15 @@ class Pipeline:
         key = [self.seed, epoch] + ([self.source.shard[0]] if self.sharded else [])
         return int(np.random.SeedSequence(key).generate_state(1)[0] % (2**31 - 1))
 
-    def options(self) -> tf.data.Options:
+    def options(self, *, training: bool = False) -> tf.data.Options:
         opts = tf.data.Options()
         opts.deterministic = True
-        # Sources not sharded by worker: each worker keeps its share of the elements
-        # (multi-worker); explicit, so TF does not warn and fall back. A sharded source
-        # is its worker's share already.
+        # Each worker keeps its share of the elements (multi-worker); explicit, so TF does
+        # not warn and fall back. The training stream of a source sharded by worker is its
+        # worker's share already.
         opts.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.OFF if self.sharded else tf.data.experimental.AutoShardPolicy.DATA)
+            tf.data.experimental.AutoShardPolicy.OFF if training and self.sharded
+            else tf.data.experimental.AutoShardPolicy.DATA)
         if self.threads:
             opts.threading.private_threadpool_size = self.threads
         return opts
@@ -341,7 +355,7 @@ class Pipeline:
         # Under op determinism TF runs this map (it calls a traced function) sequentially
         # anyway, and logs an error-looking line about the rewrite: ask for it directly.
         ds = ds.map(transform, num_parallel_calls=None if self.deterministic else AUTOTUNE)
-        return ds.prefetch(AUTOTUNE).with_options(self.options())
+        return ds.prefetch(AUTOTUNE).with_options(self.options(training=True))
 
     def train_dataset(self, epoch: int, *, augment: bool = True) -> tf.data.Dataset:
         """The training batches of epoch `epoch` (fixed shapes: drop_remainder)."""
@@ -373,6 +387,6 @@ def _alive(pid: str) -> bool:
         os.kill(int(pid), 0)
     except (ValueError, ProcessLookupError):
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, and another user's
+        pass
     return True

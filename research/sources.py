@@ -81,6 +81,11 @@ class Source:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def split_train(self) -> int:
+        """The training split's size: every worker's images, when each reads its own share."""
+        return sum(self.train_counts) if self.shard[1] > 1 else self.num_train
+
     def class_counts(self) -> list[int]:
         """The training images of each class (counted on first use if the loader did not)."""
         if not self.train_counts and self.count_classes is not None:
@@ -763,7 +768,11 @@ def load_source(cfg: DataConfig, image_size: int, *, cache_dir: str | None = Non
     else:
         raise UserError(f"--dataset={cfg.dataset!r} is not valid; allowed values: digits, folder:PATH, tfds:NAME, "
                         "tfrecord:DIR")
-    if src.num_train < cfg.batch_size:
+    if src.shard[1] > 1:  # the same decision on every worker: the smallest share against its batch
+        if src.min_worker_train < cfg.batch_size // src.shard[1]:
+            raise UserError(f"--batch_size={cfg.batch_size} over {src.shard[1]} workers is larger than the smallest "
+                            f"worker's share of the training set ({src.min_worker_train} images); lower it")
+    elif src.num_train < cfg.batch_size:
         raise UserError(f"--batch_size={cfg.batch_size} is larger than the training set "
                         f"({src.num_train} images); lower it")
     return src

@@ -402,7 +402,8 @@ class Controller:
                 logging.warning("resuming with a changed config: %s", "; ".join(changes))
             self._repair_best(run)
         src = self.source
-        run.data = {"num_train": src.num_train, "num_val": src.num_val, "num_test": src.num_test,
+        # The whole split, as every worker counts it (a worker reading its own shards holds a share).
+        run.data = {"num_train": src.split_train, "num_val": src.num_val, "num_test": src.num_test,
                     "test_from": src.test_from, "class_names": src.class_names, "train_counts": src.train_counts,
                     "class_weights": self.class_weights, "skipped_images": src.skipped, "cache": self.pipeline.cache}
         self._write_json("config.json", self.config.to_dict())
@@ -417,7 +418,7 @@ class Controller:
 
     def _data_changes(self, run: RunState) -> list[str]:
         src = self.source
-        now = {"num_train": src.num_train, "num_val": src.num_val, "num_test": src.num_test}
+        now = {"num_train": src.split_train, "num_val": src.num_val, "num_test": src.num_test}
         return [f"data.{k}: {run.data[k]} -> {v}" for k, v in now.items() if k in run.data and run.data[k] != v]
 
     def _repair_best(self, run: RunState) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -82,8 +83,7 @@ def test_every_cache_mode_gives_the_batches_of_memory(tmp_path, jpegs, shards, k
 
 def test_a_disk_cache_left_half_written_by_a_killed_run_is_rewritten(tmp_path, jpegs):
     p = _pipeline(f"folder:{jpegs}", "memory", tmp_path / "c")
-    final = p._disk_path("train") if p.cache_dir else None
-    dead = f"{os.path.join(tmp_path / 'c', os.path.basename(final))}.tmp-999999"
+    dead = f"{p._disk_path('train')}.tmp-{socket.gethostname()}-999999"  # a writer on this host, gone
     os.makedirs(dead)
     open(os.path.join(dead, "images.data-00000-of-00001"), "wb").write(b"half")
     fresh = _pipeline(f"folder:{jpegs}", "disk", tmp_path / "c")
@@ -223,6 +223,22 @@ def test_worker_shares_are_disjoint_and_cover_the_split_once(tmp_path, jpegs, sh
     assert sorted(sum(seen, [])) == sorted(whole) and len(set(whole)) == len(whole) == 210
     assert [s.num_train for s in shares] == [len(h) for h in seen]
     assert all(s.min_worker_train == min(map(len, seen)) and s.shard == (i, 3) for i, s in enumerate(shares))
+
+
+def test_sharded_sources_refuse_a_batch_no_worker_can_fill_and_evaluate_as_before(shards):
+    from research.config import ExperimentConfig, validate
+    cfg = DataConfig(dataset=f"tfrecord:{shards}", batch_size=400)
+    for i in range(2):  # the same decision on every worker, from the smallest share
+        with pytest.raises(UserError, match="smallest worker's share"):
+            sources.load_source(cfg, 16, worker=(i, 2))
+    src = sources.load_source(dataclasses.replace(cfg, batch_size=16), 16, worker=(1, 2))
+    assert src.split_train == 280 and src.num_train < 280
+    p = data.Pipeline(src, batch_size=16, preprocess=lambda x: x, augment=AUG, cache="none", replicas=2)
+    policy = tf.data.experimental.AutoShardPolicy
+    assert p.train_stream(0, 1).options().experimental_distribute.auto_shard_policy == policy.OFF
+    assert p.val_dataset().options().experimental_distribute.auto_shard_policy == policy.DATA
+    with pytest.raises(UserError, match="--cache_dir=/proc/1/nope"):
+        validate(ExperimentConfig(data=DataConfig(cache_dir="/proc/1/nope")))
 
 
 WORKER = r'''
