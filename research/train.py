@@ -815,8 +815,9 @@ class Controller:
                     best.update(prefixed("test", score()))
                 self.m.model.set_weights(kept)
         for split in ("test", "test_ema"):
-            self.summaries.scalars(split, {k.removeprefix(f"{split}/"): v for k, v in final.items()
-                                           if k.startswith(f"{split}/")}, self.step())
+            scalars = {k.removeprefix(f"{split}/"): v for k, v in final.items() if k.startswith(f"{split}/")}
+            if scalars:  # no empty test_ema/ run without --ema_decay
+                self.summaries.scalars(split, scalars, self.step())
         self.say(f"  test (final weights): {_headline(final)}"
                  + (f"; best epoch's: {_headline(best)}" if best and "test/accuracy" in best else ""))
 

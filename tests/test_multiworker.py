@@ -51,8 +51,8 @@ def test_two_workers_train_digits_and_resume(tmp_path):
     assert res["epochs_run"] == 20
     assert res["final"]["val/accuracy"] >= 0.95, res["final"]
     # Only the chief wrote here: the contract's files (and its lock) and nothing else.
-    assert sorted(os.listdir(wd)) == [".lock", "best", "ckpt", "config.json", "export", "results.json", "train",
-                                      "trainable.json", "val"]
+    assert sorted(os.listdir(wd)) == [".lock", "best", "ckpt", "config.json", "export", "results.json", "test",
+                                      "train", "trainable.json", "val"]
     names = os.listdir(wd / "ckpt")
     assert all(n == "checkpoint" or n.startswith("ckpt-") for n in names) and len(names) == 1 + 2 * 3
     assert any(n.startswith("events") for n in os.listdir(wd / "train"))
