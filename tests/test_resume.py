@@ -63,13 +63,19 @@ RECIPE = ["--bn=adapt", "--ema_decay=0.9", "--label_smoothing=0.1", "--mixup=0.4
                                              pytest.param(TWO_STAGES + RECIPE, 4, marks=pytest.mark.slow)],
                          ids=["mid-stage", "stage-boundary", "recipe-options-second-stage"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, args, kill_after):
+    # Save 2 is epoch 2 (one stage); save 3 is the stage-end save after the head stage.
+    assert_killed_run_resumes_bit_identically(tmp_path, args, kill_after)
+
+
+def assert_killed_run_resumes_bit_identically(tmp_path, args, kill_after):
+    """An uninterrupted run, and one SIGKILLed once save `kill_after` exists, then resumed:
+    the same `ckpt/` and `best/` tensors, final and best records and history."""
     ref = tmp_path / "ref"
     r = run_module("launch.train", f"--workdir={ref}", *args)
     assert r.returncode == 0, r.stderr[-3000:]
 
     wd = tmp_path / "killed"
     proc = _start(wd, args)
-    # Save 2 is epoch 2 (one stage); save 3 is the stage-end save after the head stage.
     _wait_for_checkpoint(wd, kill_after, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()

@@ -5,7 +5,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -299,7 +298,8 @@ def test_two_workers_train_on_their_own_shards(tmp_path, shards):
 # --- Exact resume after SIGKILL -----------------------------------------------------------------
 
 RESUME = ["--deterministic", "--backbone=small_cnn", "--image_size=16", "--batch_size=16", "--steps_per_loop=3",
-          "--dropout=0.3", "--horizontal_flip", "--rotation=10", "--finetune_epochs=3", "--checkpoint_keep=10"]
+          "--dropout=0.3", "--horizontal_flip", "--rotation=10", "--checkpoint_keep=10", "--restore_best_weights",
+          "--stages=name=head unfreeze=none epochs=1 lr=3e-3; name=ft unfreeze=top:2 epochs=2 lr=1e-3"]
 
 
 # tfrecord + disk (default suite) covers both; each alone is in the slow suite.
@@ -307,21 +307,7 @@ RESUME = ["--deterministic", "--backbone=small_cnn", "--image_size=16", "--batch
                                           pytest.param("tfrecord", "none", marks=pytest.mark.slow),
                                           ("tfrecord", "disk")])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, jpegs, shards, source, cache):
-    from tests.test_resume import _assert_bit_identical, _start, _wait_for_checkpoint
-    args = RESUME + [f"--dataset={'folder:' + str(jpegs) if source == 'folder' else 'tfrecord:' + str(shards)}",
-                     f"--cache={cache}"]
-    ref = tmp_path / "ref"
-    r = run_module("launch.train", f"--workdir={ref}", *args)
-    assert r.returncode == 0, r.stderr[-3000:]
-    wd = tmp_path / "killed"
-    proc = _start(wd, args)
-    _wait_for_checkpoint(wd, 1, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert not (wd / "results.json").exists(), "the run finished before it could be killed"
-    r = run_module("launch.train", f"--workdir={wd}", *args)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Resuming from" in r.stdout
-    _assert_bit_identical(ref / "ckpt", wd / "ckpt")
-    a, b = (json.loads((d / "results.json").read_text()) for d in (ref, wd))
-    assert a["final"] == b["final"] and [h["val/loss"] for h in a["history"]] == [h["val/loss"] for h in b["history"]]
+    from tests.test_resume import assert_killed_run_resumes_bit_identically
+    dataset = f"folder:{jpegs}" if source == "folder" else f"tfrecord:{shards}"
+    # Two stages, killed after the first epoch of the second: the unfreezing and best/ seams too.
+    assert_killed_run_resumes_bit_identically(tmp_path, RESUME + [f"--dataset={dataset}", f"--cache={cache}"], 3)
