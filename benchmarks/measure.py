@@ -21,13 +21,13 @@ import numpy as np
 import psutil
 import tensorflow as tf
 
-from research import backbones, unfreeze
+from research.model import backbones, unfreeze
 from research.config import AugmentConfig, DataConfig, TrainConfig
-from research.data import Pipeline, pipeline_threads
-from research.sources import load_source
-from research.features import FeatureCache
-from research.loop import Trainer
-from research.optim import build_optimizer
+from research.data.pipeline import Pipeline, pipeline_threads
+from research.data.sources import load_source
+from research.run.features import FeatureCache
+from research.run.loop import Trainer
+from research.model.optim import build_optimizer
 
 
 def interleaved(fns: dict, repeats: int) -> dict:

@@ -138,7 +138,8 @@ def throughput(folder: str, shards: dict[str, str], *, size: int = 64, batch: in
     import tensorflow as tf
 
     from benchmarks.measure import _trainer, interleaved
-    from research import backbones, data as data_lib, sources
+    from research.model import backbones
+    from research.data import pipeline as data_lib, sources
     from research.config import AugmentConfig, DataConfig
 
     cache_dir = tempfile.mkdtemp(prefix="scale_cache_")

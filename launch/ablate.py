@@ -60,7 +60,7 @@ def _seeds() -> list[str]:
 def main(argv):
     common.start_tensorflow_quietly()  # the parent builds backbones to check the trials' specs
     from launch.train import config_from_args
-    from research import ablation
+    from research.studies import ablation
     from research.config import UserError
 
     # Trials are compared, not shipped: skip the export unless asked (--export after --).

@@ -1,4 +1,4 @@
-"""Writes a class-folder dataset as TFRecord shards (research/convert.py):
+"""Writes a class-folder dataset as TFRecord shards (research/data/convert.py):
 
     python -m launch.convert --dataset=folder:/data/food-101 --out=/data/food-101-shards [--image_size=256]
     python -m launch.convert ... --image_size=224 --encoding=raw   # pixels: no JPEG decoding while training
@@ -42,7 +42,7 @@ def main(argv):
         if not cfg.dataset.startswith("folder:"):
             raise UserError(f"--dataset={F.dataset}: launch.convert reads a folder:PATH dataset")
         common.start_tensorflow_quietly()
-        from research import convert
+        from research.data import convert
         convert.convert(cfg, F.out, image_size=F.image_size, encoding=F.encoding, shard_mb=F.shard_mb)
     except UserError as e:
         common.die(str(e), common.EXIT_USER_ERROR)

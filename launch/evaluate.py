@@ -34,7 +34,7 @@ def main(argv):
                    "[--checkpoint=best|latest|PATH]", common.EXIT_USER_ERROR)
     common.start_tensorflow_quietly()
     from research.config import UserError
-    from research.evaluate import evaluate_run
+    from research.serve.evaluate import evaluate_run
     try:
         r = evaluate_run(F.workdir, dataset=F.dataset, split=F.split, checkpoint=F.checkpoint, name=F.name,
                          data_dir=F.data_dir, skip_bad_images=F.skip_bad_images, tta=F.tta)

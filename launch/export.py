@@ -22,7 +22,7 @@ def main(argv):
                    common.EXIT_USER_ERROR)
     common.start_tensorflow_quietly()
     from research.config import UserError
-    from research.export import export_run
+    from research.serve.export import export_run
     try:
         meta = export_run(F.workdir, checkpoint=F.checkpoint, out_dir=F.out)
     except UserError as e:

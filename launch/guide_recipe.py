@@ -6,7 +6,7 @@
 
 Takes `launch.train`'s flags and reads only the data, backbone, weights, batch
 size, dropout, seed and each stage's epochs and learning rate; the rest is the
-guide's (research/guide.py). Writes config.json and results.json like a run.
+guide's (research/studies/guide.py). Writes config.json and results.json like a run.
 `launch.ablate --study=recipes` runs it beside this codebase's recipes.
 """
 
@@ -22,7 +22,7 @@ from launch.train import F, config_or_exit, define_flags
 def main(argv):
     config = config_or_exit(argv, "/tmp/guide")
     common.start_tensorflow_quietly()
-    from research import guide
+    from research.studies import guide
     from research.config import UserError
     try:
         r = guide.run(config, F.workdir)

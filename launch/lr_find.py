@@ -4,7 +4,7 @@
         --backbone=mobilenet --alpha=0.25 --weights=PATH.h5 --head_epochs=8 --unfreeze=all
 
 Own flags before `--`, then any `launch.train` flags (the config whose first stage,
-or `--stage`, is tested). Nothing is written to a run; see research/lr_find.py.
+or `--stage`, is tested). Nothing is written to a run; see research/studies/lr_find.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main(argv):
     common.start_tensorflow_quietly()
     from launch.train import config_from_args
     from research.config import UserError
-    from research.lr_find import lr_range_test
+    from research.studies.lr_find import lr_range_test
     try:
         r = lr_range_test(config_from_args(argv[1:]), F.out, stage=F.stage, start=F.start, end=F.end,
                           steps=F.steps)

@@ -2,11 +2,11 @@
 
 --model is an export directory, its saved_model/ or its model.keras. Prints the
 top-k classes per image (or JSON with --json). Images are decoded as in training
-(`research.images`: EXIF orientation applied), one batch at a time. Folders are
+(`research.data.images`: EXIF orientation applied), one batch at a time. Folders are
 scanned for JPEG, PNG, BMP, GIF and WebP files; other files are counted and
 named. Unreadable images are reported by name and skipped. Exit status: 0 all
 classified, 1 some image could not be read, 2 nothing to classify (or a bad flag).
-The work is `research/predict.py`'s.
+The work is `research/serve/predict.py`'s.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ def main(argv):
         common.die(f"--batch_size={F.batch_size} and --top_k={F.top_k} must both be at least 1",
                    common.EXIT_USER_ERROR)
     with common.quiet_tensorflow_startup():
-        from research import predict as P
+        from research.serve import predict as P
         from research.errors import UserError
-        from research.images import IMAGE_EXTENSIONS
+        from research.data.images import IMAGE_EXTENSIONS
 
     paths, other = P.find_images(argv[1:])
     if not paths:

@@ -5,7 +5,7 @@
 
 Own flags before `--`, then `launch.train` flags (data, splits, backbone, weights).
 Writes probe.csv, probe.md, probe.json, probe.png and TensorBoard scalars in --out
-(research/probe.py). Nothing is trained but the probes.
+(research/model/probe.py). Nothing is trained but the probes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main(argv):
     common.start_tensorflow_quietly()
     from launch.train import config_from_args
     from research.config import UserError
-    from research.probe import run_probe
+    from research.model.probe import run_probe
     try:
         run_probe(config_from_args(argv[1:]), F.out, max_memory_mb=F.max_memory_mb)
     except UserError as e:

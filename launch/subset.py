@@ -25,8 +25,8 @@ flags.DEFINE_integer("test_per_class", 0, "Test images per class (0: no test fol
 
 
 def main(argv):
-    with common.quiet_tensorflow_startup():  # research.images holds the extensions, and imports TensorFlow
-        from research import images
+    with common.quiet_tensorflow_startup():  # research.data.images holds the extensions, and imports TensorFlow
+        from research.data import images
     if not F.src or not os.path.isdir(F.src):
         common.die(f"--src={F.src!r}: no such directory", common.EXIT_USER_ERROR)
     if not F.out:

@@ -28,7 +28,7 @@ def define_flags(fv: flags.FlagValues) -> None:
             getattr(flags, f"DEFINE_{kind}")(name, default, help_, flag_values=fv)
 
     d("string", "workdir", None, "Run directory (config, checkpoints, TensorBoard logs, results).")
-    d("string", "preset", None, "A named recipe (research/presets.py: quickstart, ants_top2, features, lp_ft); "
+    d("string", "preset", None, "A named recipe (research/studies/presets.py: quickstart, ants_top2, features, lp_ft); "
       "flags given override it.")
     # Data
     d("string", "dataset", _D.dataset, "digits | folder:PATH | tfds:NAME | tfrecord:DIR (shards written by launch.convert)")
@@ -151,7 +151,7 @@ def apply_preset(fv: flags.FlagValues) -> None:
     """
     if not fv.preset:
         return
-    from research import presets
+    from research.studies import presets
     for name, value in presets.get(fv.preset).items():
         if not fv[name].present:
             fv[name].value = value
@@ -261,15 +261,15 @@ def main(argv):
 
     from research.config import UserError
     with common.quiet_tensorflow_startup():
-        from research import distribute
+        from research.run import distribute
         try:
             distribute.split_cpu(F.cpu_devices)
         except UserError as e:
             common.die(str(e), common.EXIT_USER_ERROR)
         if config.train.strategy != "multi_worker":  # its collectives need an uninitialised context
             distribute.list_devices()
-    from research import checkpoints
-    from research import train as train_lib
+    from research.run import checkpoints
+    from research.run import train as train_lib
     try:
         with train_lib.Preemption() as preemption:
             results = train_lib.train_and_evaluate(config, F.workdir, allow_config_change=F.allow_config_change,

@@ -70,7 +70,7 @@ class DataConfig:
         pairs with random-resized-crop training; 1 keeps the whole image.
       skip_bad_images: drop unreadable images (and report how many) instead of failing.
       threads: tf.data threads of the input pipeline; 0 picks them (see
-        `research/data.py:pipeline_threads`).
+        `research/data/pipeline.py:pipeline_threads`).
     """
 
     dataset: str = "digits"
@@ -95,7 +95,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Augmentation settings, the ImageDataGenerator knobs (see research/augment.py).
+    """Augmentation settings, the ImageDataGenerator knobs (see research/data/augment.py).
 
     Attributes:
       horizontal_flip / vertical_flip: random left-right / up-down flips.
@@ -116,7 +116,7 @@ class AugmentConfig:
         `RandAugment` operations, drawn per image); 0: off. 2 is the paper's.
       randaugment_magnitude: their strength, Keras's `factor` in [0, 1].
       mixup / cutmix: α of the Beta(α, α) mixing weight of mixup / CutMix (0:
-        off); training targets become soft (research/mix.py).
+        off); training targets become soft (research/data/mix.py).
       mix_prob: probability that a training batch is mixed.
     """
 
@@ -161,12 +161,12 @@ class ModelConfig:
     """Backbone and head.
 
     Attributes:
-      backbone: a name from `research.backbones.BACKBONES`.
+      backbone: a name from `research.model.backbones.BACKBONES`.
       weights: `imagenet`, `none`, a path to a `.h5` weights file, or
         `ckpt:WORKDIR` (another run's backbone, head skipped).
       alpha: width multiplier for `mobilenet` / `mobilenet_v2`.
       dropout: dropout rate before the classification Dense.
-      bn: the BatchNorm policy (`research/unfreeze.py`, `research/bn_adapt.py`):
+      bn: the BatchNorm policy (`research/model/unfreeze.py`, `research/model/bn_adapt.py`):
         `frozen` (default): every BN layer in inference mode, its moving
         statistics and gamma/beta fixed; the standard fine-tuning advice, and
         what keeps small-data runs stable.
@@ -217,7 +217,7 @@ class StageConfig:
     Attributes:
       name: label used in logs, TensorBoard and results.
       unfreeze: an unfreeze spec (`none`, `all`, `top:K`, `blocks:a,b`,
-        `from:NAME`, `regex:PATTERN`), see `research/unfreeze.py`.
+        `from:NAME`, `regex:PATTERN`), see `research/model/unfreeze.py`.
       epochs: maximum epochs of this stage.
       lr: peak learning rate.
       schedule: `constant` or `cosine` (decays to 0 over the stage).
@@ -258,7 +258,7 @@ class TrainConfig:
       log_block_grads: per block, each epoch, TensorBoard's `block_rgn/BLOCK` (the
         relative gradient norm: the RMS over the epoch's steps of the block's
         gradient norm, over its weight norm) and `block_change/BLOCK`
-        (‖θ - θ_start‖ / ‖θ_start‖ since the stage began), research/probe.py.
+        (‖θ - θ_start‖ / ‖θ_start‖ since the stage began), research/model/probe.py.
       ema_decay: keep an exponential moving average of the trained weights
         (Keras's optimizer EMA, `ema_momentum`); 0 disables it. The averaged
         weights are scored each epoch (`val_ema/...`), can be monitored for
@@ -393,7 +393,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
 
     Runs in well under a second, before TensorFlow is imported. What needs the
     built model (block names of unfreeze specs) or the data (class names, image
-    files) is checked by `research/train.py` before anything is written.
+    files) is checked by `research/run/train.py` before anything is written.
 
     Args:
       config: the experiment to check.
@@ -404,7 +404,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     Raises:
       UserError: naming the bad value and the allowed values.
     """
-    from research import backbones  # imports no TensorFlow: the registry is lazy
+    from research.model import backbones  # imports no TensorFlow: the registry is lazy
 
     config = resolve_paths(config)
     d, m, t = config.data, config.model, config.train

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from research import ablation
+from research.studies import ablation
 from research.config import UserError
 from tests.conftest import ROOT, run_module
 
@@ -200,7 +200,7 @@ def test_transfer_study_tiny_produces_table_and_plot(tmp_path):
 def test_default_transfer_study_has_the_papers_shape(tmp_path):
     """`python -m launch.ablate --study=transfer` (3 seeds on digits, ~10 minutes), judged on
     test accuracy with paired intervals (docs/RESULTS.md)."""
-    from research import stats
+    from research.studies import stats
 
     r = run_module("launch.ablate", "--study=transfer", f"--root={tmp_path}", timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import augment
+from research.data import augment
 from research.config import AugmentConfig
 
 H, W = 24, 32  # not square, so a swapped axis shows

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import backbones, unfreeze
+from research.model import backbones, unfreeze
 from research.config import TrainConfig
-from research.loop import Trainer
-from research.optim import build_optimizer
+from research.run.loop import Trainer
+from research.model.optim import build_optimizer
 
 SIZES = {"small_cnn": 16, "vgg16": 32, "inception_v3": 75, "mobilenet": 32, "mobilenet_v2": 32,
          "resnet50": 32, "efficientnet_b0": 32, "xception": 71}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import backbones, bn_adapt
+from research.model import backbones, bn_adapt
 from tests.conftest import run_module
 
 

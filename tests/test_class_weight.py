@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
-from research import sources
+from research.data import sources
 from research.config import UserError
 from tests.conftest import run_module
 

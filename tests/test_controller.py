@@ -71,7 +71,8 @@ class _StopAfterFirstSave:
 
 @pytest.mark.parametrize("source", ["ckpt", "file"])
 def test_resume_never_reads_the_init_source(tmp_path, source):
-    from research import backbones, train as train_lib
+    from research.model import backbones
+    from research.run import train as train_lib
     from research.config import DataConfig, ExperimentConfig, ModelConfig, StageConfig, TrainConfig
 
     def cfg(weights, epochs):
@@ -103,7 +104,7 @@ def test_resume_never_reads_the_init_source(tmp_path, source):
 
 def test_flags_and_the_library_share_their_defaults(tmp_path):
     from launch.train import config_from_args
-    from research import distribute
+    from research.run import distribute
     from research.config import ExperimentConfig, validate
 
     assert config_from_args([]) == validate(ExperimentConfig())  # the Quickstart run, either way
@@ -123,7 +124,7 @@ def test_flags_and_the_library_share_their_defaults(tmp_path):
 
 def test_transfer_study_counts_the_blocks_of_the_backbone_given():
     from launch.train import config_from_args
-    from research import ablation
+    from research.studies import ablation
 
     # `--backbone mobilenet` (space-separated) once silently counted small_cnn's 3 blocks.
     cfg, n = ablation.transfer_plan(["--backbone", "mobilenet", "--alpha", "0.25"], config_from_args)
@@ -191,7 +192,7 @@ def test_finished_runs_paths_and_file_modes(tmp_path, tiny_folder):
 
 
 def test_allow_config_change_resumes_an_unfinished_run_and_records_it(tmp_path):
-    from research import train as train_lib
+    from research.run import train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
 
     def cfg(lr):
@@ -220,7 +221,7 @@ def test_allow_config_change_resumes_an_unfinished_run_and_records_it(tmp_path):
 def test_a_resumed_run_whose_data_changed_is_refused_unless_allowed(tmp_path, tiny_folder):
     """Images added to the folder move images between splits: resuming would silently
     train and select on other data."""
-    from research import train as train_lib
+    from research.run import train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
 
     cfg = ExperimentConfig(data=DataConfig(dataset=f"folder:{tiny_folder}", image_size=16, batch_size=8),
@@ -240,7 +241,7 @@ def test_a_resumed_run_whose_data_changed_is_refused_unless_allowed(tmp_path, ti
 
 
 def test_stages_that_have_run_cannot_be_removed(tmp_path):
-    from research import train as train_lib
+    from research.run import train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
 
     two = ExperimentConfig(data=DataConfig(image_size=16, classes="0-4"), train=TrainConfig(export=False),
@@ -257,7 +258,7 @@ def test_a_kill_between_the_latest_and_the_best_save_is_repaired(tmp_path):
     """ckpt/ is saved before best/; a run killed between the two writes best/ on resume,
     from the restored weights, which are the best epoch's."""
     import tensorflow as tf
-    from research import train as train_lib
+    from research.run import train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
 
     cfg = ExperimentConfig(data=DataConfig(image_size=16, classes="0-4"), train=TrainConfig(export=False),
@@ -319,7 +320,7 @@ def test_reported_metrics_equal_an_independent_evaluation(tmp_path):
 
 
 def test_itstime_fires_on_multiples_and_always_on_the_last_step():
-    from research.train import itstime
+    from research.run.train import itstime
     assert [s for s in range(1, 11) if itstime(s, 3, 10)] == [3, 6, 9, 10]
     assert [s for s in range(1, 11) if itstime(s, 3)] == [3, 6, 9]
     assert not any(itstime(s, 0, 10) for s in range(1, 11))  # 0 disables, even at the end
@@ -328,7 +329,8 @@ def test_itstime_fires_on_multiples_and_always_on_the_last_step():
 def test_a_weights_file_is_loaded_into_small_cnn_not_ignored(tmp_path):
     """`--weights=FILE` with small_cnn was silently ignored; it now loads (the init path)."""
     import tensorflow as tf
-    from research import backbones, train as train_lib
+    from research.model import backbones
+    from research.run import train as train_lib
     from research.config import DataConfig, ExperimentConfig, ModelConfig
 
     source = backbones.build_base("small_cnn", image_size=16)

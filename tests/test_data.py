@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import data, sources
+from research.data import pipeline as data, sources
 from research.config import AugmentConfig, DataConfig, UserError
 
 

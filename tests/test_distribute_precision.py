@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import backbones, unfreeze
+from research.model import backbones, unfreeze
 from research.config import TrainConfig
-from research.loop import Trainer
-from research.optim import build_optimizer
+from research.run.loop import Trainer
+from research.model.optim import build_optimizer
 from tests.conftest import run_module
 
 

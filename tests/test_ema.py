@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import backbones, ema, unfreeze
+from research.model import backbones, unfreeze
+from research.run import ema
 from research.config import StageConfig, TrainConfig
-from research.loop import Trainer
-from research.optim import StageSchedule, build_optimizer
+from research.run.loop import Trainer
+from research.model.optim import StageSchedule, build_optimizer
 from tests.conftest import run_module
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import backbones
-from research.checkpoints import load_run
-from research.export import decode_and_resize, preprocessing_layers
+from research.model import backbones
+from research.run.checkpoints import load_run
+from research.serve.export import decode_and_resize, preprocessing_layers
 from tests.conftest import run_module
 
 TRAIN_PER_CLASS = 120
@@ -280,7 +280,7 @@ def test_eval_crop_is_the_same_view_in_training_evaluate_and_the_export(tmp_path
     assert json.loads((wd / "eval" / "crop.json").read_text())["accuracy"] == pytest.approx(
         final["test/accuracy"], abs=1e-9)
 
-    from research import sources
+    from research.data import sources
     config, model, _, _ = load_run(str(wd), checkpoint="latest")
     x, y = (np.concatenate(a) for a in zip(*[(a.numpy(), b.numpy()) for a, b in
                                              sources.load_source(config.data, 16).test.batch(256)]))

@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from research import train as train_lib
+from research.run import train as train_lib
 from research.config import DataConfig, ExperimentConfig, ModelConfig, StageConfig, TrainConfig
 
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import backbones, unfreeze
+from research.model import backbones, unfreeze
 from research.config import DataConfig, StageConfig, TrainConfig
-from research.loop import Trainer
-from research.optim import StageSchedule, build_optimizer
-from research.sources import load_source
+from research.run.loop import Trainer
+from research.model.optim import StageSchedule, build_optimizer
+from research.data.sources import load_source
 from tests.conftest import run_module
 from tests.test_loop_matches_fit import _digits, _model
 from tests.test_resume import _assert_bit_identical, _start, _wait_for_checkpoint

@@ -1,4 +1,4 @@
-"""One decode everywhere (research/images.py): EXIF orientation, WebP, giant JPEGs, plain error messages."""
+"""One decode everywhere (research/data/images.py): EXIF orientation, WebP, giant JPEGs, plain error messages."""
 
 import io
 import logging
@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from research import images, sources
+from research.data import images, sources
 from research.config import DataConfig, UserError
 
 

@@ -5,10 +5,10 @@ import pytest
 import tensorflow as tf
 import keras
 
-from research import backbones, unfreeze
+from research.model import backbones, unfreeze
 from research.config import StageConfig, TrainConfig
-from research.loop import Trainer
-from research.optim import StageSchedule, build_optimizer
+from research.run.loop import Trainer
+from research.model.optim import StageSchedule, build_optimizer
 
 
 def _digits(n=256, size=16):

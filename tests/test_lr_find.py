@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from research import lr_find
+from research.studies import lr_find
 from tests.conftest import run_module
 
 

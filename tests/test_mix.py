@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import mix
+from research.data import mix
 from research.config import AugmentConfig
 
 K = 5
@@ -83,10 +83,10 @@ def test_soft_targets_train_as_model_fit_trains_them():
     """The loop fed mixed (soft) targets gives fit's weights for the same batches with
     CategoricalCrossentropy (and its label smoothing)."""
     import keras
-    from research import backbones, unfreeze
+    from research.model import backbones, unfreeze
     from research.config import StageConfig, TrainConfig
-    from research.loop import Trainer
-    from research.optim import StageSchedule, build_optimizer
+    from research.run.loop import Trainer
+    from research.model.optim import StageSchedule, build_optimizer
 
     cfg = AugmentConfig(mixup=0.4, cutmix=1.0)
     rng = np.random.RandomState(0)
@@ -123,9 +123,9 @@ def test_soft_targets_train_as_model_fit_trains_them():
 
 
 def test_the_training_stream_delivers_mixed_soft_targets(tiny_folder):
-    from research import sources
+    from research.data import sources
     from research.config import DataConfig
-    from research.data import Pipeline
+    from research.data.pipeline import Pipeline
 
     src = sources.load_source(DataConfig(dataset=f"folder:{tiny_folder}", batch_size=8), 16)
     pipe = Pipeline(src, batch_size=8, preprocess=lambda x: x / 255.0, augment=AugmentConfig(mixup=0.4), seed=0)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import backbones, probe
-from research.loop import Trainer
-from research.optim import build_optimizer
+from research.model import backbones, probe
+from research.run.loop import Trainer
+from research.model.optim import build_optimizer
 from research.config import TrainConfig
 from tests.conftest import run_module
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import ablation, sources, stats
+from research.studies import ablation, stats
+from research.data import sources
 from research.config import DataConfig, UserError
 from tests.conftest import run_module
 

@@ -154,7 +154,7 @@ def _saves(wd):
 
 
 def _model_weights(cfg, path):
-    from research import train as train_lib
+    from research.run import train as train_lib
     model = train_lib.build(cfg, 5, tf.distribute.get_strategy()).model
     tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
     return {v.path: v.numpy().copy() for v in model.weights}
@@ -215,7 +215,7 @@ def test_best_is_the_best_epoch_of_the_whole_run(tmp_path, restore):
 
 
 def test_disk_full_is_a_clear_error_and_keeps_previous_checkpoints(tmp_path, monkeypatch):
-    from research import checkpoints, train as train_lib
+    from research.run import checkpoints, train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
 
     cfg = ExperimentConfig(data=DataConfig(image_size=16, classes="0-4"), train=TrainConfig(export=False),

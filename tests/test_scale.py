@@ -14,7 +14,9 @@ import pytest
 import tensorflow as tf
 
 from benchmarks import jpeg_folder
-from research import backbones, convert, data, sources, train as train_lib
+from research.model import backbones
+from research.data import convert, pipeline as data, sources
+from research.run import train as train_lib
 from research.config import AugmentConfig, DataConfig, ExperimentConfig, ModelConfig, TrainConfig, UserError
 from tests.conftest import ROOT, run_module
 
@@ -242,7 +244,8 @@ def test_sharded_sources_refuse_a_batch_no_worker_can_fill_and_evaluate_as_befor
 
 WORKER = r'''
 import hashlib, json, sys
-from research import data, distribute, train as train_lib
+from research.data import pipeline as data
+from research.run import distribute, train as train_lib
 from research.config import AugmentConfig, ExperimentConfig, DataConfig, ModelConfig, TrainConfig
 strategy = distribute.make_strategy("multi_worker")
 config = ExperimentConfig(data=DataConfig(dataset=sys.argv[1], batch_size=8, image_size=16),

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from research import sources
+from research.data import sources
 from research.config import DataConfig, UserError
 from tests import tiny_tfds
 from tests.conftest import run_module
@@ -21,7 +21,7 @@ from tests.conftest import run_module
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """tiny_colors prepared by `research.data` itself (which calls `download_and_prepare`)."""
+    """tiny_colors prepared by `research.data.pipeline` itself (which calls `download_and_prepare`)."""
     data_dir = tmp_path_factory.mktemp("tfds")
     src = sources.load_source(DataConfig(dataset="tfds:tiny_colors", data_dir=str(data_dir), batch_size=8), 16)
     return data_dir, src
@@ -107,7 +107,7 @@ def test_mock_data_labels_are_learned(tmp_path):
     validation slice carved from it) draws its own examples, so a high
     validation accuracy means the labels went through the tfds: path intact.
     """
-    from research import train as train_lib
+    from research.run import train as train_lib
     from research.config import ExperimentConfig, ModelConfig, StageConfig, TrainConfig
 
     def as_dataset(self, split, **kwargs):

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import backbones, unfreeze
+from research.model import backbones, unfreeze
 from research.config import (DataConfig, ExperimentConfig, ModelConfig, StageConfig, TrainConfig, UserError,
                              parse_stages)
-from research.loop import Trainer
-from research.optim import build_optimizer
+from research.run.loop import Trainer
+from research.model.optim import build_optimizer
 
 SIZES = {"small_cnn": 16, "vgg16": 32, "inception_v3": 75, "mobilenet": 32}
 
@@ -119,7 +119,7 @@ def _config(tmp_path, stages, weights="none", **train):
 
 def test_second_stage_trains_newly_unfrozen_variables_and_keeps_slots_aligned(tmp_path):
     """Stale-trace trap: stage 2 must update block3; the optimizer's slots stay aligned."""
-    from research import train as train_lib
+    from research.run import train as train_lib
 
     # Run A is head-only, so its saved backbone is the untouched initialisation.
     run_a = tmp_path / "a"
@@ -206,7 +206,7 @@ def test_layerwise_lr_equals_scaled_learning_rate():
 
 
 def test_gradual_unfreezing_in_a_run_adds_one_block_per_period(tmp_path):
-    from research import train as train_lib
+    from research.run import train as train_lib
     stages = parse_stages("name=g unfreeze=all epochs=3 lr=1e-3 gradual_every=1")
     res = train_lib.train_and_evaluate(_config(tmp_path, stages, export=False), str(tmp_path / "g"), verbose=False)
     records = json.loads((tmp_path / "g" / "trainable.json").read_text())
@@ -226,13 +226,13 @@ _MIRRORED_LAYERWISE = r"""
 import sys
 import numpy as np
 import tensorflow as tf
-from research import distribute
+from research.run import distribute
 distribute.split_cpu(2)
 import keras
-from research import backbones, unfreeze
+from research.model import backbones, unfreeze
 from research.config import TrainConfig
-from research.loop import Trainer
-from research.optim import build_optimizer
+from research.run.loop import Trainer
+from research.model.optim import build_optimizer
 from tests.test_unfreeze import _tiny_data, _two_optimizer_reference
 
 name, out = sys.argv[1], sys.argv[2]

@@ -18,7 +18,7 @@ choose, and the strength is chosen on validation from `C_GRID`. Given the
 features it is deterministic, so a probe curve has no seed spread: its intervals
 are Wilson score intervals over the test images.
 
-`auto:K` specs (`research/unfreeze.py`) turn either signal into K blocks.
+`auto:K` specs (`research/model/unfreeze.py`) turn either signal into K blocks.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from research import backbones
+from research.model import backbones
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 
@@ -166,7 +166,7 @@ def probe_curve(features: dict[str, list[np.ndarray]], labels: dict[str, np.ndar
 def block_variables(model: keras.Model, backbone: str, *, train_bn: bool = False) -> dict[str, list]:
     """The base variables a run could train, by block: those of `unfreeze.select`'s
     `all` spec (BatchNorm's gamma/beta only with `train_bn`)."""
-    from research import unfreeze
+    from research.model import unfreeze
 
     base, block_of, names = unfreeze.layer_blocks(model, backbone)
     selected = {id(v) for v in unfreeze.select(model, backbone, "all", train_bn=train_bn).variables}
@@ -250,7 +250,7 @@ def run_probe(config, out_dir: str, *, max_memory_mb: float = 2048, log=print) -
     Raises:
       UserError: bad data, weights or flags (as `launch.train` reports them).
     """
-    from research import train as train_lib
+    from research.run import train as train_lib
 
     os.makedirs(out_dir, exist_ok=True)
     keras.utils.set_random_seed(config.train.seed)  # the head, and a backbone without pretrained weights

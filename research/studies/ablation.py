@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from research import stats
+from research.studies import stats
 from research.config import ExperimentConfig, UserError, config_diff
 
 SEED_KEY = "seed"
@@ -54,7 +54,7 @@ class Trial:
       flags: every `--flag=value` passed to the run (base flags, then values).
       group: rows with the same group are aggregated over seeds.
       module: what runs it: `launch.train`, or `launch.guide_recipe` (the Keras
-        guide's `model.fit` recipe, research/guide.py), with the same flags.
+        guide's `model.fit` recipe, research/studies/guide.py), with the same flags.
     """
 
     name: str
@@ -119,7 +119,7 @@ def check_specs(configs: list[ExperimentConfig]) -> None:
     Raises:
       UserError: naming the spec and the backbone's valid blocks.
     """
-    from research import backbones, unfreeze
+    from research.model import backbones, unfreeze
 
     names: dict[tuple, list[str]] = {}
     for c in configs:
@@ -139,7 +139,7 @@ def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: b
       UserError: a trial whose flags are invalid, or one that ran before with a
         config other than what its flags give now (without `rerun`).
     """
-    from research import guide
+    from research.studies import guide
 
     configs = {}
     for t in trials:
@@ -595,7 +595,7 @@ def transfer_plan(train_flags: list[str], make_config: MakeConfig) -> tuple[Expe
     The backbone is read from the config `launch.train` would build, whatever
     the flag syntax (`--backbone=X` or `--backbone X`).
     """
-    from research import backbones
+    from research.model import backbones
 
     cfg = make_config(train_flags)
     entry = backbones.get(cfg.model.backbone)
@@ -726,7 +726,7 @@ def run_probe_study(root: str, train_flags: list[str], make_config: MakeConfig, 
     Raises:
       UserError: invalid flags or specs, or stale trials without `rerun`.
     """
-    from research import unfreeze
+    from research.model import unfreeze
 
     bad = [a for a in autos if unfreeze.parse_auto(a) is None]
     if bad or not specs:

@@ -287,7 +287,7 @@ def eval_view(size: int, fraction: float):
     batches in, float batches out), or None for the whole image.
 
     Built from Keras's `CenterCrop` and `Resizing` layers, the same ones the
-    exported model holds (research/export.py), so that evaluation during
+    exported model holds (research/serve/export.py), so that evaluation during
     training, `launch.evaluate` and the export see the same pixels.
     """
     layers = eval_view_layers(size, fraction)
@@ -306,7 +306,7 @@ def eval_view_layers(size: int, fraction: float) -> list:
     if fraction >= 1.0:
         return []
     side = max(1, int(round(size * fraction)))
-    # float32 whatever the training precision, as the exported model computes (research/export.py).
+    # float32 whatever the training precision, as the exported model computes (research/serve/export.py).
     return [keras.layers.CenterCrop(side, side, name="eval_center_crop", dtype="float32"),
             keras.layers.Resizing(size, size, interpolation="bilinear", name="eval_resize", dtype="float32")]
 

@@ -1,7 +1,7 @@
 """Which variables train: unfreeze specs, the BatchNorm policy, gradual unfreezing.
 
 An unfreeze spec picks blocks of the backbone (ordered input -> output, see
-`research/backbones.py`); the head is always trainable:
+`research/model/backbones.py`); the head is always trainable:
 
     none             head only (linear probe)
     all              every block
@@ -9,7 +9,7 @@ An unfreeze spec picks blocks of the backbone (ordered input -> output, see
     auto:K           K blocks chosen at the stage's start: `auto:rgn:K` (the default
                      method) the K with the largest relative gradient norm,
                      `auto:probe:K` the K above the linear probes' peak
-                     (research/probe.py); recorded in trainable.json
+                     (research/model/probe.py); recorded in trainable.json
     blocks:a,b,...   exactly these blocks (surgical fine-tuning)
     from:NAME        block NAME and every block above it
     regex:PATTERN    base variables whose path matches PATTERN (re.search)
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from research import backbones
+from research.model import backbones
 from research.errors import UserError
 
 SPEC_HELP = "none, all, top:K, blocks:a,b,..., from:NAME, regex:PATTERN, auto:K, auto:rgn:K, auto:probe:K"
@@ -86,7 +86,7 @@ def resolve_blocks(spec: str, block_names: list[str], *, backbone: str = "") -> 
     kind, _, arg = spec.partition(":")
     n = len(block_names)
     auto = parse_auto(spec)
-    if auto is not None:  # chosen at the stage's start (research/train.py); here only K is checked
+    if auto is not None:  # chosen at the stage's start (research/run/train.py); here only K is checked
         if not 1 <= auto[1] <= n:
             raise UserError(f"unfreeze spec {spec!r}: K={auto[1]} is not in 1..{n}; {valid}")
         return list(block_names)

@@ -1,7 +1,7 @@
 """Backbone registry: builder, preprocessing, input sizes, and ordered named blocks.
 
 Every entry can say, for each layer of the built base model, which named block
-it belongs to. Blocks are ordered input to output; `research/unfreeze.py` picks
+it belongs to. Blocks are ordered input to output; `research/model/unfreeze.py` picks
 variables by block. Block membership follows the Keras layer names, which for
 `keras.applications` models are stable (`block3_conv1`, `conv_dw_5_bn`, ...).
 
@@ -223,7 +223,7 @@ def build_classifier(base: keras.Model, num_classes: int, *, dropout: float = 0.
 
     The base is called with `training=False`; note that Keras 3.15 lets the outer
     call's `training=True` override it (keras issue 20285), which is why
-    `research/unfreeze.py` freezes BatchNormalization layers themselves.
+    `research/model/unfreeze.py` freezes BatchNormalization layers themselves.
     """
     import keras
     from keras import layers

@@ -27,8 +27,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from research import images as images_lib
-from research import sources
+from research.data import images as images_lib
+from research.data import sources
 from research.config import DataConfig, UserError, writable_dir
 
 FORMAT = "research-tfrecord"

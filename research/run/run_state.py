@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from research.errors import UserError
-from research.loop import NUM_SUMS
+from research.run.loop import NUM_SUMS
 
 FORMAT = 2  # the run-state layout; checkpoints of another layout are refused, not half-read
 

@@ -8,7 +8,7 @@ Sources (`DataConfig.dataset`):
 
 Every source becomes a `Source`: two `tf.data.Dataset`s of `(uint8 image resized to
 the model's input side, int32 label)`, their sizes and the class names.
-`research/data.py` turns them into the batched training and validation streams.
+`research/data/pipeline.py` turns them into the batched training and validation streams.
 
 Folder images are checked once: the result of each file's check is remembered in
 `CACHE_DIR/images.json`, keyed by path, size and modification time, so a resume
@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from research import images as images_lib
+from research.data import images as images_lib
 from research.config import DataConfig, UserError
 
 IMAGE_EXTENSIONS = images_lib.IMAGE_EXTENSIONS

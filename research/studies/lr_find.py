@@ -26,10 +26,12 @@ import tensorflow as tf
 
 from absl import logging
 
-from research import distribute, sources, unfreeze
+from research.run import distribute
+from research.data import sources
+from research.model import unfreeze
 from research.config import ExperimentConfig, UserError, validate
-from research.loop import COUNT, LOSS_SUM, Trainer
-from research.optim import build_optimizer, current_lr
+from research.run.loop import COUNT, LOSS_SUM, Trainer
+from research.model.optim import build_optimizer, current_lr
 
 
 class ExponentialLR(keras.optimizers.schedules.LearningRateSchedule):
@@ -78,7 +80,7 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     Raises:
       UserError: bad config, data or weights; a bad stage index or LR range.
     """
-    from research import train as train_lib
+    from research.run import train as train_lib
 
     config = validate(config)
     if not (0 < start < end) or steps < 10:

@@ -2,10 +2,10 @@
 
 The recipe reads top to bottom in `train_and_evaluate`; `Controller` decides
 *when* things happen (Orbit's Controller): per stage it resolves the trainable
-set, then per epoch trains in calls of `steps_per_loop` steps (research/loop.py
+set, then per epoch trains in calls of `steps_per_loop` steps (research/run/loop.py
 decides *what* a step does), evaluates, writes summaries, updates early
 stopping and the run's best record, and checkpoints. Its whole state is a
-`RunState` (research/run_state.py); `results.json` and `trainable.json` are
+`RunState` (research/run/run_state.py); `results.json` and `trainable.json` are
 views of it.
 
 Workdir layout (a contract, see DESIGN.md):
@@ -29,14 +29,16 @@ import psutil
 import tensorflow as tf
 from absl import logging
 
-from research import backbones, checkpoints, data, distribute, ema, probe, sources, unfreeze
+from research.model import backbones, probe, unfreeze
+from research.run import checkpoints, distribute, ema
+from research.data import pipeline as data, sources
 from research.config import ExperimentConfig, StageConfig, UserError, config_diff, validate
 from research.early_stopping import EarlyStopping
-from research.features import FeatureCache
-from research.loop import COUNT, Trainer, metrics_from_sums
-from research.optim import StageSchedule, build_optimizer, current_lr, loss_scale_value
-from research.run_state import RunState, prefixed
-from research.summaries import Summaries
+from research.run.features import FeatureCache
+from research.run.loop import COUNT, Trainer, metrics_from_sums
+from research.model.optim import StageSchedule, build_optimizer, current_lr, loss_scale_value
+from research.run.run_state import RunState, prefixed
+from research.run.summaries import Summaries
 
 class Interrupted(Exception):
     """SIGTERM/SIGINT: a checkpoint was saved and the run can be resumed."""
@@ -443,7 +445,7 @@ class Controller:
         results = run.results(self.config.to_dict())
         if self.chief:
             if self.config.train.export:
-                from research.export import export_run
+                from research.serve.export import export_run
                 # The final weights: the latest checkpoint (the best epoch's, with restore_best_weights).
                 export_run(self.workdir, checkpoint="latest", class_names=self.source.class_names)
             self._write_json("results.json", results)
@@ -493,7 +495,7 @@ class Controller:
         """`--bn=adapt`: BN statistics re-estimated on the training images (no augmentation)
         before the stage trains. A run killed before the stage's first checkpoint does
         it again on resume, from the same weights: the same statistics."""
-        from research import bn_adapt
+        from research.model import bn_adapt
         t0 = time.perf_counter()
         n = bn_adapt.adapt(self.m.base, self.pipeline.train_dataset(run.global_epoch, augment=False))
         self._features = None  # cached base features were computed with the old statistics
@@ -517,7 +519,7 @@ class Controller:
 
     def _choose_blocks(self, run: RunState, stage: StageConfig, method: str, k: int) -> dict:
         """Scores every block on the training data (validation too, for probes) with the
-        weights the stage starts from, and picks K (research/probe.py). Test is never read."""
+        weights the stage starts from, and picks K (research/model/probe.py). Test is never read."""
         t0 = time.perf_counter()
         backbone = self.config.model.backbone
         names = backbones.blocks(self.m.base, backbone)

@@ -17,8 +17,9 @@ import numpy as np
 import tensorflow as tf
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from research import augment, backbones, sources
-from research.checkpoints import load_run
+from research.data import augment, sources
+from research.model import backbones
+from research.run.checkpoints import load_run
 from research.errors import UserError
 
 

@@ -8,7 +8,7 @@ Dense; Adam at a constant learning rate; first the head alone with
 `base.trainable = False`, then `base.trainable = True`, compile again at a lower
 rate and fit again. Two things are taken from the config instead of the guide's
 Xception / cats-vs-dogs values, so that both recipes see the same problem: the
-data and its splits (`research/sources.py`, so the same test images), the
+data and its splits (`research/data/sources.py`, so the same test images), the
 backbone, its weights and input side, the batch size, the dropout, and each
 stage's epochs and learning rate.
 
@@ -31,7 +31,8 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from research import backbones, sources
+from research.model import backbones
+from research.data import sources
 from research.config import ExperimentConfig, UserError
 
 RECIPE = "keras-guide"

@@ -4,7 +4,7 @@ and the workdir lock.
 
 A checkpoint holds the model, the optimizer (slots, iteration counter, loss
 scale), the base model on its own (so another run can load just the backbone),
-and `meta`: the `RunState` as JSON (research/run_state.py). Data order and
+and `meta`: the `RunState` as JSON (research/run/run_state.py). Data order and
 augmentation are functions of (seed, epoch), so they need no state of their own.
 
 `restore_or_initialize` is the only way a run gets its weights: the latest
@@ -36,7 +36,7 @@ import tensorflow as tf
 from absl import logging
 
 from research.config import ExperimentConfig, UserError
-from research.run_state import RunState
+from research.run.run_state import RunState
 
 
 class StorageError(Exception):
@@ -302,7 +302,7 @@ def load_run(workdir: str, *, checkpoint: str = "best", class_names: list[str] |
     Raises:
       UserError: no run, no such checkpoint, or one that does not fit.
     """
-    from research import backbones
+    from research.model import backbones
 
     config = load_config(workdir)
     results_path = os.path.join(workdir, "results.json")
@@ -311,7 +311,7 @@ def load_run(workdir: str, *, checkpoint: str = "best", class_names: list[str] |
             class_names = json.load(f).get("class_names")
     size = backbones.input_size(config.model.backbone, config.data.image_size)
     if class_names is None:
-        from research import sources
+        from research.data import sources
         class_names = sources.load_source(config.data, size).class_names
     path = checkpoint_path(workdir, checkpoint)
     base = backbones.build_base(config.model.backbone, image_size=size, alpha=config.model.alpha)

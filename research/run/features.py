@@ -18,8 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from research import backbones
-from research.data import AUTOTUNE, Pipeline, epoch_stream
+from research.model import backbones
+from research.data.pipeline import AUTOTUNE, Pipeline, epoch_stream
 
 
 def head_model(model: keras.Model) -> keras.Model:

@@ -10,7 +10,7 @@
                   `probabilities` (and `serving_default` also `classes`)
   labels.json     class names, input size, backbone, the checkpoint exported
 
-`serving_default` decodes in-graph with `research.images.decode_and_resize`, the
+`serving_default` decodes in-graph with `research.data.images.decode_and_resize`, the
 decode training used: a JPEG's EXIF orientation is applied (read by TF ops, so the
 SavedModel needs no Python) and giant JPEGs are decoded at a reduced scale.
 `predict_float` and `model.keras` take pixels: their caller decodes, and should
@@ -27,9 +27,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from research import augment
-from research import images as images_lib
-from research.checkpoints import load_run
+from research.data import augment
+from research.data import images as images_lib
+from research.run.checkpoints import load_run
 from research.errors import UserError
 
 # BGR mean of keras.applications' "caffe" preprocessing (vgg16, resnet50).
@@ -76,7 +76,7 @@ def inference_model(model: keras.Model, backbone: str, *, eval_crop: float = 1.0
 def decode_and_resize(data: tf.Tensor, size: int) -> tf.Tensor:
     """Encoded image bytes -> float32 [size, size, 3] in [0, 255], as in training.
 
-    Upright by the JPEG's EXIF orientation; see `research.images.decode`.
+    Upright by the JPEG's EXIF orientation; see `research.data.images.decode`.
     """
     return images_lib.decode_and_resize(data, size)
 

@@ -2,7 +2,7 @@
 
 `find_images` turns paths and folders into the images to classify, `load_exported`
 opens an export directory, its `saved_model/` or its `model.keras`, and `classify`
-decodes the images as training does (`research.images`: EXIF orientation applied,
+decodes the images as training does (`research.data.images`: EXIF orientation applied,
 giant JPEGs decoded at reduced scale) one batch at a time and returns the top-k
 classes of each.
 """
@@ -21,7 +21,7 @@ from research.errors import UserError
 
 def find_images(args: list[str]) -> tuple[list[str], list[str]]:
     """(images to classify, other files skipped in folders). A file named directly is always tried."""
-    from research.images import has_image_extension
+    from research.data.images import has_image_extension
     out, other = [], []
     for a in args:
         if os.path.isdir(a):
@@ -70,7 +70,7 @@ def decoded_batches(paths: list[str], size: int, batch_size: int,
     as it is decoded: memory stays bounded by the batch, not the number of images.
     """
     import tensorflow as tf
-    from research import images
+    from research.data import images
 
     decode = tf.function(lambda raw: images.decode_and_resize(raw, size),
                          input_signature=[tf.TensorSpec([], tf.string)])
