@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import os
 import re
 import sys
@@ -48,6 +50,43 @@ def parse_own_flags_then_passthrough(argv):
 def die(message: str, status: int) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+# Operating-system errors that mean "this storage cannot be written", not a bug.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def exit_status_of(e: BaseException) -> int | None:
+    """The one mapping from the library's exceptions (research/errors.py) to exit statuses;
+    None: a bug, shown as a traceback."""
+    from research import errors
+    if isinstance(e, errors.UserError):
+        return EXIT_USER_ERROR
+    if isinstance(e, errors.NonFiniteLoss):
+        return EXIT_NON_FINITE
+    if isinstance(e, errors.StorageError) or (isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS):
+        return EXIT_STORAGE
+    if isinstance(e, (errors.Interrupted, KeyboardInterrupt)):
+        return EXIT_INTERRUPTED
+    return None
+
+
+def guarded(main):
+    """`main` whose expected failures end in one line and their exit status, never a traceback."""
+    @functools.wraps(main)
+    def run(argv):
+        try:
+            return main(argv)
+        except (Exception, KeyboardInterrupt) as e:
+            status = exit_status_of(e)
+            if status is None:
+                raise
+            if isinstance(e, KeyboardInterrupt):
+                die("interrupted; what finished is kept, run the same command again to resume", status)
+            message = str(e) if not isinstance(e, OSError) else (
+                f"could not write {e.filename or 'a file'}: {e.strerror or e}; disk full or not writable?")
+            die(message, status)
+    return run
 
 
 # Start-up lines TensorFlow 2.21's C++ side prints before absl logging is initialised,

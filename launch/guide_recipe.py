@@ -36,4 +36,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags(F)
-    app.run(main, flags_parser=common.parse_flags_or_exit)
+    app.run(common.guarded(main), flags_parser=common.parse_flags_or_exit)

@@ -24,7 +24,7 @@ def main(argv):
     common.start_tensorflow_quietly()
     from launch.train import config_from_args
     from research.config import UserError
-    from research.model.probe import run_probe
+    from research.studies.probe import run_probe
     try:
         run_probe(config_from_args(argv[1:]), F.out, max_memory_mb=F.max_memory_mb)
     except UserError as e:
@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_own_flags_then_passthrough)
+    app.run(common.guarded(main), flags_parser=common.parse_own_flags_then_passthrough)

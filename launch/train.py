@@ -259,29 +259,16 @@ def config_or_exit(argv, example_workdir: str) -> C.ExperimentConfig:
 def main(argv):
     config = config_or_exit(argv, "/tmp/run1")
 
-    from research.config import UserError
     with common.quiet_tensorflow_startup():
         from research.run import distribute
-        try:
-            distribute.split_cpu(F.cpu_devices)
-        except UserError as e:
-            common.die(str(e), common.EXIT_USER_ERROR)
+        distribute.split_cpu(F.cpu_devices)
         if config.train.strategy != "multi_worker":  # its collectives need an uninitialised context
             distribute.list_devices()
-    from research.run import checkpoints
     from research.run import train as train_lib
-    try:
-        with train_lib.Preemption() as preemption:
-            results = train_lib.train_and_evaluate(config, F.workdir, allow_config_change=F.allow_config_change,
-                                                   preemption=preemption)
-    except UserError as e:
-        common.die(str(e), common.EXIT_USER_ERROR)
-    except train_lib.Interrupted as e:
-        common.die(str(e), common.EXIT_INTERRUPTED)
-    except train_lib.NonFiniteLoss as e:
-        common.die(str(e), common.EXIT_NON_FINITE)
-    except checkpoints.StorageError as e:
-        common.die(str(e), common.EXIT_STORAGE)
+    # Errors end in one line and their exit status (launch/common.py:exit_status_of).
+    with train_lib.Preemption() as preemption:
+        results = train_lib.train_and_evaluate(config, F.workdir, allow_config_change=F.allow_config_change,
+                                               preemption=preemption)
     f = results["final"]
     test = f"test/accuracy {f['test/accuracy']:.4f}  " if "test/accuracy" in f else "(no test split)  "
     print(f"\nfinal {test}val/accuracy {f['val/accuracy']:.4f}  val/loss {f['val/loss']:.4f}  "
@@ -295,4 +282,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags(F)
-    app.run(main, flags_parser=common.parse_flags_or_exit)
+    app.run(common.guarded(main), flags_parser=common.parse_flags_or_exit)

@@ -166,7 +166,7 @@ class ModelConfig:
         `ckpt:WORKDIR` (another run's backbone, head skipped).
       alpha: width multiplier for `mobilenet` / `mobilenet_v2`.
       dropout: dropout rate before the classification Dense.
-      bn: the BatchNorm policy (`research/model/unfreeze.py`, `research/model/bn_adapt.py`):
+      bn: the BatchNorm policy (`research/model/unfreeze.py`, `research/run/actions/adabn.py`):
         `frozen` (default): every BN layer in inference mode, its moving
         statistics and gamma/beta fixed; the standard fine-tuning advice, and
         what keeps small-data runs stable.

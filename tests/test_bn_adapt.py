@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research.model import backbones, bn_adapt
+from research.model import backbones
+from research.run.actions import adabn as bn_adapt
 from tests.conftest import run_module
 
 

@@ -72,7 +72,8 @@ class _StopAfterFirstSave:
 @pytest.mark.parametrize("source", ["ckpt", "file"])
 def test_resume_never_reads_the_init_source(tmp_path, source):
     from research.model import backbones
-    from research.run import train as train_lib
+    from research import errors
+    from research.run import build as build_lib, train as train_lib
     from research.config import DataConfig, ExperimentConfig, ModelConfig, StageConfig, TrainConfig
 
     def cfg(weights, epochs):
@@ -89,7 +90,7 @@ def test_resume_never_reads_the_init_source(tmp_path, source):
         backbones.build_base("small_cnn", image_size=16).save_weights(str(init))
         weights = str(init)
     wd = tmp_path / "B"
-    with pytest.raises(train_lib.Interrupted):
+    with pytest.raises(errors.Interrupted):
         train_lib.train_and_evaluate(cfg(weights, 3), str(wd), verbose=False, preemption=_StopAfterFirstSave(wd))
     shutil.rmtree(init) if init.is_dir() else init.unlink()
     res = train_lib.train_and_evaluate(cfg(weights, 3), str(wd), verbose=False)
@@ -192,7 +193,8 @@ def test_finished_runs_paths_and_file_modes(tmp_path, tiny_folder):
 
 
 def test_allow_config_change_resumes_an_unfinished_run_and_records_it(tmp_path):
-    from research.run import train as train_lib
+    from research import errors
+    from research.run import build as build_lib, train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
 
     def cfg(lr):
@@ -200,7 +202,7 @@ def test_allow_config_change_resumes_an_unfinished_run_and_records_it(tmp_path):
                                 stages=(StageConfig(epochs=3, lr=lr),))
 
     wd = tmp_path / "run"
-    with pytest.raises(train_lib.Interrupted):
+    with pytest.raises(errors.Interrupted):
         train_lib.train_and_evaluate(cfg(1e-3), str(wd), verbose=False, preemption=_StopAfterFirstSave(wd))
     with pytest.raises(train_lib.UserError, match=r"different config; changed: stages.0.lr: 0.001 -> 0.0005"):
         train_lib.train_and_evaluate(cfg(5e-4), str(wd), verbose=False)
@@ -221,13 +223,14 @@ def test_allow_config_change_resumes_an_unfinished_run_and_records_it(tmp_path):
 def test_a_resumed_run_whose_data_changed_is_refused_unless_allowed(tmp_path, tiny_folder):
     """Images added to the folder move images between splits: resuming would silently
     train and select on other data."""
-    from research.run import train as train_lib
+    from research import errors
+    from research.run import build as build_lib, train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
 
     cfg = ExperimentConfig(data=DataConfig(dataset=f"folder:{tiny_folder}", image_size=16, batch_size=8),
                            train=TrainConfig(export=False), stages=(StageConfig(epochs=2),))
     wd = tmp_path / "run"
-    with pytest.raises(train_lib.Interrupted):
+    with pytest.raises(errors.Interrupted):
         train_lib.train_and_evaluate(cfg, str(wd), verbose=False, preemption=_StopAfterFirstSave(wd))
     for j in range(10):
         shutil.copy(tiny_folder / "class 0" / "img 0.jpg", tiny_folder / "class 0" / f"extra {j}.jpg")
@@ -241,13 +244,14 @@ def test_a_resumed_run_whose_data_changed_is_refused_unless_allowed(tmp_path, ti
 
 
 def test_stages_that_have_run_cannot_be_removed(tmp_path):
-    from research.run import train as train_lib
+    from research import errors
+    from research.run import build as build_lib, train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
 
     two = ExperimentConfig(data=DataConfig(image_size=16, classes="0-4"), train=TrainConfig(export=False),
                            stages=(StageConfig(name="a", epochs=1), StageConfig(name="b", epochs=2)))
     wd = tmp_path / "run"
-    with pytest.raises(train_lib.Interrupted):  # save 2 ends stage a; save 3 is the interruption inside b
+    with pytest.raises(errors.Interrupted):  # save 2 ends stage a; save 3 is the interruption inside b
         train_lib.train_and_evaluate(two, str(wd), verbose=False, preemption=_StopAfterFirstSave(wd, after=2))
     one = dataclasses.replace(two, stages=two.stages[:1])
     with pytest.raises(train_lib.UserError, match="has reached stage 2, but the config has 1 stage"):
@@ -258,19 +262,20 @@ def test_a_kill_between_the_latest_and_the_best_save_is_repaired(tmp_path):
     """ckpt/ is saved before best/; a run killed between the two writes best/ on resume,
     from the restored weights, which are the best epoch's."""
     import tensorflow as tf
-    from research.run import train as train_lib
+    from research import errors
+    from research.run import build as build_lib, train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
 
     cfg = ExperimentConfig(data=DataConfig(image_size=16, classes="0-4"), train=TrainConfig(export=False),
                            stages=(StageConfig(epochs=3),))
     wd = tmp_path / "run"
-    with pytest.raises(train_lib.Interrupted):
+    with pytest.raises(errors.Interrupted):
         train_lib.train_and_evaluate(cfg, str(wd), verbose=False, preemption=_StopAfterFirstSave(wd))
     shutil.rmtree(wd / "best")  # as if killed just after ckpt/ckpt-1 was written
-    with pytest.raises(train_lib.Interrupted):  # resume, then stop at the first chance
+    with pytest.raises(errors.Interrupted):  # resume, then stop at the first chance
         train_lib.train_and_evaluate(cfg, str(wd), verbose=False, preemption=_StopAfterFirstSave(wd))
     def weights(path):
-        model = train_lib.build(cfg, 5, tf.distribute.get_strategy()).model
+        model = build_lib.build(cfg, 5, tf.distribute.get_strategy()).model
         tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
         return [v.numpy() for v in model.weights]
 
@@ -320,7 +325,7 @@ def test_reported_metrics_equal_an_independent_evaluation(tmp_path):
 
 
 def test_itstime_fires_on_multiples_and_always_on_the_last_step():
-    from research.run.train import itstime
+    from research.run.cadence import itstime
     assert [s for s in range(1, 11) if itstime(s, 3, 10)] == [3, 6, 9, 10]
     assert [s for s in range(1, 11) if itstime(s, 3)] == [3, 6, 9]
     assert not any(itstime(s, 0, 10) for s in range(1, 11))  # 0 disables, even at the end
@@ -330,15 +335,16 @@ def test_a_weights_file_is_loaded_into_small_cnn_not_ignored(tmp_path):
     """`--weights=FILE` with small_cnn was silently ignored; it now loads (the init path)."""
     import tensorflow as tf
     from research.model import backbones
-    from research.run import train as train_lib
+    from research import errors
+    from research.run import build as build_lib, train as train_lib
     from research.config import DataConfig, ExperimentConfig, ModelConfig
 
     source = backbones.build_base("small_cnn", image_size=16)
     path = tmp_path / "base.weights.h5"
     source.save_weights(str(path))
     cfg = ExperimentConfig(data=DataConfig(image_size=16), model=ModelConfig(weights=str(path)))
-    built = train_lib.build(cfg, 10, tf.distribute.get_strategy())
+    built = build_lib.build(cfg, 10, tf.distribute.get_strategy())
     assert not all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(built.base.weights, source.weights))
-    train_lib.init_weights(cfg, built)
+    build_lib.init_weights(cfg, built)
     for a, b in zip(built.base.weights, source.weights):
         assert np.array_equal(a.numpy(), b.numpy()), a.path

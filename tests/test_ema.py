@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from research.model import backbones, unfreeze
-from research.run import ema
+from research.run.actions import ema
 from research.config import StageConfig, TrainConfig
 from research.run.loop import Trainer
 from research.model.optim import StageSchedule, build_optimizer

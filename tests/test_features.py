@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from research.run import train as train_lib
+from research.run import build as build_lib, train as train_lib
 from research.config import DataConfig, ExperimentConfig, ModelConfig, StageConfig, TrainConfig
 
 
@@ -16,7 +16,7 @@ def _cfg(weights="none", spec="all", cache=False, epochs=3):
 
 
 def _head(wd):
-    model = train_lib.build(_cfg(), 5, tf.distribute.get_strategy()).model
+    model = build_lib.build(_cfg(), 5, tf.distribute.get_strategy()).model
     tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(str(wd / "ckpt"))).expect_partial()
     return {v.path: v.numpy() for v in model.weights}
 

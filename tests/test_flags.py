@@ -167,7 +167,7 @@ def test_clipnorm_equals_keras_global_clipnorm(loss_scale):
                                              keras.optimizers.SGD(lr, momentum=0.9, global_clipnorm=clip), lr=lr)
     # Clipping binds: the unclipped gradient norm is far above the clip, and the
     # unclipped run ends far from the clipped one.
-    assert sums[4] / sums[5] > 4 * clip, sums  # mean global gradient norm (GRAD_NORM / STEPS)
+    assert sums["grad_norm"] / sums["steps"] > 4 * clip, sums  # mean global gradient norm
     _, unclipped, _, _ = _loop_and_fit(lambda s: build_optimizer(TrainConfig(optimizer="sgd"), s),
                                        keras.optimizers.SGD(lr, momentum=0.9), lr=lr)
     _, per_variable, _, _ = _loop_and_fit(lambda s: build_optimizer(TrainConfig(optimizer="sgd"), s),

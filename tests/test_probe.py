@@ -131,12 +131,14 @@ def test_block_grad_sums_of_the_step_equal_the_hand_computed_norms_and_trace_onc
     for layer in model.layers:
         layer.trainable = True
     trainer = Trainer(model, opt, strategy=tf.distribute.get_strategy())
-    trainer.set_trainable(variables, block_of=block_of, num_blocks=3)
+    trainer.set_trainable(variables)
+    trainer.track_blocks(block_of, 3)
     # Inference-mode forward pass in the step too, for the comparison: BN frozen, no dropout.
     for layer in backbones.base_of(model).layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
-    trainer.set_trainable(variables, block_of=block_of, num_blocks=3)
+    trainer.set_trainable(variables)
+    trainer.track_blocks(block_of, 3)
     for x, y in batches:
         it = iter(tf.data.Dataset.from_tensors((x, y.astype(np.int32))))
         trainer.train(it, 1)

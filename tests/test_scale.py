@@ -16,7 +16,7 @@ import tensorflow as tf
 from benchmarks import jpeg_folder
 from research.model import backbones
 from research.data import convert, pipeline as data, sources
-from research.run import train as train_lib
+from research.run import build as build_lib, train as train_lib
 from research.config import AugmentConfig, DataConfig, ExperimentConfig, ModelConfig, TrainConfig, UserError
 from tests.conftest import ROOT, run_module
 
@@ -245,12 +245,12 @@ def test_sharded_sources_refuse_a_batch_no_worker_can_fill_and_evaluate_as_befor
 WORKER = r'''
 import hashlib, json, sys
 from research.data import pipeline as data
-from research.run import distribute, train as train_lib
+from research.run import build as build_lib, distribute, train as train_lib
 from research.config import AugmentConfig, ExperimentConfig, DataConfig, ModelConfig, TrainConfig
 strategy = distribute.make_strategy("multi_worker")
 config = ExperimentConfig(data=DataConfig(dataset=sys.argv[1], batch_size=8, image_size=16),
                           model=ModelConfig(backbone="small_cnn", weights="none"), train=TrainConfig(seed=1))
-source, pipeline = train_lib.build_inputs(config, strategy, cache_dir=None, verbose=False)
+source, pipeline = build_lib.build_inputs(config, strategy, cache_dir=None, verbose=False)
 # The training pipeline as built, but with the identity for preprocessing: batches then hold the images.
 raw = data.Pipeline(source, batch_size=8, preprocess=lambda x: x, augment=AugmentConfig(), seed=1, cache="none",
                     replicas=strategy.num_replicas_in_sync)

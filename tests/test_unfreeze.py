@@ -119,7 +119,7 @@ def _config(tmp_path, stages, weights="none", **train):
 
 def test_second_stage_trains_newly_unfrozen_variables_and_keeps_slots_aligned(tmp_path):
     """Stale-trace trap: stage 2 must update block3; the optimizer's slots stay aligned."""
-    from research.run import train as train_lib
+    from research.run import build as build_lib, train as train_lib
 
     # Run A is head-only, so its saved backbone is the untouched initialisation.
     run_a = tmp_path / "a"
@@ -133,7 +133,7 @@ def test_second_stage_trains_newly_unfrozen_variables_and_keeps_slots_aligned(tm
     assert [s["name"] for s in res["stages"]] == ["head", "ft"]
 
     # Rebuild the run's model and optimizer and restore B's final checkpoint into them.
-    built = train_lib.build(cfg, 5, tf.distribute.get_strategy())
+    built = build_lib.build(cfg, 5, tf.distribute.get_strategy())
     model, base, opt = built.model, built.base, built.optimizer
     tf.train.Checkpoint(model=model, base=base, optimizer=opt, meta=tf.Variable("")).restore(
         tf.train.latest_checkpoint(str(run_b / "ckpt"))).assert_existing_objects_matched()
@@ -206,7 +206,7 @@ def test_layerwise_lr_equals_scaled_learning_rate():
 
 
 def test_gradual_unfreezing_in_a_run_adds_one_block_per_period(tmp_path):
-    from research.run import train as train_lib
+    from research.run import build as build_lib, train as train_lib
     stages = parse_stages("name=g unfreeze=all epochs=3 lr=1e-3 gradual_every=1")
     res = train_lib.train_and_evaluate(_config(tmp_path, stages, export=False), str(tmp_path / "g"), verbose=False)
     records = json.loads((tmp_path / "g" / "trainable.json").read_text())

@@ -29,7 +29,8 @@ from absl import logging
 
 from research.data import augment as augment_lib
 from research.data import mix as mix_lib
-from research.config import AugmentConfig, UserError
+from research.config import AugmentConfig
+from research.errors import StorageError, UserError
 from research.data.sources import Source, progress_bar
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -224,7 +225,6 @@ class Pipeline:
                 self._write_disk_cache("train", self.source.train, self.source.num_train)
                 self._write_disk_cache("val", self.source.val, self.source.num_val)
         except (OSError, tf.errors.OpError) as e:  # a full disk, a directory made read-only since
-            from research.run.checkpoints import StorageError
             raise StorageError(f"could not write the image check's results or the disk cache in "
                                f"{self.cache_dir}: {str(e).splitlines()[0]}; free some space, or pass another "
                                "--cache_dir (or --cache=none)") from None

@@ -35,12 +35,9 @@ from typing import Callable
 import tensorflow as tf
 from absl import logging
 
-from research.config import ExperimentConfig, UserError
+from research.config import ExperimentConfig
+from research.errors import StorageError, UserError
 from research.run.run_state import RunState
-
-
-class StorageError(Exception):
-    """The workdir cannot be written (disk full, permissions)."""
 
 
 class Checkpoints:

@@ -22,23 +22,37 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-# Indices of the summed metrics the step functions return.
-LOSS_SUM, CORRECT, TOP5, COUNT, GRAD_NORM, STEPS = 0, 1, 2, 3, 4, 5
-NUM_SUMS = 6
+# The metric sums a step returns, by name: summed over steps and replicas, then turned
+# into means by `metrics_from_sums`. A new metric is one more key here and in `_sums`
+# (or the step's own), and one line in `metrics_from_sums`; checkpoints store them by name.
+SUM_KEYS = ("loss_sum", "correct", "top5", "count", "grad_norm", "steps")
 
 
-def _sums(y, logits, per_example_loss) -> tf.Tensor:
+def zero_sums() -> dict[str, float]:
+    return {k: 0.0 for k in SUM_KEYS}
+
+
+def _sums(y, logits, per_example_loss) -> dict[str, tf.Tensor]:
     y = tf.cast(y, tf.int32)
     pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
     k = min(5, logits.shape[-1])
     top5 = tf.math.in_top_k(y, tf.cast(logits, tf.float32), k)
-    return tf.stack([
-        tf.reduce_sum(per_example_loss),
-        tf.reduce_sum(tf.cast(tf.equal(pred, y), tf.float32)),
-        tf.reduce_sum(tf.cast(top5, tf.float32)),
-        tf.cast(tf.shape(y)[0], tf.float32),
-        0.0, 0.0,
-    ])
+    return {
+        "loss_sum": tf.reduce_sum(per_example_loss),
+        "correct": tf.reduce_sum(tf.cast(tf.equal(pred, y), tf.float32)),
+        "top5": tf.reduce_sum(tf.cast(top5, tf.float32)),
+        "count": tf.cast(tf.shape(y)[0], tf.float32),
+        "grad_norm": tf.constant(0.0),
+        "steps": tf.constant(0.0),
+    }
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {k: a[k] + b[k] for k in a}
+
+
+def _zeros() -> dict[str, tf.Tensor]:
+    return {k: tf.constant(0.0) for k in SUM_KEYS}
 
 
 class Trainer:
@@ -85,21 +99,25 @@ class Trainer:
 
     # -- the step --------------------------------------------------------------
 
-    def set_trainable(self, variables: list, lr_multipliers: dict[str, float] | None = None,
-                      block_of: dict[str, int] | None = None, num_blocks: int = 0) -> None:
-        """Sets the explicit variable list and makes a fresh traced step for it.
-
-        Args:
-          block_of: `{variable path: block index}` to sum each block's squared
-            gradient norm in the step (`--log_block_grads`); None: not summed.
-          num_blocks: the number of blocks the indices count.
-        """
+    def set_trainable(self, variables: list, lr_multipliers: dict[str, float] | None = None) -> None:
+        """Sets the explicit variable list and makes a fresh traced step for it."""
         self.variables = list(variables)
         mult = lr_multipliers or {}
         self.lr_multipliers = [float(mult.get(v.path, 1.0)) for v in self.variables]
-        self.num_blocks = num_blocks if block_of is not None else 0
-        self.block_ids = [block_of.get(v.path, -1) for v in self.variables] if block_of is not None else []
-        self.block_sums = np.zeros(self.num_blocks)
+        self.num_blocks, self.block_ids, self.block_sums = 0, [], np.zeros(0)
+        self.train_fn = self._make_train_fn()
+
+    def track_blocks(self, block_of: dict[str, int], num_blocks: int) -> None:
+        """Sums each block's squared gradient norm in the step (`--log_block_grads`);
+        a fresh traced step for the current variables.
+
+        Args:
+          block_of: `{variable path: block index}`; a variable not in it is in no block.
+          num_blocks: the number of blocks the indices count.
+        """
+        self.num_blocks = num_blocks
+        self.block_ids = [block_of.get(v.path, -1) for v in self.variables]
+        self.block_sums = np.zeros(num_blocks)
         self.train_fn = self._make_train_fn()
 
     def _loss_and_grads(self, x, y):
@@ -132,12 +150,12 @@ class Trainer:
 
     def _replica_step(self, batches):
         """One optimizer update from `grad_accum_steps` micro-batches on this replica."""
-        grads, sums = None, tf.zeros([NUM_SUMS])
+        grads, sums = None, _zeros()
         for x, y in batches:
             g, s = self._loss_and_grads(x, y)
             g = [tf.zeros_like(v) if gi is None else tf.convert_to_tensor(gi) for gi, v in zip(g, self.variables)]
             grads = g if grads is None else [a + b for a, b in zip(grads, g)]
-            sums += s
+            sums = _add(sums, s)
         if len(batches) > 1:
             grads = [g / len(batches) for g in grads]
         scaled = [(v, m) for v, m in zip(self.variables, self.lr_multipliers) if m != 1.0]
@@ -164,7 +182,8 @@ class Trainer:
                 block_sq = tf.where(tf.math.is_finite(block_sq), block_sq, 0.0)  # a skipped fp16 step
             else:
                 block_sq = tf.zeros([0])
-        return sums + tf.stack([0.0, 0.0, 0.0, 0.0, norm / replicas, 1.0 / replicas]), block_sq
+        sums = dict(sums, grad_norm=sums["grad_norm"] + norm / replicas, steps=sums["steps"] + 1.0 / replicas)
+        return sums, block_sq
 
     def _rescale_updates(self, scaled, old) -> None:
         """Layer-wise LR decay: variable v moves by `mult` times the optimizer's update.
@@ -194,7 +213,7 @@ class Trainer:
 
         @tf.function
         def train_fn(iterator, num_steps):
-            sums = tf.zeros([NUM_SUMS])
+            sums = _zeros()
             blocks = tf.zeros([num_blocks])
             first_bad = tf.constant(-1, tf.int64)
             for i in tf.range(tf.cast(num_steps, tf.int64)):
@@ -203,9 +222,9 @@ class Trainer:
                 s = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
                 if num_blocks:
                     blocks += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_blocks, axis=None)
-                bad = tf.logical_not(tf.math.is_finite(s[LOSS_SUM]))
+                bad = tf.logical_not(tf.math.is_finite(s["loss_sum"]))
                 first_bad = tf.where(bad & (first_bad < 0), i, first_bad)
-                sums += s
+                sums = _add(sums, s)
             return sums, first_bad, blocks
 
         # A fresh function per trainable set is the design (see the module docstring),
@@ -214,17 +233,17 @@ class Trainer:
         train_fn._omit_frequent_tracing_warning = True
         return train_fn
 
-    def train(self, iterator, num_steps: int) -> tuple[np.ndarray, int]:
+    def train(self, iterator, num_steps: int) -> tuple[dict[str, float], int]:
         """Runs `num_steps` optimizer updates.
 
         Returns:
-          (summed metrics, index of the first step with a non-finite loss or -1).
+          (summed metrics by name, index of the first step with a non-finite loss or -1).
         """
         sums, first_bad, blocks = self.train_fn(iterator, tf.constant(num_steps, tf.int64))
         if self.num_blocks:
             self.block_sums += blocks.numpy().astype(np.float64)
             self.block_steps += num_steps
-        return sums.numpy().astype(np.float64), int(first_bad)
+        return _to_host(sums), int(first_bad)
 
     def take_block_sums(self) -> tuple[np.ndarray, int]:
         """Per block, the squared gradient norms summed over the steps since the last call
@@ -245,25 +264,35 @@ class Trainer:
 
         @tf.function
         def eval_fn(dist_dataset):
-            sums = tf.zeros([NUM_SUMS])
+            sums = _zeros()
             for x, y in dist_dataset:
-                sums += strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_eval, args=(x, y)), axis=None)
+                sums = _add(sums, strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_eval, args=(x, y)),
+                                                  axis=None))
             return sums
 
         return eval_fn
 
     def evaluate(self, dist_dataset) -> dict[str, float]:
         """Loss, accuracy and top-5 accuracy over a whole (distributed) dataset."""
-        return metrics_from_sums(self.eval_fn(dist_dataset).numpy().astype(np.float64))
+        return metrics_from_sums(_to_host(self.eval_fn(dist_dataset)))
 
     def tracing_count(self) -> int:
         return self.train_fn.experimental_get_tracing_count() if self.train_fn else 0
 
 
-def metrics_from_sums(sums: np.ndarray) -> dict[str, float]:
-    n = max(sums[COUNT], 1.0)
-    out = {"loss": float(sums[LOSS_SUM] / n), "accuracy": float(sums[CORRECT] / n),
-           "top5_accuracy": float(sums[TOP5] / n), "count": int(sums[COUNT])}
-    if sums[STEPS] > 0:
-        out["grad_norm"] = float(sums[GRAD_NORM] / sums[STEPS])
+def _to_host(sums: dict[str, tf.Tensor]) -> dict[str, float]:
+    return {k: float(np.float64(v.numpy())) for k, v in sums.items()}
+
+
+def add_sums(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Host-side running sums (float64), key by key; a key missing on one side counts 0."""
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in {**a, **b}}
+
+
+def metrics_from_sums(sums: dict[str, float]) -> dict[str, float]:
+    n = max(sums["count"], 1.0)
+    out = {"loss": float(sums["loss_sum"] / n), "accuracy": float(sums["correct"] / n),
+           "top5_accuracy": float(sums["top5"] / n), "count": int(sums["count"])}
+    if sums["steps"] > 0:
+        out["grad_norm"] = float(sums["grad_norm"] / sums["steps"])
     return out

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from research.errors import UserError
-from research.run.loop import NUM_SUMS
+from research.run.loop import zero_sums
 
-FORMAT = 2  # the run-state layout; checkpoints of another layout are refused, not half-read
+# The run-state layout; checkpoints of another layout are refused, not half-read.
+# 3: metric sums by name, options' state under `actions`.
+FORMAT = 3
 
 
 def prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -43,7 +45,8 @@ class RunState:
       stage_start_step: optimizer step at which the current stage began.
       stage_stopped: early stopping fired in the current stage.
       early_stopping: the current stage's `EarlyStopping.state()`.
-      epoch_sums: running metric sums of the current epoch.
+      epoch_sums: running metric sums of the current epoch, by name
+        (research/run/loop.py:SUM_KEYS).
       best: the best epoch of the whole run by the monitor, the one `best/`
         holds: `{"stage", "stage_index", "epoch", "global_epoch", "monitor",
         "value", "checkpoint", <metrics>}`.
@@ -56,10 +59,8 @@ class RunState:
       finished: every stage ran.
       data: what the data looked like (`num_train`, `num_val`, `class_names`,
         `skipped_images`).
-      bn_adapted: `--bn=adapt` re-estimations: `{"stage", "images"}`.
-      auto_unfreeze: `auto:` specs resolved at their stage's start: `{"stage",
-        "spec", "method", "k", "scores", "blocks", "resolved", "seconds"}`; a
-        resumed stage reuses its record rather than measuring again.
+      actions: each option's own state, by action name (research/run/actions/),
+        e.g. `auto_unfreeze` (the blocks an `auto:` spec chose) or `adabn`.
       config_changes: configs changed on resume with `--allow_config_change`:
         `{"global_epoch", "changed"}`.
       train_images / train_seconds / wall_seconds: throughput and time counters.
@@ -75,7 +76,7 @@ class RunState:
     stage_start_step: int | None = None
     stage_stopped: bool = False
     early_stopping: dict | None = None
-    epoch_sums: list[float] = field(default_factory=lambda: [0.0] * NUM_SUMS)
+    epoch_sums: dict[str, float] = field(default_factory=zero_sums)
     best: dict | None = None
     history: list[dict] = field(default_factory=list)
     stages: list[dict] = field(default_factory=list)
@@ -84,8 +85,7 @@ class RunState:
     finished: bool = False
     data: dict = field(default_factory=dict)
     config_changes: list[dict] = field(default_factory=list)
-    bn_adapted: list[dict] = field(default_factory=list)
-    auto_unfreeze: list[dict] = field(default_factory=list)
+    actions: dict[str, Any] = field(default_factory=dict)
     train_images: float = 0.0
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -112,7 +112,7 @@ class RunState:
         self.epoch += 1
         self.global_epoch += 1
         self.step_in_epoch = 0
-        self.epoch_sums = [0.0] * NUM_SUMS
+        self.epoch_sums = zero_sums()
         self.early_stopping = early_stopping
 
     def next_stage(self) -> None:
@@ -120,7 +120,7 @@ class RunState:
         self.epoch = self.step_in_epoch = 0
         self.early_stopping = self.stage_start_step = None
         self.stage_stopped = False
-        self.epoch_sums = [0.0] * NUM_SUMS
+        self.epoch_sums = zero_sums()
 
     # -- views ------------------------------------------------------------------
 
@@ -135,8 +135,8 @@ class RunState:
     def images_per_second(self) -> float:
         return self.train_images / max(self.train_seconds, 1e-9)
 
-    def results(self, config: dict[str, Any]) -> dict[str, Any]:
-        """The `results.json` view."""
+    def results(self, config: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The `results.json` view; `extra`: the actions' entries (`Action.results`)."""
         best = self.best
         return {
             "final": self.final,
@@ -151,15 +151,25 @@ class RunState:
             "images_per_second": self.images_per_second(),
             **self.data,
             "config_changes": self.config_changes,
-            "bn_adapted": self.bn_adapted,
-            "auto_unfreeze": self.auto_unfreeze,
+            **(extra or {}),
             "history": self.history,
             "config": config,
         }
 
 
+def headline(metrics: dict | None) -> str:
+    """`test/accuracy 0.91, val/accuracy 0.93`: the accuracies a record has."""
+    items = [(k, v) for k, v in (metrics or {}).items() if k.endswith("/accuracy") and k.count("/") == 1]
+    items.sort(key=lambda kv: not kv[0].startswith("test/"))
+    return ", ".join(f"{k} {v:.4f}" for k, v in items) or "no metrics"
+
+
 def _json_default(o):
+    import dataclasses as dc
+
     import numpy as np
+    if dc.is_dataclass(o):
+        return dc.asdict(o)
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, np.ndarray):

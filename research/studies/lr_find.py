@@ -30,7 +30,8 @@ from research.run import distribute
 from research.data import sources
 from research.model import unfreeze
 from research.config import ExperimentConfig, UserError, validate
-from research.run.loop import COUNT, LOSS_SUM, Trainer
+from research.run import build as build_lib
+from research.run.loop import Trainer
 from research.model.optim import build_optimizer, current_lr
 
 
@@ -80,8 +81,6 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     Raises:
       UserError: bad config, data or weights; a bad stage index or LR range.
     """
-    from research.run import train as train_lib
-
     config = validate(config)
     if not (0 < start < end) or steps < 10:
         raise UserError(f"--start={start}, --end={end}, --steps={steps}: need 0 < start < end and steps >= 10")
@@ -97,10 +96,10 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     if note:
         logging.warning(note)
     strategy = distribute.setup(config.train)
-    source, pipeline = train_lib.build_inputs(config, strategy, verbose=verbose)
-    train_lib.prepare_inputs(pipeline)
-    m = train_lib.build(config, source.num_classes, strategy)
-    train_lib.init_weights(config, m)
+    source, pipeline = build_lib.build_inputs(config, strategy, verbose=verbose)
+    build_lib.prepare_inputs(pipeline)
+    m = build_lib.build(config, source.num_classes, strategy)
+    build_lib.init_weights(config, m)
     with strategy.scope():
         optimizer = build_optimizer(config.train, ExponentialLR(start, end, steps),
                                     loss_scale=config.train.precision == "mixed_float16")
@@ -110,9 +109,7 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     accum = config.train.grad_accum_steps
     trainer = Trainer(m.model, optimizer, strategy=strategy, grad_accum_steps=accum,
                       label_smoothing=config.train.label_smoothing,
-                      class_weights=sources.class_weights(config.train.class_weight, source.class_names,
-                                                          source.class_counts() if config.train.class_weight
-                                                          == "balanced" else []))
+                      class_weights=build_lib.class_weights(config, source))
     trainer.set_trainable(selection.variables)
     epochs = math.ceil(steps * accum / pipeline.steps_per_epoch)
     iterator = iter(pipeline.distribute(strategy, lambda: pipeline.train_stream(0, epochs)))
@@ -121,7 +118,7 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     for i in range(steps):
         lr = current_lr(optimizer)  # the rate this step uses
         sums, bad = trainer.train(iterator, 1)
-        loss = sums[LOSS_SUM] / max(sums[COUNT], 1.0)
+        loss = sums["loss_sum"] / max(sums["count"], 1.0)
         if bad >= 0 or not math.isfinite(loss):
             break
         lrs.append(lr)

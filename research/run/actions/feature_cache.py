@@ -17,9 +17,11 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from research.model import backbones
 from research.data.pipeline import AUTOTUNE, Pipeline, epoch_stream
+from research.run.actions.base import Action, Context, Inputs
 
 
 def head_model(model: keras.Model) -> keras.Model:
@@ -88,3 +90,45 @@ class FeatureCache:
         p = self.pipeline
         ds = tf.data.Dataset.from_tensor_slices((self.val_x, self.val_y)).batch(p.batch_size)
         return ds.prefetch(AUTOTUNE).with_options(p.options())
+
+
+class CachedFeatures(Action):
+    """`--cache_features`: a head-only stage without augmentation, on data not sharded by
+    worker, trains the head on features computed once (an `Inputs` of kind `features`)."""
+
+    name = "cache_features"
+
+    @classmethod
+    def enabled(cls, config) -> bool:
+        return config.train.cache_features
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._cache: FeatureCache | None = None
+        self._trainer = None
+
+    def base_changed(self, ctx: Context) -> None:
+        self._cache = None  # computed with the old statistics
+
+    def inputs(self, ctx: Context, run, stage, selection, limit) -> Inputs | None:
+        from research.model import unfreeze
+        from research.run.loop import Trainer
+
+        head_only = len(selection.variables) == len(unfreeze.head_variables(ctx.built.model))
+        aug = ctx.config.augment
+        # Features are extracted from this worker's images only when it reads its own shards,
+        # and FeatureCache streams them as if every worker had every image.
+        if not head_only or aug.enabled or aug.mixes or ctx.pipeline.sharded:
+            if run.epoch == 0 and limit in (None, 1):
+                logging.warning("stage %s: --cache_features applies to head-only stages without augmentation, on "
+                                "data not sharded by worker; training through the base", stage.name)
+            return None
+        if self._cache is None:
+            self._cache = FeatureCache(ctx.built.model, ctx.pipeline)
+            t = ctx.config.train
+            self._trainer = Trainer(self._cache.head, ctx.built.optimizer, strategy=ctx.strategy,
+                                    grad_accum_steps=ctx.trainer.grad_accum_steps, jit_compile=ctx.trainer.jit_compile,
+                                    label_smoothing=t.label_smoothing, class_weights=ctx.class_weights)
+            ctx.say(f"cached base features of {len(self._cache.train_y)} training and "
+                    f"{len(self._cache.val_y)} validation images in {self._cache.seconds:.1f}s")
+        return Inputs("features", self._trainer, self._cache, self._cache.val_dataset)

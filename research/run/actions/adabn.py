@@ -15,9 +15,14 @@ statistics it replaces, so repeating it after a resume gives the same numbers.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 import keras
 import numpy as np
 import tensorflow as tf
+
+from research.run.actions.base import Action, Context
 
 
 def bn_layers(base: keras.Model) -> list:
@@ -74,3 +79,34 @@ def adapt(base: keras.Model, batches: tf.data.Dataset) -> int:
         for layer, t in zip(layers, was):
             layer.trainable = t
     return images
+
+
+@dataclass
+class AdaBNState:
+    adapted: list = field(default_factory=list)  # {"stage", "images"} per re-estimation
+
+
+class AdaBN(Action):
+    """`--bn=adapt`: BN statistics re-estimated on the training images (no augmentation)
+    at the start of every stage, before it trains. A run killed before the stage's
+    first checkpoint does it again on resume, from the same weights: the same statistics."""
+
+    name = "adabn"
+    State = AdaBNState
+
+    @classmethod
+    def enabled(cls, config) -> bool:
+        return config.model.bn == "adapt"
+
+    def stage_start(self, ctx: Context, run, stage) -> None:
+        if run.epoch or run.step_in_epoch:
+            return  # resumed inside the stage: its statistics are in the checkpoint
+        t0 = time.perf_counter()
+        n = adapt(ctx.built.base, ctx.pipeline.train_dataset(run.global_epoch, augment=False))
+        ctx.base_changed()
+        ctx.say(f"stage {stage.name}: BatchNorm statistics re-estimated on {n} training images "
+                f"({time.perf_counter() - t0:.1f}s)")
+        self.state(run).adapted.append({"stage": stage.name, "images": n})
+
+    def results(self, run) -> dict:
+        return {"bn_adapted": self.state(run).adapted}

@@ -4,7 +4,7 @@ The optimizer keeps the average (`use_ema=True`, one slot per variable it was
 built on, saved in every checkpoint with the other slots), so resume is exact
 and MirroredStrategy averages the same synchronised weights on every replica.
 What Keras leaves to `model.fit` callbacks (`keras.callbacks.SwapEMAWeights`)
-the controller does here: swap the averages in to score or save them, and back.
+this action does: swap the averages in to score or save them, and back.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+
+from research.run.actions.base import Action, Context
 
 
 def pairs(optimizer) -> list:
@@ -42,3 +44,28 @@ def swapped_in(optimizer):
     finally:
         for (v, _), value in zip(ps, trained):
             v.assign(value)
+
+
+class Ema(Action):
+    """`--ema_decay`: the averaged weights are a variant the run scores (`val_ema/`,
+    `test_ema/`), can monitor for `best/`, and saves in `ema/` at the end."""
+
+    name = "ema"
+
+    @classmethod
+    def enabled(cls, config) -> bool:
+        return config.train.ema_decay > 0
+
+    def setup(self, ctx: Context) -> None:
+        ctx.variants["ema"] = lambda: swapped_in(ctx.built.optimizer)
+
+    def best_restored(self, ctx: Context) -> None:
+        # The average restarts from the restored weights: it would otherwise keep the
+        # epochs that were just discarded.
+        reset_to_weights(ctx.built.optimizer)
+
+    def run_end(self, ctx: Context, run) -> None:
+        # Before the checkpoint that marks the run finished: a kill in between repeats
+        # the stage end, and ema/ is written again from the same averages.
+        with swapped_in(ctx.built.optimizer):
+            ctx.ckpts.save_ema(run)

@@ -1,0 +1,158 @@
+"""Building a run: its inputs, its model, the one optimizer, the initial weights and
+the class weights. The controller, the probes, the LR finder and the guide recipe
+all build here, so each is built one way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from research.config import ExperimentConfig
+from research.data import pipeline as data_lib
+from research.data import sources
+from research.errors import UserError
+from research.model import backbones, unfreeze
+from research.model.optim import StageSchedule, build_optimizer
+from research.run import checkpoints, distribute
+
+
+def build_inputs(config: ExperimentConfig, strategy, *, cache_dir: str | None = None,
+                 verbose: bool = True) -> tuple[sources.Source, data_lib.Pipeline]:
+    """Loads the data (every image not checked before is checked) and builds the input
+    pipeline; says what it found. Writes nothing: `Pipeline.prepare` does, later.
+
+    Args:
+      cache_dir: the disk cache and the folder check's results, unless `--cache_dir`
+        names one (None: neither is kept; `disk` then falls back to `none`).
+
+    Raises:
+      UserError: missing or unreadable data, unknown classes or splits.
+    """
+    cfg_d = config.data
+    entry = backbones.get(config.model.backbone)
+    size = backbones.input_size(config.model.backbone, cfg_d.image_size)
+    cache_dir = cfg_d.cache_dir or cache_dir
+    source = sources.load_source(cfg_d, size, cache_dir=cache_dir, worker=distribute.worker_of(strategy))
+    if source.skipped:
+        logging.warning("skipped %d unreadable image(s), e.g. %s", len(source.skipped), source.skipped[0])
+    mode, why = data_lib.choose_cache(cfg_d.cache, source.num_train + source.num_val, size)
+    if mode == "disk" and not cache_dir:
+        mode, why = "none", why + "; no cache directory here, so none"
+    if verbose:
+        names = ", ".join(source.class_names[:10]) + (", ..." if source.num_classes > 10 else "")
+        shard = (f" (worker {source.shard[0]} of {source.shard[1]} reads its own {source.num_train})"
+                 if source.shard[1] > 1 else "")
+        print(f"data: {cfg_d.dataset}: {source.num_classes} classes ({names}); {source.num_train} training{shard}, "
+              f"{source.num_val} validation and {source.num_test} test images at {size}x{size} px"
+              + (f"; skipped {len(source.skipped)} unreadable" if source.skipped else ""), flush=True)
+        print(f"cache: {mode}" + (f" in {cache_dir}" if mode == "disk" else "")
+              + (f" ({why})" if cfg_d.cache != mode or cfg_d.cache == "auto" else ""), flush=True)
+        print(f"test: {source.test_from}" + ("; evaluated once, at the end of the run" if source.test else
+                                             "; the run reports validation numbers only"), flush=True)
+        print(f"model: {config.model.backbone} (weights {config.model.weights}); "
+              f"{distribute.describe(strategy)}, {config.train.precision}", flush=True)
+    pipeline = data_lib.Pipeline(source, batch_size=cfg_d.batch_size, preprocess=entry.preprocess,
+                                 augment=config.augment, seed=config.train.seed, cache=mode, cache_dir=cache_dir,
+                                 shuffle_buffer=cfg_d.shuffle_buffer,
+                                 threads=data_lib.pipeline_threads(cfg_d.threads,
+                                                                   cached=mode != "none" or source.decoded),
+                                 deterministic=config.train.deterministic, sampler=cfg_d.sampler,
+                                 eval_crop=cfg_d.eval_crop, replicas=strategy.num_replicas_in_sync)
+    return source, pipeline
+
+
+def cache_dir(workdir: str, strategy, chief: bool) -> str:
+    """`WORKDIR/cache`; a non-chief worker, which writes nothing into the workdir, keeps
+    its own under the system's temporary directory (the same one on every resume)."""
+    if chief:
+        return os.path.join(workdir, "cache")
+    index, _ = distribute.worker_of(strategy)
+    return os.path.join(tempfile.gettempdir(), f"research-cache-{sources.fingerprint(workdir)}-worker{index}")
+
+
+def prepare_inputs(pipeline: data_lib.Pipeline) -> None:
+    """`Pipeline.prepare`, logged: the check's results and the disk cache written,
+    the memory cache filled."""
+    seconds = pipeline.prepare()
+    if seconds > 1:
+        logging.info("prepared the %s cache of %d training images in %.1fs", pipeline.cache,
+                     pipeline.source.num_train, seconds)
+
+
+def class_weights(config: ExperimentConfig, source: sources.Source) -> list[float] | None:
+    """The per-class loss weights of `--class_weight` on this source's training split (None: unweighted)."""
+    cw = config.train.class_weight
+    return sources.class_weights(cw, source.class_names, source.class_counts() if cw == "balanced" else [])
+
+
+@dataclass
+class Model:
+    """The run's classifier, its backbone, its one optimizer and the per-stage LR schedule."""
+
+    model: keras.Model
+    base: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    schedule: StageSchedule
+    image_size: int
+
+
+def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.Strategy) -> Model:
+    """Builds the classifier (freshly initialised) and the run's one optimizer.
+
+    The optimizer is built on the union of every stage's variables, inside the
+    strategy scope (keras issue 23085), so its slot layout is the same for
+    every stage and every checkpoint.
+
+    Raises:
+      UserError: an unfreeze spec that does not fit the backbone, in any stage
+        (checked before anything is written or trained).
+    """
+    cfg_m = config.model
+    size = backbones.input_size(cfg_m.backbone, config.data.image_size)
+    with strategy.scope():
+        base = backbones.build_base(cfg_m.backbone, image_size=size, alpha=cfg_m.alpha)
+        model = backbones.build_classifier(base, num_classes, dropout=cfg_m.dropout)
+        selections = [unfreeze.select(model, cfg_m.backbone, s.unfreeze, train_bn=cfg_m.train_bn)
+                      for s in config.stages]
+        schedule = StageSchedule()
+        optimizer = build_optimizer(config.train, schedule, loss_scale=config.train.precision == "mixed_float16")
+        optimizer.build(unfreeze.trainable_union(model, selections))
+    return Model(model, base, optimizer, schedule, size)
+
+
+def init_weights(config: ExperimentConfig, m: Model) -> None:
+    """The initialisation of a new run: pretrained weights into the backbone, head skipped.
+
+    Raises:
+      UserError: weights that cannot be fetched, read or fitted.
+    """
+    cfg_m = config.model
+    w = cfg_m.weights
+    if w in ("none", ""):
+        return
+    if not w.startswith("ckpt:"):
+        backbones.load_pretrained(m.base, cfg_m.backbone, w, image_size=m.image_size, alpha=cfg_m.alpha)
+        return
+    first = None
+    if cfg_m.init_blocks:
+        names = backbones.blocks(m.base, cfg_m.backbone)
+        if cfg_m.init_blocks > len(names):
+            raise UserError(f"--init_blocks={cfg_m.init_blocks} exceeds the {len(names)} blocks of "
+                            f"{cfg_m.backbone}: {', '.join(names)}")
+        first = names[:cfg_m.init_blocks]
+    path = checkpoints.init_from_run(m.base, w[len("ckpt:"):], first_blocks=first,
+                                     block_of=backbones.get(cfg_m.backbone).block_of(m.base))
+    logging.info("initialised the backbone from %s%s", path, f" (blocks {first})" if first else "")
+
+
+def seed_variables(model: keras.Model) -> list:
+    """The model's random-generator states (dropout): not part of a
+    tf.train.Checkpoint, so they travel in the run state."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
