@@ -55,6 +55,16 @@ def _zeros() -> dict[str, tf.Tensor]:
     return {k: tf.constant(0.0) for k in SUM_KEYS}
 
 
+# Across replicas the sums travel as one vector in SUM_KEYS order: MultiWorkerMirroredStrategy's
+# reduce refuses a dict of per-replica tensors ("Expected any non-tensor type").
+def _pack(sums: dict[str, tf.Tensor]) -> tf.Tensor:
+    return tf.stack([sums[k] for k in SUM_KEYS])
+
+
+def _unpack(vector: tf.Tensor) -> dict[str, tf.Tensor]:
+    return {k: vector[i] for i, k in enumerate(SUM_KEYS)}
+
+
 class Trainer:
     """Owns the step functions for one model and one optimizer.
 
@@ -183,7 +193,7 @@ class Trainer:
             else:
                 block_sq = tf.zeros([0])
         sums = dict(sums, grad_norm=sums["grad_norm"] + norm / replicas, steps=sums["steps"] + 1.0 / replicas)
-        return sums, block_sq
+        return _pack(sums), block_sq
 
     def _rescale_updates(self, scaled, old) -> None:
         """Layer-wise LR decay: variable v moves by `mult` times the optimizer's update.
@@ -219,7 +229,7 @@ class Trainer:
             for i in tf.range(tf.cast(num_steps, tf.int64)):
                 batches = tuple(next(iterator) for _ in range(accum))
                 per_replica, per_replica_blocks = strategy.run(step, args=(batches,))
-                s = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+                s = _unpack(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
                 if num_blocks:
                     blocks += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_blocks, axis=None)
                 bad = tf.logical_not(tf.math.is_finite(s["loss_sum"]))
@@ -260,14 +270,14 @@ class Trainer:
         def replica_eval(x, y):
             logits = model(x, training=False)
             per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            return _sums(y, logits, per_example)
+            return _pack(_sums(y, logits, per_example))
 
         @tf.function
         def eval_fn(dist_dataset):
             sums = _zeros()
             for x, y in dist_dataset:
-                sums = _add(sums, strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_eval, args=(x, y)),
-                                                  axis=None))
+                sums = _add(sums, _unpack(strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                                          strategy.run(replica_eval, args=(x, y)), axis=None)))
             return sums
 
         return eval_fn

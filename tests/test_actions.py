@@ -1,0 +1,97 @@
+"""An option added from outside the controller: one class and one registration.
+
+The action below lives in this test (written to a driver script the run starts
+from); the controller and the registry's file are not edited. Its checkpointed
+state must survive a SIGKILL and resume exactly, and reach `results.json`.
+"""
+
+import json
+import signal
+import sys
+import textwrap
+
+import subprocess
+
+from tests.conftest import ROOT
+from tests.test_resume import _wait_for_checkpoint
+
+DRIVER = textwrap.dedent('''
+    import runpy
+    import sys
+    from dataclasses import dataclass, field
+
+    from research.run import actions
+    from research.run.actions.base import Action
+
+
+    @dataclass
+    class LossLogState:
+        epochs: list = field(default_factory=list)        # the global epoch of every epoch end seen
+        train_losses: list = field(default_factory=list)
+        stage_starts: list = field(default_factory=list)
+
+
+    class LossLog(Action):
+        name = "loss_log"
+        State = LossLogState
+
+        def stage_start(self, ctx, run, stage):
+            self.state(run).stage_starts.append([stage.name, run.epoch])
+
+        def epoch_end(self, ctx, run, stage, metrics, selection, last):
+            s = self.state(run)
+            s.epochs.append(run.global_epoch)
+            s.train_losses.append(metrics["train/loss"])
+
+        def results(self, run):
+            s = self.state(run)
+            return {"loss_log": {"epochs": s.epochs, "train_losses": s.train_losses,
+                                 "stage_starts": s.stage_starts}}
+
+
+    actions.register(LossLog)
+    sys.argv = ["launch.train"] + sys.argv[1:]
+    runpy.run_module("launch.train", run_name="__main__")
+''')
+
+ARGS = ["--deterministic", "--image_size=16", "--classes=0-4", "--batch_size=32", "--steps_per_loop=5",
+        "--noexport", "--stages=name=head unfreeze=none epochs=2 lr=3e-3; name=ft unfreeze=top:2 epochs=2 lr=1e-3"]
+
+
+def _run(driver, wd):
+    return subprocess.run([sys.executable, str(driver), f"--workdir={wd}", *ARGS], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin",
+                                                       "PYTHONPATH": ROOT})
+
+
+def _popen(driver, wd):
+    return subprocess.Popen([sys.executable, str(driver), f"--workdir={wd}", *ARGS], cwd=ROOT,
+                            env={"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_an_action_added_from_a_test_keeps_its_state_across_sigkill(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    ref = tmp_path / "ref"
+    r = _run(driver, ref)
+    assert r.returncode == 0, r.stderr[-3000:]
+    expected = json.loads((ref / "results.json").read_text())["loss_log"]
+    assert expected["epochs"] == [0, 1, 2, 3]
+    assert expected["stage_starts"] == [["head", 0], ["ft", 0]]
+
+    wd = tmp_path / "killed"
+    proc = _popen(driver, wd)
+    _wait_for_checkpoint(wd, 4, proc)  # save 3 ends the head stage; save 4 is the first ft epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (wd / "results.json").exists(), "the run finished before it could be killed"
+    r = _run(driver, wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resuming from" in r.stdout
+    got = json.loads((wd / "results.json").read_text())["loss_log"]
+    # The epochs before the kill come back from the checkpoint, once each; the resumed
+    # stage starts again where it was (epoch 1 of ft), and the losses are the same numbers.
+    assert got["epochs"] == expected["epochs"]
+    assert got["train_losses"] == expected["train_losses"]
+    assert got["stage_starts"] == [["head", 0], ["ft", 0], ["ft", 1]]
