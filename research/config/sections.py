@@ -1,0 +1,466 @@
+"""The config's sections: frozen dataclasses, the one place a field is declared.
+
+Each field is declared once, with `opt(default, help, ...)`: its default, its
+`--help` text, its flag name when it is not the field's own (`flag=`), whether
+its flag takes only listed values (`enum=`), and whether it may change when a
+run resumes (`resume_safe=`: speed or bookkeeping, not the maths). The flags of
+`launch.train` are generated from these fields (research/config/fields.py).
+Each section checks its own values in `validate`; checks across sections are in
+research/config/validate.py. Class docstrings say more where a field needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from research.errors import UserError
+
+OPTIMIZERS = ("adam", "sgd", "adamw")
+JIT = ("auto", "true", "false")
+BN_POLICIES = ("frozen", "train", "adapt")
+TEST_SOURCES = ("auto", "val", "none")
+SAMPLERS = ("shuffle", "balanced")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+ES_MODES = ("auto", "min", "max")
+CACHE_MODES = ("auto", "memory", "disk", "none")
+SPEC_FORMS = ("none", "all", "top:K", "blocks:a,b", "from:NAME", "regex:PATTERN", "auto:K", "auto:rgn:K",
+              "auto:probe:K")
+MONITORS = ("val/loss", "val/accuracy", "val/top5_accuracy", "train/loss", "train/accuracy",
+            "val_ema/loss", "val_ema/accuracy", "val_ema/top5_accuracy")
+
+
+def opt(default: Any, help: str, *, flag: str | bool | None = None, enum: tuple | None = None,
+        resume_safe: bool = False, head: bool = False, factory=None):
+    """A config field.
+
+    Args:
+      default: its default (the flag's too).
+      help: the flag's help text.
+      flag: the flag's name if not the field's; False: no flag.
+      enum: the allowed values; the flag refuses any other.
+      resume_safe: may change on resume (and does not make a sweep trial stale).
+      head: (stage fields) the head-only stage of `--head_epochs` takes it too.
+      factory: a default factory instead of a default (nested sections).
+    """
+    md = {"help": help, "flag": flag, "enum": enum, "resume_safe": resume_safe, "head": head}
+    if factory is not None:
+        return field(default_factory=factory, metadata=md)
+    return field(default=default, metadata=md)
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+def choice(name: str, value: str, allowed) -> None:
+    check(value in allowed, f"--{name}={value!r} is not valid; allowed values: {', '.join(allowed)}")
+
+
+def _check_enums(section) -> None:
+    for f in dataclasses.fields(section):
+        if f.metadata.get("enum"):
+            choice(f.metadata.get("flag") or f.name, getattr(section, f.name), f.metadata["enum"])
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are batched.
+
+    `test` decides where the test split, which no training decision ever sees,
+    comes from: `auto`: the source's own (`PATH/test`, the TFDS `test_split`) if it
+    has one, else a `test_fraction` slice carved from the training images; `val`:
+    the source's validation split is the test split, and validation is carved from
+    the training images (datasets that ship only train/val); `none`: no test split.
+    `cache=auto` keeps the decoded images in memory when they take under a quarter
+    of the available RAM, else on disk. `eval_crop` reaches validation, test,
+    `launch.evaluate` and the exported model, so prediction too.
+    """
+
+    dataset: str = opt("digits", "digits | folder:PATH | tfds:NAME | tfrecord:DIR (shards written by launch.convert)")
+    data_dir: str | None = opt(None, "TFDS data directory.")
+    train_split: str = opt("train", "TFDS training split.")
+    val_split: str = opt("", "TFDS validation split (default: validation/val if present, else a slice of train).")
+    val_fraction: float = opt(0.2, "Held-out fraction when the source has no validation split.")
+    test: str = opt("auto", "The test split, never used for a training decision: auto = the source's own "
+                    "(PATH/test, TFDS test) or a --test_fraction slice of train; val = the source's validation split, "
+                    "with validation carved from train (datasets with only train/val); none = no test split.",
+                    enum=TEST_SOURCES)
+    test_split: str = opt("", "TFDS test split (default: test if present).")
+    test_fraction: float = opt(0.1, "Fraction carved for test when the source has no test split.")
+    classes: str = opt("", "Class subset by name or index, e.g. 0-4 or ants,bees (relabelled 0..k-1).")
+    image_size: int = opt(0, "Input side in pixels (0: the backbone's default).")
+    batch_size: int = opt(32, "Global batch size.")
+    shuffle_buffer: int = opt(10000, "Shuffle buffer size (capped at the dataset size).")
+    cache: str = opt("auto", "Where decoded, resized images are kept between epochs: memory | disk (written once to "
+                     "--cache_dir, reused on resume and by later runs) | none (decoded every epoch) | auto (memory if "
+                     "they take under 25% of the available RAM, else disk).", enum=CACHE_MODES, resume_safe=True)
+    cache_dir: str = opt("", "The disk cache and the image check's results (default: WORKDIR/cache); share one "
+                         "between runs to decode a dataset once.", resume_safe=True)
+    sampler: str = opt("shuffle", "Training draws: shuffle (each image once per epoch) | balanced (each draw picks a "
+                       "class uniformly, then its next image; for imbalanced folders).", enum=SAMPLERS)
+    eval_crop: float = opt(1.0, "Evaluation (val, test, evaluate, the export) keeps this central fraction of each "
+                           "side, resized back (0.875 is the ImageNet convention; 1: the whole image).")
+    skip_bad_images: bool = opt(False, "Skip unreadable images instead of failing.")
+    threads: int = opt(0, "tf.data threads (0: half the cores when training on CPU, all with a GPU/TPU).",
+                       flag="data_threads", resume_safe=True)
+
+    def source_kind(self) -> tuple[str, str]:
+        """`("folder", PATH)`, `("tfds", NAME)`, `("tfrecord", DIR)` or `("digits", "")`."""
+        kind, _, arg = self.dataset.partition(":")
+        return (kind, arg) if arg or kind != self.dataset else (self.dataset, "")
+
+    def validate(self) -> None:
+        _check_enums(self)
+        ds = self.dataset
+        check(ds == "digits" or ds.startswith(("folder:", "tfds:", "tfrecord:")),
+              f"--dataset={ds!r} is not valid; allowed values: digits, folder:PATH, tfds:NAME, tfrecord:DIR")
+        check(not (ds.startswith("tfrecord:") and not ds[len("tfrecord:"):]),
+              "--dataset=tfrecord: needs the directory launch.convert wrote, e.g. tfrecord:/data/flowers-shards")
+        check(not (ds.startswith("folder:") and not ds[len("folder:"):]),
+              "--dataset=folder: needs a path, e.g. folder:/data/flowers")
+        check(not (ds.startswith("tfds:") and not ds[len("tfds:"):]),
+              "--dataset=tfds: needs a dataset name, e.g. tfds:tf_flowers")
+        for kind in ("folder:", "tfrecord:"):
+            if ds.startswith(kind):
+                check(os.path.isdir(ds[len(kind):]), f"--dataset={ds}: no such directory")
+        check(not self.cache_dir or writable_dir(self.cache_dir),
+              f"--cache_dir={self.cache_dir}: not a directory this process can create and write into")
+        check(0.0 < self.val_fraction < 1.0, f"--val_fraction={self.val_fraction} must be strictly between 0 and 1")
+        check(0.0 < self.test_fraction < 1.0,
+              f"--test_fraction={self.test_fraction} must be strictly between 0 and 1")
+        check(self.test == "none" or self.val_fraction + self.test_fraction < 0.9,
+              f"--val_fraction={self.val_fraction} and --test_fraction={self.test_fraction} leave less than 10% to "
+              "train")
+        check(self.batch_size >= 1, f"--batch_size={self.batch_size} must be >= 1")
+        check(self.image_size >= 0, f"--image_size={self.image_size} must be >= 0 (0 means the backbone's default)")
+        check(self.shuffle_buffer >= 1, f"--shuffle_buffer={self.shuffle_buffer} must be >= 1")
+        check(0.0 < self.eval_crop <= 1.0,
+              f"--eval_crop={self.eval_crop} must be in (0, 1] (1: the whole image; 0.875 is common)")
+        check(self.threads >= 0, f"--data_threads={self.threads} must be >= 0 (0: automatic)")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation settings, the ImageDataGenerator knobs (see research/data/augment.py).
+
+    Random erasing follows Zhong et al., 2020 (torchvision's box rule: 2-33 % of the
+    area, aspect ratio 0.3-3.3, the box filled with noise); RandAugment, Cubuk et al.,
+    2020 (Keras's operations, drawn per image); mixup and CutMix make the training
+    targets soft (research/data/mix.py).
+    """
+
+    horizontal_flip: bool = opt(False, "Random horizontal flips.")
+    vertical_flip: bool = opt(False, "Random vertical flips.")
+    crop_scale: str = opt("", "Random-resized-crop: MIN,MAX fraction of the area kept, e.g. 0.08,1 (empty: off).")
+    crop_ratio: str = opt("0.75,1.3333", "Random-resized-crop: MIN,MAX aspect ratio (log-uniform).")
+    rotation: float = opt(0.0, "Max random rotation, degrees.")
+    width_shift: float = opt(0.0, "Max horizontal shift, fraction of width.")
+    height_shift: float = opt(0.0, "Max vertical shift, fraction of height.")
+    zoom: float = opt(0.0, "Max zoom in/out, fraction.")
+    contrast: float = opt(0.0, "Max contrast change, fraction.")
+    brightness: float = opt(0.0, "Max brightness shift, fraction of the value range (added).")
+    saturation: float = opt(0.0, "Max saturation change: saturation times U(1-s, 1+s).")
+    hue: float = opt(0.0, "Max hue rotation, fraction of the colour circle (<= 0.5).")
+    erase_prob: float = opt(0.0, "Random erasing probability (a box of 2-33% of the area, noise-filled).")
+    randaugment: int = opt(0, "RandAugment: operations per image (Keras's RandAugment ops, drawn per image; 0: off, "
+                           "2 is common).")
+    randaugment_magnitude: float = opt(0.5, "RandAugment strength, Keras's factor in [0, 1].")
+    mixup: float = opt(0.0, "Mixup: α of the Beta(α, α) mixing weight (0: off; 0.2-1 is common).")
+    cutmix: float = opt(0.0, "CutMix: α of the Beta(α, α) box area (0: off; 1 is common).")
+    mix_prob: float = opt(1.0, "Probability that a training batch is mixed (mixup or CutMix).")
+
+    @property
+    def enabled(self) -> bool:
+        """Any per-image augmentation (mixing is a batch-level step of its own)."""
+        return bool(self.horizontal_flip or self.vertical_flip or self.crop_scale or self.rotation
+                    or self.width_shift or self.height_shift or self.zoom or self.contrast
+                    or self.brightness or self.saturation or self.hue or self.erase_prob or self.randaugment)
+
+    def crop_range(self, name: str) -> tuple[float, float]:
+        """`crop_scale` or `crop_ratio` as (min, max)."""
+        lo, hi = (float(v) for v in getattr(self, name).split(","))
+        return lo, hi
+
+    @property
+    def mixes(self) -> bool:
+        return bool(self.mixup or self.cutmix) and self.mix_prob > 0
+
+    def validate(self) -> None:
+        for name in ("rotation", "width_shift", "height_shift", "zoom", "contrast"):
+            v = getattr(self, name)
+            check(v >= 0 and math.isfinite(v), f"--{name}={v} must be a finite number >= 0")
+        for name, low, high in (("crop_scale", 0.0, 1.0), ("crop_ratio", 0.0, math.inf)):
+            if name == "crop_scale" and not self.crop_scale:
+                continue
+            try:
+                lo, hi = self.crop_range(name)
+            except ValueError:
+                raise UserError(f"--{name}={getattr(self, name)!r} is not MIN,MAX (for example 0.08,1)") from None
+            check(low < lo <= hi <= high, f"--{name}={getattr(self, name)} needs {low} < MIN <= MAX <= {high}")
+        for name in ("mixup", "cutmix"):
+            check(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)),
+                  f"--{name}={getattr(self, name)} is the α of a Beta(α, α) and must be >= 0 (0: off; 0.2-1 is common)")
+        check(0.0 <= self.mix_prob <= 1.0, f"--mix_prob={self.mix_prob} must be in [0, 1]")
+        check(self.rotation <= 180, f"--rotation={self.rotation} is in degrees and must be <= 180")
+        check(0 <= self.randaugment <= 5, f"--randaugment={self.randaugment} is the number of operations per image, "
+              "0-5 (0: off; 2 is common)")
+        for name, high in (("brightness", 1.0), ("saturation", 1.0), ("hue", 0.5), ("erase_prob", 1.0),
+                           ("randaugment_magnitude", 1.0)):
+            v = getattr(self, name)
+            check(0.0 <= v <= high, f"--{name}={v} must be in [0, {high}]")
+        for name in ("width_shift", "height_shift", "zoom", "contrast"):
+            check(getattr(self, name) < 1, f"--{name}={getattr(self, name)} is a fraction and must be < 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and head.
+
+    `bn` is the BatchNorm policy (research/model/unfreeze.py, research/run/actions/adabn.py):
+    `frozen` (default): every BN layer in inference mode, its moving statistics and
+    gamma/beta fixed; the standard fine-tuning advice, and what keeps small-data runs
+    stable. `train`: BN layers of unfrozen blocks train (batch statistics, moving-average
+    updates, gamma/beta). `adapt`: frozen as above, but at the start of every stage the
+    moving statistics of every BN layer are re-estimated on the training images (AdaBN,
+    Li et al. 2016), for target data far from the pretraining data. `init_blocks` is the
+    transfer study's "copy the first n layers".
+    """
+
+    backbone: str = opt("small_cnn", "small_cnn | vgg16 | inception_v3 | mobilenet | mobilenet_v2 | resnet50 | "
+                        "efficientnet_b0 | xception")
+    weights: str = opt("none", "imagenet | none | PATH.h5 | ckpt:WORKDIR (another run's backbone, head skipped)")
+    alpha: float = opt(1.0, "Width multiplier for mobilenet / mobilenet_v2.")
+    dropout: float = opt(0.2, "Dropout before the classifier.")
+    bn: str = opt("frozen", "BatchNorm policy: frozen (inference mode, statistics fixed), train (BN of unfrozen "
+                  "blocks trains), adapt (frozen, statistics re-estimated on the training images at each stage "
+                  "start: AdaBN).", enum=BN_POLICIES)
+    init_blocks: int = opt(0, "With --weights=ckpt:DIR, copy only the first N blocks (0: all).")
+
+    @property
+    def train_bn(self) -> bool:
+        return self.bn == "train"
+
+    def validate(self) -> None:
+        from research.model import backbones  # imports no TensorFlow: the registry is lazy
+
+        _check_enums(self)
+        choice("backbone", self.backbone, tuple(backbones.BACKBONES))
+        entry = backbones.BACKBONES[self.backbone]
+        w = self.weights
+        check(w in ("imagenet", "none") or w.startswith("ckpt:") or w.endswith((".h5", ".weights.h5", ".keras")),
+              f"--weights={w!r} is not valid; allowed values: imagenet, none, a .h5 weights file, ckpt:WORKDIR")
+        check(not (w == "imagenet" and not entry.has_imagenet),
+              f"--weights=imagenet is not available for backbone {self.backbone!r}; use none, a .h5 file or "
+              "ckpt:WORKDIR")
+        check(0.0 <= self.dropout < 1.0, f"--dropout={self.dropout} must be in [0, 1)")
+        check(self.alpha > 0, f"--alpha={self.alpha} must be > 0")
+        check(self.alpha == 1.0 or entry.has_alpha,
+              f"--alpha={self.alpha}: backbone {self.backbone!r} has no width multiplier; --alpha applies to "
+              + ", ".join(n for n, e in backbones.BACKBONES.items() if e.has_alpha))
+        check(self.init_blocks >= 0, f"--init_blocks={self.init_blocks} must be >= 0")
+        check(self.init_blocks == 0 or w.startswith("ckpt:"), "--init_blocks needs --weights=ckpt:WORKDIR")
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Keras-compatible early stopping, applied to each stage separately.
+
+    With `enabled=False` (the default) nothing stops; the run's best epoch by
+    `monitor` is kept in `best/` whether or not stopping is enabled.
+    """
+
+    enabled: bool = opt(False, "Stop a stage when the monitor stops improving.", flag="early_stopping")
+    monitor: str = opt("val/loss", " | ".join(MONITORS), flag="early_stopping_monitor")
+    mode: str = opt("auto", "Direction of improvement.", flag="early_stopping_mode", enum=ES_MODES)
+    min_delta: float = opt(0.0, "Minimum change that counts as an improvement.", flag="early_stopping_min_delta")
+    patience: int = opt(5, "Epochs without improvement before stopping.", flag="early_stopping_patience")
+    baseline: float | None = opt(None, "Value the monitor must beat to reset patience.",
+                                 flag="early_stopping_baseline")
+    start_from_epoch: int = opt(0, "Epochs (per stage) before monitoring starts.",
+                                flag="early_stopping_start_from_epoch")
+    restore_best_weights: bool = opt(False, "At the end of each stage, restore the weights of the run's best epoch "
+                                     "so far (best/).")
+
+    def validate(self) -> None:
+        _check_enums(self)
+        check(self.monitor in MONITORS,
+              f"--early_stopping_monitor={self.monitor!r} is not valid; allowed values: {', '.join(MONITORS)}")
+        check(self.patience >= 0, f"--early_stopping_patience={self.patience} must be >= 0")
+        check(self.start_from_epoch >= 0,
+              f"--early_stopping_start_from_epoch={self.start_from_epoch} must be >= 0")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage: what is trainable, for how long, how fast.
+
+    `unfreeze` is an unfreeze spec (`none`, `all`, `top:K`, `blocks:a,b`, `from:NAME`,
+    `regex:PATTERN`, `auto:K`), see research/model/unfreeze.py. With `gradual_every`,
+    the stage starts with the top block of its spec and unfreezes one more block every
+    that many epochs; with `lr_decay_per_block`, block i below the top trains at
+    lr * decay**i. The flags set the fine-tuning stage (and, for the fields marked
+    `head=True`, the head-only stage of `--head_epochs`); `--stages` sets every stage.
+    """
+
+    name: str = opt("train", "", flag=False)
+    unfreeze: str = opt("all", "Unfreeze spec of the (fine-tuning) stage: none | all | top:K | blocks:a,b | "
+                        "from:NAME | regex:PAT | auto:K (= auto:rgn:K) | auto:probe:K (chosen at the stage's start)")
+    epochs: int = opt(20, "Epochs of the (fine-tuning) stage.", flag="finetune_epochs")
+    lr: float = opt(2e-3, "Learning rate (of the head stage, and of fine-tuning unless --finetune_lr).", head=True)
+    schedule: str = opt("cosine", "Learning-rate schedule within each stage.", enum=SCHEDULES, head=True)
+    warmup_epochs: float = opt(0.0, "Linear warmup at the start of each stage, in epochs.", head=True)
+    gradual_every: int = opt(0, "Gradual unfreezing: one more block every N epochs (0: off).")
+    lr_decay_per_block: float = opt(1.0, "Layer-wise LR decay per block below the top (1: off).")
+    patience: int | None = opt(None, "", flag=False)
+
+    def validate(self) -> None:
+        s = self
+        check(re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) is not None,
+              f"stage name {s.name!r} may only contain letters, digits, '_', '.', '-'")
+        check(s.epochs >= 1, f"stage {s.name!r}: epochs={s.epochs} must be >= 1")
+        check(s.lr > 0 and math.isfinite(s.lr), f"stage {s.name!r}: lr={s.lr} must be a finite number > 0")
+        choice("schedule", s.schedule, SCHEDULES)
+        check(0 <= s.warmup_epochs <= s.epochs,
+              f"stage {s.name!r}: warmup_epochs={s.warmup_epochs} must be in [0, epochs={s.epochs}]")
+        check(s.gradual_every >= 0, f"stage {s.name!r}: gradual_every={s.gradual_every} must be >= 0")
+        check(0 < s.lr_decay_per_block <= 1,
+              f"stage {s.name!r}: lr_decay_per_block={s.lr_decay_per_block} must be in (0, 1]")
+        check(s.patience is None or s.patience >= 0, f"stage {s.name!r}: patience must be >= 0")
+        s._check_spec_syntax()
+
+    def _check_spec_syntax(self) -> None:
+        kind, sep, arg = self.unfreeze.partition(":")
+        if kind == "auto":
+            check(bool(re.fullmatch(r"((rgn|probe):)?[1-9]\d*", arg)),
+                  f"stage {self.name!r}: unfreeze spec {self.unfreeze!r} is not valid; auto specs are auto:K, "
+                  "auto:rgn:K (relative gradient norms) or auto:probe:K (linear probes), K >= 1")
+            return
+        ok = (self.unfreeze in ("none", "all") or (sep and arg and kind in ("top", "blocks", "from", "regex")))
+        check(bool(ok), f"stage {self.name!r}: unfreeze spec {self.unfreeze!r} is not valid; "
+              f"allowed forms: {', '.join(SPEC_FORMS)}")
+        if kind == "top":
+            check(arg.isdigit(), f"stage {self.name!r}: unfreeze spec {self.unfreeze!r}: K must be a whole number")
+        if kind == "regex":
+            try:
+                re.compile(arg)
+            except re.error as e:
+                raise UserError(f"unfreeze spec {self.unfreeze!r}: invalid regular expression ({e})") from None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, loop and run-control settings shared by all stages.
+
+    `label_smoothing`: the training targets put 1 - s on the class and s / k on every
+    class; `train/loss` is that objective, `val/` and `test/` losses stay plain
+    cross-entropy so that runs with and without it compare. `class_weight`: class c
+    weighs n / (k n_c) on the training split with `balanced` (scikit-learn's rule);
+    evaluation is unweighted. `ema_decay`: the averaged weights are scored each epoch
+    (`val_ema/...`), can be monitored for `best/`, and are scored on test at the end.
+    `jit_compile=auto` is Keras's own rule: XLA on GPU/TPU, off on CPU, where it made
+    MobileNetV2 ~8x slower.
+    """
+
+    optimizer: str = opt("adam", "Optimizer.", enum=OPTIMIZERS)
+    momentum: float = opt(0.9, "SGD momentum.")
+    weight_decay: float = opt(1e-4, "AdamW weight decay.")
+    clipnorm: float = opt(0.0, "Global-norm gradient clipping (0: off).")
+    label_smoothing: float = opt(0.0, "Label smoothing of the training targets (0: off).")
+    class_weight: str = opt("none", "none | balanced (n / (k n_c) on the training split) | a JSON file {class name: "
+                            "weight}: each training example's loss times its class's weight, as "
+                            "model.fit(class_weight=).")
+    ema_decay: float = opt(0.0, "EMA of the weights (e.g. 0.999; 0: off): scored each epoch as val_ema/*, "
+                           "monitorable for best/, scored on test at the end as test_ema/*.")
+    steps_per_loop: int = opt(20, "Steps per tf.function call.", resume_safe=True)
+    seed: int = opt(0, "Random seed.")
+    deterministic: bool = opt(False, "Op determinism (bit-exact resume; the input pipeline is reproducible either "
+                              "way).")
+    jit_compile: str = opt("auto", "XLA-compile the step: auto (on with a GPU/TPU, off on CPU, where it is slower) | "
+                           "true | false.", enum=JIT, resume_safe=True)
+    precision: str = opt("float32", "Keras dtype policy.", enum=PRECISIONS)
+    strategy: str = opt("auto", "tf.distribute strategy.", enum=STRATEGIES, resume_safe=True)
+    cpu_devices: int = opt(1, "Split the CPU into N logical devices (test mirrored training without GPUs).",
+                           resume_safe=True)
+    grad_accum_steps: int = opt(1, "Micro-batches per optimizer step.")
+    collective_timeout: float = opt(0.0, "Multi-worker collective timeout in seconds (0: none).", resume_safe=True)
+    checkpoint_keep: int = opt(3, "Latest checkpoints kept in ckpt/.", resume_safe=True)
+    checkpoint_every_steps: int = opt(0, "Also checkpoint every K steps (0: only every epoch).", resume_safe=True)
+    histogram_every_epochs: int = opt(0, "Weight histograms every N epochs and at the last (0: off).",
+                                      resume_safe=True)
+    log_block_grads: bool = opt(False, "TensorBoard per block and epoch: block_rgn/BLOCK (relative gradient norm) "
+                                "and block_change/BLOCK (relative weight change since the stage began).",
+                                resume_safe=True)
+    cache_features: bool = opt(False, "Head-only stages without augmentation: run the frozen base once and train the "
+                               "head on cached features (much faster per epoch).", resume_safe=True)
+    export: bool = opt(True, "At the end, export the final model to WORKDIR/export (.keras, SavedModel, labels).",
+                       resume_safe=True)
+    early_stopping: EarlyStoppingConfig = opt(None, "", factory=EarlyStoppingConfig)
+
+    def validate(self) -> None:
+        _check_enums(self)
+        t = self
+        check(t.steps_per_loop >= 1, f"--steps_per_loop={t.steps_per_loop} must be >= 1")
+        check(0.0 <= t.label_smoothing < 1.0, f"--label_smoothing={t.label_smoothing} must be in [0, 1)")
+        check(t.class_weight in ("none", "balanced") or os.path.isfile(t.class_weight),
+              f"--class_weight={t.class_weight!r} is not valid; allowed values: none, balanced, or a JSON file "
+              "mapping class names to weights")
+        check(0.0 <= t.ema_decay < 1.0, f"--ema_decay={t.ema_decay} must be in [0, 1) (0: off); 0.999 is common")
+        check(t.clipnorm >= 0, f"--clipnorm={t.clipnorm} must be >= 0 (0 disables clipping)")
+        check(t.cpu_devices >= 1, f"--cpu_devices={t.cpu_devices} must be >= 1")
+        check(t.grad_accum_steps >= 1, f"--grad_accum_steps={t.grad_accum_steps} must be >= 1")
+        check(t.checkpoint_keep >= 1, f"--checkpoint_keep={t.checkpoint_keep} must be >= 1")
+        check(t.checkpoint_every_steps >= 0, f"--checkpoint_every_steps={t.checkpoint_every_steps} must be >= 0")
+        check(t.histogram_every_epochs >= 0, f"--histogram_every_epochs={t.histogram_every_epochs} must be >= 0")
+        t.early_stopping.validate()
+        check(not t.early_stopping.monitor.startswith("val_ema/") or t.ema_decay,
+              f"--early_stopping_monitor={t.early_stopping.monitor} needs --ema_decay (the averaged weights it "
+              "scores)")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = opt(None, "", factory=DataConfig)
+    augment: AugmentConfig = opt(None, "", factory=AugmentConfig)
+    model: ModelConfig = opt(None, "", factory=ModelConfig)
+    train: TrainConfig = opt(None, "", factory=TrainConfig)
+    stages: tuple[StageConfig, ...] = opt((StageConfig(),), "", flag=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
+        es = EarlyStoppingConfig(**d["train"].get("early_stopping", {}))
+        train = dict(d["train"], early_stopping=es)
+        if isinstance(train.get("jit_compile"), bool):  # config.json written before `auto` existed
+            train["jit_compile"] = str(train["jit_compile"]).lower()
+        data = dict(d["data"])
+        if isinstance(data.get("cache"), bool):  # config.json written before the cache modes existed
+            data["cache"] = "memory" if data["cache"] else "none"
+        model = dict(d["model"])
+        if "train_bn" in model:  # config.json written before `bn` existed
+            model["bn"] = "train" if model.pop("train_bn") else "frozen"
+        return cls(
+            data=DataConfig(**data),
+            augment=AugmentConfig(**d["augment"]),
+            model=ModelConfig(**model),
+            train=TrainConfig(**train),
+            stages=tuple(StageConfig(**s) for s in d["stages"]),
+        )
+
+
+def writable_dir(path: str) -> bool:
+    """Whether `path` is a writable directory, or could be created as one (its nearest
+    existing ancestor is a writable directory)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)

@@ -1,0 +1,77 @@
+"""`validate(config)`: every check that needs neither TensorFlow nor the data's contents,
+and every path made absolute. Each section checks its own fields (its `validate`
+method); the checks here are those that read two sections at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from research.config.sections import ExperimentConfig, check
+
+
+def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """Makes every path in the config absolute (`folder:`, `ckpt:`, weights files, data_dir).
+
+    `config.json` then names the same data from any working directory, and the
+    same data given by a relative or an absolute path is the same config.
+    """
+    d, m = config.data, config.model
+    ds = d.dataset
+    for kind in ("folder:", "tfrecord:"):
+        if ds.startswith(kind) and ds[len(kind):]:
+            ds = kind + os.path.abspath(os.path.expanduser(ds[len(kind):]))
+    data_dir = os.path.abspath(os.path.expanduser(d.data_dir)) if d.data_dir else d.data_dir
+    cache_dir = os.path.abspath(os.path.expanduser(d.cache_dir)) if d.cache_dir else d.cache_dir
+    w = m.weights
+    if w.startswith("ckpt:") and w[len("ckpt:"):]:
+        w = "ckpt:" + os.path.abspath(os.path.expanduser(w[len("ckpt:"):]))
+    elif w not in ("imagenet", "none"):
+        w = os.path.abspath(os.path.expanduser(w))
+    cw = config.train.class_weight
+    if cw not in ("none", "balanced"):
+        cw = os.path.abspath(os.path.expanduser(cw))
+    return dataclasses.replace(config, data=dataclasses.replace(d, dataset=ds, data_dir=data_dir, cache_dir=cache_dir),
+                               model=dataclasses.replace(m, weights=w),
+                               train=dataclasses.replace(config.train, class_weight=cw))
+
+
+def validate(config: ExperimentConfig) -> ExperimentConfig:
+    """Checks everything that needs neither TensorFlow nor the data's contents.
+
+    Runs in well under a second, before TensorFlow is imported. What needs the
+    built model (block names of unfreeze specs) or the data (class names, image
+    files) is checked by research/run/train.py before anything is written.
+
+    Args:
+      config: the experiment to check.
+
+    Returns:
+      The config with every path made absolute (`resolve_paths`).
+
+    Raises:
+      UserError: naming the bad value and the allowed values.
+    """
+    from research.model import backbones  # imports no TensorFlow: the registry is lazy
+
+    config = resolve_paths(config)
+    d, m, t = config.data, config.model, config.train
+    d.validate()
+    check(not (d.sampler == "balanced" and t.class_weight != "none"),
+          f"--sampler=balanced and --class_weight={t.class_weight} both correct for class imbalance; use one of them")
+    config.augment.validate()
+    m.validate()
+    entry = backbones.BACKBONES[m.backbone]
+    size = backbones.input_size(m.backbone, d.image_size)
+    check(size >= entry.min_size,
+          f"--image_size={size} is below the minimum input size {entry.min_size} of backbone {m.backbone!r}")
+    t.validate()
+    check(not (t.ema_decay and any(s.lr_decay_per_block != 1.0 for s in config.stages)),
+          "--ema_decay with lr_decay_per_block is not supported: the average would miss the per-block rescaling")
+    check(len(config.stages) >= 1, "at least one stage with epochs > 0 is needed (see --epochs, --stages, "
+          "--head_epochs, --finetune_epochs)")
+    names = [s.name for s in config.stages]
+    check(len(set(names)) == len(names), f"stage names must be unique, got {names}")
+    for s in config.stages:
+        s.validate()
+    return config
