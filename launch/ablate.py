@@ -60,7 +60,7 @@ def _seeds() -> list[str]:
 def main(argv):
     common.start_tensorflow_quietly()  # the parent builds backbones to check the trials' specs
     from launch.train import config_from_args
-    from research.studies import ablation
+    from research.studies import ablation, probe, transfer
     from research.config import UserError
 
     # Trials are compared, not shipped: skip the export unless asked (--export after --).
@@ -70,14 +70,14 @@ def main(argv):
     root = F.root or f"/tmp/ablate_{F.study}"
     try:
         if F.study == "transfer":
-            rows, _ = ablation.run_transfer_study(
+            rows, _ = transfer.run_transfer_study(
                 root, train_flags, config_from_args, seeds=_seeds(),
                 classes_a=F.classes_a, classes_b=F.classes_b, epochs=F.epochs, parallel=F.parallel, rerun=F.rerun)
             report = "transfer.md"
         elif F.study == "probe":
             split = (lambda text: [s.strip() for s in (text.split(";") if ";" in text else text.split(","))
                                    if s.strip()])
-            rows, _ = ablation.run_probe_study(root, train_flags, config_from_args, seeds=_seeds(),
+            rows, _ = probe.run_probe_study(root, train_flags, config_from_args, seeds=_seeds(),
                                                specs=split(F.specs), autos=split(F.auto), parallel=F.parallel,
                                                rerun=F.rerun)
             report = "probe_study.md"

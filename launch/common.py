@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import os
 import re
@@ -19,11 +18,8 @@ from absl import flags  # noqa: E402
 # Printed once per distributed dataset, about TF's own implementation; nothing to act on.
 warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
 
-# Exit statuses other tools rely on.
-EXIT_USER_ERROR = 2
-EXIT_NON_FINITE = 3
-EXIT_STORAGE = 4
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again (the run resumes)
+# Exit statuses other tools rely on (research/errors.py maps the library's exceptions to them).
+from research.errors import EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_STORAGE, EXIT_USER_ERROR  # noqa: E402,F401
 
 
 def parse_flags_or_exit(argv):
@@ -52,33 +48,16 @@ def die(message: str, status: int) -> None:
     sys.exit(status)
 
 
-# Operating-system errors that mean "this storage cannot be written", not a bug.
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
-
-
-def exit_status_of(e: BaseException) -> int | None:
-    """The one mapping from the library's exceptions (research/errors.py) to exit statuses;
-    None: a bug, shown as a traceback."""
-    from research import errors
-    if isinstance(e, errors.UserError):
-        return EXIT_USER_ERROR
-    if isinstance(e, errors.NonFiniteLoss):
-        return EXIT_NON_FINITE
-    if isinstance(e, errors.StorageError) or (isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS):
-        return EXIT_STORAGE
-    if isinstance(e, (errors.Interrupted, KeyboardInterrupt)):
-        return EXIT_INTERRUPTED
-    return None
-
-
 def guarded(main):
     """`main` whose expected failures end in one line and their exit status, never a traceback."""
+    from research import errors
+
     @functools.wraps(main)
     def run(argv):
         try:
             return main(argv)
         except (Exception, KeyboardInterrupt) as e:
-            status = exit_status_of(e)
+            status = errors.exit_status_of(e)
             if status is None:
                 raise
             if isinstance(e, KeyboardInterrupt):

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from research.studies import ablation
+from research.studies import trials as trials_lib
 from research.config import UserError
 from tests.conftest import ROOT, run_module
 
@@ -21,14 +21,14 @@ SWEEP = ["--sweep=unfreeze:none,top:1", "--sweep=seed:0,1"]
 
 
 def test_parse_and_expand():
-    sweep = ablation.parse_sweep(["unfreeze:none,top:1", "seed:0,1,2", "unfreeze_b:blocks:block1,block3;all"])
+    sweep = trials_lib.parse_sweep(["unfreeze:none,top:1", "seed:0,1,2", "unfreeze_b:blocks:block1,block3;all"])
     assert sweep[2] == ("unfreeze_b", ["blocks:block1,block3", "all"])
-    trials = ablation.expand(sweep[:2], ["--lr=1e-3"])
+    trials = trials_lib.expand(sweep[:2], ["--lr=1e-3"])
     assert len(trials) == 6
     assert trials[1].flags == ["--lr=1e-3", "--unfreeze=none", "--seed=1"]
     assert trials[0].group == trials[1].group != trials[3].group
     with pytest.raises(UserError):
-        ablation.parse_sweep(["nocolon"])
+        trials_lib.parse_sweep(["nocolon"])
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_recipes_study_runs_the_guide_beside_the_defaults_on_the_same_test_split
 @pytest.mark.parametrize("extra,message", [
     (["--recipe=guide:--lr=1"], "'guide' is taken"),
     (["--recipe=nocolon"], "is not NAME:FLAGS"),
-    (["--recipe=x:lr=1"], "'lr=1' is not a launch.train --flag"),
+    (["--recipe=x:lr=1"], "'lr=1' is not a training --flag"),
     (["--recipe=x:--workdir=/tmp/elsewhere"], "each trial gets its own --workdir"),
     (["--recipe=x:--lr='1"], "No closing quotation"),
     (["--", "--image_size=16", "--unfreeze=top:1", "--head_epochs=1"], "the Keras guide's recipe trains the head, "

@@ -125,12 +125,12 @@ def test_flags_and_the_library_share_their_defaults(tmp_path):
 
 def test_transfer_study_counts_the_blocks_of_the_backbone_given():
     from launch.train import config_from_args
-    from research.studies import ablation
+    from research.studies import transfer
 
     # `--backbone mobilenet` (space-separated) once silently counted small_cnn's 3 blocks.
-    cfg, n = ablation.transfer_plan(["--backbone", "mobilenet", "--alpha", "0.25"], config_from_args)
+    cfg, n = transfer.transfer_plan(["--backbone", "mobilenet", "--alpha", "0.25"], config_from_args)
     assert cfg.model.backbone == "mobilenet" and n == 14
-    assert ablation.transfer_plan([], config_from_args)[1] == 3
+    assert transfer.transfer_plan([], config_from_args)[1] == 3
 
 
 # --- issue 13: the workdir lock, finished runs, paths, file modes ------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research.studies import ablation, stats
+from research.studies import stats, tables
 from research.data import sources
 from research.config import DataConfig, UserError
 from tests.conftest import run_module
@@ -270,9 +270,9 @@ def test_sweep_tables_report_intervals_and_paired_differences(tmp_path):
     rows = [_row("none", s, t, v) for s, t, v in (("0", 0.80, 0.81), ("1", 0.85, 0.86), ("2", 0.90, 0.91))]
     rows += [_row("all", s, t, v) for s, t, v in (("0", 0.82, 0.9), ("1", 0.89, 0.9), ("2", 0.96, 0.9))]
     keys = ["unfreeze", "seed"]
-    base = ablation.parse_baseline(None, keys, rows)
+    base = tables.parse_baseline(None, keys, rows)
     assert base == ("unfreeze", "none")
-    ablation.write_tables(str(tmp_path), rows, keys, baseline=base)
+    tables.write_tables(str(tmp_path), rows, keys, baseline=base)
     md = (tmp_path / "results.md").read_text()
     assert "| none | 3 | 0.8500 [0.7258, 0.9742] | 0.8600 [0.7358, 0.9842] | (baseline) |  |" in md
     assert "| all | 3 | 0.8900 [0.7161, 1.0639] | 0.9000 [0.9000, 0.9000] | +0.0400 [-0.0097, +0.0897] | no |" in md
@@ -280,13 +280,13 @@ def test_sweep_tables_report_intervals_and_paired_differences(tmp_path):
     summary = {r["unfreeze"]: r for r in csv.DictReader(open(tmp_path / "summary.csv"))}
     assert float(summary["all"]["diff_mean"]) == pytest.approx(0.04)
     assert summary["all"]["diff_excludes_zero"] == "False" and summary["none"]["diff_mean"] == ""
-    assert ablation.plot(str(tmp_path), rows, keys)
+    assert tables.plot(str(tmp_path), rows, keys)
     with pytest.raises(UserError, match="takes the values none, all"):
-        ablation.parse_baseline("unfreeze:top:9", keys, rows)
+        tables.parse_baseline("unfreeze:top:9", keys, rows)
     with pytest.raises(UserError, match="swept keys: unfreeze"):
-        ablation.parse_baseline("lr:1", keys, rows)
+        tables.parse_baseline("lr:1", keys, rows)
     # Without a test split the table says its numbers are validation's, and optimistic.
     for r in rows:
         r.pop("test/accuracy")
-    ablation.write_tables(str(tmp_path), rows, keys, baseline=base)
+    tables.write_tables(str(tmp_path), rows, keys, baseline=base)
     assert "these are validation numbers" in (tmp_path / "results.md").read_text()

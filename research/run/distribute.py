@@ -13,6 +13,7 @@ import os
 
 import keras
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
 
 from research.errors import UserError
 
@@ -108,8 +109,14 @@ def setup(cfg) -> tf.distribute.Strategy:
       cfg: the `TrainConfig`.
     """
     strategy = make_strategy(cfg.strategy, collective_timeout=cfg.collective_timeout)
+    # Every process-wide setting is set, not only turned on, and Keras's global state (name
+    # counters, the global seed generator, the dtype policy) is cleared: a second run in one
+    # process starts from what a new process starts from.
+    keras.backend.clear_session()
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
+    elif tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()  # TensorFlow exports only the enable
     keras.utils.set_random_seed(cfg.seed)
     set_precision(cfg.precision)
     return strategy

@@ -27,7 +27,6 @@ import tensorflow as tf
 from absl import logging
 
 from research.run import distribute
-from research.data import sources
 from research.model import unfreeze
 from research.config import ExperimentConfig, UserError, validate
 from research.run import build as build_lib

@@ -1,16 +1,26 @@
-"""The linear-probe study of one config: every block of its backbone probed on its
-data and splits (`launch.probe`); the probes themselves are research/model/probe.py."""
+"""Probe studies: the probe curve of one config (`run_probe`: every block of its backbone
+probed on its data and splits), and the study that sets it beside the `auto:` specs'
+choices and a sweep of fixed specs (`run_probe_study`). The probes themselves are
+research/model/probe.py."""
 
 from __future__ import annotations
 
 import os
 import time
 
+import json
+import shutil
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from research.model.probe import probe_curve, split_features, tap_layers, tap_model
+from research.config import UserError
 from research.run import build as build_lib
+from research.studies import stats
+from research.studies.tables import collect, headline_metric, plot, protocol_lines, write_hparams, write_tables
+from research.studies.trials import SEED_KEY, MakeConfig, expand, prepare, run_all, run_config, trial_dir
 
 
 def run_probe(config, out_dir: str, *, max_memory_mb: float = 2048, log=print) -> list[dict]:
@@ -22,7 +32,7 @@ def run_probe(config, out_dir: str, *, max_memory_mb: float = 2048, log=print) -
     otherwise they are written to `out_dir/features/` and read back memory-mapped.
 
     Raises:
-      UserError: bad data, weights or flags (as `launch.train` reports them).
+      UserError: bad data, weights or flags.
     """
     os.makedirs(out_dir, exist_ok=True)
     keras.utils.set_random_seed(config.train.seed)  # the head, and a backbone without pretrained weights
@@ -106,3 +116,135 @@ def write_probe(out_dir: str, rows: list[dict], *, title: str, test_from: str, s
             for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
                 if key in r:
                     tf.summary.scalar(f"probe/{key}", r[key], step=r["depth"])
+
+
+def run_probe_study(root: str, train_flags: list[str], make_config: MakeConfig, *, seeds: list[str],
+                    specs: list[str], autos: list[str], parallel: int = 1, rerun: bool = False,
+                    log=print) -> tuple[list[dict], dict]:
+    """The probe curve (`run_probe`), the `auto:` specs' choices, and the brute-force
+    sweep over fixed specs, on the same data and seeds: `probe_study.md`, `probe_study.png`.
+
+    Raises:
+      UserError: invalid flags or specs, or stale trials without `rerun`.
+    """
+    from research.model import unfreeze
+
+    bad = [a for a in autos if unfreeze.parse_auto(a) is None]
+    if bad or not specs:
+        raise UserError(f"--auto takes auto:K, auto:rgn:K or auto:probe:K specs (got {bad}); --specs the fixed "
+                        "specs to sweep (e.g. none,top:1,top:2,all)" if bad else "--specs lists no fixed spec")
+    trials = expand([("unfreeze", [*specs, *autos]), (SEED_KEY, seeds)], train_flags)
+    prepare(root, trials, make_config, rerun=rerun, log=log)
+    probe_dir = os.path.join(root, "probe")
+    probe_json = os.path.join(probe_dir, "probe.json")
+    if os.path.exists(probe_json):
+        with open(probe_json) as f:
+            if json.load(f).get("train_flags") != train_flags or rerun:  # stale: probe again
+                shutil.rmtree(probe_dir)
+    if not os.path.exists(probe_json):
+        log("[ablate] running the linear probes")
+        rc = run_config("probe", make_config(train_flags), probe_dir, os.path.join(root, "probe.trial.json"))
+        if rc != 0:
+            raise UserError(f"the linear probes failed (exit {rc}); see {probe_dir}/stderr.log")
+        with open(probe_json) as f:
+            probe = json.load(f)
+        with open(probe_json, "w") as f:
+            json.dump(dict(probe, train_flags=train_flags), f, indent=2)
+    run_all(root, trials, parallel=parallel, log=log)
+    rows = collect(root, trials)
+    for r in rows:
+        if r["status"] == "done" and unfreeze.parse_auto(r["unfreeze"]):
+            with open(os.path.join(trial_dir(root, next(t for t in trials if t.name == r["trial"])),
+                                   "results.json")) as f:
+                auto = json.load(f)["auto_unfreeze"][-1]
+            r["auto_blocks"], r["auto_seconds"] = ",".join(auto["blocks"]), auto["seconds"]
+    keys = ["unfreeze", SEED_KEY]
+    write_tables(root, rows, keys, title="Unfreeze specs: fixed and auto", baseline=("unfreeze", specs[0]))
+    plot(root, rows, keys)
+    write_hparams(root, trials)
+    with open(os.path.join(probe_dir, "probe.json")) as f:
+        probe = json.load(f)
+    summary = probe_report(root, rows, probe, specs=specs, autos=autos)
+    return rows, summary
+
+
+def probe_report(root: str, rows: list[dict], probe: dict, *, specs: list[str], autos: list[str]) -> dict:
+    """`probe_study.md` and `probe_study.png`: the probe curve, then each auto spec against
+    the best and the worst fixed spec (paired by seed) and the cost of predicting."""
+    metric = headline_metric(rows)
+    done = [r for r in rows if r["status"] == "done"]
+    by = {s: {r[SEED_KEY]: r[metric] for r in done if r["unfreeze"] == s} for s in [*specs, *autos]}
+    means = {s: stats.t_interval(list(v.values())) for s, v in by.items() if v}
+    fixed = [s for s in specs if s in means]
+    if not fixed:
+        raise UserError(f"no fixed-spec trial finished in {root}; see results.md for their errors")
+    best = max(fixed, key=lambda s: means[s].mean)
+    worst = min(fixed, key=lambda s: means[s].mean)
+    # The sweep's cost for one seed: every fixed spec's run of that seed, averaged over seeds.
+    seeds = sorted({r[SEED_KEY] for r in done if r["unfreeze"] in specs})
+    sweep_s = sum(r["wall_time_s"] for r in done if r["unfreeze"] in specs) / max(len(seeds), 1)
+    lines = ["# Which blocks to unfreeze: the prediction against the sweep", "", *protocol_lines(rows, metric), "",
+             "## Linear probes per block (the backbone frozen)", "",
+             "| depth | block | val | test [95 % Wilson] |", "|---|---|---|---|"]
+    for p in probe["rows"]:
+        test = f"{p['test_accuracy']:.4f} [{p['test_lo']:.4f}, {p['test_hi']:.4f}]" if "test_accuracy" in p else ""
+        lines.append(f"| {p['depth']} | {p['block']} | {p['val_accuracy']:.4f} | {test} |")
+    lines += ["", f"Probes: {probe['seconds']['total']:.0f}s. The sweep over {len(fixed)} fixed specs: "
+              f"{sweep_s:.0f}s of training per seed.", "",
+              f"## {metric}: fixed specs and auto specs, mean and 95 % t-interval over seeds", "",
+              f"| spec | n | {metric} | blocks chosen (per seed) | Δ vs best ({best}) | Δ vs worst ({worst}) "
+              "| in best's interval | measuring s | run s (mean) | run s / sweep s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = {"best": best, "worst": worst, "sweep_seconds": sweep_s, "auto": {}}
+    for s in [*fixed, *[a for a in autos if a in means]]:
+        rs = [r for r in done if r["unfreeze"] == s]
+        run_s = float(np.mean([r["wall_time_s"] for r in rs]))
+        cells = [f"`{s}`", str(means[s].n), means[s].format()]
+        if s in autos:
+            vs_best, vs_worst = stats.paired_difference(by[s], by[best]), stats.paired_difference(by[s], by[worst])
+            inside = means[best].has_interval and means[best].lo <= means[s].mean <= means[best].hi
+            measuring = float(np.mean([r.get("auto_seconds", 0.0) for r in rs]))
+            chosen = "; ".join(f"{r[SEED_KEY]}: {r.get('auto_blocks', '')}" for r in rs)
+            cells += [chosen, vs_best.format(signed=True) + (" *" if vs_best.excludes_zero() else ""),
+                      vs_worst.format(signed=True) + (" *" if vs_worst.excludes_zero() else ""),
+                      "yes" if inside else "no", f"{measuring:.1f}", f"{run_s:.0f}", f"{run_s / max(sweep_s, 1e-9):.2f}"]
+            out["auto"][s] = {"mean": means[s], "vs_best": vs_best, "vs_worst": vs_worst, "inside_best": inside,
+                              "run_fraction_of_sweep": run_s / max(sweep_s, 1e-9)}
+        else:
+            cells += ["", "", "", "", "", f"{run_s:.0f}", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "`*`: the paired interval excludes zero. *run s / sweep s*: one auto run (measurement "
+              "included) against the sweep's training time for one seed (every fixed spec once)."]
+    with open(os.path.join(root, "probe_study.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot_probe_study(root, probe, means, fixed, [a for a in autos if a in means], metric)
+    return out
+
+
+def _plot_probe_study(root: str, probe: dict, means: dict, fixed: list[str], autos: list[str], metric: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    rows = probe["rows"]
+    x = [r["depth"] for r in rows]
+    a.plot(x, [r["val_accuracy"] for r in rows], "o-", label="probe, validation")
+    if all("test_accuracy" in r for r in rows):
+        a.plot(x, [r["test_accuracy"] for r in rows], "s-", label="probe, test")
+    a.set_xticks(x, [r["block"] for r in rows], rotation=60, ha="right", fontsize=7)
+    a.set_ylabel("linear probe accuracy")
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    names = [*fixed, *autos]
+    for i, s in enumerate(names):
+        iv = means[s]
+        half = (iv.hi - iv.mean) if iv.has_interval else 0.0
+        b.errorbar([i], [iv.mean], yerr=[half], fmt="o" if s in fixed else "D", capsize=3,
+                   color="C0" if s in fixed else "C3")
+    b.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    b.set_ylabel(f"fine-tuned {metric}")
+    b.grid(alpha=0.3)
+    b.set_title("fixed specs (blue), auto (red): mean, 95 % t-interval", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "probe_study.png"), dpi=120)
+    plt.close(fig)

@@ -1,0 +1,261 @@
+"""Trials: a sweep's grid expanded into configs, validated together, run resumably.
+
+A sweep root holds one workdir per trial under `trials/`. Every trial's config
+is built and validated before the first one runs (a bad sweep value is a user
+error, not a failed trial 90 s later). A trial is finished when its
+`results.json` exists and its `config.json` equals the config its flags give
+now: re-running a sweep skips it. A trial run before with other settings is
+refused, naming the difference, unless `rerun` (then it starts again from
+scratch). An unfinished trial is simply started again, and resumes from its
+checkpoint. A failed trial leaves `error.txt` and a row marked failed; the
+others still run.
+
+Each trial runs in its own process (a normal workdir, resumable and killable on
+its own), handed its config: `python -m research.studies.trials TRIAL.json`.
+`make_config` turns a trial's flags into its validated `ExperimentConfig`; the
+launcher passes its own flag parser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from research.config import ExperimentConfig, UserError, config_diff
+
+SEED_KEY = "seed"
+MakeConfig = Callable[[list[str]], ExperimentConfig]
+
+
+@dataclass
+class Trial:
+    """One run of a config.
+
+    Attributes:
+      name: directory name under `trials/` (stable: derived from the values).
+      values: the swept values, `{flag: value}` (shown in tables and HParams).
+      flags: every `--flag=value` passed to the run (base flags, then values).
+      group: rows with the same group are aggregated over seeds.
+      kind: what runs the config: `train` (`train_and_evaluate`) or `guide` (the Keras
+        guide's `model.fit` recipe, research/studies/guide.py).
+      config: the validated config its flags give (set by `prepare`).
+    """
+
+    name: str
+    values: dict[str, str]
+    flags: list[str]
+    group: str = ""
+    kind: str = "train"
+    config: ExperimentConfig | None = None
+
+
+def parse_sweep(items: list[str]) -> list[tuple[str, list[str]]]:
+    """Parses `--sweep=key:v1,v2` items (`;` separates values that contain commas).
+
+    Raises:
+      UserError: malformed item or an empty value list.
+    """
+    out = []
+    for item in items:
+        key, sep, values = item.partition(":")
+        key = key.strip().lstrip("-")
+        if not sep or not re.fullmatch(r"[a-z_0-9]+", key):
+            raise UserError(f"--sweep={item!r} is not KEY:V1,V2,... (for example unfreeze:none,top:1,all)")
+        parts = values.split(";") if ";" in values else values.split(",")
+        parts = [p.strip() for p in parts if p.strip()]
+        if not parts:
+            raise UserError(f"--sweep={item!r} lists no values")
+        out.append((key, parts))
+    keys = [k for k, _ in out]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--sweep names a flag twice: {keys}")
+    return out
+
+
+def trial_name(values: dict[str, str]) -> str:
+    return "__".join(f"{k}-{re.sub(r'[^A-Za-z0-9.+-]', '_', v)}" for k, v in values.items()) or "trial"
+
+
+def expand(sweep: list[tuple[str, list[str]]], base_flags: list[str]) -> list[Trial]:
+    """The cartesian product of the swept values, in the order given."""
+    keys = [k for k, _ in sweep]
+    trials = []
+    for combo in itertools.product(*[v for _, v in sweep]):
+        values = dict(zip(keys, combo))
+        group = trial_name({k: v for k, v in values.items() if k != SEED_KEY})
+        trials.append(Trial(trial_name(values), values, list(base_flags) + [f"--{k}={v}" for k, v in values.items()],
+                            group))
+    return trials
+
+
+# --- running --------------------------------------------------------------------------
+
+def trial_dir(root: str, trial: Trial) -> str:
+    return os.path.join(root, "trials", trial.name)
+
+
+def is_finished(root: str, trial: Trial) -> bool:
+    return os.path.exists(os.path.join(trial_dir(root, trial), "results.json"))
+
+
+def check_specs(configs: list[ExperimentConfig]) -> None:
+    """Resolves every stage's block-based unfreeze spec against its backbone's blocks.
+
+    Raises:
+      UserError: naming the spec and the backbone's valid blocks.
+    """
+    from research.model import backbones, unfreeze
+
+    names: dict[tuple, list[str]] = {}
+    for c in configs:
+        key = (c.model.backbone, c.model.alpha)
+        if key not in names:
+            entry = backbones.get(c.model.backbone)
+            base = backbones.build_base(c.model.backbone, image_size=max(entry.min_size, 32), alpha=c.model.alpha)
+            names[key] = backbones.blocks(base, c.model.backbone)
+        for s in c.stages:
+            unfreeze.resolve_blocks(s.unfreeze, names[key], backbone=c.model.backbone)
+
+
+def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: bool = False, log=print) -> None:
+    """Validates every trial before any runs, and refuses (or clears, with `rerun`) stale ones.
+
+    Raises:
+      UserError: a trial whose flags are invalid, or one that ran before with a
+        config other than what its flags give now (without `rerun`).
+    """
+    from research.studies import guide
+
+    configs = {}
+    # One image check and one disk cache for the whole sweep, not one per trial.
+    cache_dir = os.path.join(os.path.abspath(root), "cache")
+    for t in trials:
+        try:
+            config = make_config(t.flags)
+            if not config.data.cache_dir:
+                config = dataclasses.replace(config, data=dataclasses.replace(config.data, cache_dir=cache_dir))
+            if t.kind == "guide":
+                guide.check(config)
+        except UserError as e:
+            raise UserError(f"trial {t.name}: {e}") from None
+        configs[t.name] = t.config = config
+    check_specs(list(configs.values()))
+    stale = []
+    for t in trials:
+        path = os.path.join(trial_dir(root, t), "config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            diff = config_diff(old, configs[t.name].to_dict())
+            if "test" not in old.get("data", {}):
+                # Its splits differ (no test slice was carved) though no field reads differently.
+                diff.append("data.test: ran before runs had a test split")
+            if diff:
+                stale.append((t, diff))
+    if stale and not rerun:
+        shown = "; ".join(f"{t.name}: {', '.join(d)}" for t, d in stale[:4])
+        raise UserError(f"{len(stale)} trial(s) in {root} ran with other settings than these flags give now "
+                        f"({shown}); use another --root, or pass --rerun to run them again from scratch")
+    for t, _ in stale:
+        log(f"[ablate] {t.name}: settings changed, running it again from scratch")
+        shutil.rmtree(trial_dir(root, t))
+
+
+def run_config(kind: str, config: ExperimentConfig, out_dir: str, spec_path: str) -> int:
+    """Runs a config in a child process (`python -m research.studies.trials SPEC`), its
+    output appended to `out_dir/stdout.log` and `stderr.log`; returns its exit status.
+
+    The child is handed the config itself (written to `spec_path`), not flags: what
+    the parent validated and compared is exactly what runs.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    with open(spec_path, "w") as f:
+        json.dump({"kind": kind, "out": out_dir, "config": config.to_dict()}, f, indent=1)
+    with open(os.path.join(out_dir, "stdout.log"), "a") as out, open(os.path.join(out_dir, "stderr.log"), "a") as err:
+        return subprocess.call([sys.executable, "-m", "research.studies.trials", spec_path], stdout=out, stderr=err,
+                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+def run_trial(root: str, trial: Trial, *, log=print) -> dict:
+    """Runs (or resumes, or skips) one trial in a subprocess.
+
+    Returns:
+      `{"status": "done"|"skipped"|"failed", ...}`.
+    """
+    wd = trial_dir(root, trial)
+    if is_finished(root, trial):
+        return {"status": "skipped"}
+    os.makedirs(wd, exist_ok=True)
+    err_path = os.path.join(wd, "error.txt")
+    if os.path.exists(err_path):
+        os.remove(err_path)
+    log(f"[ablate] running {trial.name}")
+    t0 = time.time()
+    rc = run_config(trial.kind, trial.config, wd, os.path.join(wd, "trial.json"))
+    if rc != 0 or not is_finished(root, trial):
+        tail = ""
+        with open(os.path.join(wd, "stderr.log")) as f:
+            lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("error:")]
+        tail = (errors or lines or ["(no output)"])[-1]
+        with open(err_path, "w") as f:
+            f.write(f"exit status {rc}\n{tail}\n")
+        log(f"[ablate] {trial.name} FAILED (exit {rc}): {tail}")
+        return {"status": "failed", "returncode": rc, "error": tail}
+    log(f"[ablate] {trial.name} done in {time.time() - t0:.0f}s")
+    return {"status": "done"}
+
+
+def run_all(root: str, trials: list[Trial], *, parallel: int = 1, log=print) -> dict[str, dict]:
+    """Runs every trial (`parallel` subprocesses at a time); failures do not stop the others."""
+    os.makedirs(os.path.join(root, "trials"), exist_ok=True)
+    if parallel <= 1:
+        return {t.name: run_trial(root, t, log=log) for t in trials}
+    with ThreadPoolExecutor(parallel) as pool:
+        futures = {t.name: pool.submit(run_trial, root, t, log=log) for t in trials}
+        return {name: f.result() for name, f in futures.items()}
+
+
+# --- the child process ---------------------------------------------------------------------
+
+def _run_child(spec_path: str) -> int:
+    """Runs one trial spec; an expected error is one `error:` line and its exit status."""
+    from research import errors
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    config = ExperimentConfig.from_dict(spec["config"])
+    try:
+        from research.run import distribute
+        distribute.split_cpu(config.train.cpu_devices)  # before TensorFlow initialises its devices
+        if spec["kind"] == "guide":
+            from research.studies import guide
+            guide.run(config, spec["out"])
+        elif spec["kind"] == "probe":
+            from research.studies.probe import run_probe
+            run_probe(config, spec["out"])
+        else:
+            from research.run import train as train_lib
+            with train_lib.Preemption() as preemption:
+                train_lib.train_and_evaluate(config, spec["out"], preemption=preemption)
+    except (Exception, KeyboardInterrupt) as e:
+        status = errors.exit_status_of(e)
+        if status is None:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_run_child(sys.argv[1]))
