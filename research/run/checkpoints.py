@@ -1,16 +1,22 @@
 """Checkpoint orchestration: `ckpt/` (latest N), `best/` (the run's best epoch),
-the one restore path, initialisation from another run, loading a finished run,
-and the workdir lock.
+`ema/`, resuming, reading weights out of a run, and the workdir lock.
 
 A checkpoint holds the model, the optimizer (slots, iteration counter, loss
 scale), the base model on its own (so another run can load just the backbone),
 and `meta`: the `RunState` as JSON (research/run/run_state.py). Data order and
 augmentation are functions of (seed, epoch), so they need no state of their own.
 
-`restore_or_initialize` is the only way a run gets its weights: the latest
-readable checkpoint of `ckpt/` if there is one, otherwise the initialisation
-(`imagenet`, a file, another run's backbone), which therefore never runs, reads
-or downloads anything on resume.
+How weights are read, and by whom:
+  * resuming (`restore_or_initialize`): the whole state of the newest readable
+    checkpoint of `ckpt/` (model, optimizer, run state), else the initialisation
+    (`imagenet`, a file, another run's backbone), which therefore never runs,
+    reads or downloads anything on resume;
+  * everything else goes through `restore(workdir, latest|best|ema|PATH, ...)`:
+    the model alone (`restore_best_weights`; evaluation and export through
+    `load_run`), or with `skip=("head",)` the backbone alone (`--weights=ckpt:`);
+  * pretrained ImageNet or `.h5` weights are Keras's own loaders
+    (research/model/backbones.py:load_pretrained), and exported models Keras's
+    `load_model` (research/serve/predict.py).
 
 Crash safety comes from TensorFlow's checkpoint writer and `CheckpointManager`:
 data is written under a temporary name and renamed, and the `checkpoint` index
@@ -56,6 +62,7 @@ class Checkpoints:
 
     def __init__(self, workdir: str, *, model, base, optimizer, keep: int = 3, scratch_dir: str | None = None):
         self.meta = tf.Variable("", dtype=tf.string, trainable=False, name="run_meta")
+        self.model = model
         root = scratch_dir or workdir
         # Every worker restores from the run's own ckpt/, even those that save elsewhere.
         self.restore_dir = os.path.join(workdir, "ckpt")
@@ -115,23 +122,17 @@ class Checkpoints:
 
     def restore_best_weights(self) -> str | None:
         """Restores the model (weights and BN statistics) from `best/`; returns its path.
-
-        The meta variable is restored with them and then put back: the run state
-        is the controller's, not the best checkpoint's.
-        """
+        The run state stays the controller's: the best checkpoint's is not read."""
         # A non-chief worker restarted since the best epoch has no best/ of its own
         # yet: the chief's holds the same weights (the replicas are in sync).
         path = self.best.latest_checkpoint or tf.train.latest_checkpoint(self.run_best_dir)
         if not path:
             return None
-        meta = self.meta.numpy()
-        self.weights_only.restore(path).assert_existing_objects_matched()
-        self.meta.assign(meta)
-        return path
+        return restore(os.path.dirname(self.run_best_dir), path, model=self.model)
 
 
 def restore_or_initialize(ckpts: Checkpoints, init: Callable[[], None]) -> tuple[RunState, str | None]:
-    """The one restore path (Orbit's checkpoint manager with an `init_fn`).
+    """A run's start: resume, or initialise (Orbit's checkpoint manager with an `init_fn`).
 
     Args:
       ckpts: the run's checkpoints.
@@ -290,8 +291,49 @@ def checkpoint_path(workdir: str, which: str) -> str:
     return which
 
 
+def restore(workdir: str, which: str = "best", *, model=None, base=None, skip: tuple[str, ...] = ()) -> str:
+    """The one way weights come out of a run's checkpoint: `which` (`latest`, `best`, `ema`
+    or a path, `checkpoint_path`'s vocabulary) into `model`, or, with `skip=("head",)`,
+    only its backbone into `base` (the head of another task is not read).
+
+    Every checkpoint of a run holds `model` (the classifier), `base` (its backbone, on
+    its own) and the run state; what is not asked for is left unread.
+
+    Returns:
+      The checkpoint's path.
+
+    Raises:
+      UserError: no such checkpoint, or one that does not fit.
+    """
+    unknown = set(skip) - {"head"}
+    if unknown:
+        raise ValueError(f"restore: cannot skip {sorted(unknown)}; only the head can be skipped")
+    path = checkpoint_path(workdir, which)
+    graph = tf.train.Checkpoint(base=base) if "head" in skip else tf.train.Checkpoint(model=model)
+    try:
+        graph.restore(path).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        what = "a backbone compatible with this one (same --backbone and --alpha?)" if "head" in skip else \
+            "the run's model"
+        raise UserError(f"checkpoint {path} does not fit {what}: {str(e).splitlines()[0]}") from None
+    return path
+
+
+def run_state_of(path: str) -> RunState | None:
+    """The run state a checkpoint carries (None: not one of a run's)."""
+    try:
+        text = tf.train.load_checkpoint(path).get_tensor("meta/.ATTRIBUTES/VARIABLE_VALUE")
+    except (tf.errors.OpError, ValueError):
+        return None
+    try:
+        return RunState.from_json(text.decode() if isinstance(text, bytes) else str(text))
+    except (UserError, ValueError, TypeError):
+        return None
+
+
 def load_run(workdir: str, *, checkpoint: str = "best", class_names: list[str] | None = None):
-    """Rebuilds a run's classifier and restores a checkpoint into it.
+    """Rebuilds a run's classifier and restores a checkpoint into it; reads the run's
+    files only (`config.json`, `results.json` or the checkpoint), never its dataset.
 
     Returns:
       (config, model, class names, checkpoint path).
@@ -302,21 +344,22 @@ def load_run(workdir: str, *, checkpoint: str = "best", class_names: list[str] |
     from research.model import backbones
 
     config = load_config(workdir)
-    results_path = os.path.join(workdir, "results.json")
-    if class_names is None and os.path.exists(results_path):
-        with open(results_path) as f:
-            class_names = json.load(f).get("class_names")
-    size = backbones.input_size(config.model.backbone, config.data.image_size)
-    if class_names is None:
-        from research.data import sources
-        class_names = sources.load_source(config.data, size).class_names
     path = checkpoint_path(workdir, checkpoint)
+    if class_names is None:
+        results_path = os.path.join(workdir, "results.json")
+        if os.path.exists(results_path):
+            with open(results_path) as f:
+                class_names = json.load(f).get("class_names")
+    if class_names is None:  # an unfinished run: its checkpoint's run state names them
+        state = run_state_of(path)
+        class_names = (state.data.get("class_names") if state else None)
+    if not class_names:
+        raise UserError(f"cannot tell the class names of the run in {workdir}: no results.json, and checkpoint "
+                        f"{path} carries no run state")
+    size = backbones.input_size(config.model.backbone, config.data.image_size)
     base = backbones.build_base(config.model.backbone, image_size=size, alpha=config.model.alpha)
     model = backbones.build_classifier(base, len(class_names), dropout=config.model.dropout)
-    try:
-        tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        raise UserError(f"checkpoint {path} does not fit the run's model: {str(e).splitlines()[0]}") from None
+    restore(workdir, path, model=model)
     return config, model, class_names, path
 
 
@@ -353,10 +396,9 @@ def init_from_run(base, run_dir: str, *, first_blocks: list[str] | None = None,
     path = find_run_checkpoint(run_dir)
     target = base if first_blocks is None else keras.models.clone_model(base)
     try:
-        tf.train.Checkpoint(base=target).restore(path).expect_partial().assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        raise UserError(f"--weights=ckpt:{run_dir}: checkpoint {path} does not hold a backbone compatible "
-                        f"with this one (same --backbone and --alpha?): {str(e).splitlines()[0]}") from None
+        restore(run_dir, path, base=target, skip=("head",))
+    except UserError as e:
+        raise UserError(f"--weights=ckpt:{run_dir}: {e}") from None
     if first_blocks is not None:
         wanted = set(first_blocks)
         for layer, source in zip(base.layers, target.layers):
