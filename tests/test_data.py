@@ -5,6 +5,8 @@ import pytest
 import tensorflow as tf
 
 from research.data import pipeline as data, sources
+
+from research.data import folders
 from research.config import AugmentConfig, DataConfig, UserError
 
 
@@ -99,12 +101,12 @@ def test_a_long_image_check_shows_its_progress(tmp_path, capsys):
     from PIL import Image
     path = tmp_path / "one.png"
     Image.new("RGB", (8, 8), (10, 200, 30)).save(path)
-    good, bad, _ = sources.check_images([str(path)] * 2400, skip_bad=False)
+    good, bad, _ = folders.check_images([str(path)] * 2400, skip_bad=False)
     assert len(good) == 2400 and bad == []
     out = capsys.readouterr().out
     # Redirected (not a terminal): the step is named, then one plain line when it ends.
     assert out.startswith("checking 2400 images ...\n") and "2400/2400" in out and "\r" not in out, out
-    sources.check_images([str(path)] * 10, skip_bad=False)
+    folders.check_images([str(path)] * 10, skip_bad=False)
     assert capsys.readouterr().out == ""  # a short check stays quiet
 
 

@@ -9,6 +9,8 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from research.data import images, sources
+
+from research.data import folders
 from research.config import DataConfig, UserError
 
 
@@ -141,7 +143,7 @@ def test_animated_webp_is_refused_by_name(tmp_path):
     path = tmp_path / "anim.webp"
     frames[0].save(path, save_all=True, append_images=frames[1:], lossless=True)
     with pytest.raises(UserError, match="anim.webp.*animated WebP is not supported.*--skip_bad_images"):
-        sources.check_images([str(path)], skip_bad=False)
+        folders.check_images([str(path)], skip_bad=False)
 
 
 def test_a_giant_jpeg_is_decoded_at_reduced_scale_and_a_normal_one_exactly():

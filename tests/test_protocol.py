@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from research.studies import stats, tables
 from research.data import sources
+from research.data import folders
 from research.config import DataConfig, UserError
 from tests.conftest import run_module
 
@@ -97,19 +98,19 @@ def _as_sets(splits):
 def test_folder_splits_are_disjoint_for_every_layout(tmp_path):
     # A flat folder: train, val and test carved from it, together exactly its files.
     flat = _write_folder(tmp_path / "flat", [20, 13, 9])
-    _, splits, test_from = sources.folder_splits(DataConfig(dataset=f"folder:{tmp_path / 'flat'}"))
+    _, splits, test_from = folders.folder_splits(DataConfig(dataset=f"folder:{tmp_path / 'flat'}"))
     s = _as_sets(splits)
     assert s["train"] | s["val"] | s["test"] == set(flat)
     assert not (s["train"] & s["val"] or s["train"] & s["test"] or s["val"] & s["test"])
     assert len(s["test"]) == 2 + 1 + 1 and test_from.startswith("a 10% slice")
-    assert "test" not in sources.folder_splits(DataConfig(dataset=f"folder:{tmp_path / 'flat'}", test="none"))[1]
+    assert "test" not in folders.folder_splits(DataConfig(dataset=f"folder:{tmp_path / 'flat'}", test="none"))[1]
 
     # train/ + val/: test carved from train; with --test=val the val folder is the test split.
     tv = tmp_path / "tv"
     train, val = _write_folder(tv / "train", [20, 20]), _write_folder(tv / "val", [6, 6])
-    s = _as_sets(sources.folder_splits(DataConfig(dataset=f"folder:{tv}"))[1])
+    s = _as_sets(folders.folder_splits(DataConfig(dataset=f"folder:{tv}"))[1])
     assert s["val"] == set(val) and s["train"] | s["test"] == set(train) and not s["train"] & s["test"]
-    _, splits, test_from = sources.folder_splits(DataConfig(dataset=f"folder:{tv}", test="val"))
+    _, splits, test_from = folders.folder_splits(DataConfig(dataset=f"folder:{tv}", test="val"))
     s = _as_sets(splits)
     assert s["test"] == set(val) and s["train"] | s["val"] == set(train) and not s["train"] & s["val"]
     assert "the source's validation split" in test_from
@@ -117,14 +118,14 @@ def test_folder_splits_are_disjoint_for_every_layout(tmp_path):
     # train/ + val/ + test/: each folder is its split.
     tvt = tmp_path / "tvt"
     own = {k: set(_write_folder(tvt / k, [5, 5])) for k in ("train", "val", "test")}
-    assert _as_sets(sources.folder_splits(DataConfig(dataset=f"folder:{tvt}"))[1]) == own
+    assert _as_sets(folders.folder_splits(DataConfig(dataset=f"folder:{tvt}"))[1]) == own
     # train/ + test/ without val/: validation carved from train, never from test.
     tt = tmp_path / "tt"
     train, test = _write_folder(tt / "train", [10, 10]), _write_folder(tt / "TEST", [3, 3])
-    s = _as_sets(sources.folder_splits(DataConfig(dataset=f"folder:{tt}"))[1])
+    s = _as_sets(folders.folder_splits(DataConfig(dataset=f"folder:{tt}"))[1])
     assert s["test"] == set(test) and s["train"] | s["val"] == set(train) and not s["train"] & s["val"]
     with pytest.raises(UserError, match="--test=val holds out the source's validation split"):
-        sources.folder_splits(DataConfig(dataset=f"folder:{tt}", test="val"))
+        folders.folder_splits(DataConfig(dataset=f"folder:{tt}", test="val"))
 
 
 # --- no decision reads test ------------------------------------------------------------------

@@ -16,6 +16,7 @@ import tensorflow as tf
 from benchmarks import jpeg_folder
 from research.model import backbones
 from research.data import convert, pipeline as data, sources
+from research.data import folders
 from research.run import build as build_lib, train as train_lib
 from research.config import AugmentConfig, DataConfig, ExperimentConfig, ModelConfig, TrainConfig, UserError
 from tests.conftest import ROOT, run_module
@@ -166,7 +167,7 @@ def test_a_corrupt_jpeg_is_named_or_skipped_under_every_mode_and_in_convert(tmp_
 
     # Checked once: a second load opens no image; a file replaced since is checked again.
     opened = []
-    real = sources._readable
+    real = folders._readable
     monkeypatch.setattr(sources, "_readable", lambda p: opened.append(p) or real(p))
     sources.load_source(cfg, 16, cache_dir=str(tmp_path / "memory"))
     assert opened == []

@@ -84,7 +84,7 @@ class DataConfig:
     `launch.evaluate` and the exported model, so prediction too.
     """
 
-    dataset: str = opt("digits", "digits | folder:PATH | tfds:NAME | tfrecord:DIR (shards written by launch.convert)")
+    dataset: str = opt("digits", "digits | folder:PATH | tfds:NAME | tfrecord:DIR (TFRecord shards written by the converter; README: Datasets larger than memory)")
     data_dir: str | None = opt(None, "TFDS data directory.")
     train_split: str = opt("train", "TFDS training split.")
     val_split: str = opt("", "TFDS validation split (default: validation/val if present, else a slice of train).")
@@ -123,7 +123,7 @@ class DataConfig:
         check(ds == "digits" or ds.startswith(("folder:", "tfds:", "tfrecord:")),
               f"--dataset={ds!r} is not valid; allowed values: digits, folder:PATH, tfds:NAME, tfrecord:DIR")
         check(not (ds.startswith("tfrecord:") and not ds[len("tfrecord:"):]),
-              "--dataset=tfrecord: needs the directory launch.convert wrote, e.g. tfrecord:/data/flowers-shards")
+              "--dataset=tfrecord: needs the directory of shards the converter wrote, e.g. tfrecord:/data/flowers-shards")
         check(not (ds.startswith("folder:") and not ds[len("folder:"):]),
               "--dataset=folder: needs a path, e.g. folder:/data/flowers")
         check(not (ds.startswith("tfds:") and not ds[len("tfds:"):]),

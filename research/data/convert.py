@@ -29,6 +29,8 @@ import tensorflow as tf
 
 from research.data import images as images_lib
 from research.data import sources
+from research.data import tfrecords
+from research.data import folders
 from research.config import DataConfig, UserError, writable_dir
 
 FORMAT = "research-tfrecord"
@@ -92,7 +94,7 @@ def convert(cfg: DataConfig, out: str, *, image_size: int = 0, encoding: str = "
         `cfg.skip_bad_images`), a split without readable images.
     """
     if not cfg.dataset.startswith("folder:"):
-        raise UserError(f"--dataset={cfg.dataset}: launch.convert reads a folder:PATH dataset")
+        raise UserError(f"--dataset={cfg.dataset}: the converter reads a folder:PATH dataset")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"--out={out}: exists and is not an empty directory")
     if not writable_dir(os.path.dirname(os.path.abspath(out))):
@@ -102,12 +104,12 @@ def convert(cfg: DataConfig, out: str, *, image_size: int = 0, encoding: str = "
     if encoding not in ("jpeg", "raw") or (encoding == "raw" and not image_size):
         raise UserError(f"--encoding={encoding}: jpeg, or raw with an --image_size (raw pixels of that side)")
     t0 = time.perf_counter()
-    names, splits, test_from = sources.folder_splits(cfg)
+    names, splits, test_from = folders.folder_splits(cfg)
     plan, skipped = {}, []
     for key, per_class in splits.items():  # every image checked before anything is written
         paths = [p for fs in per_class for p in fs]
         labels = [c for c, fs in enumerate(per_class) for _ in fs]
-        good, bad, _ = sources.check_images(paths, skip_bad=cfg.skip_bad_images)
+        good, bad, _ = folders.check_images(paths, skip_bad=cfg.skip_bad_images)
         skipped += bad
         bad_set = set(bad)
         labels = [y for p, y in zip(paths, labels) if p not in bad_set]
@@ -137,7 +139,7 @@ def convert(cfg: DataConfig, out: str, *, image_size: int = 0, encoding: str = "
                                        .tolist(), "files": shards}
         if bar and done % 200:
             bar.update(total)
-        sources._write_json_atomically(os.path.join(tmp, sources.TFRECORD_MANIFEST), manifest)
+        folders._write_json_atomically(os.path.join(tmp, tfrecords.TFRECORD_MANIFEST), manifest)
         if os.path.isdir(out):
             os.rmdir(out)  # empty: checked above
         os.rename(tmp, out)

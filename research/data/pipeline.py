@@ -229,18 +229,8 @@ class Pipeline:
                                f"{self.cache_dir}: {str(e).splitlines()[0]}; free some space, or pass another "
                                "--cache_dir (or --cache=none)") from None
         if self.cache == "memory" and self.threads:
-            self._decode_all(self._train, self.source.num_train, "decoding {n} training images into the cache")
+            _decode_all(self._train, self.source.num_train, "decoding {n} training images into the cache")
         return time.perf_counter() - t0
-
-
-    @staticmethod
-    def _decode_all(elements: tf.data.Dataset, n: int, what: str) -> None:
-        bar = progress_bar(n, what.format(n=n))
-        done = 0
-        for images, _ in elements.batch(256).prefetch(AUTOTUNE):
-            done += int(images.shape[0])
-            if bar:
-                bar.update(done)
 
     def _write_disk_cache(self, split: str, elements: tf.data.Dataset, n: int) -> None:
         """Writes `split`'s decoded images to its cache directory, whole or not at all:
@@ -259,7 +249,7 @@ class Pipeline:
         tmp = os.path.join(parent, f"{mine}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        self._decode_all(elements.cache(os.path.join(tmp, "images")), n,
+        _decode_all(elements.cache(os.path.join(tmp, "images")), n,
                          f"decoding {{n}} {split} images into the disk cache {parent}")
         try:
             os.rename(tmp, final)
@@ -380,6 +370,16 @@ class Pipeline:
         ds = ds.map(lambda x, y: (self.eval_preprocess(x), y),
                     num_parallel_calls=None if self.deterministic else AUTOTUNE)
         return ds.prefetch(AUTOTUNE).with_options(self.options())
+
+
+def _decode_all(elements: tf.data.Dataset, n: int, what: str) -> None:
+    """Runs `elements` through once (filling the cache it ends in), with a progress bar."""
+    bar = progress_bar(n, what.format(n=n))
+    done = 0
+    for images, _ in elements.batch(256).prefetch(AUTOTUNE):
+        done += int(images.shape[0])
+        if bar:
+            bar.update(done)
 
 
 def _alive(pid: str) -> bool:

@@ -18,6 +18,8 @@ import tensorflow as tf
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from research.data import augment, sources
+
+from research.data import folders
 from research.model import backbones
 from research.run.checkpoints import load_run
 from research.errors import UserError
@@ -109,7 +111,7 @@ def _whole_folder(dataset: str, own: str) -> bool:
     if not dataset.startswith("folder:"):
         return False
     path = dataset[len("folder:"):]
-    if not os.path.isdir(path) or sources.folder_split_dirs(path) is not None:
+    if not os.path.isdir(path) or folders.folder_split_dirs(path) is not None:
         return False
     return not (own.startswith("folder:") and os.path.realpath(own[len("folder:"):]) == os.path.realpath(path))
 

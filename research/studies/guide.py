@@ -84,7 +84,7 @@ def run(config: ExperimentConfig, workdir: str, *, log=print) -> dict:
     """
     check(config)
     if os.path.isdir(os.path.join(workdir, "ckpt")):
-        raise UserError(f"--workdir={workdir} holds a launch.train run; give the guide's recipe its own --workdir")
+        raise UserError(f"--workdir={workdir} holds a training run; give the guide's recipe its own --workdir")
     t0 = time.time()
     keras.utils.set_random_seed(config.train.seed)
     entry = backbones.get(config.model.backbone)

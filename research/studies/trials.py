@@ -11,7 +11,7 @@ checkpoint. A failed trial leaves `error.txt` and a row marked failed; the
 others still run.
 
 Each trial runs in its own process (a normal workdir, resumable and killable on
-its own), handed its config: `python -m research.studies.trials TRIAL.json`.
+its own), handed its config: `python -m research.studies.run_trial TRIAL.json`.
 `make_config` turns a trial's flags into its validated `ExperimentConfig`; the
 launcher passes its own flag parser.
 """
@@ -172,7 +172,7 @@ def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: b
 
 
 def run_config(kind: str, config: ExperimentConfig, out_dir: str, spec_path: str) -> int:
-    """Runs a config in a child process (`python -m research.studies.trials SPEC`), its
+    """Runs a config in a child process (`python -m research.studies.run_trial SPEC`), its
     output appended to `out_dir/stdout.log` and `stderr.log`; returns its exit status.
 
     The child is handed the config itself (written to `spec_path`), not flags: what
@@ -182,7 +182,7 @@ def run_config(kind: str, config: ExperimentConfig, out_dir: str, spec_path: str
     with open(spec_path, "w") as f:
         json.dump({"kind": kind, "out": out_dir, "config": config.to_dict()}, f, indent=1)
     with open(os.path.join(out_dir, "stdout.log"), "a") as out, open(os.path.join(out_dir, "stderr.log"), "a") as err:
-        return subprocess.call([sys.executable, "-m", "research.studies.trials", spec_path], stdout=out, stderr=err,
+        return subprocess.call([sys.executable, "-m", "research.studies.run_trial", spec_path], stdout=out, stderr=err,
                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
@@ -224,38 +224,3 @@ def run_all(root: str, trials: list[Trial], *, parallel: int = 1, log=print) -> 
     with ThreadPoolExecutor(parallel) as pool:
         futures = {t.name: pool.submit(run_trial, root, t, log=log) for t in trials}
         return {name: f.result() for name, f in futures.items()}
-
-
-# --- the child process ---------------------------------------------------------------------
-
-def _run_child(spec_path: str) -> int:
-    """Runs one trial spec; an expected error is one `error:` line and its exit status."""
-    from research import errors
-
-    with open(spec_path) as f:
-        spec = json.load(f)
-    config = ExperimentConfig.from_dict(spec["config"])
-    try:
-        from research.run import distribute
-        distribute.split_cpu(config.train.cpu_devices)  # before TensorFlow initialises its devices
-        if spec["kind"] == "guide":
-            from research.studies import guide
-            guide.run(config, spec["out"])
-        elif spec["kind"] == "probe":
-            from research.studies.probe import run_probe
-            run_probe(config, spec["out"])
-        else:
-            from research.run import train as train_lib
-            with train_lib.Preemption() as preemption:
-                train_lib.train_and_evaluate(config, spec["out"], preemption=preemption)
-    except (Exception, KeyboardInterrupt) as e:
-        status = errors.exit_status_of(e)
-        if status is None:
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return status
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_run_child(sys.argv[1]))
