@@ -61,38 +61,34 @@ def main(argv):
     common.start_tensorflow_quietly()  # the parent builds backbones to check the trials' specs
     from launch.train import config_from_args
     from research.studies import ablation, probe, transfer
-    from research.config import UserError
 
     # Trials are compared, not shipped: skip the export unless asked (--export after --).
     train_flags = ["--noexport", *argv[1:]]
     if any(a.startswith("--workdir") for a in train_flags):
         common.die("do not pass --workdir: each trial gets ROOT/trials/NAME", common.EXIT_USER_ERROR)
     root = F.root or f"/tmp/ablate_{F.study}"
-    try:
-        if F.study == "transfer":
-            rows, _ = transfer.run_transfer_study(
-                root, train_flags, config_from_args, seeds=_seeds(),
-                classes_a=F.classes_a, classes_b=F.classes_b, epochs=F.epochs, parallel=F.parallel, rerun=F.rerun)
-            report = "transfer.md"
-        elif F.study == "probe":
-            split = (lambda text: [s.strip() for s in (text.split(";") if ";" in text else text.split(","))
-                                   if s.strip()])
-            rows, _ = probe.run_probe_study(root, train_flags, config_from_args, seeds=_seeds(),
-                                               specs=split(F.specs), autos=split(F.auto), parallel=F.parallel,
-                                               rerun=F.rerun)
-            report = "probe_study.md"
-        elif F.study == "recipes":
-            rows = ablation.run_recipe_study(root, train_flags, config_from_args, seeds=_seeds(),
-                                             recipes=F.recipe, parallel=F.parallel, rerun=F.rerun)
-            report = "results.md"
-        else:
-            if not F.sweep:
-                common.die("give at least one --sweep=KEY:V1,V2 (or --study=transfer)", common.EXIT_USER_ERROR)
-            rows = ablation.run_sweep(root, F.sweep, train_flags, config_from_args, parallel=F.parallel,
-                                      rerun=F.rerun, baseline=F.baseline)
-            report = "results.md"
-    except UserError as e:
-        common.die(str(e), common.EXIT_USER_ERROR)
+    if F.study == "transfer":
+        rows, _ = transfer.run_transfer_study(
+            root, train_flags, config_from_args, seeds=_seeds(),
+            classes_a=F.classes_a, classes_b=F.classes_b, epochs=F.epochs, parallel=F.parallel, rerun=F.rerun)
+        report = "transfer.md"
+    elif F.study == "probe":
+        split = (lambda text: [s.strip() for s in (text.split(";") if ";" in text else text.split(","))
+                               if s.strip()])
+        rows, _ = probe.run_probe_study(root, train_flags, config_from_args, seeds=_seeds(),
+                                           specs=split(F.specs), autos=split(F.auto), parallel=F.parallel,
+                                           rerun=F.rerun)
+        report = "probe_study.md"
+    elif F.study == "recipes":
+        rows = ablation.run_recipe_study(root, train_flags, config_from_args, seeds=_seeds(),
+                                         recipes=F.recipe, parallel=F.parallel, rerun=F.rerun)
+        report = "results.md"
+    else:
+        if not F.sweep:
+            common.die("give at least one --sweep=KEY:V1,V2 (or --study=transfer)", common.EXIT_USER_ERROR)
+        rows = ablation.run_sweep(root, F.sweep, train_flags, config_from_args, parallel=F.parallel,
+                                  rerun=F.rerun, baseline=F.baseline)
+        report = "results.md"
     with open(f"{root}/{report}") as f:
         print(f.read())
     failed = [r for r in rows if r["status"] != "done"]

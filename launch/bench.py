@@ -122,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags_or_exit)
+    app.run(common.guarded(main), flags_parser=common.parse_flags_or_exit)

@@ -1,4 +1,5 @@
-"""Shared launcher plumbing: quiet TF start-up, flag errors and user errors as exit status 2."""
+"""Shared launcher plumbing: quiet TF start-up, flag errors as exit status 2, and `guarded`:
+every expected failure as one `error:` line and its exit status (research/errors.py)."""
 
 from __future__ import annotations
 
@@ -60,11 +61,7 @@ def guarded(main):
             status = errors.exit_status_of(e)
             if status is None:
                 raise
-            if isinstance(e, KeyboardInterrupt):
-                die("interrupted; what finished is kept, run the same command again to resume", status)
-            message = str(e) if not isinstance(e, OSError) else (
-                f"could not write {e.filename or 'a file'}: {e.strerror or e}; disk full or not writable?")
-            die(message, status)
+            die(errors.message_of(e), status)
     return run
 
 

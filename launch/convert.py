@@ -37,15 +37,12 @@ def main(argv):
     from research.config import DataConfig, UserError, validate, ExperimentConfig
     cfg = DataConfig(dataset=F.dataset, val_fraction=F.val_fraction, test=F.test, test_fraction=F.test_fraction,
                      skip_bad_images=F.skip_bad_images)
-    try:
-        cfg = validate(ExperimentConfig(data=cfg)).data
-        if not cfg.dataset.startswith("folder:"):
-            raise UserError(f"--dataset={F.dataset}: launch.convert reads a folder:PATH dataset")
-        common.start_tensorflow_quietly()
-        from research.data import convert
-        convert.convert(cfg, F.out, image_size=F.image_size, encoding=F.encoding, shard_mb=F.shard_mb)
-    except UserError as e:
-        common.die(str(e), common.EXIT_USER_ERROR)
+    cfg = validate(ExperimentConfig(data=cfg)).data
+    if not cfg.dataset.startswith("folder:"):
+        raise UserError(f"--dataset={F.dataset}: launch.convert reads a folder:PATH dataset")
+    common.start_tensorflow_quietly()
+    from research.data import convert
+    convert.convert(cfg, F.out, image_size=F.image_size, encoding=F.encoding, shard_mb=F.shard_mb)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,9 @@ def main(argv):
         common.die("usage: python -m launch.evaluate --workdir=DIR [--dataset=...] [--split=val] "
                    "[--checkpoint=best|latest|PATH]", common.EXIT_USER_ERROR)
     common.start_tensorflow_quietly()
-    from research.config import UserError
     from research.serve.evaluate import evaluate_run
-    try:
-        r = evaluate_run(F.workdir, dataset=F.dataset, split=F.split, checkpoint=F.checkpoint, name=F.name,
-                         data_dir=F.data_dir, skip_bad_images=F.skip_bad_images, tta=F.tta)
-    except UserError as e:
-        common.die(str(e), common.EXIT_USER_ERROR)
+    r = evaluate_run(F.workdir, dataset=F.dataset, split=F.split, checkpoint=F.checkpoint, name=F.name,
+                     data_dir=F.data_dir, skip_bad_images=F.skip_bad_images, tta=F.tta)
     top5 = f"  top5 {r['top5_accuracy']:.4f}" if "top5_accuracy" in r else ""
     print(f"{r['dataset']} [{r['split']}] {r['num_examples']} images: accuracy {r['accuracy']:.4f}  "
           f"loss {r['loss']:.4f}{top5}  macro F1 {r['macro_f1']:.4f}  ({r['checkpoint']})")
@@ -50,7 +46,7 @@ def main(argv):
     if r["skipped_images"]:
         print(f"skipped {len(r['skipped_images'])} unreadable image(s), e.g. {r['skipped_images'][0]}",
               file=sys.stderr)
-    print(f"report: {F.workdir}/eval/")
+    print(f"report: {r['report']}")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,8 @@ def main(argv):
         common.die("usage: python -m launch.export --workdir=DIR [--checkpoint=latest|best|ema|PATH]",
                    common.EXIT_USER_ERROR)
     common.start_tensorflow_quietly()
-    from research.config import UserError
     from research.serve.export import export_run
-    try:
-        meta = export_run(F.workdir, checkpoint=F.checkpoint, out_dir=F.out)
-    except UserError as e:
-        common.die(str(e), common.EXIT_USER_ERROR)
+    meta = export_run(F.workdir, checkpoint=F.checkpoint, out_dir=F.out)
     out = F.out or f"{F.workdir}/export"
     print(f"exported {meta['checkpoint']} ({len(meta['class_names'])} classes) to {out}/model.keras and {out}/saved_model")
 

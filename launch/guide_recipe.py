@@ -23,11 +23,7 @@ def main(argv):
     config = config_or_exit(argv, "/tmp/guide")
     common.start_tensorflow_quietly()
     from research.studies import guide
-    from research.config import UserError
-    try:
-        r = guide.run(config, F.workdir)
-    except UserError as e:
-        common.die(str(e), common.EXIT_USER_ERROR)
+    r = guide.run(config, F.workdir)
     f = r["final"]
     test = f"test/accuracy {f['test/accuracy']:.4f}  " if "test/accuracy" in f else ""
     print(f"\nguide recipe: {test}val/accuracy {f['val/accuracy']:.4f}  ({r['epochs_run']} epochs, "

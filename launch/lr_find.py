@@ -25,13 +25,9 @@ flags.DEFINE_integer("steps", 100, "Steps of the sweep (it stops early once the 
 def main(argv):
     common.start_tensorflow_quietly()
     from launch.train import config_from_args
-    from research.config import UserError
     from research.studies.lr_find import lr_range_test
-    try:
-        r = lr_range_test(config_from_args(argv[1:]), F.out, stage=F.stage, start=F.start, end=F.end,
-                          steps=F.steps)
-    except UserError as e:
-        common.die(str(e), common.EXIT_USER_ERROR)
+    r = lr_range_test(config_from_args(argv[1:]), F.out, stage=F.stage, start=F.start, end=F.end,
+                      steps=F.steps)
     s = r["suggestion"]
     print(f"\nstage {r['stage']} ({r['unfreeze']}): {r['steps_run']} steps, lr {r['lrs'][0]:.2g} .. {r['lrs'][-1]:.2g}")
     print(f"suggested lr: {s['steepest']:.2g} (steepest descent); min/10: {s['min_lr_over_10']:.2g}")

@@ -79,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_own_flags_then_passthrough)
+    app.run(common.guarded(main), flags_parser=common.parse_own_flags_then_passthrough)

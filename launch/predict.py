@@ -33,7 +33,6 @@ def main(argv):
                    common.EXIT_USER_ERROR)
     with common.quiet_tensorflow_startup():
         from research.serve import predict as P
-        from research.errors import UserError
         from research.data.images import IMAGE_EXTENSIONS
 
     paths, other = P.find_images(argv[1:])
@@ -41,10 +40,7 @@ def main(argv):
         found = f"only {len(other)} other file(s), e.g. {other[0]}" if other else "no files"
         common.die(f"no images to classify in {', '.join(argv[1:])}: found {found}; images are "
                    f"{', '.join(IMAGE_EXTENSIONS)} files (or name a file directly)", common.EXIT_USER_ERROR)
-    try:
-        predict, meta = P.load_exported(F.model)
-    except UserError as e:
-        common.die(str(e), common.EXIT_USER_ERROR)
+    predict, meta = P.load_exported(F.model)
 
     def show(r):
         if not F.json:

@@ -5,7 +5,7 @@
 
 Own flags before `--`, then `launch.train` flags (data, splits, backbone, weights).
 Writes probe.csv, probe.md, probe.json, probe.png and TensorBoard scalars in --out
-(research/model/probe.py). Nothing is trained but the probes.
+(research/studies/probe.py; the probes are research/model/probe.py). Nothing is trained but the probes.
 """
 
 from __future__ import annotations
@@ -23,12 +23,8 @@ flags.DEFINE_float("max_memory_mb", 2048, "Features larger than this are written
 def main(argv):
     common.start_tensorflow_quietly()
     from launch.train import config_from_args
-    from research.config import UserError
     from research.studies.probe import run_probe
-    try:
-        run_probe(config_from_args(argv[1:]), F.out, max_memory_mb=F.max_memory_mb)
-    except UserError as e:
-        common.die(str(e), common.EXIT_USER_ERROR)
+    run_probe(config_from_args(argv[1:]), F.out, max_memory_mb=F.max_memory_mb)
     with open(f"{F.out}/probe.md") as f:
         print("\n" + f.read())
     print(f"plot: {F.out}/probe.png\ninspect: tensorboard --logdir {F.out}")

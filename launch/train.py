@@ -119,10 +119,7 @@ def config_or_exit(argv, example_workdir: str) -> C.ExperimentConfig:
         common.die(f"unexpected arguments {argv[1:]}; all options are --flags", common.EXIT_USER_ERROR)
     if not F.workdir:
         common.die(f"--workdir is required, e.g. --workdir={example_workdir}", common.EXIT_USER_ERROR)
-    try:
-        return config_from_flags()
-    except C.UserError as e:
-        common.die(str(e), common.EXIT_USER_ERROR)
+    return config_from_flags()
 
 
 def main(argv):
@@ -134,7 +131,7 @@ def main(argv):
         if config.train.strategy != "multi_worker":  # its collectives need an uninitialised context
             distribute.list_devices()
     from research.run import train as train_lib
-    # Errors end in one line and their exit status (launch/common.py:exit_status_of).
+    # Errors end in one line and their exit status (research/errors.py:exit_status_of).
     with train_lib.Preemption() as preemption:
         results = train_lib.train_and_evaluate(config, F.workdir, allow_config_change=F.allow_config_change,
                                                preemption=preemption)

@@ -28,8 +28,8 @@ class StorageError(Exception):
 class Interrupted(Exception):
     """SIGTERM/SIGINT: what was done is saved and the same command resumes it."""
 
-    def __init__(self, signum: int, path: str | None = None, *, what: str = "checkpoint"):
-        where = f"; {what} saved at {path}" if path else ""
+    def __init__(self, signum: int, path: str):
+        where = f"; checkpoint saved at {path}"
         super().__init__(f"interrupted by {signal.Signals(signum).name}{where}; "
                          "run the same command again to resume")
         self.signum = signum
@@ -37,6 +37,16 @@ class Interrupted(Exception):
 
 # Operating-system errors that mean "this storage cannot be written", not a bug.
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def message_of(e: BaseException) -> str:
+    """The one line an expected failure prints after `error: `."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted; what finished is kept, run the same command again to resume"
+    if isinstance(e, OSError):
+        where = f" {e.filename}" if e.filename else ""
+        return f"storage error{where}: {e.strerror or e} (a full disk, a read-only or forbidden path?)"
+    return str(e)
 
 
 def exit_status_of(e: BaseException) -> int | None:

@@ -95,3 +95,19 @@ def test_an_action_added_from_a_test_keeps_its_state_across_sigkill(tmp_path):
     assert got["epochs"] == expected["epochs"]
     assert got["train_losses"] == expected["train_losses"]
     assert got["stage_starts"] == [["head", 0], ["ft", 0], ["ft", 1]]
+
+
+def test_a_train_monitor_keeps_best_of_the_trained_weights(tmp_path):
+    """Only a `val_NAME/` monitor scores a weight variant; `train/loss` scores the trained weights."""
+    from research.config import (DataConfig, EarlyStoppingConfig, ExperimentConfig, StageConfig, TrainConfig)
+    from research.run import train as train_lib
+
+    cfg = ExperimentConfig(data=DataConfig(image_size=16, classes="0-4"),
+                           train=TrainConfig(export=False, steps_per_loop=5,
+                                             early_stopping=EarlyStoppingConfig(monitor="train/loss")),
+                           stages=(StageConfig(name="s", unfreeze="all", epochs=2, lr=3e-3),))
+    res = train_lib.train_and_evaluate(cfg, str(tmp_path / "run"), verbose=False)
+    assert res["best"]["weights"] == "trained" and res["best"]["monitor"] == "train/loss"
+    losses = [h["train/loss"] for h in res["history"]]
+    assert res["best"]["value"] == min(losses)
+    assert (tmp_path / "run" / res["best"]["checkpoint"]).with_suffix(".index").exists()

@@ -8,9 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from research.data import images, sources
-
-from research.data import folders
+from research.data import folders, images, sources, splits
 from research.config import DataConfig, UserError
 
 
@@ -115,8 +113,8 @@ def test_the_folder_source_feeds_upright_pixels(tmp_path):
     assert [y for _, y in fed] == [0, 1]
     for (x, _), cls in zip(fed, ("a", "b")):
         upright = _upright_by_pil(raws[cls])
-        np.testing.assert_array_equal(x, sources._resize_uint8(upright, 24).numpy())
-        assert not np.array_equal(x, sources._resize_uint8(tf.io.decode_jpeg(raws[cls]), 24).numpy())
+        np.testing.assert_array_equal(x, splits._resize_uint8(upright, 24).numpy())
+        assert not np.array_equal(x, splits._resize_uint8(tf.io.decode_jpeg(raws[cls]), 24).numpy())
 
 
 def test_webp_trains_and_other_files_are_named(tmp_path, caplog):
@@ -131,7 +129,7 @@ def test_webp_trains_and_other_files_are_named(tmp_path, caplog):
         src = sources.load_source(DataConfig(dataset=f"folder:{tmp_path}", batch_size=2), 24)
     assert (src.num_train, src.num_val, src.num_test) == (4, 6, 2)  # one image of each class carved for test
     x = next(iter(src.train))[0].numpy()
-    np.testing.assert_array_equal(x, sources._resize_uint8(_pattern(), 24).numpy())  # lossless WebP, exact
+    np.testing.assert_array_equal(x, splits._resize_uint8(_pattern(), 24).numpy())  # lossless WebP, exact
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "ignored 1 file(s)" in warned and "IMG_0001.HEIC" in warned and ".heic" in warned
     assert ".DS_Store" not in warned

@@ -168,7 +168,7 @@ def test_a_corrupt_jpeg_is_named_or_skipped_under_every_mode_and_in_convert(tmp_
     # Checked once: a second load opens no image; a file replaced since is checked again.
     opened = []
     real = folders._readable
-    monkeypatch.setattr(sources, "_readable", lambda p: opened.append(p) or real(p))
+    monkeypatch.setattr(folders, "_readable", lambda p: opened.append(p) or real(p))
     sources.load_source(cfg, 16, cache_dir=str(tmp_path / "memory"))
     assert opened == []
     bad.write_bytes((folder / "class01" / "0000005.jpg").read_bytes())

@@ -33,6 +33,9 @@ CASES = {
                                   "both correct for class imbalance"),
     "top-5 monitor with 5 classes": (["--classes=0-4", "--early_stopping_monitor=val/top5_accuracy"],
                                      "needs more than 5 classes"),
+    "cpu devices without a mirrored strategy": (["--cpu_devices=2"], "add --strategy=mirrored"),
+    "a batch that does not divide over the replicas": (["--strategy=mirrored", "--cpu_devices=2", "--batch_size=33"],
+                                                       "must divide evenly over the 2 replicas"),
 }
 
 

@@ -194,6 +194,7 @@ class AugmentConfig:
         return bool(self.mixup or self.cutmix) and self.mix_prob > 0
 
     def validate(self) -> None:
+        _check_enums(self)
         for name in ("rotation", "width_shift", "height_shift", "zoom", "contrast"):
             v = getattr(self, name)
             check(v >= 0 and math.isfinite(v), f"--{name}={v} must be a finite number >= 0")
@@ -323,11 +324,11 @@ class StageConfig:
 
     def validate(self) -> None:
         s = self
+        _check_enums(s)
         check(re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) is not None,
               f"stage name {s.name!r} may only contain letters, digits, '_', '.', '-'")
         check(s.epochs >= 1, f"stage {s.name!r}: epochs={s.epochs} must be >= 1")
         check(s.lr > 0 and math.isfinite(s.lr), f"stage {s.name!r}: lr={s.lr} must be a finite number > 0")
-        choice("schedule", s.schedule, SCHEDULES)
         check(0 <= s.warmup_epochs <= s.epochs,
               f"stage {s.name!r}: warmup_epochs={s.warmup_epochs} must be in [0, epochs={s.epochs}]")
         check(s.gradual_every >= 0, f"stage {s.name!r}: gradual_every={s.gradual_every} must be >= 0")
@@ -415,6 +416,9 @@ class TrainConfig:
         check(0.0 <= t.ema_decay < 1.0, f"--ema_decay={t.ema_decay} must be in [0, 1) (0: off); 0.999 is common")
         check(t.clipnorm >= 0, f"--clipnorm={t.clipnorm} must be >= 0 (0 disables clipping)")
         check(t.cpu_devices >= 1, f"--cpu_devices={t.cpu_devices} must be >= 1")
+        check(t.cpu_devices == 1 or t.strategy in ("mirrored", "multi_worker"),
+              f"--cpu_devices={t.cpu_devices} splits the CPU for a mirrored run; it does nothing with "
+              f"--strategy={t.strategy}: add --strategy=mirrored")
         check(t.grad_accum_steps >= 1, f"--grad_accum_steps={t.grad_accum_steps} must be >= 1")
         check(t.checkpoint_keep >= 1, f"--checkpoint_keep={t.checkpoint_keep} must be >= 1")
         check(t.checkpoint_every_steps >= 0, f"--checkpoint_every_steps={t.checkpoint_every_steps} must be >= 0")

@@ -10,10 +10,10 @@ Every source becomes a `Source`: two `tf.data.Dataset`s of `(uint8 image resized
 the model's input side, int32 label)`, their sizes and the class names.
 `research/data/pipeline.py` turns them into the batched training and validation streams.
 
-This module holds what every source shares (the `Source` record, class subsets,
-the carve of validation and test slices, class weights) and `load_source`, which
-picks the source's own module: research/data/folders.py, research/data/tfds_source.py,
-research/data/tfrecords.py; the digits are here.
+`load_source` picks the source's own module (research/data/folders.py,
+research/data/tfds_source.py, research/data/tfrecords.py; the digits are here);
+what every source shares (the `Source` record, class subsets, the carve of
+validation and test slices) is research/data/splits.py. Class weights are here.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def resolve_blocks(spec: str, block_names: list[str], *, backbone: str = "") -> 
     kind, _, arg = spec.partition(":")
     n = len(block_names)
     auto = parse_auto(spec)
-    if auto is not None:  # chosen at the stage's start (research/run/train.py); here only K is checked
+    if auto is not None:  # chosen at the stage's start (research/run/actions/auto_unfreeze.py); here only K is checked
         if not 1 <= auto[1] <= n:
             raise UserError(f"unfreeze spec {spec!r}: K={auto[1]} is not in 1..{n}; {valid}")
         return list(block_names)

@@ -1,6 +1,7 @@
 """Building a run: its inputs, its model, the one optimizer, the initial weights and
-the class weights. The controller, the probes, the LR finder and the guide recipe
-all build here, so each is built one way.
+the class weights. Runs, the probes and the LR finder all build here, so each is
+built one way (the Keras guide's recipe, research/studies/guide.py, builds its own
+model on purpose: it is the reference this codebase is measured against).
 """
 
 from __future__ import annotations

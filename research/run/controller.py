@@ -51,7 +51,7 @@ class Controller:
         self.images = Inputs("images", ctx.trainer, ctx.pipeline, ctx.pipeline.val_dataset)
         # `best/` holds the weights the monitor scores: a `val_NAME/` monitor scores variant NAME.
         split = self.config.train.early_stopping.monitor.split("/")[0]
-        self.best_variant = split.removeprefix("val_") if split != "val" else "trained"
+        self.best_variant = split.removeprefix("val_") if split.startswith("val_") else "trained"
         self._active_key, self._active = None, None
         self.t_start, self.wall_before = time.time(), 0.0
         self.first_step_seconds: float | None = None
@@ -127,8 +127,7 @@ class Controller:
         self._call("trainable_set", run, stage, selection, inputs)
         label = stage.name if limit is None else f"{stage.name}/top{len(selection.blocks)}"
         record = dict(unfreeze.describe(selection, ctx.built.model, stage=stage.name), key=label, from_epoch=run.epoch)
-        for a in self.actions:
-            a.describe_trainable(run, stage, record)
+        self._call("describe_trainable", run, stage, record)
         ctx.say("\n== " + unfreeze.summary_text(record, markdown=False))
         if not any(r["key"] == label for r in run.trainable):
             run.trainable.append(record)

@@ -102,12 +102,17 @@ def worker_of(strategy: tf.distribute.Strategy) -> tuple[int, int]:
 
 def setup(cfg) -> tf.distribute.Strategy:
     """The run's runtime, in the order TensorFlow needs it: the strategy first
-    (MultiWorkerMirroredStrategy must exist before any other op runs), then op
-    determinism, the global seed and the precision policy.
+    (MultiWorkerMirroredStrategy must exist before any other op runs; `--cpu_devices`
+    splits the CPU before that), then op determinism, the global seed and the
+    precision policy.
+
+    Raises:
+      UserError: `--cpu_devices` asked after TensorFlow initialised its devices.
 
     Args:
       cfg: the `TrainConfig`.
     """
+    split_cpu(cfg.cpu_devices)
     strategy = make_strategy(cfg.strategy, collective_timeout=cfg.collective_timeout)
     # Every process-wide setting is set, not only turned on, and Keras's global state (name
     # counters, the global seed generator, the dtype policy) is cleared: a second run in one

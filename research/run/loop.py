@@ -8,7 +8,7 @@ Three layers, as in SimCLR's `run.py` and Orbit's StandardTrainer:
 2. `Trainer.train_fn`: a `tf.function` that runs `num_steps` steps, pulling
    batches with `next(iterator)` inside the graph, and returns summed metrics.
    Host and device synchronise once per call, not once per step.
-3. The eager outer loop (`research/run/train.py`): epochs, evaluation, summaries,
+3. The eager outer loop (`research/run/controller.py`): epochs, evaluation, summaries,
    checkpoints, early stopping.
 
 A fresh `tf.function` is made whenever the trainable set changes

@@ -165,11 +165,7 @@ def headline(metrics: dict | None) -> str:
 
 
 def _json_default(o):
-    import dataclasses as dc
-
     import numpy as np
-    if dc.is_dataclass(o):
-        return dc.asdict(o)
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, np.ndarray):

@@ -20,12 +20,12 @@ class TrainingStream:
 
     def iterator(self, source, kind: str, global_epoch: int, num_epochs: int, *, skip_steps: int):
         """The iterator that delivers `global_epoch` next (`skip_steps` into it when rebuilt)."""
-        if self._at != (kind, global_epoch):
+        if self._at != (kind, id(source), global_epoch):
             self._iterator = iter(source.distribute(self.strategy, lambda: source.train_stream(
                 global_epoch, num_epochs, batches_per_epoch=self.batches_per_epoch, skip=skip_steps * self.accum)))
-            self._at = (kind, global_epoch)
+            self._at = (kind, id(source), global_epoch)
         return self._iterator
 
     def epoch_done(self) -> None:
         if self._at is not None:
-            self._at = (self._at[0], self._at[1] + 1)
+            self._at = (*self._at[:2], self._at[2] + 1)

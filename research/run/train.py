@@ -6,8 +6,10 @@ run the stages (research/run/controller.py, with the options of
 research/run/actions/), write the results. Its whole state is a `RunState`
 (research/run/run_state.py); `results.json` and `trainable.json` are views of it.
 
-Workdir layout (a contract, see DESIGN.md):
-  config.json  ckpt/  best/  train/  val/  trainable.json  results.json  export/
+Workdir layout (a contract other tools rely on):
+  config.json  ckpt/  best/  train/  val/  test/  trainable.json  results.json  export/
+  and, with their options: ema/ and val_ema/ (--ema_decay), block_grads/ (--log_block_grads),
+  cache/ (the image check's results and the disk cache)
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
     config = validate(config)
     workdir = os.path.abspath(workdir)
     strategy = distribute.setup(config.train)
+    replicas = strategy.num_replicas_in_sync
+    if config.data.batch_size % replicas:
+        raise UserError(f"--batch_size={config.data.batch_size} is the global batch and must divide evenly over the "
+                        f"{replicas} replicas; use a multiple of {replicas}")
     chief = distribute.is_chief(strategy)
     if chief:
         checkpoints.check_unlocked(workdir)  # fail fast, before the data is read
@@ -91,15 +97,14 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
                       class_weights=weights, listeners=actions)
         for action in actions:
             action.setup(ctx)
-        seed_vars = build_lib.seed_variables(built.model)
-        ctl = Controller(ctx, actions, seed_vars=seed_vars, preemption=preemption)
+        ctl = Controller(ctx, actions, seed_vars=build_lib.seed_variables(built.model), preemption=preemption)
         try:
             run, resumed_from = checkpoints.restore_or_initialize(
                 ckpts, init=lambda: build_lib.init_weights(config, built))
             if run.finished:
                 return _report_finished(ctx, run, actions, changes)
             build_lib.prepare_inputs(pipeline)
-            _start(ctx, ctl, run, resumed_from, changes, allow_config_change, seed_vars)
+            _start(ctx, ctl, run, resumed_from, changes, allow_config_change)
             for index in range(run.stage, len(config.stages)):
                 ctl.run_stage(run, index)
             return _finish(ctx, run, actions)
@@ -143,7 +148,7 @@ def _check_monitor(config: ExperimentConfig, num_classes: int) -> None:
 
 
 def _start(ctx: Context, ctl: Controller, run: RunState, resumed_from: str | None, changes: list[str],
-           allow_change: bool, seed_vars: list) -> None:
+           allow_change: bool) -> None:
     """Records what the run starts from, and the config it runs with.
 
     Raises:
@@ -165,7 +170,7 @@ def _start(ctx: Context, ctl: Controller, run: RunState, resumed_from: str | Non
     ctx.summaries = Summaries(ctx.workdir, enabled=ctx.chief)
     if resumed_from:
         ctl.wall_before = run.wall_seconds
-        for v, value in zip(seed_vars, run.seed_states):
+        for v, value in zip(ctl.seed_vars, run.seed_states):
             v.assign(np.asarray(value, dtype=v.dtype))
         stage = config.stages[run.stage]
         ctx.say(f"Resuming from {resumed_from}: stage {stage.name} ({run.stage + 1}/{len(config.stages)}), "

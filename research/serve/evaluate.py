@@ -216,7 +216,11 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
         tta_pred = mean.argmax(axis=1)
         report["tta"] = {"mode": tta, "views": len(probs), "accuracy": float((tta_pred == labels).mean()),
                          "loss": float(-np.log(mean[np.arange(len(labels)), labels]).mean())}
-    name = name or f"{(dataset or 'own').replace(':', '_').replace('/', '_').strip('_')}_{split}"
+    if not name:
+        # One report per dataset, split and checkpoint: `latest` or `ema` does not overwrite `best`'s.
+        which = "" if checkpoint == "best" else "_" + os.path.basename(checkpoint.rstrip("/"))
+        name = f"{(dataset or 'own').replace(':', '_').replace('/', '_').strip('_')}_{split}{which}"
+    report["report"] = os.path.join(workdir, "eval", f"{name}.json")
     out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.json"), "w") as f:

@@ -36,7 +36,7 @@ def main(spec_path: str) -> int:
         status = errors.exit_status_of(e)
         if status is None:
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {errors.message_of(e)}", file=sys.stderr, flush=True)
         return status
     return 0
 

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -182,8 +183,20 @@ def run_config(kind: str, config: ExperimentConfig, out_dir: str, spec_path: str
     with open(spec_path, "w") as f:
         json.dump({"kind": kind, "out": out_dir, "config": config.to_dict()}, f, indent=1)
     with open(os.path.join(out_dir, "stdout.log"), "a") as out, open(os.path.join(out_dir, "stderr.log"), "a") as err:
-        return subprocess.call([sys.executable, "-m", "research.studies.run_trial", spec_path], stdout=out, stderr=err,
-                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        proc = subprocess.Popen([sys.executable, "-m", "research.studies.run_trial", spec_path], stdout=out,
+                                stderr=err, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached the trial too: it finishes its steps and saves (subprocess.call
+            # would kill it a quarter of a second later). Not reached (a signal to this
+            # process alone): it is asked the same way.
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)
+                proc.wait()
+            raise
 
 
 def run_trial(root: str, trial: Trial, *, log=print) -> dict:

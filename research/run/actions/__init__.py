@@ -18,7 +18,7 @@ from research.run.actions.feature_cache import CachedFeatures
 from research.run.actions.histograms import Histograms
 from research.run.actions.test_evaluation import TestEvaluation
 
-REGISTRY: list[type[Action]] = [Ema, AdaBN, AutoUnfreeze, CachedFeatures, BlockGrads, Histograms, TestEvaluation]
+REGISTRY: list[type[Action]] = [AdaBN, AutoUnfreeze, CachedFeatures, BlockGrads, Histograms, TestEvaluation, Ema]
 
 
 def register(action: type[Action]) -> type[Action]:

@@ -94,12 +94,8 @@ class AdaBN(Action):
     name = "adabn"
     State = AdaBNState
 
-    @classmethod
-    def enabled(cls, config) -> bool:
-        return config.model.bn == "adapt"
-
     def stage_start(self, ctx: Context, run, stage) -> None:
-        if run.epoch or run.step_in_epoch:
+        if self.config.model.bn != "adapt" or run.epoch or run.step_in_epoch:
             return  # resumed inside the stage: its statistics are in the checkpoint
         t0 = time.perf_counter()
         n = adapt(ctx.built.base, ctx.pipeline.train_dataset(run.global_epoch, augment=False))
@@ -109,4 +105,4 @@ class AdaBN(Action):
         self.state(run).adapted.append({"stage": stage.name, "images": n})
 
     def results(self, run) -> dict:
-        return {"bn_adapted": self.state(run).adapted}
+        return {"bn_adapted": self.state(run).adapted}  # [] without --bn=adapt: results.json always has it

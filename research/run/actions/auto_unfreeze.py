@@ -29,10 +29,6 @@ class AutoUnfreeze(Action):
     name = "auto_unfreeze"
     State = AutoUnfreezeState
 
-    @classmethod
-    def enabled(cls, config) -> bool:
-        return any(unfreeze.parse_auto(s.unfreeze) is not None for s in config.stages)
-
     def _record(self, run, stage) -> dict | None:
         return next((r for r in self.state(run).choices if r["stage"] == stage.name and r["spec"] == stage.unfreeze),
                     None)
@@ -46,13 +42,13 @@ class AutoUnfreeze(Action):
         record = self._record(run, stage)
         return record["resolved"] if record else spec
 
-    def describe_trainable(self, run, stage, record: dict) -> None:
+    def describe_trainable(self, ctx: Context, run, stage, record: dict) -> None:
         chosen = self._record(run, stage)
         if chosen is not None:  # why these blocks: the scores and the choice
             record["auto"] = {k: chosen[k] for k in ("spec", "method", "k", "scores", "seconds")}
 
     def results(self, run) -> dict:
-        return {"auto_unfreeze": self.state(run).choices}
+        return {"auto_unfreeze": self.state(run).choices}  # [] without auto: specs
 
     def _choose(self, ctx: Context, run, stage, method: str, k: int) -> dict:
         """Scores every block with the weights the stage starts from, and picks K."""

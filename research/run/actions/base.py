@@ -74,8 +74,12 @@ class Context:
         return int(self.built.optimizer.iterations.numpy())
 
     def evaluate(self, dataset, trainer=None) -> dict[str, float]:
-        """Loss and accuracies of the model's current weights on a dataset."""
-        return (trainer or self.trainer).evaluate(self.strategy.experimental_distribute_dataset(dataset))
+        """Loss and accuracies of the model's current weights on a dataset (top-5 only with
+        more than 5 classes: with fewer it is always 1)."""
+        m = (trainer or self.trainer).evaluate(self.strategy.experimental_distribute_dataset(dataset))
+        if self.source.num_classes <= 5:
+            m.pop("top5_accuracy", None)
+        return m
 
     @contextlib.contextmanager
     def weights(self, variant: str | None) -> Iterator[None]:
@@ -150,7 +154,7 @@ class Action:
     def trainable_set(self, ctx: Context, run, stage: StageConfig, selection, inputs: Inputs) -> None:
         """A new trainable set is active (a stage start, the next block of a gradual stage)."""
 
-    def describe_trainable(self, run, stage: StageConfig, record: dict) -> None:
+    def describe_trainable(self, ctx: Context, run, stage: StageConfig, record: dict) -> None:
         """Adds to the set's `trainable.json` record."""
 
     def train_metrics(self, ctx: Context, run, stage: StageConfig, inputs: Inputs) -> dict[str, float]:

@@ -110,6 +110,14 @@ class CachedFeatures(Action):
     def base_changed(self, ctx: Context) -> None:
         self._cache = None  # computed with the old statistics
 
+    def best_restored(self, ctx: Context) -> None:
+        self._cache = None  # computed with other weights
+
+    def trainable_set(self, ctx: Context, run, stage, selection, inputs) -> None:
+        from research.model import unfreeze
+        if len(selection.variables) > len(unfreeze.head_variables(ctx.built.model)):
+            self._cache = None  # this set trains the base: its features will change
+
     def inputs(self, ctx: Context, run, stage, selection, limit) -> Inputs | None:
         from research.model import unfreeze
         from research.run.loop import Trainer
