@@ -112,11 +112,6 @@ class DataConfig:
     threads: int = opt(0, "tf.data threads (0: half the cores when training on CPU, all with a GPU/TPU).",
                        flag="data_threads", resume_safe=True)
 
-    def source_kind(self) -> tuple[str, str]:
-        """`("folder", PATH)`, `("tfds", NAME)`, `("tfrecord", DIR)` or `("digits", "")`."""
-        kind, _, arg = self.dataset.partition(":")
-        return (kind, arg) if arg or kind != self.dataset else (self.dataset, "")
-
     def validate(self) -> None:
         _check_enums(self)
         ds = self.dataset
