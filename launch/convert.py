@@ -38,7 +38,7 @@ def main(argv):
     cfg = DataConfig(dataset=F.dataset, val_fraction=F.val_fraction, test=F.test, test_fraction=F.test_fraction,
                      skip_bad_images=F.skip_bad_images)
     cfg = validate(ExperimentConfig(data=cfg)).data
-    if not cfg.dataset.startswith("folder:"):
+    if cfg.source.kind != "folder":
         raise UserError(f"--dataset={F.dataset}: launch.convert reads a folder:PATH dataset")
     common.start_tensorflow_quietly()
     from research.data import convert

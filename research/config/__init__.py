@@ -13,13 +13,13 @@ from research.config.fields import (RESUME_SAFE_FIELDS, FlagField, config_diff, 
                                     parse_stages, simple_stages)
 from research.config.sections import (BN_POLICIES, CACHE_MODES, ES_MODES, JIT, MONITORS, OPTIMIZERS, PRECISIONS,
                                       SAMPLERS, SCHEDULES, SPEC_FORMS, STRATEGIES, TEST_SOURCES, AugmentConfig,
-                                      DataConfig, EarlyStoppingConfig, ExperimentConfig, ModelConfig, StageConfig,
+                                      DataConfig, DatasetRef, EarlyStoppingConfig, UnfreezeSpec, ExperimentConfig, ModelConfig, StageConfig,
                                       TrainConfig, opt, writable_dir)
 from research.config.validate import resolve_paths, validate
 from research.errors import UserError
 
-__all__ = ["AugmentConfig", "BN_POLICIES", "CACHE_MODES", "DataConfig", "ES_MODES", "EarlyStoppingConfig",
+__all__ = ["AugmentConfig", "BN_POLICIES", "CACHE_MODES", "DataConfig", "DatasetRef", "ES_MODES", "EarlyStoppingConfig",
            "ExperimentConfig", "FlagField", "JIT", "MONITORS", "ModelConfig", "OPTIMIZERS", "PRECISIONS",
            "RESUME_SAFE_FIELDS", "SAMPLERS", "SCHEDULES", "SPEC_FORMS", "STRATEGIES", "StageConfig", "TEST_SOURCES",
-           "TrainConfig", "UserError", "config_diff", "flag_fields", "from_flat", "opt", "parse_stages",
+           "TrainConfig", "UnfreezeSpec", "UserError", "config_diff", "flag_fields", "from_flat", "opt", "parse_stages",
            "resolve_paths", "simple_stages", "validate", "writable_dir"]

@@ -12,6 +12,7 @@ research/config/validate.py. Class docstrings say more where a field needs it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -70,6 +71,71 @@ def _check_enums(section) -> None:
             choice(f.metadata.get("flag") or f.name, getattr(section, f.name), f.metadata["enum"])
 
 
+SOURCE_KINDS = ("digits", "folder", "tfds", "tfrecord")
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """`--dataset` parsed, the one place its `KIND:ARG` form is read: `digits`, `folder`
+    (ARG a path), `tfds` (a TFDS name) or `tfrecord` (a directory of shards)."""
+
+    kind: str
+    arg: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "DatasetRef":
+        kind, sep, arg = text.partition(":")
+        return cls(kind, arg) if sep else cls(text)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.arg}" if self.arg or self.kind != "digits" else self.kind
+
+
+@dataclass(frozen=True)
+class UnfreezeSpec:
+    """An unfreeze spec parsed, the one place its grammar is read (`SPEC_FORMS`); which
+    blocks and variables it means for a backbone is research/model/unfreeze.py's.
+
+    Attributes:
+      text: the spec as written (`top:2`), for messages and records.
+      kind: `none`, `all`, `top`, `blocks`, `from`, `regex` or `auto`.
+      arg: what follows `KIND:` (`auto`: the K part).
+      method / k: `auto:` specs' measure (`rgn` or `probe`) and K; `top:K`'s K.
+    """
+
+    text: str
+    kind: str
+    arg: str = ""
+    method: str = ""
+    k: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "UnfreezeSpec":
+        """Raises UserError: a spec of no known form (the block names are checked later, on the backbone)."""
+        if text in ("none", "all"):
+            return cls(text, text)
+        kind, sep, arg = text.partition(":")
+        if kind == "auto":
+            m = re.fullmatch(r"(?:(rgn|probe):)?([1-9]\d*)", arg)
+            check(m is not None, f"unfreeze spec {text!r} is not valid; auto specs are auto:K, auto:rgn:K (relative "
+                  "gradient norms) or auto:probe:K (linear probes), K >= 1")
+            return cls(text, kind, m.group(2), m.group(1) or "rgn", int(m.group(2)))
+        check(bool(sep and arg and kind in ("top", "blocks", "from", "regex")),
+              f"unfreeze spec {text!r} is not valid; allowed forms: {', '.join(SPEC_FORMS)}")
+        if kind == "top":
+            check(arg.isdigit(), f"unfreeze spec {text!r}: K must be a whole number")
+            return cls(text, kind, arg, k=int(arg))
+        if kind == "regex":
+            try:
+                re.compile(arg)
+            except re.error as e:
+                raise UserError(f"unfreeze spec {text!r}: invalid regular expression ({e})") from None
+        return cls(text, kind, arg)
+
+    def __str__(self) -> str:
+        return self.text
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images come from and how they are batched.
@@ -112,20 +178,22 @@ class DataConfig:
     threads: int = opt(0, "tf.data threads (0: half the cores when training on CPU, all with a GPU/TPU).",
                        flag="data_threads", resume_safe=True)
 
+    @functools.cached_property
+    def source(self) -> DatasetRef:
+        """The dataset, parsed once per config (the field stays the string of the flag and config.json)."""
+        return DatasetRef.parse(self.dataset)
+
     def validate(self) -> None:
         _check_enums(self)
-        ds = self.dataset
-        check(ds == "digits" or ds.startswith(("folder:", "tfds:", "tfrecord:")),
+        ds, src = self.dataset, self.source
+        check(ds == "digits" or (src.kind in SOURCE_KINDS[1:] and ":" in ds),
               f"--dataset={ds!r} is not valid; allowed values: digits, folder:PATH, tfds:NAME, tfrecord:DIR")
-        check(not (ds.startswith("tfrecord:") and not ds[len("tfrecord:"):]),
+        check(not (src.kind == "tfrecord" and not src.arg),
               "--dataset=tfrecord: needs the directory of shards the converter wrote, e.g. tfrecord:/data/flowers-shards")
-        check(not (ds.startswith("folder:") and not ds[len("folder:"):]),
-              "--dataset=folder: needs a path, e.g. folder:/data/flowers")
-        check(not (ds.startswith("tfds:") and not ds[len("tfds:"):]),
-              "--dataset=tfds: needs a dataset name, e.g. tfds:tf_flowers")
-        for kind in ("folder:", "tfrecord:"):
-            if ds.startswith(kind):
-                check(os.path.isdir(ds[len(kind):]), f"--dataset={ds}: no such directory")
+        check(not (src.kind == "folder" and not src.arg), "--dataset=folder: needs a path, e.g. folder:/data/flowers")
+        check(not (src.kind == "tfds" and not src.arg), "--dataset=tfds: needs a dataset name, e.g. tfds:tf_flowers")
+        if src.kind in ("folder", "tfrecord"):
+            check(os.path.isdir(src.arg), f"--dataset={ds}: no such directory")
         check(not self.cache_dir or writable_dir(self.cache_dir),
               f"--cache_dir={self.cache_dir}: not a directory this process can create and write into")
         check(0.0 < self.val_fraction < 1.0, f"--val_fraction={self.val_fraction} must be strictly between 0 and 1")
@@ -244,6 +312,11 @@ class ModelConfig:
     def train_bn(self) -> bool:
         return self.bn == "train"
 
+    @functools.cached_property
+    def init_run(self) -> str | None:
+        """The other run's workdir of `--weights=ckpt:WORKDIR` (None: other weights), parsed once."""
+        return self.weights[len("ckpt:"):] if self.weights.startswith("ckpt:") else None
+
     def validate(self) -> None:
         from research.model import backbones  # imports no TensorFlow: the registry is lazy
 
@@ -251,7 +324,7 @@ class ModelConfig:
         choice("backbone", self.backbone, tuple(backbones.BACKBONES))
         entry = backbones.BACKBONES[self.backbone]
         w = self.weights
-        check(w in ("imagenet", "none") or w.startswith("ckpt:") or w.endswith((".h5", ".weights.h5", ".keras")),
+        check(w in ("imagenet", "none") or self.init_run is not None or w.endswith((".h5", ".weights.h5", ".keras")),
               f"--weights={w!r} is not valid; allowed values: imagenet, none, a .h5 weights file, ckpt:WORKDIR")
         check(not (w == "imagenet" and not entry.has_imagenet),
               f"--weights=imagenet is not available for backbone {self.backbone!r}; use none, a .h5 file or "
@@ -262,7 +335,7 @@ class ModelConfig:
               f"--alpha={self.alpha}: backbone {self.backbone!r} has no width multiplier; --alpha applies to "
               + ", ".join(n for n, e in backbones.BACKBONES.items() if e.has_alpha))
         check(self.init_blocks >= 0, f"--init_blocks={self.init_blocks} must be >= 0")
-        check(self.init_blocks == 0 or w.startswith("ckpt:"), "--init_blocks needs --weights=ckpt:WORKDIR")
+        check(self.init_blocks == 0 or self.init_run is not None, "--init_blocks needs --weights=ckpt:WORKDIR")
 
 
 @dataclass(frozen=True)
@@ -330,25 +403,15 @@ class StageConfig:
         check(0 < s.lr_decay_per_block <= 1,
               f"stage {s.name!r}: lr_decay_per_block={s.lr_decay_per_block} must be in (0, 1]")
         check(s.patience is None or s.patience >= 0, f"stage {s.name!r}: patience must be >= 0")
-        s._check_spec_syntax()
+        try:
+            s.spec
+        except UserError as e:
+            raise UserError(f"stage {s.name!r}: {e}") from None
 
-    def _check_spec_syntax(self) -> None:
-        kind, sep, arg = self.unfreeze.partition(":")
-        if kind == "auto":
-            check(bool(re.fullmatch(r"((rgn|probe):)?[1-9]\d*", arg)),
-                  f"stage {self.name!r}: unfreeze spec {self.unfreeze!r} is not valid; auto specs are auto:K, "
-                  "auto:rgn:K (relative gradient norms) or auto:probe:K (linear probes), K >= 1")
-            return
-        ok = (self.unfreeze in ("none", "all") or (sep and arg and kind in ("top", "blocks", "from", "regex")))
-        check(bool(ok), f"stage {self.name!r}: unfreeze spec {self.unfreeze!r} is not valid; "
-              f"allowed forms: {', '.join(SPEC_FORMS)}")
-        if kind == "top":
-            check(arg.isdigit(), f"stage {self.name!r}: unfreeze spec {self.unfreeze!r}: K must be a whole number")
-        if kind == "regex":
-            try:
-                re.compile(arg)
-            except re.error as e:
-                raise UserError(f"unfreeze spec {self.unfreeze!r}: invalid regular expression ({e})") from None
+    @functools.cached_property
+    def spec(self) -> UnfreezeSpec:
+        """`unfreeze`, parsed once per config (the field stays the string of the flag and config.json)."""
+        return UnfreezeSpec.parse(self.unfreeze)
 
 
 @dataclass(frozen=True)

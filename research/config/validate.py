@@ -18,14 +18,13 @@ def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
     """
     d, m = config.data, config.model
     ds = d.dataset
-    for kind in ("folder:", "tfrecord:"):
-        if ds.startswith(kind) and ds[len(kind):]:
-            ds = kind + os.path.abspath(os.path.expanduser(ds[len(kind):]))
+    if d.source.kind in ("folder", "tfrecord") and d.source.arg:
+        ds = f"{d.source.kind}:{os.path.abspath(os.path.expanduser(d.source.arg))}"
     data_dir = os.path.abspath(os.path.expanduser(d.data_dir)) if d.data_dir else d.data_dir
     cache_dir = os.path.abspath(os.path.expanduser(d.cache_dir)) if d.cache_dir else d.cache_dir
     w = m.weights
-    if w.startswith("ckpt:") and w[len("ckpt:"):]:
-        w = "ckpt:" + os.path.abspath(os.path.expanduser(w[len("ckpt:"):]))
+    if m.init_run:
+        w = "ckpt:" + os.path.abspath(os.path.expanduser(m.init_run))
     elif w not in ("imagenet", "none"):
         w = os.path.abspath(os.path.expanduser(w))
     cw = config.train.class_weight

@@ -93,7 +93,7 @@ def convert(cfg: DataConfig, out: str, *, image_size: int = 0, encoding: str = "
       UserError: not a folder dataset, `out` not empty, a corrupt image (unless
         `cfg.skip_bad_images`), a split without readable images.
     """
-    if not cfg.dataset.startswith("folder:"):
+    if cfg.source.kind != "folder":
         raise UserError(f"--dataset={cfg.dataset}: the converter reads a folder:PATH dataset")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"--out={out}: exists and is not an empty directory")

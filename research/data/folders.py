@@ -165,7 +165,7 @@ def folder_splits(cfg: DataConfig) -> tuple[list[str], dict[str, list[list[str]]
       UserError: a missing folder, split folders with different classes, `--test=val`
         without a validation folder.
     """
-    path = cfg.dataset[len("folder:"):]
+    path = cfg.source.arg
     if not os.path.isdir(path):
         raise UserError(f"--dataset=folder:{path}: no such directory")
     dirs = folder_split_dirs(path)
@@ -204,7 +204,7 @@ def folder_splits(cfg: DataConfig) -> tuple[list[str], dict[str, list[list[str]]
 
 
 def load_folder_source(cfg: DataConfig, size: int, cache_dir: str | None = None) -> Source:
-    path = cfg.dataset[len("folder:"):]
+    path = cfg.source.arg
     names, splits, test_from = folder_splits(cfg)
     keep = parse_classes(cfg.classes, names)
     manifest = os.path.join(cache_dir, "images.json") if cache_dir else None

@@ -61,14 +61,14 @@ def class_names(cfg: DataConfig) -> list[str]:
     Raises:
       UserError: as `load_source`.
     """
-    if cfg.dataset.startswith("folder:"):
-        path = cfg.dataset[len("folder:"):]
+    if cfg.source.kind == "folder":
+        path = cfg.source.arg
         if not os.path.isdir(path):
             raise UserError(f"--dataset=folder:{path}: no such directory")
         dirs = folder_split_dirs(path)
         return _list_class_folder(os.path.join(path, dirs["train"]) if dirs else path)[0]
-    if cfg.dataset.startswith("tfrecord:"):
-        return list(read_tfrecord_manifest(cfg.dataset[len("tfrecord:"):])["class_names"])
+    if cfg.source.kind == "tfrecord":
+        return list(read_tfrecord_manifest(cfg.source.arg)["class_names"])
     return load_source(dataclasses.replace(cfg, classes="", batch_size=1), 1).class_names
 
 
@@ -123,13 +123,14 @@ def load_source(cfg: DataConfig, image_size: int, *, cache_dir: str | None = Non
       UserError: unknown source, missing folder, class folder without images,
         unreadable image, unknown TFDS name or split, missing or bad shards.
     """
-    if cfg.dataset == "digits":
+    kind = cfg.source.kind
+    if kind == "digits":
         src = load_digits_source(cfg, image_size)
-    elif cfg.dataset.startswith("folder:"):
+    elif kind == "folder":
         src = load_folder_source(cfg, image_size, cache_dir)
-    elif cfg.dataset.startswith("tfds:"):
+    elif kind == "tfds":
         src = load_tfds_source(cfg, image_size)
-    elif cfg.dataset.startswith("tfrecord:"):
+    elif kind == "tfrecord":
         src = load_tfrecord_source(cfg, image_size, worker)
     else:
         raise UserError(f"--dataset={cfg.dataset!r} is not valid; allowed values: digits, folder:PATH, tfds:NAME, "

@@ -12,7 +12,7 @@ from research.data.splits import AUTOTUNE, Source, _plan, _resize_uint8, fingerp
 
 def load_tfds_source(cfg: DataConfig, size: int) -> Source:
     import tensorflow_datasets as tfds
-    name = cfg.dataset[len("tfds:"):]
+    name = cfg.source.arg
     try:
         # A name with no builder code but prepared files under data_dir/NAME/VERSION/
         # (a dataset prepared elsewhere) loads from those files: tfds.builder falls back.

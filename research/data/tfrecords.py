@@ -60,7 +60,7 @@ def load_tfrecord_source(cfg: DataConfig, size: int, worker: tuple[int, int] = (
     record when there are fewer files than workers: the workers read disjoint shares
     that together cover the split once.
     """
-    root = cfg.dataset[len("tfrecord:"):]
+    root = cfg.source.arg
     m = read_tfrecord_manifest(root)
     names = list(m["class_names"])
     keep = parse_classes(cfg.classes, names)

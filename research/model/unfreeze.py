@@ -35,9 +35,10 @@ import keras
 import numpy as np
 
 from research.model import backbones
+from research.config import SPEC_FORMS, UnfreezeSpec
 from research.errors import UserError
 
-SPEC_HELP = "none, all, top:K, blocks:a,b,..., from:NAME, regex:PATTERN, auto:K, auto:rgn:K, auto:probe:K"
+SPEC_HELP = ", ".join(SPEC_FORMS)
 
 
 @dataclass
@@ -63,16 +64,12 @@ class Selection:
         return [v.path for v in self.variables]
 
 
-def parse_auto(spec: str) -> tuple[str, int] | None:
-    """`auto:K` (= `auto:rgn:K`), `auto:rgn:K`, `auto:probe:K` -> (method, K); None for other specs."""
-    kind, _, arg = spec.partition(":")
-    if kind != "auto":
-        return None
-    method, _, k = arg.rpartition(":")
-    return method or "rgn", int(k)
+def as_spec(spec: UnfreezeSpec | str) -> UnfreezeSpec:
+    """A spec given as text (a test, a tool) parsed; a config's is parsed already (`StageConfig.spec`)."""
+    return spec if isinstance(spec, UnfreezeSpec) else UnfreezeSpec.parse(spec)
 
 
-def resolve_blocks(spec: str, block_names: list[str], *, backbone: str = "") -> list[str]:
+def resolve_blocks(spec: UnfreezeSpec | str, block_names: list[str], *, backbone: str = "") -> list[str]:
     """Resolves a block-based spec to the unfrozen blocks, input to output.
 
     `regex:` specs select variables, not blocks: they return [] here and are
@@ -83,41 +80,37 @@ def resolve_blocks(spec: str, block_names: list[str], *, backbone: str = "") -> 
         lists the backbone's valid blocks.
     """
     valid = f"valid blocks of {backbone or 'this backbone'} (input to output): {', '.join(block_names)}"
-    kind, _, arg = spec.partition(":")
+    try:
+        spec = as_spec(spec)
+    except UserError as e:
+        raise UserError(f"{e}; {valid}") from None
+    kind, arg, text = spec.kind, spec.arg, spec.text
     n = len(block_names)
-    auto = parse_auto(spec)
-    if auto is not None:  # chosen at the stage's start (research/run/actions/auto_unfreeze.py); here only K is checked
-        if not 1 <= auto[1] <= n:
-            raise UserError(f"unfreeze spec {spec!r}: K={auto[1]} is not in 1..{n}; {valid}")
+    if kind == "auto":  # chosen at the stage's start (research/run/actions/auto_unfreeze.py); here only K is checked
+        if not 1 <= spec.k <= n:
+            raise UserError(f"unfreeze spec {text!r}: K={spec.k} is not in 1..{n}; {valid}")
         return list(block_names)
-    if spec == "none":
+    if kind == "none":
         return []
-    if spec == "all":
+    if kind == "all":
         return list(block_names)
     if kind == "top":
-        if not re.fullmatch(r"\d+", arg) or not 0 <= int(arg) <= n:
-            raise UserError(f"unfreeze spec {spec!r}: K must be an integer in 0..{n}; {valid}")
-        k = int(arg)
-        return list(block_names[n - k:]) if k else []
+        if not 0 <= spec.k <= n:
+            raise UserError(f"unfreeze spec {text!r}: K must be an integer in 0..{n}; {valid}")
+        return list(block_names[n - spec.k:]) if spec.k else []
     if kind == "blocks":
         wanted = [b.strip() for b in arg.split(",") if b.strip()]
         unknown = [b for b in wanted if b not in block_names]
         if not wanted or unknown:
-            raise UserError(f"unfreeze spec {spec!r}: unknown block {', '.join(unknown) or '(none given)'}; {valid}")
+            raise UserError(f"unfreeze spec {text!r}: unknown block {', '.join(unknown) or '(none given)'}; {valid}")
         return [b for b in block_names if b in wanted]
     if kind == "from":
         if arg not in block_names:
-            raise UserError(f"unfreeze spec {spec!r}: unknown block {arg!r}; {valid}")
+            raise UserError(f"unfreeze spec {text!r}: unknown block {arg!r}; {valid}")
         return list(block_names[block_names.index(arg):])
-    if kind == "regex":
-        try:
-            re.compile(arg)
-        except re.error as e:
-            raise UserError(f"unfreeze spec {spec!r}: invalid regular expression ({e})") from None
-        if not arg:
-            raise UserError(f"unfreeze spec {spec!r}: empty regular expression")
+    if kind == "regex":  # UnfreezeSpec.parse compiled it already
         return []
-    raise UserError(f"unfreeze spec {spec!r} is not valid; allowed forms: {SPEC_HELP}; {valid}")
+    raise UserError(f"unfreeze spec {text!r} is not valid; allowed forms: {SPEC_HELP}; {valid}")
 
 
 def _is_bn(layer) -> bool:
@@ -143,7 +136,7 @@ def layer_blocks(model: keras.Model, backbone: str) -> tuple[keras.Model, dict[s
     return base, block_of, backbones.blocks(base, backbone)
 
 
-def select(model: keras.Model, backbone: str, spec: str, *, train_bn: bool = False,
+def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train_bn: bool = False,
            lr_decay_per_block: float = 1.0, limit_top: int | None = None) -> Selection:
     """Resolves `spec` on a classifier built by `backbones.build_classifier`.
 
@@ -162,9 +155,10 @@ def select(model: keras.Model, backbone: str, spec: str, *, train_bn: bool = Fal
     Raises:
       UserError: invalid spec, or a regex that matches no base variable.
     """
+    spec = as_spec(spec)
     base, block_of, names = layer_blocks(model, backbone)
     chosen = resolve_blocks(spec, names, backbone=backbone)
-    regex = re.compile(spec[len("regex:"):]) if spec.startswith("regex:") else None
+    regex = re.compile(spec.arg) if spec.kind == "regex" else None
     if limit_top is not None:
         chosen = chosen[max(0, len(chosen) - limit_top):]
     chosen_set = set(chosen)
@@ -184,7 +178,7 @@ def select(model: keras.Model, backbone: str, spec: str, *, train_bn: bool = Fal
     if regex is not None:
         if not variables:
             paths = [v.path for layer in base.layers for v in _candidates(layer)][:8]
-            raise UserError(f"unfreeze spec {spec!r} matches no trainable base variable "
+            raise UserError(f"unfreeze spec {spec.text!r} matches no trainable base variable "
                             f"(BN gamma/beta count only with --train_bn); example paths: {', '.join(paths)}; "
                             f"blocks: {', '.join(names)}")
         chosen = [b for b in names if b in regex_blocks]
@@ -196,7 +190,7 @@ def select(model: keras.Model, backbone: str, spec: str, *, train_bn: bool = Fal
             m = lr_decay_per_block ** depth[block_of[layer_of[id(v)]]]
             if m != 1.0:
                 mult[v.path] = float(m)
-    return Selection(spec, chosen, variables + head_variables(model), bn_trainable, mult)
+    return Selection(spec.text, chosen, variables + head_variables(model), bn_trainable, mult)
 
 
 def apply_policy(model: keras.Model, backbone: str, selection: Selection) -> None:

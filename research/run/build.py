@@ -119,7 +119,7 @@ def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.St
     with strategy.scope():
         base = backbones.build_base(cfg_m.backbone, image_size=size, alpha=cfg_m.alpha)
         model = backbones.build_classifier(base, num_classes, dropout=cfg_m.dropout)
-        selections = [unfreeze.select(model, cfg_m.backbone, s.unfreeze, train_bn=cfg_m.train_bn)
+        selections = [unfreeze.select(model, cfg_m.backbone, s.spec, train_bn=cfg_m.train_bn)
                       for s in config.stages]
         schedule = StageSchedule()
         optimizer = build_optimizer(config.train, schedule, loss_scale=config.train.precision == "mixed_float16")
@@ -137,7 +137,7 @@ def init_weights(config: ExperimentConfig, m: Model) -> None:
     w = cfg_m.weights
     if w in ("none", ""):
         return
-    if not w.startswith("ckpt:"):
+    if cfg_m.init_run is None:
         backbones.load_pretrained(m.base, cfg_m.backbone, w, image_size=m.image_size, alpha=cfg_m.alpha)
         return
     first = None
@@ -147,7 +147,7 @@ def init_weights(config: ExperimentConfig, m: Model) -> None:
             raise UserError(f"--init_blocks={cfg_m.init_blocks} exceeds the {len(names)} blocks of "
                             f"{cfg_m.backbone}: {', '.join(names)}")
         first = names[:cfg_m.init_blocks]
-    path = checkpoints.init_from_run(m.base, w[len("ckpt:"):], first_blocks=first,
+    path = checkpoints.init_from_run(m.base, cfg_m.init_run, first_blocks=first,
                                      block_of=backbones.get(cfg_m.backbone).block_of(m.base))
     logging.info("initialised the backbone from %s%s", path, f" (blocks {first})" if first else "")
 

@@ -116,7 +116,7 @@ class Controller:
             return self._active
         self._active_key = (stage.name, limit)
         ctx, cfg_m = self.ctx, self.config.model
-        spec = stage.unfreeze
+        spec = stage.spec
         for a in self.actions:
             spec = a.unfreeze_spec(ctx, run, stage, spec)
         selection = unfreeze.select(ctx.built.model, cfg_m.backbone, spec, train_bn=cfg_m.train_bn,

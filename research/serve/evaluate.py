@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from research.config import DatasetRef
 from research.data import augment, sources
 
 from research.data import folders
@@ -103,17 +104,16 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def _whole_folder(dataset: str, own: str) -> bool:
+def _whole_folder(other: DatasetRef, own: DatasetRef) -> bool:
     """True for another folder dataset without train/val sub-folders: it is evaluated whole.
 
     The run's own flat folder is not: its whole includes the images it trained on.
     """
-    if not dataset.startswith("folder:"):
+    if other.kind != "folder":
         return False
-    path = dataset[len("folder:"):]
-    if not os.path.isdir(path) or folders.folder_split_dirs(path) is not None:
+    if not os.path.isdir(other.arg) or folders.folder_split_dirs(other.arg) is not None:
         return False
-    return not (own.startswith("folder:") and os.path.realpath(own[len("folder:"):]) == os.path.realpath(path))
+    return not (own.kind == "folder" and os.path.realpath(own.arg) == os.path.realpath(other.arg))
 
 
 def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None = None, checkpoint: str = "best",
@@ -148,9 +148,10 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
     size = model.input_shape[1]
     cfg = config.data
     source_name = dataset or cfg.dataset
+    source_ref = DatasetRef.parse(source_name)
     if split is None:
-        split = "all" if dataset and _whole_folder(dataset, cfg.dataset) else "val"
-    if source_name.startswith("tfds:"):
+        split = "all" if dataset and _whole_folder(source_ref, cfg.source) else "val"
+    if source_ref.kind == "tfds":
         if split == "all":
             raise UserError(f"--split=all is for folder and digits datasets; name a split of {source_name} "
                             "instead, e.g. --split=test")

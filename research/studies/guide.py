@@ -48,7 +48,7 @@ def check(config: ExperimentConfig) -> None:
     if specs not in (["none", "all"], ["all"], ["none"]):
         raise UserError(f"the Keras guide's recipe trains the head, then the whole base; these stages unfreeze "
                         f"{specs} (give --head_epochs, --finetune_epochs and --unfreeze=all)")
-    if config.model.weights.startswith("ckpt:"):
+    if config.model.init_run is not None:
         raise UserError("the Keras guide's recipe starts from pretrained weights (imagenet or a .h5 file), "
                         "not another run's checkpoint")
     if config.data.eval_crop != 1.0:

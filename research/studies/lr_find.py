@@ -86,7 +86,7 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     if not -len(config.stages) <= stage < len(config.stages):
         raise UserError(f"--stage={stage}: the config has {len(config.stages)} stage(s)")
     st = config.stages[stage]
-    if st.unfreeze.startswith("auto:"):
+    if st.spec.kind == "auto":
         raise UserError(f"stage {st.name} unfreezes {st.unfreeze!r}, chosen only when a run reaches it; test the "
                         "blocks it chose instead (trainable.json of a run: --unfreeze=blocks:...)")
     index = stage % len(config.stages)
@@ -102,7 +102,7 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     with strategy.scope():
         optimizer = build_optimizer(config.train, ExponentialLR(start, end, steps),
                                     loss_scale=config.train.precision == "mixed_float16")
-        selection = unfreeze.select(m.model, config.model.backbone, st.unfreeze, train_bn=config.model.train_bn)
+        selection = unfreeze.select(m.model, config.model.backbone, st.spec, train_bn=config.model.train_bn)
         unfreeze.apply_policy(m.model, config.model.backbone, selection)
         optimizer.build(selection.variables)
     accum = config.train.grad_accum_steps

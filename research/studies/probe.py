@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from research.model.probe import probe_curve, split_features, tap_layers, tap_model
-from research.config import UserError
+from research.config import UnfreezeSpec, UserError
 from research.run import build as build_lib
 from research.studies import stats
 from research.studies.tables import collect, headline_metric, plot, protocol_lines, write_hparams, write_tables
@@ -127,9 +127,13 @@ def run_probe_study(root: str, train_flags: list[str], make_config: MakeConfig, 
     Raises:
       UserError: invalid flags or specs, or stale trials without `rerun`.
     """
-    from research.model import unfreeze
+    def is_auto(text: str) -> bool:
+        try:
+            return UnfreezeSpec.parse(text).kind == "auto"
+        except UserError:
+            return False
 
-    bad = [a for a in autos if unfreeze.parse_auto(a) is None]
+    bad = [a for a in autos if not is_auto(a)]
     if bad or not specs:
         raise UserError(f"--auto takes auto:K, auto:rgn:K or auto:probe:K specs (got {bad}); --specs the fixed "
                         "specs to sweep (e.g. none,top:1,top:2,all)" if bad else "--specs lists no fixed spec")
@@ -153,7 +157,7 @@ def run_probe_study(root: str, train_flags: list[str], make_config: MakeConfig, 
     run_all(root, trials, parallel=parallel, log=log)
     rows = collect(root, trials)
     for r in rows:
-        if r["status"] == "done" and unfreeze.parse_auto(r["unfreeze"]):
+        if r["status"] == "done" and is_auto(r["unfreeze"]):
             with open(os.path.join(trial_dir(root, next(t for t in trials if t.name == r["trial"])),
                                    "results.json")) as f:
                 auto = json.load(f)["auto_unfreeze"][-1]

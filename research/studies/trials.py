@@ -125,7 +125,7 @@ def check_specs(configs: list[ExperimentConfig]) -> None:
             base = backbones.build_base(c.model.backbone, image_size=max(entry.min_size, 32), alpha=c.model.alpha)
             names[key] = backbones.blocks(base, c.model.backbone)
         for s in c.stages:
-            unfreeze.resolve_blocks(s.unfreeze, names[key], backbone=c.model.backbone)
+            unfreeze.resolve_blocks(s.spec, names[key], backbone=c.model.backbone)
 
 
 def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: bool = False, log=print) -> None:

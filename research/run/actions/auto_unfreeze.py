@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from research.model import backbones, probe, unfreeze
+from research.config import UnfreezeSpec
+from research.model import backbones, probe
 from research.run.actions.base import Action, Context
 
 # `auto:rgn:K` measures gradients on this many training batches (no update).
@@ -34,13 +35,12 @@ class AutoUnfreeze(Action):
                     None)
 
     def stage_start(self, ctx: Context, run, stage) -> None:
-        auto = unfreeze.parse_auto(stage.unfreeze)
-        if auto is not None and self._record(run, stage) is None:
-            self.state(run).choices.append(self._choose(ctx, run, stage, *auto))
+        if stage.spec.kind == "auto" and self._record(run, stage) is None:
+            self.state(run).choices.append(self._choose(ctx, run, stage, stage.spec.method, stage.spec.k))
 
-    def unfreeze_spec(self, ctx: Context, run, stage, spec: str) -> str:
+    def unfreeze_spec(self, ctx: Context, run, stage, spec: UnfreezeSpec) -> UnfreezeSpec:
         record = self._record(run, stage)
-        return record["resolved"] if record else spec
+        return UnfreezeSpec.parse(record["resolved"]) if record else spec
 
     def describe_trainable(self, ctx: Context, run, stage, record: dict) -> None:
         chosen = self._record(run, stage)

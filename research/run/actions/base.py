@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from research.config import ExperimentConfig, StageConfig
+from research.config import ExperimentConfig, StageConfig, UnfreezeSpec
 
 
 @dataclass
@@ -143,7 +143,7 @@ class Action:
     def stage_start(self, ctx: Context, run, stage: StageConfig) -> None:
         """At a stage's start, and again when a run resumes inside the stage."""
 
-    def unfreeze_spec(self, ctx: Context, run, stage: StageConfig, spec: str) -> str:
+    def unfreeze_spec(self, ctx: Context, run, stage: StageConfig, spec: UnfreezeSpec) -> UnfreezeSpec:
         """The spec the stage trains with (an `auto:` spec resolves to `blocks:...`)."""
         return spec
 
