@@ -58,15 +58,16 @@ ARGS = ["--deterministic", "--image_size=16", "--classes=0-4", "--batch_size=32"
         "--noexport", "--stages=name=head unfreeze=none epochs=2 lr=3e-3; name=ft unfreeze=top:2 epochs=2 lr=1e-3"]
 
 
+ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT}
+
+
 def _run(driver, wd):
     return subprocess.run([sys.executable, str(driver), f"--workdir={wd}", *ARGS], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin",
-                                                       "PYTHONPATH": ROOT})
+                          text=True, timeout=600, env=ENV)
 
 
 def _popen(driver, wd):
-    return subprocess.Popen([sys.executable, str(driver), f"--workdir={wd}", *ARGS], cwd=ROOT,
-                            env={"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT},
+    return subprocess.Popen([sys.executable, str(driver), f"--workdir={wd}", *ARGS], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -5,6 +5,7 @@ validated, saved as `config.json` in the workdir, and passed read-only to the
 library. Nothing in `research/` reads absl flags.
 
   sections.py  the dataclasses: each field declared once (default, help, flag name)
+  specs.py     `--dataset` and unfreeze specs, each parsed in one place (`DatasetRef`, `UnfreezeSpec`)
   fields.py    what is derived from the declarations: flags, `--stages`, resume diffs
   validate.py  `validate`: the sections' own checks, then those across sections
 """
@@ -12,9 +13,10 @@ library. Nothing in `research/` reads absl flags.
 from research.config.fields import (RESUME_SAFE_FIELDS, FlagField, config_diff, flag_fields, from_flat,
                                     parse_stages, simple_stages)
 from research.config.sections import (BN_POLICIES, CACHE_MODES, ES_MODES, JIT, MONITORS, OPTIMIZERS, PRECISIONS,
-                                      SAMPLERS, SCHEDULES, SPEC_FORMS, STRATEGIES, TEST_SOURCES, AugmentConfig,
-                                      DataConfig, DatasetRef, EarlyStoppingConfig, UnfreezeSpec, ExperimentConfig, ModelConfig, StageConfig,
+                                      SAMPLERS, SCHEDULES, STRATEGIES, TEST_SOURCES, AugmentConfig,
+                                      DataConfig, EarlyStoppingConfig, ExperimentConfig, ModelConfig, StageConfig,
                                       TrainConfig, opt, writable_dir)
+from research.config.specs import SPEC_FORMS, DatasetRef, UnfreezeSpec
 from research.config.validate import resolve_paths, validate
 from research.errors import UserError
 

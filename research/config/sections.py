@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from research.config.specs import SOURCE_KINDS, DatasetRef, UnfreezeSpec, check
 from research.errors import UserError
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
@@ -31,8 +32,6 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 ES_MODES = ("auto", "min", "max")
 CACHE_MODES = ("auto", "memory", "disk", "none")
-SPEC_FORMS = ("none", "all", "top:K", "blocks:a,b", "from:NAME", "regex:PATTERN", "auto:K", "auto:rgn:K",
-              "auto:probe:K")
 MONITORS = ("val/loss", "val/accuracy", "val/top5_accuracy", "train/loss", "train/accuracy",
             "val_ema/loss", "val_ema/accuracy", "val_ema/top5_accuracy")
 
@@ -56,11 +55,6 @@ def opt(default: Any, help: str, *, flag: str | bool | None = None, enum: tuple 
     return field(default=default, metadata=md)
 
 
-def check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise UserError(msg)
-
-
 def choice(name: str, value: str, allowed) -> None:
     check(value in allowed, f"--{name}={value!r} is not valid; allowed values: {', '.join(allowed)}")
 
@@ -69,71 +63,6 @@ def _check_enums(section) -> None:
     for f in dataclasses.fields(section):
         if f.metadata.get("enum"):
             choice(f.metadata.get("flag") or f.name, getattr(section, f.name), f.metadata["enum"])
-
-
-SOURCE_KINDS = ("digits", "folder", "tfds", "tfrecord")
-
-
-@dataclass(frozen=True)
-class DatasetRef:
-    """`--dataset` parsed, the one place its `KIND:ARG` form is read: `digits`, `folder`
-    (ARG a path), `tfds` (a TFDS name) or `tfrecord` (a directory of shards)."""
-
-    kind: str
-    arg: str = ""
-
-    @classmethod
-    def parse(cls, text: str) -> "DatasetRef":
-        kind, sep, arg = text.partition(":")
-        return cls(kind, arg) if sep else cls(text)
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.arg}" if self.arg or self.kind != "digits" else self.kind
-
-
-@dataclass(frozen=True)
-class UnfreezeSpec:
-    """An unfreeze spec parsed, the one place its grammar is read (`SPEC_FORMS`); which
-    blocks and variables it means for a backbone is research/model/unfreeze.py's.
-
-    Attributes:
-      text: the spec as written (`top:2`), for messages and records.
-      kind: `none`, `all`, `top`, `blocks`, `from`, `regex` or `auto`.
-      arg: what follows `KIND:` (`auto`: the K part).
-      method / k: `auto:` specs' measure (`rgn` or `probe`) and K; `top:K`'s K.
-    """
-
-    text: str
-    kind: str
-    arg: str = ""
-    method: str = ""
-    k: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> "UnfreezeSpec":
-        """Raises UserError: a spec of no known form (the block names are checked later, on the backbone)."""
-        if text in ("none", "all"):
-            return cls(text, text)
-        kind, sep, arg = text.partition(":")
-        if kind == "auto":
-            m = re.fullmatch(r"(?:(rgn|probe):)?([1-9]\d*)", arg)
-            check(m is not None, f"unfreeze spec {text!r} is not valid; auto specs are auto:K, auto:rgn:K (relative "
-                  "gradient norms) or auto:probe:K (linear probes), K >= 1")
-            return cls(text, kind, m.group(2), m.group(1) or "rgn", int(m.group(2)))
-        check(bool(sep and arg and kind in ("top", "blocks", "from", "regex")),
-              f"unfreeze spec {text!r} is not valid; allowed forms: {', '.join(SPEC_FORMS)}")
-        if kind == "top":
-            check(arg.isdigit(), f"unfreeze spec {text!r}: K must be a whole number")
-            return cls(text, kind, arg, k=int(arg))
-        if kind == "regex":
-            try:
-                re.compile(arg)
-            except re.error as e:
-                raise UserError(f"unfreeze spec {text!r}: invalid regular expression ({e})") from None
-        return cls(text, kind, arg)
-
-    def __str__(self) -> str:
-        return self.text
 
 
 @dataclass(frozen=True)
