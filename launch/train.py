@@ -13,6 +13,7 @@ from launch import common  # noqa: F401  (sets TF log level before TF loads)
 from absl import app, flags
 
 from research import config as C
+from research.run import actions  # the options' own checks; imports no TensorFlow
 
 F = flags.FLAGS
 
@@ -84,7 +85,7 @@ def config_from_flags(fv: flags.FlagValues = F, config_cls: type = C.ExperimentC
         stages = C.simple_stages(head_epochs=fv.head_epochs, finetune_lr=fv.finetune_lr, **stage)
     values = {f.path: fv[f.flag].value for f in C.flag_fields(config_cls)}
     values[("model", "bn")] = _bn_policy(fv)
-    return C.validate(C.from_flat(config_cls, values, stages=stages))
+    return actions.validate(C.from_flat(config_cls, values, stages=stages))
 
 
 def config_from_args(args: list[str]) -> C.ExperimentConfig:

@@ -112,3 +112,62 @@ def test_a_train_monitor_keeps_best_of_the_trained_weights(tmp_path):
     losses = [h["train/loss"] for h in res["history"]]
     assert res["best"]["value"] == min(losses)
     assert (tmp_path / "run" / res["best"]["checkpoint"]).with_suffix(".index").exists()
+
+
+CHECKING_DRIVER = textwrap.dedent('''
+    import runpy
+    import sys
+
+    from research.config import UserError
+    from research.run import actions
+    from research.run.actions.base import Action
+
+
+    class NoSmoothing(Action):
+        """Refuses label smoothing, and a resume that changes --clipnorm (as if it kept state)."""
+        name = "no_smoothing"
+
+        @classmethod
+        def check(cls, config):
+            if config.train.label_smoothing:
+                raise UserError("no_smoothing refuses --label_smoothing "
+                                f"(tensorflow imported: {'tensorflow' in sys.modules})")
+
+        @classmethod
+        def resume_conflict(cls, old, config):
+            if old["train"]["clipnorm"] != config.train.clipnorm:
+                return "no_smoothing's state was made with another --clipnorm"
+
+
+    actions.register(NoSmoothing)
+    sys.argv = ["launch.train"] + sys.argv[1:]
+    runpy.run_module("launch.train", run_name="__main__")
+''')
+
+
+def test_an_action_added_from_a_test_validates_its_own_fields_before_tensorflow(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(CHECKING_DRIVER)
+    wd = tmp_path / "run"
+
+    def run(*flags):
+        return subprocess.run([sys.executable, str(driver), f"--workdir={wd}", "--image_size=16", "--classes=0-1",
+                               "--epochs=1", "--noexport", *flags], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600, env=ENV)
+
+    r = run("--label_smoothing=0.1")
+    assert r.returncode == 2 and "no_smoothing refuses --label_smoothing (tensorflow imported: False)" in r.stderr, \
+        r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not wd.exists()
+    assert run().returncode == 0
+    # Its checkpointed state cannot follow the change, so not even --allow_config_change resumes.
+    r = run("--clipnorm=1", "--allow_config_change")
+    assert r.returncode == 2 and "no_smoothing's state was made with another --clipnorm" in r.stderr, r.stderr[-2000:]
+
+
+def test_the_registry_and_the_train_flags_import_no_tensorflow():
+    """Every action's checks run before TensorFlow starts: importing them must not start it."""
+    code = ("import sys, launch.train, research.run.actions as a; assert a.REGISTRY; "
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])

@@ -73,7 +73,7 @@ class _StopAfterFirstSave:
 def test_resume_never_reads_the_init_source(tmp_path, source):
     from research.model import backbones
     from research import errors
-    from research.run import build as build_lib, train as train_lib
+    from research.run import train as train_lib
     from research.config import DataConfig, ExperimentConfig, ModelConfig, StageConfig, TrainConfig
 
     def cfg(weights, epochs):
@@ -194,7 +194,7 @@ def test_finished_runs_paths_and_file_modes(tmp_path, tiny_folder):
 
 def test_allow_config_change_resumes_an_unfinished_run_and_records_it(tmp_path):
     from research import errors
-    from research.run import build as build_lib, train as train_lib
+    from research.run import train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
 
     def cfg(lr):
@@ -224,7 +224,7 @@ def test_a_resumed_run_whose_data_changed_is_refused_unless_allowed(tmp_path, ti
     """Images added to the folder move images between splits: resuming would silently
     train and select on other data."""
     from research import errors
-    from research.run import build as build_lib, train as train_lib
+    from research.run import train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
 
     cfg = ExperimentConfig(data=DataConfig(dataset=f"folder:{tiny_folder}", image_size=16, batch_size=8),
@@ -245,7 +245,7 @@ def test_a_resumed_run_whose_data_changed_is_refused_unless_allowed(tmp_path, ti
 
 def test_stages_that_have_run_cannot_be_removed(tmp_path):
     from research import errors
-    from research.run import build as build_lib, train as train_lib
+    from research.run import train as train_lib
     from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
 
     two = ExperimentConfig(data=DataConfig(image_size=16, classes="0-4"), train=TrainConfig(export=False),
@@ -335,8 +335,7 @@ def test_a_weights_file_is_loaded_into_small_cnn_not_ignored(tmp_path):
     """`--weights=FILE` with small_cnn was silently ignored; it now loads (the init path)."""
     import tensorflow as tf
     from research.model import backbones
-    from research import errors
-    from research.run import build as build_lib, train as train_lib
+    from research.run import build as build_lib
     from research.config import DataConfig, ExperimentConfig, ModelConfig
 
     source = backbones.build_base("small_cnn", image_size=16)

@@ -154,8 +154,7 @@ def _saves(wd):
 
 
 def _model_weights(cfg, path):
-    from research import errors
-    from research.run import build as build_lib, train as train_lib
+    from research.run import build as build_lib
     model = build_lib.build(cfg, 5, tf.distribute.get_strategy()).model
     tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
     return {v.path: v.numpy().copy() for v in model.weights}

@@ -14,11 +14,9 @@ import pytest
 import tensorflow as tf
 
 from benchmarks import jpeg_folder
-from research.model import backbones
 from research.data import convert, pipeline as data, sources
 from research.data import folders
-from research.run import build as build_lib, train as train_lib
-from research.config import AugmentConfig, DataConfig, ExperimentConfig, ModelConfig, TrainConfig, UserError
+from research.config import AugmentConfig, DataConfig, ExperimentConfig, UserError
 from tests.conftest import ROOT, run_module
 
 AUG = AugmentConfig(horizontal_flip=True, rotation=10.0, zoom=0.1)
@@ -228,7 +226,7 @@ def test_worker_shares_are_disjoint_and_cover_the_split_once(tmp_path, jpegs, sh
 
 
 def test_sharded_sources_refuse_a_batch_no_worker_can_fill_and_evaluate_as_before(shards):
-    from research.config import ExperimentConfig, validate
+    from research.config import validate
     cfg = DataConfig(dataset=f"tfrecord:{shards}", batch_size=400)
     for i in range(2):  # the same decision on every worker, from the smallest share
         with pytest.raises(UserError, match="smallest worker's share"):

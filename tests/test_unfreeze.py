@@ -206,7 +206,7 @@ def test_layerwise_lr_equals_scaled_learning_rate():
 
 
 def test_gradual_unfreezing_in_a_run_adds_one_block_per_period(tmp_path):
-    from research.run import build as build_lib, train as train_lib
+    from research.run import train as train_lib
     stages = parse_stages("name=g unfreeze=all epochs=3 lr=1e-3 gradual_every=1")
     res = train_lib.train_and_evaluate(_config(tmp_path, stages, export=False), str(tmp_path / "g"), verbose=False)
     records = json.loads((tmp_path / "g" / "trainable.json").read_text())

@@ -32,8 +32,8 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 ES_MODES = ("auto", "min", "max")
 CACHE_MODES = ("auto", "memory", "disk", "none")
-MONITORS = ("val/loss", "val/accuracy", "val/top5_accuracy", "train/loss", "train/accuracy",
-            "val_ema/loss", "val_ema/accuracy", "val_ema/top5_accuracy")
+MONITORS = ("val/loss", "val/accuracy", "val/top5_accuracy", "train/loss", "train/accuracy")
+VARIANT_METRICS = ("loss", "accuracy", "top5_accuracy")  # val_NAME/METRIC: a weight variant's (val_ema/)
 
 
 def opt(default: Any, help: str, *, flag: str | bool | None = None, enum: tuple | None = None,
@@ -276,7 +276,8 @@ class EarlyStoppingConfig:
     """
 
     enabled: bool = opt(False, "Stop a stage when the monitor stops improving.", flag="early_stopping")
-    monitor: str = opt("val/loss", " | ".join(MONITORS), flag="early_stopping_monitor")
+    monitor: str = opt("val/loss", " | ".join(MONITORS) + " | val_VARIANT/METRIC of a weight variant "
+                       "(val_ema/accuracy with --ema_decay)", flag="early_stopping_monitor")
     mode: str = opt("auto", "Direction of improvement.", flag="early_stopping_mode", enum=ES_MODES)
     min_delta: float = opt(0.0, "Minimum change that counts as an improvement.", flag="early_stopping_min_delta")
     patience: int = opt(5, "Epochs without improvement before stopping.", flag="early_stopping_patience")
@@ -289,8 +290,10 @@ class EarlyStoppingConfig:
 
     def validate(self) -> None:
         _check_enums(self)
-        check(self.monitor in MONITORS,
-              f"--early_stopping_monitor={self.monitor!r} is not valid; allowed values: {', '.join(MONITORS)}")
+        variant, _, metric = self.monitor.partition("/")
+        check(self.monitor in MONITORS or (variant.startswith("val_") and metric in VARIANT_METRICS),
+              f"--early_stopping_monitor={self.monitor!r} is not valid; allowed values: {', '.join(MONITORS)}, "
+              f"or val_VARIANT/{{{','.join(VARIANT_METRICS)}}} of a weight variant (val_ema/ with --ema_decay)")
         check(self.patience >= 0, f"--early_stopping_patience={self.patience} must be >= 0")
         check(self.start_from_epoch >= 0,
               f"--early_stopping_start_from_epoch={self.start_from_epoch} must be >= 0")
@@ -400,7 +403,6 @@ class TrainConfig:
         check(t.class_weight in ("none", "balanced") or os.path.isfile(t.class_weight),
               f"--class_weight={t.class_weight!r} is not valid; allowed values: none, balanced, or a JSON file "
               "mapping class names to weights")
-        check(0.0 <= t.ema_decay < 1.0, f"--ema_decay={t.ema_decay} must be in [0, 1) (0: off); 0.999 is common")
         check(t.clipnorm >= 0, f"--clipnorm={t.clipnorm} must be >= 0 (0 disables clipping)")
         check(t.cpu_devices >= 1, f"--cpu_devices={t.cpu_devices} must be >= 1")
         check(t.cpu_devices == 1 or t.strategy in ("mirrored", "multi_worker"),
@@ -411,9 +413,6 @@ class TrainConfig:
         check(t.checkpoint_every_steps >= 0, f"--checkpoint_every_steps={t.checkpoint_every_steps} must be >= 0")
         check(t.histogram_every_epochs >= 0, f"--histogram_every_epochs={t.histogram_every_epochs} must be >= 0")
         t.early_stopping.validate()
-        check(not t.early_stopping.monitor.startswith("val_ema/") or t.ema_decay,
-              f"--early_stopping_monitor={t.early_stopping.monitor} needs --ema_decay (the averaged weights it "
-              "scores)")
 
 
 @dataclass(frozen=True)

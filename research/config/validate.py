@@ -36,7 +36,9 @@ def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
 
 
 def validate(config: ExperimentConfig) -> ExperimentConfig:
-    """Checks everything that needs neither TensorFlow nor the data's contents.
+    """Checks everything that needs neither TensorFlow nor the data's contents, except
+    what the run's options (research/run/actions) check themselves:
+    `research.run.actions.validate` runs both.
 
     Runs in well under a second, before TensorFlow is imported. What needs the
     built model (block names of unfreeze specs) or the data (class names, image
@@ -65,8 +67,6 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     check(size >= entry.min_size,
           f"--image_size={size} is below the minimum input size {entry.min_size} of backbone {m.backbone!r}")
     t.validate()
-    check(not (t.ema_decay and any(s.lr_decay_per_block != 1.0 for s in config.stages)),
-          "--ema_decay with lr_decay_per_block is not supported: the average would miss the per-block rescaling")
     check(len(config.stages) >= 1, "at least one stage with epochs > 0 is needed (see --epochs, --stages, "
           "--head_epochs, --finetune_epochs)")
     names = [s.name for s in config.stages]

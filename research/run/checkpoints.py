@@ -33,6 +33,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -71,7 +72,8 @@ class Checkpoints:
         self.weights_only = tf.train.Checkpoint(model=model, base=base, meta=self.meta)
         self.latest = tf.train.CheckpointManager(self.full, os.path.join(root, "ckpt"), max_to_keep=keep)
         self.best = tf.train.CheckpointManager(self.weights_only, os.path.join(root, "best"), max_to_keep=1)
-        self.ema = tf.train.CheckpointManager(self.weights_only, os.path.join(root, "ema"), max_to_keep=1)
+        self.root = root
+        self.variant_managers: dict[str, tf.train.CheckpointManager] = {}
 
     def _save(self, manager, run: RunState, number: int) -> str:
         self.meta.assign(run.to_json())
@@ -90,9 +92,13 @@ class Checkpoints:
     def save_best(self, run: RunState) -> str:
         return self._save(self.best, run, run.global_epoch)
 
-    def save_ema(self, run: RunState) -> str:
-        """The final averaged weights (`--ema_decay`), swapped into the model by the caller."""
-        return self._save(self.ema, run, run.global_epoch)
+    def save_variant(self, name: str, run: RunState) -> str:
+        """A weight variant's final weights (`ema`: the average of `--ema_decay`) in `NAME/`,
+        swapped into the model by the caller; `restore(workdir, NAME)` reads them back."""
+        if name not in self.variant_managers:
+            self.variant_managers[name] = tf.train.CheckpointManager(
+                self.weights_only, os.path.join(self.root, name), max_to_keep=1)
+        return self._save(self.variant_managers[name], run, run.global_epoch)
 
     def restore_latest(self) -> tuple[RunState, str] | None:
         """Restores the newest readable checkpoint of `ckpt/`.
@@ -267,17 +273,18 @@ def load_config(workdir: str) -> ExperimentConfig:
 
 
 def checkpoint_path(workdir: str, which: str) -> str:
-    """`best` (the run's best epoch; `latest` when there is none yet), `latest`, `ema` (the
-    final averaged weights of a run with `--ema_decay`), or a checkpoint path.
+    """`best` (the run's best epoch; `latest` when there is none yet), `latest`, a weight
+    variant's final weights by name (`ema`: the average of a run with `--ema_decay`;
+    `Checkpoints.save_variant`), or a checkpoint path.
 
     Raises:
       UserError: no such checkpoint.
     """
-    if which == "ema":
-        path = tf.train.latest_checkpoint(os.path.join(workdir, "ema"))
+    if which not in ("best", "latest") and re.fullmatch(r"\w+", which):
+        path = tf.train.latest_checkpoint(os.path.join(workdir, which))
         if not path:
-            raise UserError(f"no checkpoint in {workdir}/ema: it is written at the end of a run trained with "
-                            "--ema_decay")
+            raise UserError(f"no checkpoint in {workdir}/{which}: a weight variant's directory is written at the end "
+                            "of a run with its option (ema/: --ema_decay)")
         return path
     if which in ("best", "latest"):
         for sub in (("best", "ckpt") if which == "best" else ("ckpt",)):
@@ -286,8 +293,8 @@ def checkpoint_path(workdir: str, which: str) -> str:
                 return path
         raise UserError(f"no checkpoint in {workdir}/{'best or ckpt' if which == 'best' else 'ckpt'}")
     if not tf.io.gfile.exists(which + ".index"):
-        raise UserError(f"--checkpoint={which!r} is not a checkpoint (no {which}.index); use best, latest, ema "
-                        "or a path")
+        raise UserError(f"--checkpoint={which!r} is not a checkpoint (no {which}.index); use best, latest, "
+                        "a weight variant (ema) or a path")
     return which
 
 

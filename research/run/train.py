@@ -22,7 +22,7 @@ import tempfile
 import numpy as np
 from absl import logging
 
-from research.config import ExperimentConfig, config_diff, validate
+from research.config import ExperimentConfig, config_diff
 from research.errors import UserError
 from research.run import actions as actions_lib
 from research.run import build as build_lib
@@ -59,7 +59,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
       NonFiniteLoss: the loss diverged; the last good checkpoint is kept.
       StorageError: the workdir could not be written.
     """
-    config = validate(config)
+    config = actions_lib.validate(config)
     workdir = os.path.abspath(workdir)
     strategy = distribute.setup(config.train)
     replicas = strategy.num_replicas_in_sync
@@ -125,14 +125,13 @@ def _changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> l
     with open(path) as f:
         old = json.load(f)
     diff = config_diff(old, config.to_dict())
-    # The optimizer's slots are checkpointed by position: another optimizer, or an EMA turned
-    # on or off, would load one slot's values into another (or fail to load at all).
-    layout = [d for d in diff if d.startswith("train.optimizer:") or (
-        d.startswith("train.ema_decay:") and bool(old.get("train", {}).get("ema_decay", 0)) != bool(config.train.ema_decay))]
+    # The optimizer's slots are checkpointed by position: another optimizer would load one
+    # slot's values into another (or fail to load at all); so would an option's own state.
+    layout = [d for d in diff if d.startswith("train.optimizer:")] + actions_lib.resume_conflicts(old, config)
     if layout:
-        raise UserError(f"--workdir={workdir!r}: {'; '.join(layout)} changes the optimizer's checkpointed state, "
-                        "which cannot be resumed even with --allow_config_change; start a new run from its "
-                        f"weights: --workdir=NEW --weights=ckpt:{workdir}")
+        raise UserError(f"--workdir={workdir!r}: {'; '.join(layout)}: changes the optimizer's checkpointed state "
+                        "(or an option's), which cannot be resumed even with --allow_config_change; start a new "
+                        f"run from its weights: --workdir=NEW --weights=ckpt:{workdir}")
     if diff and not allow:
         raise UserError(f"--workdir={workdir!r} holds a run with a different config; changed: {'; '.join(diff)}; "
                         "use another --workdir, or pass --allow_config_change to resume with the new config")

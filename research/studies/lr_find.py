@@ -26,9 +26,9 @@ import tensorflow as tf
 
 from absl import logging
 
-from research.run import distribute
+from research.run import actions, distribute
 from research.model import unfreeze
-from research.config import ExperimentConfig, UserError, validate
+from research.config import ExperimentConfig, UserError
 from research.run import build as build_lib
 from research.run.loop import Trainer
 from research.model.optim import build_optimizer, current_lr
@@ -80,7 +80,7 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     Raises:
       UserError: bad config, data or weights; a bad stage index or LR range.
     """
-    config = validate(config)
+    config = actions.validate(config)
     if not (0 < start < end) or steps < 10:
         raise UserError(f"--start={start}, --end={end}, --steps={steps}: need 0 < start < end and steps >= 10")
     if not -len(config.stages) <= stage < len(config.stages):

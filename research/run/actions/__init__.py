@@ -4,11 +4,16 @@ says what an action is and when its hooks run).
 To add one: write `research/run/actions/NAME.py` with a subclass of `Action`,
 and add it to `REGISTRY` below (or `register(MyAction)` from your own code).
 Hooks of different actions run in this order at each point.
+
+Importing this package does not import TensorFlow (see base.py): `validate` runs
+every action's own checks on the config before a launcher starts TensorFlow.
 """
 
 from __future__ import annotations
 
 from research.config import ExperimentConfig
+from research.config import validate as validate_config
+from research.config.specs import check
 from research.run.actions.adabn import AdaBN
 from research.run.actions.auto_unfreeze import AutoUnfreeze
 from research.run.actions.base import Action, Context, Inputs
@@ -33,4 +38,32 @@ def for_config(config: ExperimentConfig) -> list[Action]:
     return [cls(config) for cls in REGISTRY if cls.enabled(config)]
 
 
-__all__ = ["Action", "Context", "Inputs", "REGISTRY", "for_config", "register"]
+def validate(config: ExperimentConfig) -> ExperimentConfig:
+    """`research.config.validate`, then each registered action's own checks.
+
+    Returns:
+      The config with every path made absolute.
+
+    Raises:
+      UserError: naming the bad value.
+    """
+    config = validate_config(config)
+    for cls in REGISTRY:
+        cls.check(config)
+    # A variant's own action refuses its monitor when it is off (naming its flag); here,
+    # only names no action provides.
+    monitor = config.train.early_stopping.monitor
+    if monitor.startswith("val_"):
+        known = [v for cls in REGISTRY for v in cls.variants]
+        check(monitor.split("/")[0][len("val_"):] in known,
+              f"--early_stopping_monitor={monitor!r} names no weight variant; variants: {', '.join(known)}")
+    return config
+
+
+def resume_conflicts(old: dict, config: ExperimentConfig) -> list[str]:
+    """What no action's checkpointed state can follow from the run with config `old` to `config`."""
+    return [c for c in (cls.resume_conflict(old, config) for cls in REGISTRY) if c]
+
+
+__all__ = ["Action", "Context", "Inputs", "REGISTRY", "for_config", "register", "resume_conflicts",
+           "validate"]

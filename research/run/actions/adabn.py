@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
-import tensorflow as tf
 
 from research.run.actions.base import Action, Context
 
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
 
 def bn_layers(base: keras.Model) -> list:
+    import keras
     return [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
 
 
@@ -38,6 +42,9 @@ def adapt(base: keras.Model, batches: tf.data.Dataset) -> int:
     Returns:
       The number of images the statistics were estimated on (0: no BN layer).
     """
+    import keras
+    import tensorflow as tf
+
     layers = bn_layers(base)
     if not layers:
         return 0

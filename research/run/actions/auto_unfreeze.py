@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from research.config import UnfreezeSpec
-from research.model import backbones, probe
+from research.model import backbones
 from research.run.actions.base import Action, Context
 
 # `auto:rgn:K` measures gradients on this many training batches (no update).
@@ -52,6 +52,8 @@ class AutoUnfreeze(Action):
 
     def _choose(self, ctx: Context, run, stage, method: str, k: int) -> dict:
         """Scores every block with the weights the stage starts from, and picks K."""
+        from research.model import probe
+
         t0 = time.perf_counter()
         backbone, m, pipeline = ctx.config.model.backbone, ctx.built, ctx.pipeline
         names = backbones.blocks(m.base, backbone)

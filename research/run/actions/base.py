@@ -10,6 +10,11 @@ writers, checkpoints, printing), never through the controller.
 Its checkpointed state is its own typed part of the run state: a dataclass
 named `State`, kept in `RunState.actions[name]`, saved in every checkpoint's
 run state and restored on resume (`state(run)`).
+
+Its validation is its own too (`check`, `resume_conflict`): those run on the
+config alone, before TensorFlow is imported, so that a bad flag is refused at
+once. That is why action modules import TensorFlow, Keras and the modules that
+import them inside the hooks that use them, never at the top.
 """
 
 from __future__ import annotations
@@ -108,10 +113,13 @@ class Action:
     Class attributes:
       name: the key of its state in `RunState.actions` and of its log lines.
       State: a dataclass of its checkpointed state, or None (it keeps none).
+      variants: the weight variants it registers in `setup` when enabled (scored as
+        `val_NAME/...`, monitorable for `best/`, saved by `Checkpoints.save_variant`).
     """
 
     name = "action"
     State: type | None = None
+    variants: tuple[str, ...] = ()
 
     def __init__(self, config: ExperimentConfig):
         self.config = config
@@ -120,6 +128,19 @@ class Action:
     def enabled(cls, config: ExperimentConfig) -> bool:
         """Whether this config uses the action at all."""
         return True
+
+    # -- its validation: on the config alone, before TensorFlow is imported ----------
+
+    @classmethod
+    def check(cls, config: ExperimentConfig) -> None:
+        """Raises `UserError` for values of its fields, or combinations with others, it
+        cannot run. Called for every registered action, enabled or not."""
+
+    @classmethod
+    def resume_conflict(cls, old: dict, config: ExperimentConfig) -> str | None:
+        """What makes a run with config `old` (its `config.json`) impossible to resume with
+        `config`, because the checkpointed state it owns would not fit (None: nothing)."""
+        return None
 
     # -- its state -------------------------------------------------------------------
 

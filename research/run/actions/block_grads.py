@@ -14,7 +14,6 @@ import os
 
 import numpy as np
 
-from research.model import probe
 from research.run.actions.base import Action, Context
 
 
@@ -31,6 +30,8 @@ class BlockGrads(Action):
         self._start: dict[str, list[np.ndarray]] = {}
 
     def setup(self, ctx: Context) -> None:
+        from research.model import probe
+
         # The variables a run could train, by block.
         self._blocks = probe.block_variables(ctx.built.model, self.config.model.backbone,
                                              train_bn=self.config.model.train_bn)

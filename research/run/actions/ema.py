@@ -13,6 +13,7 @@ import contextlib
 
 import numpy as np
 
+from research.config.specs import check
 from research.run.actions.base import Action, Context
 
 
@@ -51,10 +52,30 @@ class Ema(Action):
     `test_ema/`), can monitor for `best/`, and saves in `ema/` at the end."""
 
     name = "ema"
+    variants = ("ema",)
 
     @classmethod
     def enabled(cls, config) -> bool:
         return config.train.ema_decay > 0
+
+    @classmethod
+    def check(cls, config) -> None:
+        decay = config.train.ema_decay
+        check(0.0 <= decay < 1.0, f"--ema_decay={decay} must be in [0, 1) (0: off); 0.999 is common")
+        monitor = config.train.early_stopping.monitor
+        check(decay or not monitor.startswith("val_ema/"),
+              f"--early_stopping_monitor={monitor} needs --ema_decay (the averaged weights it scores)")
+        check(not (decay and any(s.lr_decay_per_block != 1.0 for s in config.stages)),
+              "--ema_decay with lr_decay_per_block is not supported: the average would miss the per-block rescaling")
+
+    @classmethod
+    def resume_conflict(cls, old: dict, config) -> str | None:
+        # The optimizer keeps the average as one slot per variable, checkpointed by
+        # position: turned on or off, one slot's values would load into another.
+        was = float(old.get("train", {}).get("ema_decay", 0.0))
+        if bool(was) != cls.enabled(config):
+            return f"train.ema_decay: {was!r} -> {config.train.ema_decay!r} (the average turned {'off' if was else 'on'})"
+        return None
 
     def setup(self, ctx: Context) -> None:
         ctx.variants["ema"] = lambda: swapped_in(ctx.built.optimizer)
@@ -68,4 +89,4 @@ class Ema(Action):
         # Before the checkpoint that marks the run finished: a kill in between repeats
         # the stage end, and ema/ is written again from the same averages.
         with swapped_in(ctx.built.optimizer):
-            ctx.ckpts.save_ema(run)
+            ctx.ckpts.save_variant("ema", run)

@@ -11,13 +11,14 @@ from __future__ import annotations
 from absl import logging
 
 from research.run.actions.base import Action, Context
-from research.run.run_state import headline, prefixed
 
 
 class TestEvaluation(Action):
     name = "test_evaluation"
 
     def run_end(self, ctx: Context, run) -> None:
+        from research.run.run_state import headline, prefixed
+
         ds = ctx.pipeline.test_dataset()
         if ds is None:
             return
