@@ -25,7 +25,7 @@ from research.model import backbones, unfreeze
 from research.config import AugmentConfig, DataConfig, TrainConfig
 from research.data.pipeline import Pipeline, pipeline_threads
 from research.data.sources import load_source
-from research.run.actions.feature_cache import FeatureCache
+from research.run.features import FeatureCache
 from research.run.loop import Trainer
 from research.model.optim import build_optimizer
 

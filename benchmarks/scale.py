@@ -23,7 +23,6 @@ once.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

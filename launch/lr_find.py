@@ -30,7 +30,8 @@ def main(argv):
                       steps=F.steps)
     s = r["suggestion"]
     print(f"\nstage {r['stage']} ({r['unfreeze']}): {r['steps_run']} steps, lr {r['lrs'][0]:.2g} .. {r['lrs'][-1]:.2g}")
-    print(f"suggested lr: {s['steepest']:.2g} (steepest descent); min/10: {s['min_lr_over_10']:.2g}")
+    print(f"suggested lr: {s['steepest']:.2g} (steepest descent of the smoothed loss, after its first "
+          f"{s['skipped_steps']} steps); min/10: {s['min_lr_over_10']:.2g}")
     if r["note"]:
         print(f"note: {r['note']}")
     print(f"plot: {F.out}/lr_find.png")

@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -174,3 +175,40 @@ def test_decode_errors_read_without_tensorflow_internals(raw):
     assert message.startswith("not an image TensorFlow can decode (")
     for noise in ("{{", "}}", "[Op:", "[[", "node"):
         assert noise not in message, message
+
+
+def test_sub_folders_of_a_class_folder_belong_to_it_in_training_conversion_and_prediction(tmp_path, caplog):
+    """One rule for a folder of images everywhere (as keras.utils.image_dataset_from_directory
+    reads a class folder): training, evaluation (the same source), convert and predict."""
+    from research.data import convert
+    from research.serve import predict
+
+    root = tmp_path / "data"
+    for split, n in (("train", 6), ("val", 3)):
+        for cls in ("ants", "bees"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(_pattern()).save(root / split / cls / f"{i}.png")
+    (root / "train" / "ants" / "more").mkdir()
+    for i in range(4):
+        Image.fromarray(_pattern()).save(root / "train" / "ants" / "more" / f"extra{i}.png")
+    (root / "train" / "ants" / ".thumbs").mkdir()  # hidden: not photos
+    Image.fromarray(_pattern()).save(root / "train" / "ants" / ".thumbs" / "t.png")
+    (root / "train" / "ants" / "notes.txt").write_text("field notes")
+    cfg = DataConfig(dataset=f"folder:{root}", batch_size=2, test="val")
+    with caplog.at_level(logging.WARNING):
+        src = sources.load_source(cfg, 24)
+    # --test=val: val/ is the test split, and validation is carved from the 16 training images.
+    assert src.num_train + src.num_val == 6 + 4 + 6 and src.num_test == 6
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "4 image(s) in sub-folders" in warned and "extra0.png" in warned
+    assert "ignored 1 file(s)" in warned and "notes.txt" in warned and "t.png" not in warned
+
+    manifest = convert.convert(cfg, str(tmp_path / "shards"), log=lambda *a: None)
+    splits_ = manifest["splits"]
+    assert splits_["train"]["count"] + splits_["val"]["count"] == 16 and splits_["test"]["count"] == 6
+    assert [a + b for a, b in zip(splits_["train"]["class_counts"], splits_["val"]["class_counts"])] == [10, 6]
+
+    found, other = predict.find_images([str(root / "train" / "ants")])
+    assert len(found) == 10 and sum("/more/" in f for f in found) == 4
+    assert [os.path.basename(f) for f in other] == ["notes.txt"]

@@ -42,3 +42,21 @@ def test_a_range_test_follows_its_schedule_and_stops_when_the_loss_diverges(tmp_
 def test_bad_ranges_exit_2(tmp_path):
     r = run_module("launch.lr_find", f"--out={tmp_path}", "--start=1", "--end=0.1")
     assert r.returncode == 2 and "need 0 < start < end" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_suggestion_ignores_the_smoothing_warm_up():
+    """The first batches' losses scatter; smoothed, they fall steeply over the first steps at
+    rates that train nothing. The suggestion is the real descent (1e-2 to 6e-2 here)."""
+    rng = np.random.RandomState(0)
+    lrs = 1e-7 * (1.0 / 1e-7) ** (np.arange(100) / 99)
+    fall = np.clip((np.log(lrs) - np.log(1e-2)) / (np.log(6e-2) - np.log(1e-2)), 0, 1)
+    raw = 1.4 - 0.9 * fall + rng.normal(0, 0.15, 100) + np.where(lrs > 0.2, 20 * np.log(lrs / 0.2), 0.0)
+    raw[:3] = [1.9, 1.0, 1.1]  # the first batches, as a real run's scatter
+    smoothed = lr_find.smooth(list(raw))
+    # The trap: over the first steps the smoothed loss falls faster than anywhere later.
+    early = np.polyfit(np.log(lrs[:4]), smoothed[:4], 1)[0]
+    real = np.polyfit(np.log(lrs[75:85]), smoothed[75:85], 1)[0]
+    assert early < real < 0
+    s = lr_find.suggest(lrs, smoothed)
+    assert 1e-2 <= s["steepest"] <= 1e-1, s
+    assert s["skipped_steps"] == 10

@@ -261,6 +261,37 @@ def test_t_interval_against_scipy_and_a_hand_checked_case():
     assert one.n == 1 and not one.has_interval and "no interval" in one.format()
 
 
+def test_intervals_stay_inside_what_the_metric_can_take_and_two_seeds_say_so():
+    from scipy import stats as sp
+
+    # Two seeds whose t-interval (12.7 standard errors) runs past both ends of [0, 1].
+    x = [0.6144, 0.7190]
+    lo, hi = sp.t.interval(0.95, 1, loc=np.mean(x), scale=sp.sem(x))
+    assert lo < 0.01 and hi > 1.3
+    iv = stats.t_interval(x, within=stats.bounds("test/accuracy"))
+    assert (iv.mean, iv.lo, iv.hi) == (pytest.approx(0.6667), pytest.approx(max(lo, 0.0)), 1.0)
+    assert "only 2 seeds: too few for the interval to mean much" in iv.format()
+    three = stats.t_interval([0.80, 0.85, 0.90], within=stats.bounds("val/accuracy"))
+    assert "too few" not in three.format() and three.lo == pytest.approx(0.725793, abs=1e-6)
+    assert stats.t_interval([10.0, 200.0], within=stats.bounds("wall_time_s")).lo == 0.0
+    assert stats.t_interval([0.5, 0.7], within=stats.bounds("val/loss")).hi > 1  # a loss has no upper end
+    d = stats.paired_difference({0: 0.1, 1: 0.95}, {0: 0.9, 1: 0.05}, metric="test/accuracy")
+    assert (d.lo, d.hi) == (-1.0, 1.0)
+
+
+def test_a_sweep_of_seeds_only_has_its_summary_and_plot(tmp_path):
+    rows = [_row("none", s, t, v) for s, t, v in (("0", 0.80, 0.81), ("1", 0.85, 0.86), ("2", 0.90, 0.91))]
+    for r in rows:
+        r.pop("unfreeze")
+        r["group"] = ""
+    tables.write_tables(str(tmp_path), rows, ["seed"])
+    md = (tmp_path / "results.md").read_text()
+    assert "| all | 3 | 0.8500 [0.7258, 0.9742] | 0.8600 [0.7358, 0.9842] |" in md
+    (summary,) = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert summary["n"] == "3" and float(summary["test/accuracy_lo"]) == pytest.approx(0.725793, abs=1e-6)
+    assert tables.plot(str(tmp_path), rows, ["seed"]) and (tmp_path / "results.png").exists()
+
+
 def _row(unfreeze, seed, test, val):
     return {"trial": f"{unfreeze}-{seed}", "unfreeze": unfreeze, "seed": seed, "group": unfreeze, "status": "done",
             "test/accuracy": test, "val/accuracy": val, "best/test/accuracy": test, "best/val/accuracy": val,
@@ -276,7 +307,8 @@ def test_sweep_tables_report_intervals_and_paired_differences(tmp_path):
     tables.write_tables(str(tmp_path), rows, keys, baseline=base)
     md = (tmp_path / "results.md").read_text()
     assert "| none | 3 | 0.8500 [0.7258, 0.9742] | 0.8600 [0.7358, 0.9842] | (baseline) |  |" in md
-    assert "| all | 3 | 0.8900 [0.7161, 1.0639] | 0.9000 [0.9000, 0.9000] | +0.0400 [-0.0097, +0.0897] | no |" in md
+    # The t-interval's upper end, 1.0639, is cut at the most an accuracy can be.
+    assert "| all | 3 | 0.8900 [0.7161, 1.0000] | 0.9000 [0.9000, 0.9000] | +0.0400 [-0.0097, +0.0897] | no |" in md
     assert "Test split: a 10% slice of the training images" in md
     summary = {r["unfreeze"]: r for r in csv.DictReader(open(tmp_path / "summary.csv"))}
     assert float(summary["all"]["diff_mean"]) == pytest.approx(0.04)

@@ -239,6 +239,23 @@ def test_disk_full_is_a_clear_error_and_keeps_previous_checkpoints(tmp_path, mon
     # The run resumes from the intact checkpoint and finishes.
     res = train_lib.train_and_evaluate(cfg, str(tmp_path / "run"), verbose=False)
     assert res["epochs_run"] == 4
+    # Epoch 3's summaries were written before its checkpoint failed; the resumed run wrote
+    # them again. TensorBoard shows each epoch once, with the values of the run's history.
+    for split in ("train", "val"):
+        points = _scalar_points(tmp_path / "run" / split, "accuracy")
+        assert [step for step, _ in points] == [h["step"] for h in res["history"]], split
+        assert [v for _, v in points] == pytest.approx([h[f"{split}/accuracy"] for h in res["history"]], abs=1e-6)
+
+
+def _scalar_points(logdir, tag):
+    """(step, value) of every `tag` event under `logdir`, in step order."""
+    points = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                if v.tag == tag:
+                    points.append((event.step, float(tf.make_ndarray(v.tensor))))
+    return sorted(points)
 
 
 def test_unwritable_workdir_exits_2(tmp_path):

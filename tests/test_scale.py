@@ -204,6 +204,9 @@ def test_a_sweep_checks_and_caches_the_images_once_for_all_its_trials(tmp_path, 
     assert cached == ["train", "val"]  # one disk cache, written by the first trial, read by the second
     trials = sorted(t for t in os.listdir(root / "trials") if (root / "trials" / t).is_dir())
     assert len(trials) == 2 and not any((root / "trials" / t / "cache").exists() for t in trials)
+    # A sweep of seeds only is one row: its mean and interval, in the table, summary.csv and the plot.
+    assert "| all | 2 |" in (root / "results.md").read_text()
+    assert (root / "summary.csv").exists() and (root / "results.png").exists()
     again = run_module(*args)  # the shared cache directory does not make the trials stale
     assert again.returncode == 0 and "running" not in again.stdout, again.stdout[-2000:]
 

@@ -28,19 +28,18 @@ def _list_class_folder(root: str) -> tuple[list[str], list[list[str]]]:
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if len(classes) < 2:
         raise UserError(f"folder {root!r} must hold one sub-folder per class (at least 2); found {len(classes)}")
-    files, ignored = [], []
+    files, ignored, nested = [], [], []
     for c in classes:
         cdir = os.path.join(root, c)
-        # scandir: file types from the directory entries, no stat per file (a 100k-image folder
-        # is listed at every start).
-        with os.scandir(cdir) as entries:
-            names = [e.name for e in entries if e.is_file()]
-        fs = sorted(os.path.join(cdir, f) for f in names if images_lib.has_image_extension(f))
-        ignored += [os.path.join(cdir, f) for f in names
-                    if not images_lib.has_image_extension(f) and not f.startswith(".")]  # .DS_Store & co.
+        fs, other = images_lib.walk_images(cdir)
+        ignored += other
+        nested += [f for f in fs if os.path.dirname(f) != cdir]
         if not fs:
             raise UserError(f"class folder {cdir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         files.append(fs)
+    if nested:
+        logging.warning("%d image(s) in sub-folders of the class folders of %s count as their class, e.g. %s",
+                     len(nested), root, nested[0])
     if ignored:
         # Said, not silent: a class of HEIC phone photos would otherwise just shrink.
         kinds = sorted({os.path.splitext(p)[1].lower() or "no extension" for p in ignored})

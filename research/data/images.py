@@ -24,6 +24,7 @@ things happen on decode besides the format's own decoding:
 
 from __future__ import annotations
 
+import os
 import re
 
 import tensorflow as tf
@@ -46,6 +47,23 @@ _ORIENTATION_TAG = 0x0112
 
 def has_image_extension(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def walk_images(folder: str) -> tuple[list[str], list[str]]:
+    """Every image file under `folder`, its sub-folders included, sorted; and the other files.
+
+    The one rule for a folder of images, in training, evaluation, conversion and
+    prediction alike: a class folder's sub-folders belong to its class, as
+    `keras.utils.image_dataset_from_directory` reads them. Hidden files and folders
+    (`.DS_Store`, macOS `._x.jpg` resource forks, `.git`) are not photos and are skipped.
+    """
+    images, other = [], []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            if not f.startswith("."):
+                (images if has_image_extension(f) else other).append(os.path.join(root, f))
+    return sorted(images), sorted(other)
 
 
 def exif_orientation(data: tf.Tensor) -> tf.Tensor:

@@ -76,6 +76,7 @@ class Checkpoints:
         self.variant_managers: dict[str, tf.train.CheckpointManager] = {}
 
     def _save(self, manager, run: RunState, number: int) -> str:
+        run.saved_at = time.time()  # after every summary of what this checkpoint holds
         self.meta.assign(run.to_json())
         try:
             return manager.save(checkpoint_number=number)

@@ -65,6 +65,12 @@ class RunState:
         `{"global_epoch", "changed"}`.
       train_images / train_seconds / wall_seconds: throughput and time counters.
       seed_states: dropout random-generator states (not checkpointable objects).
+      sessions: one record per process that worked on the run, in order: its command
+        line, code version, library versions, devices, host, start and (once it
+        finished the run) end time (`research.provenance`).
+      saved_at: when the checkpoint holding this state was written (`time.time()`):
+        on resume, TensorBoard events written after it are dropped, since the
+        resumed run writes them again (`research.run.summaries.drop_events_after`).
     """
 
     format: int = FORMAT
@@ -90,6 +96,8 @@ class RunState:
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
     seed_states: list = field(default_factory=list)
+    sessions: list[dict] = field(default_factory=list)
+    saved_at: float | None = None
 
     # -- serialisation: the only two functions that know the format --------------
 
@@ -151,6 +159,7 @@ class RunState:
             "images_per_second": self.images_per_second(),
             **self.data,
             "config_changes": self.config_changes,
+            "provenance": self.sessions,
             **(extra or {}),
             "history": self.history,
             "config": config,

@@ -13,13 +13,58 @@ import numpy as np
 import tensorflow as tf
 
 
-class Summaries:
-    """Writers for one run; a no-op when `enabled` is False (non-chief workers)."""
+def drop_events_after(workdir: str, wall_time: float) -> int:
+    """Removes from every TensorBoard events file under `workdir` the events written after
+    `wall_time`, as TensorFlow 1's `purge_step` did. Returns how many.
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    A resumed run repeats what followed its checkpoint, summaries included; without
+    this, an epoch whose summaries were written before its checkpoint failed (a full
+    disk, a kill between the two) would show twice at the same step. Each file is
+    rewritten whole (a temporary file, then renamed); a record cut off by a kill ends it.
+    """
+    from tensorflow.core.util import event_pb2
+
+    dropped = 0
+    for root, dirs, files in os.walk(workdir):
+        dirs[:] = [d for d in dirs if d not in ("ckpt", "best", "cache", "export")]
+        for name in files:
+            if ".tfevents." not in name or name.endswith(".tmp"):
+                continue
+            path = os.path.join(root, name)
+            records = []
+            try:
+                for r in tf.data.TFRecordDataset(path):
+                    records.append(r.numpy())
+            except tf.errors.DataLossError:
+                pass  # the last record was cut off
+            keep = [r for r in records if event_pb2.Event.FromString(r).wall_time <= wall_time]
+            if len(keep) == len(records):
+                continue
+            dropped += len(records) - len(keep)
+            if not keep:
+                os.remove(path)
+                continue
+            with tf.io.TFRecordWriter(path + ".tmp") as w:
+                for r in keep:
+                    w.write(r)
+            os.replace(path + ".tmp", path)
+    return dropped
+
+
+class Summaries:
+    """Writers for one run; a no-op when `enabled` is False (non-chief workers).
+
+    Args:
+      resumed_at: the `saved_at` of the checkpoint a resumed run starts from: events
+        written after it are dropped first (`drop_events_after`).
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True, resumed_at: float | None = None):
         self.enabled = enabled
         self.workdir = workdir
         self.writers = {}
+        if enabled and resumed_at is not None:
+            drop_events_after(workdir, resumed_at)
         if enabled:
             for split in ("train", "val"):
                 self.writers[split] = tf.summary.create_file_writer(os.path.join(workdir, split))

@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from research.config import ExperimentConfig, config_diff
+from research import provenance
 from research.errors import UserError
 from research.run import actions as actions_lib
 from research.run import build as build_lib
@@ -166,7 +167,7 @@ def _start(ctx: Context, ctl: Controller, run: RunState, resumed_from: str | Non
                             f"{'; '.join(data_changes)}; use another --workdir, or pass --allow_config_change "
                             "to resume with the new data")
         changes = changes + data_changes
-    ctx.summaries = Summaries(ctx.workdir, enabled=ctx.chief)
+    ctx.summaries = Summaries(ctx.workdir, enabled=ctx.chief, resumed_at=run.saved_at if resumed_from else None)
     if resumed_from:
         ctl.wall_before = run.wall_seconds
         for v, value in zip(ctl.seed_vars, run.seed_states):
@@ -182,6 +183,7 @@ def _start(ctx: Context, ctl: Controller, run: RunState, resumed_from: str | Non
     run.data = {"num_train": src.split_train, "num_val": src.num_val, "num_test": src.num_test,
                 "test_from": src.test_from, "class_names": src.class_names, "train_counts": src.train_counts,
                 "class_weights": ctx.class_weights, "skipped_images": src.skipped, "cache": ctx.pipeline.cache}
+    run.sessions.append(provenance.provenance(ctx.strategy, config.train.precision))
     ctx.write_json("config.json", config.to_dict())
 
 
@@ -207,6 +209,8 @@ def _results(ctx: Context, run: RunState, actions) -> dict:
 
 def _finish(ctx: Context, run: RunState, actions) -> dict:
     """Exports the final weights and writes `results.json`."""
+    if run.sessions:
+        run.sessions[-1]["ended"] = provenance.now()
     results = _results(ctx, run, actions)
     if ctx.chief:
         if ctx.config.train.export:

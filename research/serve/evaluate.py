@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from research import provenance
 from research.config import DatasetRef
 from research.data import augment, sources
 
@@ -202,6 +203,7 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
         "per_class": per_class_metrics(labels, pred, class_names),
         "confusion_matrix": confusion.tolist(),
         "skipped_images": skipped,
+        "provenance": provenance.provenance(),
     }
     if k > 5:
         top5 = np.argsort(-logits, axis=1)[:, :5]

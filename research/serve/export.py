@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from research import provenance
 from research.data import augment
 from research.data import images as images_lib
 from research.run.checkpoints import load_run
@@ -123,7 +124,8 @@ def _export(workdir, checkpoint, out_dir, class_names):
     archive.write_out(os.path.join(out_dir, "saved_model"), verbose=False)
     meta = {"class_names": class_names, "image_size": size, "backbone": config.model.backbone,
             "checkpoint": path, "input": "RGB pixels in [0, 255], upright (EXIF orientation applied), "
-            "resized to image_size (antialiased bilinear)", "eval_crop": config.data.eval_crop}
+            "resized to image_size (antialiased bilinear)", "eval_crop": config.data.eval_crop,
+            "provenance": provenance.provenance()}
     with open(os.path.join(out_dir, "labels.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta

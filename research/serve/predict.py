@@ -21,16 +21,13 @@ from research.errors import UserError
 
 def find_images(args: list[str]) -> tuple[list[str], list[str]]:
     """(images to classify, other files skipped in folders). A file named directly is always tried."""
-    from research.data.images import has_image_extension
+    from research.data.images import walk_images
     out, other = [], []
     for a in args:
         if os.path.isdir(a):
-            for root, dirs, files in os.walk(a):
-                dirs.sort()
-                for f in sorted(files):
-                    # Hidden files (.DS_Store, macOS ._x.jpg resource forks) are not photos.
-                    if not f.startswith("."):
-                        (out if has_image_extension(f) else other).append(os.path.join(root, f))
+            images, others = walk_images(a)  # the rule training reads a class folder by
+            out += images
+            other += others
         else:
             out.append(a)
     return out, other

@@ -5,8 +5,9 @@ stages, optimizer, augmentation), the learning rate grows exponentially from
 `start` to `end` over at most `steps` optimizer steps while the training loss is
 recorded. The loss is smoothed as fastai does (an exponential moving average with
 bias correction) and the test stops once the smoothed loss exceeds `diverge`
-times its minimum. The suggestion is the learning rate where the smoothed loss
-falls fastest (the steepest negative slope against log LR) before its minimum;
+times its minimum. The suggestion (`suggest`) is the learning rate where the
+smoothed loss falls fastest (the steepest slope against log LR) before its
+minimum, read after the first steps, whose smoothed loss is still warming up;
 `min_lr / 10` (the minimum's learning rate divided by ten) is given beside it.
 
 Nothing is written to any run: the model is built and initialised here, trained
@@ -48,6 +49,10 @@ class ExponentialLR(keras.optimizers.schedules.LearningRateSchedule):
         return {"start": self.start, "end": self.end, "steps": self.steps}
 
 
+WARMUP = 10  # steps whose smoothed loss is not read (suggest)
+SLOPE_WINDOW = 5
+
+
 def smooth(losses: list[float], beta: float = 0.98) -> np.ndarray:
     """fastai's smoothing: an exponential moving average with bias correction."""
     avg, out = 0.0, []
@@ -58,11 +63,27 @@ def smooth(losses: list[float], beta: float = 0.98) -> np.ndarray:
 
 
 def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> dict[str, float]:
-    """The steepest descent of the smoothed loss before its minimum, and min_lr / 10."""
-    lowest = int(np.argmin(smoothed))
-    slope = np.gradient(smoothed[:lowest + 1], np.log(lrs[:lowest + 1])) if lowest >= 2 else None
-    steepest = float(lrs[int(np.argmin(slope))]) if slope is not None else float(lrs[lowest])
-    return {"steepest": steepest, "min_lr_over_10": float(lrs[lowest]) / 10.0, "min_loss_lr": float(lrs[lowest])}
+    """Where to train, read off the smoothed loss: its steepest descent before its minimum
+    (the slope fitted over `SLOPE_WINDOW` points against log LR), and the minimum's
+    learning rate / 10.
+
+    The first tenth of the steps (at least `WARMUP`, at most a fifth of a short test) is
+    not read: the smoothed loss there averages a handful of batches, and its first drops
+    are noise at rates far too small to train anything.
+    """
+    lrs, smoothed = np.asarray(lrs, np.float64), np.asarray(smoothed, np.float64)
+    n = len(smoothed)
+    skip = min(max(WARMUP, n // 10), n // 5)
+    lowest = skip + int(np.argmin(smoothed[skip:]))
+    steepest = float(lrs[lowest])
+    window = min(SLOPE_WINDOW, lowest + 1 - skip)
+    if window >= 3:
+        x = np.log(lrs)
+        slopes = [np.polyfit(x[i:i + window], smoothed[i:i + window], 1)[0]
+                  for i in range(skip, lowest + 2 - window)]
+        steepest = float(lrs[skip + int(np.argmin(slopes)) + window // 2])
+    return {"steepest": steepest, "min_lr_over_10": float(lrs[lowest]) / 10.0, "min_loss_lr": float(lrs[lowest]),
+            "skipped_steps": skip}
 
 
 def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, start: float = 1e-7,
@@ -148,6 +169,7 @@ def _plot(path: str, r: dict) -> None:
     ax.plot(r["lrs"], r["smoothed"], label="smoothed")
     s = r["suggestion"]
     ax.axvline(s["steepest"], color="k", ls="--", lw=1, label=f"steepest {s['steepest']:.2g}")
+    ax.axvspan(r["lrs"][0], r["lrs"][s["skipped_steps"]], color="gray", alpha=0.1, label="not read (warm-up)")
     ax.axvline(s["min_lr_over_10"], color="gray", ls=":", lw=1, label=f"min/10 {s['min_lr_over_10']:.2g}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")

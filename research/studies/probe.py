@@ -178,7 +178,7 @@ def probe_report(root: str, rows: list[dict], probe: dict, *, specs: list[str], 
     metric = headline_metric(rows)
     done = [r for r in rows if r["status"] == "done"]
     by = {s: {r[SEED_KEY]: r[metric] for r in done if r["unfreeze"] == s} for s in [*specs, *autos]}
-    means = {s: stats.t_interval(list(v.values())) for s, v in by.items() if v}
+    means = {s: stats.t_interval(list(v.values()), within=stats.bounds(metric)) for s, v in by.items() if v}
     fixed = [s for s in specs if s in means]
     if not fixed:
         raise UserError(f"no fixed-spec trial finished in {root}; see results.md for their errors")
@@ -204,7 +204,8 @@ def probe_report(root: str, rows: list[dict], probe: dict, *, specs: list[str], 
         run_s = float(np.mean([r["wall_time_s"] for r in rs]))
         cells = [f"`{s}`", str(means[s].n), means[s].format()]
         if s in autos:
-            vs_best, vs_worst = stats.paired_difference(by[s], by[best]), stats.paired_difference(by[s], by[worst])
+            vs_best = stats.paired_difference(by[s], by[best], metric=metric)
+            vs_worst = stats.paired_difference(by[s], by[worst], metric=metric)
             inside = means[best].has_interval and means[best].lo <= means[s].mean <= means[best].hi
             measuring = float(np.mean([r.get("auto_seconds", 0.0) for r in rs]))
             chosen = "; ".join(f"{r[SEED_KEY]}: {r.get('auto_blocks', '')}" for r in rs)

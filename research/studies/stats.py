@@ -5,6 +5,11 @@ sample standard deviation (ddof=1) and the interval uses Student's t with n-1
 degrees of freedom, not the normal 1.96. Two rows run on the same seeds are
 compared by their per-seed differences (a paired t-interval), which cancels
 what the seed does to both (data order, head initialisation).
+
+A t-interval knows nothing of what a metric can take: with 2 seeds it is 12.7
+standard errors wide and runs past an accuracy of 1. Each interval is cut to
+its metric's range (`bounds`), and one of fewer than `FEW` values says that it
+means little.
 """
 
 from __future__ import annotations
@@ -16,6 +21,19 @@ from typing import Hashable, Mapping, Sequence
 import numpy as np
 
 CONFIDENCE = 0.95
+FEW = 3  # below this many values an interval is printed with a warning
+
+
+def bounds(metric: str) -> tuple[float, float]:
+    """What a metric of the run's vocabulary can take: accuracies [0, 1]; losses, times,
+    counts and rates [0, inf)."""
+    return (0.0, 1.0) if metric.endswith("accuracy") else (0.0, math.inf)
+
+
+def difference_bounds(metric: str) -> tuple[float, float]:
+    """What a difference of two values of `metric` can take."""
+    lo, hi = bounds(metric)
+    return lo - hi, hi - lo
 
 
 @dataclass(frozen=True)
@@ -26,6 +44,10 @@ class Interval:
     lo: float
     hi: float
     n: int
+
+    @property
+    def few(self) -> bool:
+        return 2 <= self.n < FEW
 
     @property
     def has_interval(self) -> bool:
@@ -41,11 +63,14 @@ class Interval:
         f = "{:+.4f}" if signed else "{:.4f}"
         if not self.has_interval:
             return f.format(self.mean) + f" (n={self.n}, no interval)"
-        return f"{f.format(self.mean)} [{f.format(self.lo)}, {f.format(self.hi)}]"
+        text = f"{f.format(self.mean)} [{f.format(self.lo)}, {f.format(self.hi)}]"
+        return text + (f" (only {self.n} seeds: too few for the interval to mean much)" if self.few else "")
 
 
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
-    """The mean of `values` and its t-interval (ddof=1, n-1 degrees of freedom)."""
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE,
+               within: tuple[float, float] = (-math.inf, math.inf)) -> Interval:
+    """The mean of `values` and its t-interval (ddof=1, n-1 degrees of freedom), cut to
+    `within` (the metric's range: `bounds`)."""
     from scipy import stats
 
     x = np.asarray([v for v in values if v is not None], dtype=np.float64)
@@ -56,11 +81,12 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
     if n < 2:
         return Interval(mean, math.nan, math.nan, n)
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return Interval(mean, mean - half, mean + half, n)
+    return Interval(mean, max(mean - half, within[0]), min(mean + half, within[1]), n)
 
 
 def paired_difference(row: Mapping[Hashable, float], baseline: Mapping[Hashable, float],
-                      confidence: float = CONFIDENCE) -> Interval:
-    """`row - baseline` over the seeds both have: mean difference and its t-interval."""
+                      confidence: float = CONFIDENCE, metric: str = "accuracy") -> Interval:
+    """`row - baseline` over the seeds both have: mean difference and its t-interval, cut to
+    what a difference of `metric` can take."""
     common = [k for k in row if k in baseline and row[k] is not None and baseline[k] is not None]
-    return t_interval([row[k] - baseline[k] for k in common], confidence)
+    return t_interval([row[k] - baseline[k] for k in common], confidence, difference_bounds(metric))

@@ -7,6 +7,9 @@ import csv
 import json
 import os
 
+from absl import logging
+
+from research import provenance
 from research.config import UserError
 from research.studies import stats
 from research.studies.trials import SEED_KEY, Trial, is_finished, trial_dir
@@ -14,7 +17,8 @@ from research.studies.trials import SEED_KEY, Trial, is_finished, trial_dir
 # The run's metric vocabulary: test/... and val/... are the final weights', best/... the
 # run's best epoch (chosen on validation).
 COLUMNS = ["test/accuracy", "val/accuracy", "test/loss", "val/loss", "best/test/accuracy", "best/val/accuracy",
-           "test_ema/accuracy", "best_epoch", "epochs", "early_stopped", "trainable_params", "wall_time_s", "images_per_second"]
+           "test_ema/accuracy", "best_epoch", "epochs", "early_stopped", "trainable_params", "wall_time_s", "images_per_second",
+           "code"]
 SUMMARY_METRICS = ("test/accuracy", "val/accuracy", "best/test/accuracy", "best/val/accuracy", "wall_time_s")
 
 
@@ -39,7 +43,10 @@ def collect(root: str, trials: list[Trial]) -> list[dict]:
                         "trainable_params": trainable[-1] if trainable else None,
                         "wall_time_s": round(r["wall_time_s"], 1),
                         "images_per_second": round(r["images_per_second"], 1),
-                        "test_from": r.get("test_from", "none")})
+                        "test_from": r.get("test_from", "none"),
+                        # Every code version the trial ran under (a resumed trial may have several).
+                        "code": " & ".join(dict.fromkeys(provenance.short(p.get("code"))
+                                                         for p in r.get("provenance", []))) or "unknown"})
         else:
             err = os.path.join(wd, "error.txt")
             row.update(status="failed" if os.path.exists(err) else "missing",
@@ -93,7 +100,7 @@ def aggregate(rows: list[dict], keys: list[str], baseline: tuple[str, str] | Non
         agg = {k: rs[0].get(k) for k in swept}
         agg.update(group=g, n=len(done), failed=len(rs) - len(done), metric=metric)
         for m in SUMMARY_METRICS:
-            agg[m] = stats.t_interval([r.get(m) for r in done])
+            agg[m] = stats.t_interval([r.get(m) for r in done], within=stats.bounds(m))
         agg["diff"] = agg["is_baseline"] = None
         if baseline is not None:
             key, value = baseline
@@ -102,7 +109,7 @@ def aggregate(rows: list[dict], keys: list[str], baseline: tuple[str, str] | Non
             if ref is not None and not agg["is_baseline"]:
                 agg["diff"] = stats.paired_difference(
                     {r.get(SEED_KEY, ""): r.get(metric) for r in done},
-                    {r.get(SEED_KEY, ""): r.get(metric) for r in ref if r["status"] == "done"})
+                    {r.get(SEED_KEY, ""): r.get(metric) for r in ref if r["status"] == "done"}, metric=metric)
         out.append(agg)
     return out
 
@@ -136,6 +143,20 @@ def protocol_lines(rows: list[dict], metric: str) -> list[str]:
             "epochs and `best/`, so they are optimistic."]
 
 
+def code_lines(rows: list[dict]) -> list[str]:
+    """The code the table's trials ran: one line, or a warning naming which trials ran which."""
+    by_code: dict[str, list[str]] = {}
+    for r in rows:
+        if r["status"] == "done":
+            by_code.setdefault(r.get("code") or "unknown", []).append(r["trial"])
+    if len(by_code) <= 1:
+        return ["", f"Code: {next(iter(by_code), 'unknown')} (`research.provenance`; +dirty: uncommitted changes, "
+                "with the hash of their diff)."]
+    logging.warning("the trials of one table ran different code: %s", ", ".join(by_code))
+    return ["", "**Warning: these trials ran different code**, so their differences may be the code's: "
+            + "; ".join(f"`{code}`: {', '.join(trials)}" for code, trials in by_code.items()) + "."]
+
+
 def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "Sweep results",
                  baseline: tuple[str, str] | None = None) -> list[dict]:
     """`results.csv` (every trial), `summary.csv` and `results.md` (trials, then per row of
@@ -153,12 +174,13 @@ def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "
     lines = [f"# {title}", "", "| " + " | ".join(cols[1:-1]) + " |", "|" + "---|" * (len(cols) - 2)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols[1:-1]) + " |")
+    lines += code_lines(rows)
     failed = [r for r in rows if r["status"] != "done"]
     if failed:
         lines += ["", "Failed or missing trials:", ""] + [f"- `{r['trial']}`: {r.get('error') or r['status']}" for r in failed]
     agg = aggregate(rows, keys, baseline)
     ks = [k for k in keys if k != SEED_KEY]
-    if ks and any(r["status"] == "done" for r in rows):
+    if any(r["status"] == "done" for r in rows):
         metric = headline_metric(rows)
         other = "val/accuracy" if metric == "test/accuracy" else "best/val/accuracy"
         base = f"{baseline[0]}={baseline[1]}" if baseline else ""
@@ -166,10 +188,12 @@ def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "
                   *([f"Δ is the paired difference in {metric} against the baseline row ({base}) on the same "
                      "seeds, with its 95 % t-interval; \"excludes 0\" says whether the interval leaves out zero.",
                      ""] if baseline else []),
-                  "| " + " | ".join(ks + ["n", metric, other] + ([f"Δ vs {base}", "excludes 0"] if baseline else []))
-                  + " |", "|" + "---|" * (len(ks) + 3 + 2 * bool(baseline))]
+                  "| " + " | ".join((ks or ["trials"]) + ["n", metric, other]
+                                    + ([f"Δ vs {base}", "excludes 0"] if baseline else []))
+                  + " |", "|" + "---|" * (len(ks or [0]) + 3 + 2 * bool(baseline))]
         for a in agg:
-            cells = [_fmt(a.get(k)) for k in ks] + [str(a["n"]), a[metric].format(), a[other].format()]
+            # A sweep of seeds only is one row: every trial.
+            cells = ([_fmt(a.get(k)) for k in ks] or ["all"]) + [str(a["n"]), a[metric].format(), a[other].format()]
             if baseline:
                 cells += ["(baseline)" if a["is_baseline"] else a["diff"].format(signed=True) if a["diff"] else "",
                           _verdict(a["diff"])]
@@ -212,8 +236,8 @@ def plot(root: str, rows: list[dict], keys: list[str], *, metric: str | None = N
 
     metric = metric or headline_metric(rows)
     xs_key = next((k for k in keys if k != SEED_KEY), None)
-    if xs_key is None:
-        return None
+    if xs_key is None:  # seeds only: one point, every trial
+        xs_key, rows = "trials", [{**r, "trials": "all"} for r in rows]
     others = [k for k in keys if k not in (xs_key, SEED_KEY)]
     xs = list(dict.fromkeys(r[xs_key] for r in rows))
     lines: dict[str, dict[str, list[float]]] = {}
@@ -232,7 +256,7 @@ def plot(root: str, rows: list[dict], keys: list[str], *, metric: str | None = N
     for j, (label, pts) in enumerate(lines.items()):
         shift = 0.0 if ordered else 0.08 * (j - (len(lines) - 1) / 2)
         px = [i for i, x in enumerate(xs) if x in pts]
-        ivs = [stats.t_interval(pts[xs[i]]) for i in px]
+        ivs = [stats.t_interval(pts[xs[i]], within=stats.bounds(metric)) for i in px]
         half = [(iv.hi - iv.mean) if iv.has_interval else 0.0 for iv in ivs]
         ax.errorbar([p + shift for p in px], [iv.mean for iv in ivs], yerr=half, marker="o", capsize=3,
                     label=label, ls="-" if ordered else "none")

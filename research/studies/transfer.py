@@ -106,10 +106,11 @@ def transfer_report(root: str, rows: list[dict], *, title: str) -> dict:
     by_seed: dict = {}
     for r in done:
         by_seed.setdefault(r["condition"], {}).setdefault(int(r["n"]), {})[r[SEED_KEY]] = r[metric]
-    accuracy = {c: {n: stats.t_interval(list(v.values())) for n, v in sorted(d.items())} for c, d in by_seed.items()}
+    accuracy = {c: {n: stats.t_interval(list(v.values()), within=stats.bounds(metric)) for n, v in sorted(d.items())}
+                for c, d in by_seed.items()}
     control = by_seed.get("baseB", {}).get(0, {})
-    base_b = stats.t_interval(list(control.values()))
-    vs_base = {c: {n: stats.paired_difference(v, control) for n, v in sorted(d.items())}
+    base_b = stats.t_interval(list(control.values()), within=stats.bounds(metric))
+    vs_base = {c: {n: stats.paired_difference(v, control, metric=metric) for n, v in sorted(d.items())}
                for c, d in by_seed.items() if c in TRANSFER_CONDITIONS}
     ns = sorted({int(r["n"]) for r in done if r["condition"] in TRANSFER_CONDITIONS})
     header = ["| condition | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
