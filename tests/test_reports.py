@@ -65,3 +65,89 @@ def test_ctrl_c_on_a_sweep_exits_75_in_one_line_and_the_trial_resumes(tmp_path):
     r = run_module("launch.ablate", *args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Resuming from" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def smoothed_cropped_run(tmp_path_factory):
+    """Five digit classes trained with label smoothing and a central evaluation crop, exported."""
+    wd = tmp_path_factory.mktemp("smooth") / "run"
+    cfg = ExperimentConfig(data=DataConfig(image_size=16, classes="0-4", eval_crop=0.75),
+                           train=TrainConfig(export=True, steps_per_loop=5, label_smoothing=0.3),
+                           stages=(StageConfig(epochs=2),))
+    return wd, train_lib.train_and_evaluate(cfg, str(wd), verbose=False)
+
+
+def test_reported_losses_are_plain_cross_entropy_under_label_smoothing(smoothed_cropped_run):
+    """Smoothing is a training loss; validation and test report the plain cross-entropy,
+    the loss `launch.evaluate` computes from the same checkpoint's probabilities."""
+    from research.serve.evaluate import evaluate_run
+
+    wd, res = smoothed_cropped_run
+    for split in ("val", "test"):
+        report = evaluate_run(str(wd), split=split, checkpoint="latest")
+        assert res["final"][f"{split}/loss"] == pytest.approx(report["loss"], rel=1e-5), split
+        assert res["final"][f"{split}/accuracy"] == pytest.approx(report["accuracy"], abs=1e-9), split
+
+
+def test_the_eval_crop_reaches_evaluate_and_the_export(smoothed_cropped_run):
+    """--eval_crop=0.75 at 16 px is the central 12x12 resized back to 16x16, written here by
+    slicing and tf.image.resize, not by the Keras layers the code uses."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from research.data import sources
+    from research.model import backbones
+    from research.run.checkpoints import load_run
+    from research.serve.evaluate import evaluate_run
+
+    wd, res = smoothed_cropped_run
+    config, model, _, _ = load_run(str(wd), checkpoint="latest")
+    x, y = (np.concatenate(a) for a in zip(*[(a.numpy(), b.numpy()) for a, b in
+                                             sources.load_source(config.data, 16).test.batch(256)]))
+    x = x.astype(np.float32)
+    preprocess = backbones.get(config.model.backbone).preprocess
+    reference = keras.ops.softmax(model(preprocess(tf.image.resize(x[:, 2:14, 2:14], (16, 16))),
+                                        training=False)).numpy()
+    uncropped = keras.ops.softmax(model(preprocess(x), training=False)).numpy()
+    assert not np.allclose(reference, uncropped, atol=1e-3)  # the crop changes the predictions
+    assert float((reference.argmax(1) == y).mean()) == pytest.approx(res["final"]["test/accuracy"], abs=1e-9)
+    report = evaluate_run(str(wd), split="test", checkpoint="latest", name="crop")
+    assert report["accuracy"] == pytest.approx(res["final"]["test/accuracy"], abs=1e-9)
+    exported = keras.models.load_model(wd / "export" / "model.keras")
+    np.testing.assert_allclose(exported(x).numpy(), reference, atol=1e-5)
+    saved = tf.saved_model.load(str(wd / "export" / "saved_model")).signatures["predict_float"]
+    np.testing.assert_allclose(saved(tf.constant(x))["probabilities"].numpy(), reference, atol=1e-5)
+
+
+def test_evaluate_s_confusion_matrix_and_per_class_scores_with_one_sided_mistakes(three_class_run, monkeypatch):
+    """Half of class 0 predicted as class 1, never class 1 as class 0: a transposed matrix,
+    or precision and recall swapped, would show. Rows are true classes, as scikit-learn's."""
+    import numpy as np
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    from research.serve import evaluate
+
+    real = evaluate.predict_dataset
+    forced = {}
+
+    def one_sided(model, ds):
+        logits, labels = real(model, ds)
+        pred = labels.copy()
+        zeros = np.flatnonzero(labels == 0)
+        pred[zeros[: len(zeros) // 2]] = 1
+        forced.update(labels=labels, pred=pred)
+        return np.eye(3)[pred] * 10.0, labels
+
+    monkeypatch.setattr(evaluate, "predict_dataset", one_sided)
+    wd, _ = three_class_run
+    report = evaluate.evaluate_run(str(wd), split="test", checkpoint="best", name="one_sided")
+    labels, pred = forced["labels"], forced["pred"]
+    n0 = int((labels == 0).sum())
+    by_hand = [[n0 - n0 // 2, n0 // 2, 0], [0, int((labels == 1).sum()), 0], [0, 0, int((labels == 2).sum())]]
+    assert n0 >= 2 and report["confusion_matrix"] == by_hand
+    assert report["confusion_matrix"] == confusion_matrix(labels, pred).tolist()
+    p, r, f1, support = precision_recall_fscore_support(labels, pred, zero_division=0)
+    for i, c in enumerate(report["per_class"]):
+        assert (c["precision"], c["recall"], c["f1"], c["support"]) == pytest.approx((p[i], r[i], f1[i], support[i]))
+    assert report["per_class"][0]["precision"] == 1.0 and report["per_class"][0]["recall"] < 1.0
+    assert report["per_class"][1]["recall"] == 1.0 and report["per_class"][1]["precision"] < 1.0
+    assert report["accuracy"] == pytest.approx(float((pred == labels).mean()))

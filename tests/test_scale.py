@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -90,6 +91,23 @@ def test_a_disk_cache_left_half_written_by_a_killed_run_is_rewritten(tmp_path, j
     assert not os.path.exists(dead)
     assert os.path.exists(os.path.join(fresh._disk_path("train"), "images.index"))
     _same(_batches(p), _batches(fresh))
+
+
+def test_a_disk_cache_serves_the_new_pixels_of_an_image_rewritten_in_place(tmp_path, jpegs):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(jpegs, folder)
+    before = _batches(_pipeline(f"folder:{folder}", "disk", tmp_path / "cache"))
+    for path in sorted(folder.glob("*/*.jpg"))[:5]:  # new pixels, a new size, a later modification time
+        st = os.stat(path)
+        Image.fromarray(255 - np.asarray(Image.open(path))).save(path, quality=100)
+        os.utime(path, (st.st_atime, st.st_mtime + 60))
+        assert os.stat(path).st_size != st.st_size
+    expected = _batches(_pipeline(f"folder:{folder}", "memory", tmp_path / "memory"))
+    with pytest.raises(AssertionError):
+        _same(before, expected)  # the rewritten images are among those the batches show
+    _same(expected, _batches(_pipeline(f"folder:{folder}", "disk", tmp_path / "cache")))
 
 
 def test_auto_picks_disk_when_the_ram_is_small():
