@@ -40,6 +40,8 @@ def main(argv):
     cfg = validate(ExperimentConfig(data=cfg)).data
     if cfg.source.kind != "folder":
         raise UserError(f"--dataset={F.dataset}: launch.convert reads a folder:PATH dataset")
+    from research.data import layout  # every refusal that needs no pixel, before TensorFlow starts
+    layout.check_conversion(cfg, F.out, image_size=F.image_size, encoding=F.encoding, shard_mb=F.shard_mb)
     common.start_tensorflow_quietly()
     from research.data import convert
     convert.convert(cfg, F.out, image_size=F.image_size, encoding=F.encoding, shard_mb=F.shard_mb)

@@ -33,7 +33,7 @@ def main(argv):
                    common.EXIT_USER_ERROR)
     with common.quiet_tensorflow_startup():
         from research.serve import predict as P
-        from research.data.images import IMAGE_EXTENSIONS
+        from research.data.layout import IMAGE_EXTENSIONS
 
     paths, other = P.find_images(argv[1:])
     if not paths:

@@ -25,8 +25,7 @@ flags.DEFINE_integer("test_per_class", 0, "Test images per class (0: no test fol
 
 
 def main(argv):
-    with common.quiet_tensorflow_startup():  # research.data.images holds the extensions, and imports TensorFlow
-        from research.data import images
+    from research.data import layout  # no TensorFlow: this tool copies files
     if not F.src or not os.path.isdir(F.src):
         common.die(f"--src={F.src!r}: no such directory", common.EXIT_USER_ERROR)
     if not F.out:
@@ -39,7 +38,7 @@ def main(argv):
     if not classes:
         common.die(f"--src={F.src}: no class sub-folders", common.EXIT_USER_ERROR)
     need = F.train_per_class + F.test_per_class
-    files = {c: sorted(f for f in os.listdir(os.path.join(F.src, c)) if f.lower().endswith(images.IMAGE_EXTENSIONS))
+    files = {c: sorted(f for f in os.listdir(os.path.join(F.src, c)) if f.lower().endswith(layout.IMAGE_EXTENSIONS))
              for c in classes}
     short = [f"{c!r} ({len(fs)})" for c, fs in files.items() if len(fs) < need]
     if short:  # checked before anything is written

@@ -125,6 +125,9 @@ def config_or_exit(argv, example_workdir: str) -> C.ExperimentConfig:
 
 def main(argv):
     config = config_or_exit(argv, "/tmp/run1")
+    from research.run import preflight  # the refusals that need no TensorFlow, before it starts
+    preflight.check(config, F.workdir, allow_config_change=F.allow_config_change,
+                    chief=preflight.chief_of(config.train.strategy))
 
     with common.quiet_tensorflow_startup():
         from research.run import distribute

@@ -16,6 +16,10 @@ def test_smoke_tiny_run_writes_the_workdir_contract(tmp_path, tiny_folder):
     r = run_module("launch.train", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tensorboard --logdir" in r.stdout
+    # The plan is printed before the first step: --head_epochs makes two stages.
+    plan = r.stdout.index("stages: 1. head: unfreeze none, 1 epoch(s) at lr ")
+    assert "2. finetune: unfreeze top:1, 1 epoch(s)" in r.stdout[plan:].splitlines()[0]
+    assert plan < r.stdout.index("== ")
     for name in ("config.json", "trainable.json", "results.json", "ckpt/checkpoint", "best/checkpoint"):
         assert (wd / name).exists(), name
     assert any(f.startswith("events") for f in os.listdir(wd / "train"))
@@ -40,10 +44,11 @@ def test_smoke_tiny_run_writes_the_workdir_contract(tmp_path, tiny_folder):
     assert "is finished" in r2.stdout and "--weights=ckpt:" in r2.stdout
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
-    # A different config on the same workdir is refused.
+    # A different config on the same (finished) workdir is refused, saying the run is finished.
     r3 = run_module("launch.train", f"--workdir={wd}", f"--dataset=folder:{tiny_folder}", "--image_size=16",
                     "--batch_size=8", "--backbone=mobilenet", "--image_size=32", "--finetune_epochs=1")
-    assert r3.returncode == 2 and "different config" in r3.stderr and "model.backbone: 'small_cnn' -> 'mobilenet'" in r3.stderr
+    assert r3.returncode == 2 and "is finished; a changed config cannot be recorded" in r3.stderr
+    assert "model.backbone: 'small_cnn' -> 'mobilenet'" in r3.stderr and "--weights=ckpt:" in r3.stderr
 
 
 def test_hymenoptera_mobilenet_head_only_then_finetune(tmp_path):

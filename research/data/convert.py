@@ -31,7 +31,8 @@ from research.data import images as images_lib
 from research.data import sources
 from research.data import tfrecords
 from research.data import folders
-from research.config import DataConfig, UserError, writable_dir
+from research.data import layout
+from research.config import DataConfig, UserError
 
 FORMAT = "research-tfrecord"
 ORDER_SEED = 0  # the fixed shuffle of the records within each split
@@ -93,16 +94,7 @@ def convert(cfg: DataConfig, out: str, *, image_size: int = 0, encoding: str = "
       UserError: not a folder dataset, `out` not empty, a corrupt image (unless
         `cfg.skip_bad_images`), a split without readable images.
     """
-    if cfg.source.kind != "folder":
-        raise UserError(f"--dataset={cfg.dataset}: the converter reads a folder:PATH dataset")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise UserError(f"--out={out}: exists and is not an empty directory")
-    if not writable_dir(os.path.dirname(os.path.abspath(out))):
-        raise UserError(f"--out={out}: its parent directory cannot be created or written into")
-    if image_size < 0 or shard_mb <= 0:
-        raise UserError(f"--image_size={image_size} must be >= 0 and --shard_mb={shard_mb} > 0")
-    if encoding not in ("jpeg", "raw") or (encoding == "raw" and not image_size):
-        raise UserError(f"--encoding={encoding}: jpeg, or raw with an --image_size (raw pixels of that side)")
+    layout.check_conversion(cfg, out, image_size=image_size, encoding=encoding, shard_mb=shard_mb)
     t0 = time.perf_counter()
     names, splits, test_from = folders.folder_splits(cfg)
     plan, skipped = {}, []

@@ -18,34 +18,9 @@ from absl import logging
 
 from research.config import DataConfig, UserError
 from research.data import images as images_lib
-from research.data.splits import (IMAGE_EXTENSIONS, AUTOTUNE, Source, _plan, _resize_uint8, _stat, carve,
-                                   fingerprint, parse_classes, progress_bar)
-
-
-def _list_class_folder(root: str) -> tuple[list[str], list[list[str]]]:
-    if not os.path.isdir(root):
-        raise UserError(f"--dataset=folder:{root}: no such directory")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    if len(classes) < 2:
-        raise UserError(f"folder {root!r} must hold one sub-folder per class (at least 2); found {len(classes)}")
-    files, ignored, nested = [], [], []
-    for c in classes:
-        cdir = os.path.join(root, c)
-        fs, other = images_lib.walk_images(cdir)
-        ignored += other
-        nested += [f for f in fs if os.path.dirname(f) != cdir]
-        if not fs:
-            raise UserError(f"class folder {cdir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        files.append(fs)
-    if nested:
-        logging.warning("%d image(s) in sub-folders of the class folders of %s count as their class, e.g. %s",
-                     len(nested), root, nested[0])
-    if ignored:
-        # Said, not silent: a class of HEIC phone photos would otherwise just shrink.
-        kinds = sorted({os.path.splitext(p)[1].lower() or "no extension" for p in ignored})
-        logging.warning("ignored %d file(s) in %s that are not %s images (%s), e.g. %s", len(ignored), root,
-                        "/".join(e[1:].upper() for e in IMAGE_EXTENSIONS), ", ".join(kinds), ignored[0])
-    return classes, files
+from research.data.layout import folder_split_dirs, folder_splits  # noqa: F401  (the folder source's layout)
+from research.data.layout import parse_classes
+from research.data.splits import AUTOTUNE, Source, _resize_uint8, _stat, fingerprint, progress_bar
 
 
 def _readable(path: str) -> str | None:
@@ -138,68 +113,6 @@ def _decode_file(path, label, size: int):
 def _files_dataset(paths: list[str], labels: list[int], size: int) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), tf.constant(labels, tf.int32)))
     return ds.map(lambda p, y: _decode_file(p, y, size), num_parallel_calls=AUTOTUNE)
-
-
-def folder_split_dirs(path: str) -> dict[str, str | None] | None:
-    """The split sub-folders of a folder dataset: `{"train", "val", "test"}` (a missing
-    one is None), or None for a folder of class folders without splits.
-
-    A split folder needs `train/` and `val/` (or `validation/`) or `test/`, in any case.
-    """
-    sub = {d.lower(): d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))}
-    val_dir, test_dir = sub.get("val") or sub.get("validation"), sub.get("test")
-    if "train" not in sub or not (val_dir or test_dir):
-        return None
-    return {"train": sub["train"], "val": val_dir, "test": test_dir}
-
-
-def folder_splits(cfg: DataConfig) -> tuple[list[str], dict[str, list[list[str]]], str]:
-    """The files of each split of a folder dataset, before any image is opened.
-
-    Returns:
-      (class names, `{split: one file list per class}` for `train`, `val` and, unless
-      `--test=none`, `test`; what plays the test role).
-
-    Raises:
-      UserError: a missing folder, split folders with different classes, `--test=val`
-        without a validation folder.
-    """
-    path = cfg.source.arg
-    if not os.path.isdir(path):
-        raise UserError(f"--dataset=folder:{path}: no such directory")
-    dirs = folder_split_dirs(path)
-    names, train = _list_class_folder(os.path.join(path, dirs["train"]) if dirs else path)
-    own = {}
-    for key in ("val", "test"):
-        if dirs and dirs[key]:
-            other, files = _list_class_folder(os.path.join(path, dirs[key]))
-            if other != names:
-                raise UserError(f"class folders differ between {dirs['train']} and {dirs[key]}: {names} vs {other}")
-            own[key] = files
-    val_plan, test_plan, test_from = _plan(cfg, "val" in own, "test" in own, own=f"folder {path!r}")
-    if test_plan == "own":
-        test_from = os.path.join(path, dirs["test"])
-    elif test_plan == "val":
-        test_from = f"{os.path.join(path, dirs['val'])} (the source's validation split)"
-    splits = {"train": train, "val": own.get("val"), "test": {"own": own.get("test"), "val": own.get("val")}.get(test_plan)}
-    if "carve" in (val_plan, test_plan):
-        flat = [f for fs in train for f in fs]
-        labels = np.array([c for c, fs in enumerate(train) for _ in fs])
-        parts = carve(labels, cfg.val_fraction if val_plan == "carve" else 0.0,
-                      cfg.test_fraction if test_plan == "carve" else 0.0)
-        carved = {}
-        for key, idx in zip(("train", "val", "test"), parts):
-            carved[key] = [[] for _ in names]
-            for i in idx:
-                carved[key][labels[i]].append(flat[i])
-        splits["train"] = carved["train"]
-        if val_plan == "carve":
-            splits["val"] = carved["val"]
-        if test_plan == "carve":
-            splits["test"] = carved["test"]
-    if test_plan == "none":
-        del splits["test"]
-    return names, splits, test_from
 
 
 def load_folder_source(cfg: DataConfig, size: int, cache_dir: str | None = None) -> Source:

@@ -24,14 +24,12 @@ things happen on decode besides the format's own decoding:
 
 from __future__ import annotations
 
-import os
 import re
 
 import tensorflow as tf
 
 # Formats tf.io.decode_image reads in TF 2.21 (it also reads JPEG XL, which PIL,
 # used to check files before training, cannot open).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 # A decoded side is kept at least this long (or 4x the model input, if larger).
 MIN_DECODED_SIDE = 1024
@@ -43,27 +41,6 @@ _EXIF_SEARCH_BYTES = 1 << 16
 _MAX_SEGMENTS = 4  # APPn/COM segments from the start looked at for EXIF
 _MAX_IFD_ENTRIES = 64  # IFD0 entries examined for the orientation tag
 _ORIENTATION_TAG = 0x0112
-
-
-def has_image_extension(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def walk_images(folder: str) -> tuple[list[str], list[str]]:
-    """Every image file under `folder`, its sub-folders included, sorted; and the other files.
-
-    The one rule for a folder of images, in training, evaluation, conversion and
-    prediction alike: a class folder's sub-folders belong to its class, as
-    `keras.utils.image_dataset_from_directory` reads them. Hidden files and folders
-    (`.DS_Store`, macOS `._x.jpg` resource forks, `.git`) are not photos and are skipped.
-    """
-    images, other = [], []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in files:
-            if not f.startswith("."):
-                (images if has_image_extension(f) else other).append(os.path.join(root, f))
-    return sorted(images), sorted(other)
 
 
 def exif_orientation(data: tf.Tensor) -> tf.Tensor:

@@ -25,9 +25,10 @@ import os
 import numpy as np
 
 from research.config import DataConfig, UserError
-from research.data.folders import _list_class_folder, folder_split_dirs, load_folder_source
-from research.data.splits import (AUTOTUNE, IMAGE_EXTENSIONS, Source, _from_arrays, _plan, _show, carve,  # noqa: F401
-                                  fingerprint, parse_classes, progress_bar)
+from research.data.folders import load_folder_source
+from research.data.layout import (IMAGE_EXTENSIONS, _plan, _show, carve, folder_split_dirs,  # noqa: F401
+                                  list_class_folder, parse_classes)
+from research.data.splits import AUTOTUNE, Source, _from_arrays, fingerprint, progress_bar  # noqa: F401
 from research.data.tfds_source import load_tfds_source
 from research.data.tfrecords import load_tfrecord_source, read_tfrecord_manifest
 
@@ -66,7 +67,7 @@ def class_names(cfg: DataConfig) -> list[str]:
         if not os.path.isdir(path):
             raise UserError(f"--dataset=folder:{path}: no such directory")
         dirs = folder_split_dirs(path)
-        return _list_class_folder(os.path.join(path, dirs["train"]) if dirs else path)[0]
+        return list_class_folder(os.path.join(path, dirs["train"]) if dirs else path)[0]
     if cfg.source.kind == "tfrecord":
         return list(read_tfrecord_manifest(cfg.source.arg)["class_names"])
     return load_source(dataclasses.replace(cfg, classes="", batch_size=1), 1).class_names

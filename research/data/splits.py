@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from research.config import DataConfig, UserError
 from research.data import images as images_lib
 
-IMAGE_EXTENSIONS = images_lib.IMAGE_EXTENSIONS
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -78,47 +75,6 @@ class Source:
 
 # --- Class subsets -------------------------------------------------------------------
 
-def parse_classes(spec: str, class_names: list[str]) -> list[int]:
-    """Resolves `--classes` to sorted original class indices.
-
-    `spec` is a comma-separated list of class names, indices, or index ranges
-    (`0-4`). Empty means all classes.
-
-    Raises:
-      UserError: unknown name, index out of range, or fewer than two classes.
-    """
-    if not spec.strip():
-        return list(range(len(class_names)))
-    chosen: set[int] = set()
-    for tok in (t.strip() for t in spec.split(",")):
-        if not tok:
-            continue
-        if tok in class_names:
-            chosen.add(class_names.index(tok))
-        elif re.fullmatch(r"\d+", tok):
-            chosen.add(int(tok))
-        elif re.fullmatch(r"\d+-\d+", tok):
-            lo, hi = map(int, tok.split("-"))
-            if lo > hi:
-                raise UserError(f"--classes: range {tok!r} is empty (start > end)")
-            chosen.update(range(lo, hi + 1))
-        else:
-            raise UserError(f"--classes: {tok!r} is neither a class name nor an index; "
-                            f"classes are: {_show(class_names)}")
-    bad = sorted(i for i in chosen if i >= len(class_names))
-    if bad:
-        raise UserError(f"--classes: index {bad[0]} is out of range; the dataset has "
-                        f"{len(class_names)} classes (0-{len(class_names) - 1})")
-    if len(chosen) < 2:
-        raise UserError(f"--classes={spec!r} selects {len(chosen)} class; at least 2 are needed")
-    return sorted(chosen)
-
-
-def _show(names: list[str], n: int = 20) -> str:
-    s = ", ".join(names[:n])
-    return s + (f", ... ({len(names)} in all)" if len(names) > n else "")
-
-
 def fingerprint(*parts) -> str:
     """A short stable hash of `parts` (strings, numbers, arrays, lists of them)."""
     h = hashlib.sha1()
@@ -137,49 +93,6 @@ def _resize_uint8(image, size: int):
 def _from_arrays(images: np.ndarray, labels: np.ndarray, size: int) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
     return ds.map(lambda x, y: (_resize_uint8(x, size), y), num_parallel_calls=AUTOTUNE)
-
-
-def carve(labels: np.ndarray, val_fraction: float, test_fraction: float = 0.0
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Splits indices into (train, val, test): stratified, deterministic and independent
-    of the training seed, so validation and test are the same across seeds and sweeps.
-
-    A zero fraction carves nothing. Validation is taken first, so turning the test
-    slice on or off leaves the validation images as they were.
-    """
-    rng = np.random.RandomState(12345)
-    parts: tuple[list, list, list] = ([], [], [])
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        n_val = max(1, int(round(len(idx) * val_fraction))) if val_fraction and len(idx) > 1 else 0
-        n_test = 0
-        if test_fraction and len(idx) - n_val > 1:  # leave the class at least one training image
-            n_test = min(max(1, int(round(len(idx) * test_fraction))), len(idx) - n_val - 1)
-        parts[1].extend(idx[:n_val])
-        parts[2].extend(idx[n_val:n_val + n_test])
-        parts[0].extend(idx[n_val + n_test:])
-    return tuple(np.sort(np.array(p, dtype=np.int64)) for p in parts)
-
-
-def _plan(cfg: DataConfig, has_val: bool, has_test: bool, own: str) -> tuple[str, str, str]:
-    """Where validation and test come from: `own` (the source's split), `val` (test
-    only: the source's validation split), `carve` or `none`; and what to call it.
-
-    Raises:
-      UserError: `--test=val` on a source without a validation split.
-    """
-    if cfg.test == "val":
-        if not has_val:
-            raise UserError(f"--test=val holds out the source's validation split as test, but {own} has none; "
-                            "use --test=auto (a --test_fraction slice of the training images)")
-        return "carve", "val", "the source's validation split"
-    val = "own" if has_val else "carve"
-    if cfg.test == "none":
-        return val, "none", "none"
-    if has_test:
-        return val, "own", "the source's test split"
-    return val, "carve", f"a {cfg.test_fraction:.0%} slice of the training images"
 
 
 def progress_bar(total: int, what: str, *, threshold: int = 2000):

@@ -7,7 +7,8 @@ import numpy as np
 import tensorflow as tf
 
 from research.config import DataConfig, UserError
-from research.data.splits import AUTOTUNE, Source, _plan, _resize_uint8, fingerprint, parse_classes
+from research.data.layout import _plan, parse_classes
+from research.data.splits import AUTOTUNE, Source, _resize_uint8, fingerprint
 
 
 def load_tfds_source(cfg: DataConfig, size: int) -> Source:

@@ -11,7 +11,8 @@ import tensorflow as tf
 
 from research.config import DataConfig, UserError
 from research.data import images as images_lib
-from research.data.splits import AUTOTUNE, Source, _resize_uint8, _stat, fingerprint, parse_classes
+from research.data.layout import parse_classes
+from research.data.splits import AUTOTUNE, Source, _resize_uint8, _stat, fingerprint
 
 
 TFRECORD_MANIFEST = "manifest.json"

@@ -14,7 +14,6 @@ Workdir layout (a contract other tools rely on):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -22,12 +21,13 @@ import tempfile
 import numpy as np
 from absl import logging
 
-from research.config import ExperimentConfig, config_diff
+from research.config import ExperimentConfig
 from research import provenance
 from research.errors import UserError
 from research.run import actions as actions_lib
 from research.run import build as build_lib
-from research.run import checkpoints, distribute
+from research.run import checkpoints, distribute, preflight
+from research.run import workdir as workdir_lib
 from research.run.actions.base import Context
 from research.run.controller import Controller
 from research.run.loop import Trainer
@@ -68,9 +68,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
         raise UserError(f"--batch_size={config.data.batch_size} is the global batch and must divide evenly over the "
                         f"{replicas} replicas; use a multiple of {replicas}")
     chief = distribute.is_chief(strategy)
-    if chief:
-        checkpoints.check_unlocked(workdir)  # fail fast, before the data is read
-    changes = _changes_on_resume(workdir, config, allow_config_change)
+    changes = preflight.check(config, workdir, allow_config_change=allow_config_change, chief=chief)
     source, pipeline = build_lib.build_inputs(config, strategy, cache_dir=build_lib.cache_dir(workdir, strategy, chief),
                                               verbose=verbose)
     _check_monitor(config, source.num_classes)
@@ -89,7 +87,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
                       jit_compile=distribute.use_xla(t.jit_compile), label_smoothing=t.label_smoothing,
                       class_weights=weights)
     actions = actions_lib.for_config(config)
-    with checkpoints.workdir_lock(workdir, enabled=chief):
+    with workdir_lib.workdir_lock(workdir, enabled=chief):
         scratch = None if chief else tempfile.mkdtemp(prefix="worker_ckpt_")
         ckpts = checkpoints.Checkpoints(workdir, model=built.model, base=built.base, optimizer=built.optimizer,
                                         keep=t.checkpoint_keep, scratch_dir=scratch)
@@ -112,31 +110,6 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
         finally:
             if scratch:  # a non-chief worker's scratch checkpoints go, however the run ends
                 shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> list[str]:
-    """Compares `config` with the run already in `workdir` (reads only).
-
-    Raises:
-      UserError: the config changed, without `allow`.
-    """
-    path = os.path.join(workdir, "config.json")
-    if not (os.path.exists(path) and checkpoints.has_checkpoint(workdir)):
-        return []  # nothing trained yet: the new config simply replaces the old one
-    with open(path) as f:
-        old = json.load(f)
-    diff = config_diff(old, config.to_dict())
-    # The optimizer's slots are checkpointed by position: another optimizer would load one
-    # slot's values into another (or fail to load at all); so would an option's own state.
-    layout = [d for d in diff if d.startswith("train.optimizer:")] + actions_lib.resume_conflicts(old, config)
-    if layout:
-        raise UserError(f"--workdir={workdir!r}: {'; '.join(layout)}: changes the optimizer's checkpointed state "
-                        "(or an option's), which cannot be resumed even with --allow_config_change; start a new "
-                        f"run from its weights: --workdir=NEW --weights=ckpt:{workdir}")
-    if diff and not allow:
-        raise UserError(f"--workdir={workdir!r} holds a run with a different config; changed: {'; '.join(diff)}; "
-                        "use another --workdir, or pass --allow_config_change to resume with the new config")
-    return diff
 
 
 def _check_monitor(config: ExperimentConfig, num_classes: int) -> None:
@@ -168,6 +141,10 @@ def _start(ctx: Context, ctl: Controller, run: RunState, resumed_from: str | Non
                             "to resume with the new data")
         changes = changes + data_changes
     ctx.summaries = Summaries(ctx.workdir, enabled=ctx.chief, resumed_at=run.saved_at if resumed_from else None)
+    # The whole plan before the first step: --head_epochs alone also adds a fine-tuning stage.
+    ctx.say("stages: " + "; ".join(f"{i + 1}. {s.name}: unfreeze {s.unfreeze}, {s.epochs} epoch(s) at lr {s.lr:g} "
+                                   f"({s.schedule}{f', warmup {s.warmup_epochs:g} epoch(s)' if s.warmup_epochs else ''})"
+                                   for i, s in enumerate(config.stages)))
     if resumed_from:
         ctl.wall_before = run.wall_seconds
         for v, value in zip(ctl.seed_vars, run.seed_states):

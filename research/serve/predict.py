@@ -21,7 +21,7 @@ from research.errors import UserError
 
 def find_images(args: list[str]) -> tuple[list[str], list[str]]:
     """(images to classify, other files skipped in folders). A file named directly is always tried."""
-    from research.data.images import walk_images
+    from research.data.layout import walk_images
     out, other = [], []
     for a in args:
         if os.path.isdir(a):

@@ -97,8 +97,8 @@ class Context:
 
     def write_json(self, name: str, obj) -> None:
         if self.chief:
-            from research.run import checkpoints
-            checkpoints.atomic_write_json(os.path.join(self.workdir, name), obj)
+            from research.run import workdir
+            workdir.atomic_write_json(os.path.join(self.workdir, name), obj)
 
     def base_changed(self) -> None:
         """Tells every action that the backbone's weights or statistics changed outside

@@ -1,0 +1,93 @@
+"""Every refusal that needs neither TensorFlow nor a pixel, made before TensorFlow starts.
+
+`launch.train` calls `check` before it imports TensorFlow, so a workdir in use, one
+that cannot be written, one holding another run or a finished one, a folder with one
+class or an empty `val/` cost well under two seconds, not a data load and a model
+build. `train_and_evaluate` calls it again (it is cheap) for callers of the library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from research.config import ExperimentConfig, UserError, config_diff, writable_dir
+from research.data import layout
+from research.run import actions
+from research.run import workdir as workdir_lib
+
+
+def check(config: ExperimentConfig, workdir: str, *, allow_config_change: bool = False, chief: bool = True
+          ) -> list[str]:
+    """Refuses what would fail later for a reason the files already show.
+
+    Args:
+      config: a validated config (`research.run.actions.validate`).
+      workdir: the run's directory.
+      chief: whether this process writes the run (the others neither lock nor write it).
+
+    Returns:
+      The config changes of a resumed run (`changes_on_resume`).
+
+    Raises:
+      UserError: naming what is wrong.
+    """
+    workdir = os.path.abspath(workdir)
+    if chief:
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise UserError(f"--workdir={workdir!r} is a file, not a directory")
+        if not writable_dir(workdir):
+            raise UserError(f"--workdir={workdir!r} cannot be created or written into (a read-only place?)")
+        workdir_lib.check_unlocked(workdir)
+    changes = changes_on_resume(workdir, config, allow_config_change)
+    if config.data.source.kind == "folder":
+        names = layout.folder_splits(config.data)[0]
+        layout.parse_classes(config.data.classes, names)
+    return changes
+
+
+def chief_of(strategy: str) -> bool:
+    """Whether this process will write the run, from `--strategy` and `TF_CONFIG` alone (as
+    `research.run.distribute.is_chief` decides it once TensorFlow runs)."""
+    if strategy != "multi_worker" or "TF_CONFIG" not in os.environ:
+        return True
+    tf_config = json.loads(os.environ["TF_CONFIG"])
+    task = tf_config.get("task", {})
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    if "chief" in tf_config.get("cluster", {}):
+        return kind == "chief"
+    return kind == "worker" and index == 0
+
+
+def changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> list[str]:
+    """Compares `config` with the run already in `workdir` (reads only).
+
+    Raises:
+      UserError: the config changed, without `allow`.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not (os.path.exists(path) and workdir_lib.has_checkpoint(workdir)):
+        return []  # nothing trained yet: the new config simply replaces the old one
+    with open(path) as f:
+        old = json.load(f)
+    diff = config_diff(old, config.to_dict())
+    # The optimizer's slots are checkpointed by position: another optimizer would load one
+    # slot's values into another (or fail to load at all); so would an option's own state.
+    fixed = [d for d in diff if d.startswith("train.optimizer:")] + actions.resume_conflicts(old, config)
+    if fixed:
+        raise UserError(f"--workdir={workdir!r}: {'; '.join(fixed)}: changes the optimizer's checkpointed state "
+                        "(or an option's), which cannot be resumed even with --allow_config_change; start a new "
+                        f"run from its weights: --workdir=NEW --weights=ckpt:{workdir}")
+    if diff and os.path.exists(os.path.join(workdir, "results.json")):
+        raise UserError(f"the run in {workdir!r} is finished; a changed config cannot be recorded for it "
+                        f"(changed: {_summary(diff)}). To train further, start a new run from its weights: "
+                        f"--workdir=NEW --weights=ckpt:{workdir}")
+    if diff and not allow:
+        raise UserError(f"--workdir={workdir!r} holds a run with a different config; changed: {_summary(diff)}; "
+                        "use another --workdir, or pass --allow_config_change to resume with the new config")
+    return diff
+
+
+def _summary(diff: list[str], shown: int = 8) -> str:
+    more = len(diff) - shown
+    return "; ".join(diff[:shown]) + (f"; and {more} more (compare config.json)" if more > 0 else "")
