@@ -353,3 +353,41 @@ def profile(logdir: str, folder: str, *, size: int, batch: int, steps: int, step
     tf.profiler.experimental.stop()
     out["pipeline"] = {"images_per_second": round(ips, 1), **_op_table(run, top)}
     return out
+
+
+def startup(*, repeats: int, workdir: str | None = None) -> dict:
+    """Seconds from the command to its first result, for `launch.train` (a one-epoch run of
+    the digits at 16 px: start-up, then a few steps), `launch.evaluate`, `launch.export` and
+    `launch.predict` (one photo), each as a ratio to `import tensorflow` alone: what a tool
+    adds to TensorFlow's own start-up. Interleaved repeats, medians.
+    """
+    from PIL import Image
+
+    wd = workdir or tempfile.mkdtemp(prefix="bench_startup_")
+    run, photo = os.path.join(wd, "run"), os.path.join(wd, "photo.png")
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (32, 32, 3), np.uint8)).save(photo)
+    train = ["-m", "launch.train", "--image_size=16", "--classes=0-4", "--epochs=1"]
+    subprocess.run([sys.executable, *train, f"--workdir={run}"], check=True, capture_output=True)
+    count = iter(range(10**6))
+    commands = {
+        "import_tensorflow": lambda: ["-c", "import tensorflow"],
+        "train_first_epoch": lambda: [*train, "--noexport", f"--workdir={os.path.join(wd, f'train{next(count)}')}"],
+        "evaluate": lambda: ["-m", "launch.evaluate", f"--workdir={run}", "--split=val", "--name=bench"],
+        "export": lambda: ["-m", "launch.export", f"--workdir={run}", f"--out={os.path.join(wd, f'x{next(count)}')}"],
+        "predict": lambda: ["-m", "launch.predict", f"--model={os.path.join(run, 'export')}", photo],
+    }
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+    def timed(make):
+        def run_once():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, *make()], check=True, capture_output=True, env=env)
+            return time.perf_counter() - t0
+        return run_once
+
+    res = interleaved({k: timed(v) for k, v in commands.items()}, repeats)
+    base = res["import_tensorflow"]["median"]
+    out = {"repeats": repeats, "import_tensorflow": res.pop("import_tensorflow")}
+    for k, m in res.items():
+        out[k] = {"ratio": m["median"] / base, "seconds": m}
+    return out

@@ -58,21 +58,24 @@ def _seeds() -> list[str]:
 
 
 def main(argv):
-    common.start_tensorflow_quietly()  # the parent builds backbones to check the trials' specs
     from launch.train import config_from_args
-    from research.studies import ablation, probe, transfer
+    from research.studies import ablation
 
     # Trials are compared, not shipped: skip the export unless asked (--export after --).
     train_flags = ["--noexport", *argv[1:]]
     if any(a.startswith("--workdir") for a in train_flags):
         common.die("do not pass --workdir: each trial gets ROOT/trials/NAME", common.EXIT_USER_ERROR)
     root = F.root or f"/tmp/ablate_{F.study}"
+    if F.study != "sweep":  # the studies build backbones in this process
+        common.start_tensorflow_quietly()
     if F.study == "transfer":
+        from research.studies import transfer
         rows, _ = transfer.run_transfer_study(
             root, train_flags, config_from_args, seeds=_seeds(),
             classes_a=F.classes_a, classes_b=F.classes_b, epochs=F.epochs, parallel=F.parallel, rerun=F.rerun)
         report = "transfer.md"
     elif F.study == "probe":
+        from research.studies import probe
         split = (lambda text: [s.strip() for s in (text.split(";") if ";" in text else text.split(","))
                                if s.strip()])
         rows, _ = probe.run_probe_study(root, train_flags, config_from_args, seeds=_seeds(),
@@ -86,8 +89,9 @@ def main(argv):
     else:
         if not F.sweep:
             common.die("give at least one --sweep=KEY:V1,V2 (or --study=transfer)", common.EXIT_USER_ERROR)
+        # Every trial is checked before TensorFlow starts: a bad sweep value costs no start-up.
         rows = ablation.run_sweep(root, F.sweep, train_flags, config_from_args, parallel=F.parallel,
-                                  rerun=F.rerun, baseline=F.baseline)
+                                  rerun=F.rerun, baseline=F.baseline, ready=common.start_tensorflow_quietly)
         report = "results.md"
     with open(f"{root}/{report}") as f:
         print(f.read())

@@ -2,7 +2,8 @@
 
 Ratios (medians of interleaved repeats, with both medians and every sample):
 loop_vs_fit, loop_vs_fit_matched, pipeline_vs_ceiling, feature_cache_speedup,
-steps_per_loop_speedup, and memory. See docs/BENCHMARKS.md for results.
+steps_per_loop_speedup, startup (each tool's time to its first result over `import
+tensorflow`'s), and memory. See docs/BENCHMARKS.md for results.
 With --profile_dir: tf.profiler traces and op tables instead (see `benchmarks.measure.profile`).
 With --scale: start-up, memory and throughput as the dataset grows (see `benchmarks/scale.py`).
 """
@@ -104,6 +105,8 @@ def main(argv):
     out["feature_cache_speedup"] = B.feature_cache_speedup(size=32 if F.tiny else 96, batch=32, repeats=repeats)
     print("[bench] steps_per_loop", flush=True)
     out["steps_per_loop_speedup"] = B.steps_per_loop_speedup(default=F.steps_per_loop, batch=32, repeats=repeats)
+    print("[bench] start-up", flush=True)
+    out["startup"] = B.startup(repeats=repeats)
     print("[bench] memory", flush=True)
     mem_flags = ["--image_size=16", "--classes=0-2"] if F.tiny else []
     out["memory"] = B.memory(epochs=3 if F.tiny else 10, extra_flags=mem_flags)
@@ -117,6 +120,10 @@ def main(argv):
         print(f"{k:22s} {'':24s} {out[k]['ratio']:.3f}")
     for k in ("first_epoch", "no_augment", "without_stream", "without_thread_cap", "without_fused_warp"):
         print(f"{'  pipeline ' + k:47s} {out['pipeline_vs_ceiling'][k]['ratio']:.3f}")
+    base = out["startup"]["import_tensorflow"]["median"]
+    print(f"start-up: import tensorflow {base:.1f}s; " + ", ".join(
+        f"{k} {v['seconds']['median']:.1f}s ({v['ratio']:.2f}x)" for k, v in out["startup"].items()
+        if isinstance(v, dict) and "ratio" in v))
     print(f"memory growth epoch 2 -> last: {out['memory'].get('growth_epoch2_to_last')}")
     print(f"wrote {F.out} in {out['seconds']}s")
 

@@ -26,7 +26,7 @@ def main(argv):
     r = guide.run(config, F.workdir)
     f = r["final"]
     test = f"test/accuracy {f['test/accuracy']:.4f}  " if "test/accuracy" in f else ""
-    print(f"\nguide recipe: {test}val/accuracy {f['val/accuracy']:.4f}  ({r['epochs_run']} epochs, "
+    print(f"\nguide recipe: {test}val/accuracy {f['val/accuracy']:.4f}  ({r['epochs_run']} epoch{'s' if r['epochs_run'] != 1 else ''}, "
           f"{r['wall_time_s']:.0f}s)\nresults: {F.workdir}/results.json")
 
 

@@ -13,7 +13,7 @@ from launch import common  # noqa: F401  (sets TF log level before TF loads)
 from absl import app, flags
 
 from research import config as C
-from research.run import actions  # the options' own checks; imports no TensorFlow
+from research.run import preflight  # every check of the config; imports no TensorFlow
 
 F = flags.FLAGS
 
@@ -85,7 +85,7 @@ def config_from_flags(fv: flags.FlagValues = F, config_cls: type = C.ExperimentC
         stages = C.simple_stages(head_epochs=fv.head_epochs, finetune_lr=fv.finetune_lr, **stage)
     values = {f.path: fv[f.flag].value for f in C.flag_fields(config_cls)}
     values[("model", "bn")] = _bn_policy(fv)
-    return actions.validate(C.from_flat(config_cls, values, stages=stages))
+    return preflight.validate(C.from_flat(config_cls, values, stages=stages))
 
 
 def config_from_args(args: list[str]) -> C.ExperimentConfig:
@@ -125,7 +125,6 @@ def config_or_exit(argv, example_workdir: str) -> C.ExperimentConfig:
 
 def main(argv):
     config = config_or_exit(argv, "/tmp/run1")
-    from research.run import preflight  # the refusals that need no TensorFlow, before it starts
     preflight.check(config, F.workdir, allow_config_change=F.allow_config_change,
                     chief=preflight.chief_of(config.train.strategy))
 
@@ -142,7 +141,7 @@ def main(argv):
     f = results["final"]
     test = f"test/accuracy {f['test/accuracy']:.4f}  " if "test/accuracy" in f else "(no test split)  "
     print(f"\nfinal {test}val/accuracy {f['val/accuracy']:.4f}  val/loss {f['val/loss']:.4f}  "
-          f"({results['epochs_run']} epochs, {results['wall_time_s']:.0f}s, "
+          f"({results['epochs_run']} epoch{'s' if results['epochs_run'] != 1 else ''}, {results['wall_time_s']:.0f}s, "
           f"{results['images_per_second']:.0f} train images/s)")
     print(f"results: {F.workdir}/results.json")
     if F.export:

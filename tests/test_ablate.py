@@ -167,6 +167,9 @@ def test_tensorboard_serves_every_trial(sweep_root):
         assert all(any(t in n for n in names) for t in trials), names
         hp_names = {h["name"] for g in groups["sessionGroups"] for h in [{"name": k} for k in g["hparams"]]}
         assert {"unfreeze", "seed"} <= hp_names
+        # A numeric setting is a number in the dashboard (sortable), a spec a category.
+        values = [g["hparams"] for g in groups["sessionGroups"]]
+        assert all(isinstance(v["seed"], (int, float)) and isinstance(v["unfreeze"], str) for v in values), values
     finally:
         tb.terminate()
         tb.wait(timeout=30)

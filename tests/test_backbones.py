@@ -25,6 +25,10 @@ EXPECTED_BLOCKS = {
 
 def test_registry_is_complete():
     assert set(backbones.BACKBONES) == set(SIZES)
+    # The names the registry gives before any model is built (specs are checked against
+    # them before TensorFlow starts) are those the built model has (the test below).
+    for name, entry in backbones.BACKBONES.items():
+        assert list(entry.block_names) == EXPECTED_BLOCKS[name], name
 
 
 @pytest.mark.parametrize("name", list(SIZES))

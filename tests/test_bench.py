@@ -65,6 +65,14 @@ def test_bench_quick_tiny_writes_consistent_numbers(tmp_path):
     assert pipe["loop_traces"] == 1 and b["steps_per_loop_speedup"]["loop_traces"] == 1
     assert b["feature_cache_speedup"]["extraction_seconds"] > 0
 
+    up = b["startup"]
+    _check_measurement(up["import_tensorflow"], "startup/import_tensorflow")
+    assert set(up) == {"repeats", "import_tensorflow", "train_first_epoch", "evaluate", "export", "predict"}
+    for tool in ("train_first_epoch", "evaluate", "export", "predict"):
+        _check_measurement(up[tool]["seconds"], f"startup/{tool}")
+        assert up[tool]["ratio"] == pytest.approx(up[tool]["seconds"]["median"] / up["import_tensorflow"]["median"],
+                                                  rel=1e-12), tool
+
     mem = b["memory"]
     assert "error" not in mem, mem
     by_epoch = {int(k): v for k, v in mem["rss_mb_by_epoch"].items()}

@@ -216,7 +216,8 @@ def test_allow_config_change_resumes_an_unfinished_run_and_records_it(tmp_path):
         train_lib.train_and_evaluate(ema_on, str(wd), verbose=False, allow_config_change=True)
     res = train_lib.train_and_evaluate(cfg(5e-4), str(wd), verbose=False, allow_config_change=True)
     assert res["epochs_run"] == 3
-    assert res["config_changes"] == [{"global_epoch": 1, "changed": ["stages.0.lr: 0.001 -> 0.0005"]}]
+    # From the second epoch on (results.json counts epochs from 1), the first after the interruption.
+    assert res["config_changes"] == [{"global_epoch": 2, "changed": ["stages.0.lr: 0.001 -> 0.0005"]}]
     assert json.loads((wd / "config.json").read_text())["stages"][0]["lr"] == 5e-4
 
 

@@ -198,6 +198,12 @@ def test_launch_probe_writes_its_table_plot_and_scalars(tmp_path):
     assert all(0 <= row["val_accuracy"] <= 1 and "test_accuracy" in row for row in rows)
     assert (tmp_path / "probe.png").stat().st_size > 1000 and "| depth | block |" in (tmp_path / "probe.md").read_text()
     assert list(tmp_path.glob("events.out.tfevents.*"))
+    # It ends with its conclusion: the peak, and what auto:probe:K would unfreeze.
+    from research.model.probe import choose_by_probe
+    peak = max(rows, key=lambda row: row["val_accuracy"])["block"]
+    last = r.stdout.strip().splitlines()[-3]
+    assert last.startswith(f"peak: {peak} (validation accuracy "), r.stdout[-1000:]
+    assert f"auto:probe:1 -> {choose_by_probe(rows, ['block1', 'block2', 'block3'], 1)[0]}" in last
     # Over the memory budget, the features go to disk and are read back memory-mapped: the same probes.
     r = run_module("launch.probe", f"--out={tmp_path / 'disk'}", "--max_memory_mb=0", "--", "--image_size=16",
                    "--classes=0-4")

@@ -207,7 +207,7 @@ def test_best_weights_are_scored_on_test_as_evaluate_scores_them(digit_folders, 
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((wd / "results.json").read_text())
     assert "test (final weights)" in r.stdout
-    assert res["best"]["global_epoch"] < res["epochs_run"] - 1, "best/ and the final weights must differ here"
+    assert res["best"]["global_epoch"] < res["epochs_run"], "best/ and the final weights must differ here"
     for ckpt, record in (("best", res["best"]), ("latest", res["final"])):
         r = run_module("launch.evaluate", f"--workdir={wd}", f"--checkpoint={ckpt}", "--split=test", f"--name={ckpt}")
         assert r.returncode == 0, r.stderr[-2000:]

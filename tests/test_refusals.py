@@ -123,3 +123,16 @@ def test_a_library_caller_gets_the_same_refusal(tmp_path):
     with pytest.raises(UserError, match="is finished"):
         preflight.check(changed, str(tmp_path / "done"))
     assert preflight.check(cfg, str(tmp_path / "done")) == []
+
+
+def test_specs_the_backbone_cannot_have_are_refused_before_tensorflow_in_runs_and_sweeps(tmp_path):
+    """The registry names every backbone's blocks: no model is built to refuse a spec."""
+    err = _refused("launch.train", f"--workdir={tmp_path / 'r'}", "--unfreeze=top:99", "--head_epochs=1")
+    assert "unfreeze spec 'top:99': K must be an integer in 0..3" in err and "block1, block2, block3" in err
+    err = _refused("launch.train", f"--workdir={tmp_path / 'r'}", "--backbone=mobilenet", "--alpha=0.25",
+                   "--unfreeze=from:conv_dw_99", "--head_epochs=1")
+    assert "conv_dw_99" in err and "conv_dw_13" in err
+    err = _refused("launch.ablate", f"--root={tmp_path / 'sweep'}", "--sweep=unfreeze:none,top:99", "--",
+                   "--head_epochs=1")
+    assert "trial unfreeze=top_99" in err or "top:99" in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "sweep" / "trials").exists()

@@ -41,7 +41,7 @@ def test_evaluating_another_checkpoint_keeps_the_first_report(three_class_run):
     assert best["report"].endswith("eval/own_test.json") and latest["report"].endswith("eval/own_test_latest.json")
     on_disk = {n: json.load(open(wd / "eval" / n))["checkpoint"] for n in ("own_test.json", "own_test_latest.json")}
     assert on_disk == {"own_test.json": best["checkpoint"], "own_test_latest.json": latest["checkpoint"]}
-    assert best["checkpoint"] != latest["checkpoint"] or res["best_epoch"] == res["epochs_run"] - 1
+    assert best["checkpoint"] != latest["checkpoint"] or res["best_epoch"] == res["epochs_run"]
 
 
 def test_ctrl_c_on_a_sweep_exits_75_in_one_line_and_the_trial_resumes(tmp_path):
@@ -151,3 +151,27 @@ def test_evaluate_s_confusion_matrix_and_per_class_scores_with_one_sided_mistake
     assert report["per_class"][0]["precision"] == 1.0 and report["per_class"][0]["recall"] < 1.0
     assert report["per_class"][1]["recall"] == 1.0 and report["per_class"][1]["precision"] < 1.0
     assert report["accuracy"] == pytest.approx(float((pred == labels).mean()))
+
+
+def test_epochs_are_counted_from_one_in_results_as_in_the_logs_and_checkpoint_names(three_class_run):
+    wd, res = three_class_run
+    assert [h["global_epoch"] for h in res["history"]] == [1, 2, 3]
+    assert [(h["stage"], h["epoch"]) for h in res["history"]] == [("head", 1), ("ft", 1), ("ft", 2)]
+    assert 1 <= res["best_epoch"] == res["best"]["global_epoch"] <= res["epochs_run"] == 3
+    assert res["best"]["checkpoint"] == os.path.join("best", f"ckpt-{res['best_epoch']}")
+    assert (wd / f"{res['best']['checkpoint']}.index").exists()
+    trainable = json.loads((wd / "trainable.json").read_text())
+    assert [r["from_epoch"] for r in trainable] == [1, 1]
+
+
+def test_json_files_keep_the_order_their_records_were_made_in(tmp_path, three_class_run):
+    """Not sorted: an `auto:` choice's scores read input to output (conv_dw_2 before
+    conv_dw_10), a history record starts with its stage and epochs."""
+    from research.run.workdir import atomic_write_json
+
+    scores = {f"conv_dw_{i}": 1.0 / i for i in (1, 2, 10, 11)}
+    atomic_write_json(str(tmp_path / "t.json"), {"auto": {"scores": scores}})
+    assert list(json.loads((tmp_path / "t.json").read_text())["auto"]["scores"]) == list(scores)
+    wd, _ = three_class_run
+    history = json.loads((wd / "results.json").read_text())["history"]
+    assert list(history[0])[:4] == ["stage", "epoch", "global_epoch", "step"]

@@ -177,7 +177,7 @@ def test_best_is_the_best_epoch_of_the_whole_run(tmp_path, restore):
     res = json.loads((wd / "results.json").read_text())
     losses = [h["val/loss"] for h in res["history"]]
     best_g = int(np.argmin(losses))  # Keras's rule over the whole run: the first minimum of the monitor
-    assert res["best"]["global_epoch"] == res["best_epoch"] == best_g
+    assert res["best"]["global_epoch"] == res["best_epoch"] == best_g + 1  # results.json counts epochs from 1
     assert res["best"]["stage"] == res["best_stage"] == "head", res["history"]
     assert res["best"]["val/loss"] == losses[best_g]
     assert res["best"]["val/accuracy"] == res["history"][best_g]["val/accuracy"] > 0.9

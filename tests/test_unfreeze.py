@@ -212,7 +212,7 @@ def test_gradual_unfreezing_in_a_run_adds_one_block_per_period(tmp_path):
     records = json.loads((tmp_path / "g" / "trainable.json").read_text())
     assert [r["key"] for r in records] == ["g/top1", "g/top2", "g/top3"]
     assert [r["blocks"] for r in records] == [["block3"], ["block2", "block3"], ["block1", "block2", "block3"]]
-    assert [r["from_epoch"] for r in records] == [0, 1, 2]
+    assert [r["from_epoch"] for r in records] == [1, 2, 3]  # counted from 1, as the logs count
     assert records[0]["trainable_params"] < records[1]["trainable_params"] < records[2]["trainable_params"]
     assert res["epochs_run"] == 3
     # The stage reports its last, largest trainable set (it once reported null: records

@@ -38,7 +38,7 @@ def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
 def validate(config: ExperimentConfig) -> ExperimentConfig:
     """Checks everything that needs neither TensorFlow nor the data's contents, except
     what the run's options (research/run/actions) check themselves:
-    `research.run.actions.validate` runs both.
+    `research.run.preflight.validate` runs both.
 
     Runs in well under a second, before TensorFlow is imported. What needs the
     built model (block names of unfreeze specs) or the data (class names, image

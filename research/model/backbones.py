@@ -40,6 +40,9 @@ class Backbone:
       block_of: maps the base model to `{layer_name: block_name}`.
       has_imagenet: whether `weights="imagenet"` exists for it.
       has_alpha: whether it has a width multiplier (`--alpha`).
+      block_names: its blocks, input to output, as `block_of` names them on the built
+        model (tests/test_backbones.py checks both agree): unfreeze specs are checked
+        against them before TensorFlow starts.
     """
 
     name: str
@@ -50,6 +53,7 @@ class Backbone:
     block_of: Callable[[keras.Model], dict[str, str]]
     has_imagenet: bool = True
     has_alpha: bool = False
+    block_names: tuple[str, ...] = ()
 
 
 def _by_prefix(rules: list[tuple[str, str]], first: str) -> Callable[[keras.Model], dict[str, str]]:
@@ -134,32 +138,41 @@ def _scale_01(x):
     return x / 255.0
 
 
+def _numbered(prefix: str, first: int, last: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(first, last + 1))
+
+
 BACKBONES: dict[str, Backbone] = {
     "small_cnn": Backbone(
         "small_cnn", _small_cnn, _scale_01, 32, 8,
-        _by_prefix([(r"block(\d+)_", r"block\1")], "block1"), has_imagenet=False),
+        _by_prefix([(r"block(\d+)_", r"block\1")], "block1"), has_imagenet=False,
+        block_names=_numbered("block", 1, 3)),
     "vgg16": Backbone(
         "vgg16", _app("VGG16"), _preprocess("vgg16"), 224, 32,
-        _by_prefix([(r"block(\d+)_", r"block\1")], "block1")),
+        _by_prefix([(r"block(\d+)_", r"block\1")], "block1"), block_names=_numbered("block", 1, 5)),
     "inception_v3": Backbone(
         "inception_v3", _app("InceptionV3"), _preprocess("inception_v3"), 299, 75,
-        _inception_blocks),
+        _inception_blocks, block_names=("stem", *_numbered("mixed", 0, 10))),
     "mobilenet": Backbone(
         "mobilenet", _app("MobileNet", width=True), _preprocess("mobilenet"), 224, 32,
-        _by_prefix([(r"conv1", "stem"), (r"conv_(?:dw|pw|pad)_(\d+)", r"conv_dw_\1")], "stem"), has_alpha=True),
+        _by_prefix([(r"conv1", "stem"), (r"conv_(?:dw|pw|pad)_(\d+)", r"conv_dw_\1")], "stem"), has_alpha=True,
+        block_names=("stem", *_numbered("conv_dw_", 1, 13))),
     "mobilenet_v2": Backbone(
         "mobilenet_v2", _app("MobileNetV2", width=True), _preprocess("mobilenet_v2"), 224, 32,
         _by_prefix([(r"(?:bn_)?Conv1", "stem"), (r"expanded_conv_", "block_0"),
-                    (r"block_(\d+)_", r"block_\1"), (r"Conv_1|out_relu", "top")], "stem"), has_alpha=True),
+                    (r"block_(\d+)_", r"block_\1"), (r"Conv_1|out_relu", "top")], "stem"), has_alpha=True,
+        block_names=("stem", *_numbered("block_", 0, 16), "top")),
     "resnet50": Backbone(
         "resnet50", _app("ResNet50"), _preprocess("resnet50"), 224, 32,
-        _by_prefix([(r"(?:conv1|pool1)_", "stem"), (r"(conv\d_block\d+)_", r"\1")], "stem")),
+        _by_prefix([(r"(?:conv1|pool1)_", "stem"), (r"(conv\d_block\d+)_", r"\1")], "stem"),
+        block_names=("stem", *(f"conv{s}_block{b}" for s, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for b in range(1, n + 1)))),
     "efficientnet_b0": Backbone(
         "efficientnet_b0", _app("EfficientNetB0"), _preprocess("efficientnet"), 224, 32,
-        _by_prefix([(r"stem_", "stem"), (r"block(\d)[a-z]_", r"block\1"), (r"top_", "top")], "stem")),
+        _by_prefix([(r"stem_", "stem"), (r"block(\d)[a-z]_", r"block\1"), (r"top_", "top")], "stem"),
+        block_names=("stem", *_numbered("block", 1, 7), "top")),
     "xception": Backbone(
         "xception", _app("Xception"), _preprocess("xception"), 299, 71,
-        _by_prefix([(r"block(\d+)_", r"block\1")], "block1")),
+        _by_prefix([(r"block(\d+)_", r"block\1")], "block1"), block_names=_numbered("block", 1, 14)),
 }
 
 

@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
 from research.model import backbones
 from research.config import SPEC_FORMS, UnfreezeSpec
 from research.errors import UserError
+
+if TYPE_CHECKING:
+    import keras
 
 SPEC_HELP = ", ".join(SPEC_FORMS)
 
@@ -114,6 +117,7 @@ def resolve_blocks(spec: UnfreezeSpec | str, block_names: list[str], *, backbone
 
 
 def _is_bn(layer) -> bool:
+    import keras  # here, not at the top: specs are resolved before TensorFlow starts
     return isinstance(layer, keras.layers.BatchNormalization)
 
 

@@ -24,13 +24,15 @@ from research.run import checkpoints, distribute
 
 
 def build_inputs(config: ExperimentConfig, strategy, *, cache_dir: str | None = None,
-                 verbose: bool = True) -> tuple[sources.Source, data_lib.Pipeline]:
+                 verbose: bool = True, scores_test: bool = True) -> tuple[sources.Source, data_lib.Pipeline]:
     """Loads the data (every image not checked before is checked) and builds the input
     pipeline; says what it found. Writes nothing: `Pipeline.prepare` does, later.
 
     Args:
       cache_dir: the disk cache and the folder check's results, unless `--cache_dir`
         names one (None: neither is kept; `disk` then falls back to `none`).
+      scores_test: whether the caller scores the test split (a run does; the LR
+        range test does not), for what it says about test.
 
     Raises:
       UserError: missing or unreadable data, unknown classes or splits.
@@ -54,7 +56,8 @@ def build_inputs(config: ExperimentConfig, strategy, *, cache_dir: str | None = 
               + (f"; skipped {len(source.skipped)} unreadable" if source.skipped else ""), flush=True)
         print(f"cache: {mode}" + (f" in {cache_dir}" if mode == "disk" else "")
               + (f" ({why})" if cfg_d.cache != mode or cfg_d.cache == "auto" else ""), flush=True)
-        print(f"test: {source.test_from}" + ("; evaluated once, at the end of the run" if source.test else
+        print(f"test: {source.test_from}" + ("; not used here" if not scores_test else
+                                             "; evaluated once, at the end of the run" if source.test else
                                              "; the run reports validation numbers only"), flush=True)
         print(f"model: {config.model.backbone} (weights {config.model.weights}); "
               f"{distribute.describe(strategy)}, {config.train.precision}", flush=True)

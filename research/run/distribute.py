@@ -13,6 +13,7 @@ import os
 
 import keras
 import tensorflow as tf
+from absl import logging
 from tensorflow.python.framework import config as tf_config
 
 from research.errors import UserError
@@ -147,4 +148,8 @@ def use_xla(setting: str) -> bool:
 
 def set_precision(policy: str) -> None:
     """Sets the global Keras dtype policy (`float32`, `mixed_float16`, `mixed_bfloat16`)."""
+    if policy == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
+        # CPUs have no fast float16 kernels: each op casts, and a run is several times slower.
+        logging.warning("--precision=mixed_float16 without a GPU runs several times slower than float32 on this "
+                        "CPU; it is meant for GPUs (mixed_bfloat16 suits CPUs with bfloat16 support)")
     keras.mixed_precision.set_global_policy(policy)

@@ -12,9 +12,30 @@ import json
 import os
 
 from research.config import ExperimentConfig, UserError, config_diff, writable_dir
+from research.config import validate as validate_config
 from research.data import layout
+from research.model import backbones, unfreeze
 from research.run import actions
 from research.run import workdir as workdir_lib
+
+
+def validate(config: ExperimentConfig) -> ExperimentConfig:
+    """Every check of a config alone: its sections' (`research.config.validate`), each
+    run option's own (`research.run.actions.check`), and every stage's unfreeze spec
+    against the backbone's blocks (the registry names them; no model is built).
+
+    Returns:
+      The config with every path made absolute.
+
+    Raises:
+      UserError: naming the bad value and what is allowed.
+    """
+    config = validate_config(config)
+    actions.check(config)
+    blocks = list(backbones.get(config.model.backbone).block_names)
+    for stage in config.stages:
+        unfreeze.resolve_blocks(stage.spec, blocks, backbone=config.model.backbone)
+    return config
 
 
 def check(config: ExperimentConfig, workdir: str, *, allow_config_change: bool = False, chief: bool = True
@@ -22,7 +43,7 @@ def check(config: ExperimentConfig, workdir: str, *, allow_config_change: bool =
     """Refuses what would fail later for a reason the files already show.
 
     Args:
-      config: a validated config (`research.run.actions.validate`).
+      config: a validated config (`validate`).
       workdir: the run's directory.
       chief: whether this process writes the run (the others neither lock nor write it).
 

@@ -145,7 +145,7 @@ class RunState:
 
     def results(self, config: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The `results.json` view; `extra`: the actions' entries (`Action.results`)."""
-        best = self.best
+        best = numbered(self.best)
         return {
             "final": self.final,
             "best": best,
@@ -153,17 +153,30 @@ class RunState:
             "best_stage": best["stage"] if best else None,
             "early_stopping_fired": any(s["early_stopped"] for s in self.stages),
             "final_weights_from": self.stages[-1]["weights_from"] if self.stages else "last epoch",
-            "stages": [dict(s, trainable_params=self.trainable_params(s["name"])) for s in self.stages],
+            "stages": [dict(s, early_stopping=numbered(s["early_stopping"]), trainable_params=self.trainable_params(s["name"]))
+                       for s in self.stages],
             "epochs_run": len(self.history),
             "wall_time_s": self.wall_seconds,
             "images_per_second": self.images_per_second(),
             **self.data,
-            "config_changes": self.config_changes,
+            "config_changes": [numbered(c) for c in self.config_changes],
             "provenance": self.sessions,
             **(extra or {}),
-            "history": self.history,
+            "history": [numbered(h) for h in self.history],
             "config": config,
         }
+
+
+EPOCH_KEYS = ("epoch", "global_epoch", "stopped_epoch", "stage_best_epoch")
+
+
+def numbered(record: dict | None) -> dict | None:
+    """`record` with its epochs counted from 1, as the logs, `trainable.json`, the
+    checkpoint names (`best/ckpt-N`) and the tables count them. The run state counts
+    from 0: there an epoch number is an index, and its global one seeds the data."""
+    if record is None:
+        return None
+    return {k: v + 1 if k in EPOCH_KEYS and type(v) is int else v for k, v in record.items()}
 
 
 def headline(metrics: dict | None) -> str:

@@ -60,7 +60,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
       NonFiniteLoss: the loss diverged; the last good checkpoint is kept.
       StorageError: the workdir could not be written.
     """
-    config = actions_lib.validate(config)
+    config = preflight.validate(config)
     workdir = os.path.abspath(workdir)
     strategy = distribute.setup(config.train)
     replicas = strategy.num_replicas_in_sync
@@ -208,7 +208,7 @@ def _report_finished(ctx: Context, run: RunState, actions, changes: list[str]) -
     results = _results(ctx, run, actions)
     if ctx.chief and not os.path.exists(os.path.join(ctx.workdir, "results.json")):
         ctx.write_json("results.json", results)  # killed after its last checkpoint
-    ctx.say(f"The run in {ctx.workdir} is finished ({len(run.history)} epochs, {headline(run.final)}); "
+    ctx.say(f"The run in {ctx.workdir} is finished ({len(run.history)} epoch{'s' if len(run.history) != 1 else ''}, {headline(run.final)}); "
             f"nothing to do. To train further, start a new run from its weights: --workdir=NEW "
             f"--weights=ckpt:{ctx.workdir}")
     return results

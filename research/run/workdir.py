@@ -63,14 +63,15 @@ def atomic_write_json(path: str, obj) -> None:
 
     `mkstemp` creates files readable by the owner only; the file gets the mode
     any other file of the workdir gets (0666 minus the umask), so collaborators
-    can read a run.
+    can read a run. Keys keep the order they were made in (a stage's fields as the
+    config declares them, an `auto:` choice's scores input to output), not sorted.
     """
     d = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+            json.dump(obj, f, indent=2)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

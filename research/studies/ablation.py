@@ -19,12 +19,15 @@ from research.studies.trials import (SEED_KEY, MakeConfig, Trial, expand, parse_
 
 
 def run_sweep(root: str, sweep_items: list[str], train_flags: list[str], make_config: MakeConfig, *,
-              parallel: int = 1, rerun: bool = False, baseline: str | None = None, log=print) -> list[dict]:
+              parallel: int = 1, rerun: bool = False, baseline: str | None = None, log=print,
+              ready=lambda: None) -> list[dict]:
     """A grid of `--sweep=KEY:V1,V2` items over training flags: runs, tabulates, plots.
 
     Args:
       baseline: `KEY:VALUE`, the row the others are compared with (default: the
         first value of the first swept key).
+      ready: called once every trial is checked, before the first runs (a launcher
+        starts TensorFlow there: a bad sweep is refused without it).
 
     Returns:
       One row per trial (`collect`).
@@ -37,6 +40,7 @@ def run_sweep(root: str, sweep_items: list[str], train_flags: list[str], make_co
     keys = [k for k, _ in sweep]
     base = parse_baseline(baseline, keys, [t.values for t in trials])
     prepare(root, trials, make_config, rerun=rerun, log=log)
+    ready()
     run_all(root, trials, parallel=parallel, log=log)
     rows = collect(root, trials)
     write_tables(root, rows, keys, baseline=base)

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from absl import logging
 
-from research.run import actions, distribute
+from research.run import distribute, preflight
 from research.model import unfreeze
 from research.config import ExperimentConfig, UserError
 from research.run import build as build_lib
@@ -101,7 +101,7 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     Raises:
       UserError: bad config, data or weights; a bad stage index or LR range.
     """
-    config = actions.validate(config)
+    config = preflight.validate(config)
     if not (0 < start < end) or steps < 10:
         raise UserError(f"--start={start}, --end={end}, --steps={steps}: need 0 < start < end and steps >= 10")
     if not -len(config.stages) <= stage < len(config.stages):
@@ -116,7 +116,7 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     if note:
         logging.warning(note)
     strategy = distribute.setup(config.train)
-    source, pipeline = build_lib.build_inputs(config, strategy, verbose=verbose)
+    source, pipeline = build_lib.build_inputs(config, strategy, verbose=verbose, scores_test=False)
     build_lib.prepare_inputs(pipeline)
     m = build_lib.build(config, source.num_classes, strategy)
     build_lib.init_weights(config, m)

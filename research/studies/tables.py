@@ -114,12 +114,14 @@ def aggregate(rows: list[dict], keys: list[str], baseline: tuple[str, str] | Non
     return out
 
 
-def _fmt(v) -> str:
+def _fmt(v, column: str = "") -> str:
     if v is None:
         return ""
     if isinstance(v, stats.Interval):
         return v.format()
     if isinstance(v, float):
+        if column in ("wall_time_s", "images_per_second"):  # seconds and rates: one decimal is their precision
+            return f"{v:.1f}"
         return f"{v:.4f}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
 
@@ -173,7 +175,7 @@ def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "
             w.writerow({c: r.get(c, "") for c in cols})
     lines = [f"# {title}", "", "| " + " | ".join(cols[1:-1]) + " |", "|" + "---|" * (len(cols) - 2)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols[1:-1]) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(c), c) for c in cols[1:-1]) + " |")
     lines += code_lines(rows)
     failed = [r for r in rows if r["status"] != "done"]
     if failed:
@@ -296,7 +298,14 @@ def write_hparams(root: str, trials: list[Trial]) -> None:
     from tensorboard.plugins.hparams import api as hp
 
     keys = list(dict.fromkeys(k for t in trials for k in t.values))
-    hparams = {k: hp.HParam(k, hp.Discrete(sorted({str(t.values.get(k, "")) for t in trials}))) for k in keys}
+    # A key whose every value is a number (seed, lr, epochs) is numeric in the dashboard:
+    # sortable, plottable against a metric; the others are categories.
+    numeric = {k for k in keys if all(_is_number(str(t.values.get(k, ""))) for t in trials)}
+
+    def value(k, v):
+        return float(v) if k in numeric else str(v)
+
+    hparams = {k: hp.HParam(k, hp.Discrete(sorted({value(k, t.values.get(k, "")) for t in trials}))) for k in keys}
     metrics = [hp.Metric("accuracy", group="test", display_name="test accuracy"),
                hp.Metric("accuracy", group="val", display_name="val accuracy"),
                hp.Metric("loss", group="val", display_name="val loss"),
@@ -310,5 +319,5 @@ def write_hparams(root: str, trials: list[Trial]) -> None:
         if not is_finished(root, t) or os.path.exists(marker):
             continue
         with tf.summary.create_file_writer(wd).as_default():
-            hp.hparams({hparams[k]: str(v) for k, v in t.values.items()}, trial_id=t.name)
+            hp.hparams({hparams[k]: value(k, v) for k, v in t.values.items()}, trial_id=t.name)
         open(marker, "w").close()

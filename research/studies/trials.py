@@ -109,25 +109,6 @@ def is_finished(root: str, trial: Trial) -> bool:
     return os.path.exists(os.path.join(trial_dir(root, trial), "results.json"))
 
 
-def check_specs(configs: list[ExperimentConfig]) -> None:
-    """Resolves every stage's block-based unfreeze spec against its backbone's blocks.
-
-    Raises:
-      UserError: naming the spec and the backbone's valid blocks.
-    """
-    from research.model import backbones, unfreeze
-
-    names: dict[tuple, list[str]] = {}
-    for c in configs:
-        key = (c.model.backbone, c.model.alpha)
-        if key not in names:
-            entry = backbones.get(c.model.backbone)
-            base = backbones.build_base(c.model.backbone, image_size=max(entry.min_size, 32), alpha=c.model.alpha)
-            names[key] = backbones.blocks(base, c.model.backbone)
-        for s in c.stages:
-            unfreeze.resolve_blocks(s.spec, names[key], backbone=c.model.backbone)
-
-
 def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: bool = False, log=print) -> None:
     """Validates every trial before any runs, and refuses (or clears, with `rerun`) stale ones.
 
@@ -135,8 +116,6 @@ def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: b
       UserError: a trial whose flags are invalid, or one that ran before with a
         config other than what its flags give now (without `rerun`).
     """
-    from research.studies import guide
-
     configs = {}
     # One image check and one disk cache for the whole sweep, not one per trial.
     cache_dir = os.path.join(os.path.abspath(root), "cache")
@@ -146,11 +125,11 @@ def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: b
             if not config.data.cache_dir:
                 config = dataclasses.replace(config, data=dataclasses.replace(config.data, cache_dir=cache_dir))
             if t.kind == "guide":
+                from research.studies import guide  # imports Keras: only for the guide's trials
                 guide.check(config)
         except UserError as e:
             raise UserError(f"trial {t.name}: {e}") from None
         configs[t.name] = t.config = config
-    check_specs(list(configs.values()))
     stale = []
     for t in trials:
         path = os.path.join(trial_dir(root, t), "config.json")
@@ -165,8 +144,9 @@ def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: b
                 stale.append((t, diff))
     if stale and not rerun:
         shown = "; ".join(f"{t.name}: {', '.join(d)}" for t, d in stale[:4])
+        more = f"; and {len(stale) - 4} more" if len(stale) > 4 else ""
         raise UserError(f"{len(stale)} trial(s) in {root} ran with other settings than these flags give now "
-                        f"({shown}); use another --root, or pass --rerun to run them again from scratch")
+                        f"({shown}{more}); use another --root, or pass --rerun to run them again from scratch")
     for t, _ in stale:
         log(f"[ablate] {t.name}: settings changed, running it again from scratch")
         shutil.rmtree(trial_dir(root, t))
@@ -212,7 +192,7 @@ def run_trial(root: str, trial: Trial, *, log=print) -> dict:
     err_path = os.path.join(wd, "error.txt")
     if os.path.exists(err_path):
         os.remove(err_path)
-    log(f"[ablate] running {trial.name}")
+    log(f"[ablate] running {trial.name} (its output: {os.path.join(wd, 'stdout.log')})")
     t0 = time.time()
     rc = run_config(trial.kind, trial.config, wd, os.path.join(wd, "trial.json"))
     if rc != 0 or not is_finished(root, trial):
@@ -232,6 +212,9 @@ def run_trial(root: str, trial: Trial, *, log=print) -> dict:
 def run_all(root: str, trials: list[Trial], *, parallel: int = 1, log=print) -> dict[str, dict]:
     """Runs every trial (`parallel` subprocesses at a time); failures do not stop the others."""
     os.makedirs(os.path.join(root, "trials"), exist_ok=True)
+    done = [t.name for t in trials if is_finished(root, t)]
+    if done:
+        log(f"[ablate] {len(done)} of {len(trials)} trial(s) already finished with these settings: reused")
     if parallel <= 1:
         return {t.name: run_trial(root, t, log=log) for t in trials}
     with ThreadPoolExecutor(parallel) as pool:

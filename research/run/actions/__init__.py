@@ -5,15 +5,15 @@ To add one: write `research/run/actions/NAME.py` with a subclass of `Action`,
 and add it to `REGISTRY` below (or `register(MyAction)` from your own code).
 Hooks of different actions run in this order at each point.
 
-Importing this package does not import TensorFlow (see base.py): `validate` runs
-every action's own checks on the config before a launcher starts TensorFlow.
+Importing this package does not import TensorFlow (see base.py): `check` runs every
+action's own checks on the config (from `research.run.preflight.validate`) before a
+launcher starts TensorFlow.
 """
 
 from __future__ import annotations
 
 from research.config import ExperimentConfig
-from research.config import validate as validate_config
-from research.config.specs import check
+from research.config.specs import check as check_that
 from research.run.actions.adabn import AdaBN
 from research.run.actions.auto_unfreeze import AutoUnfreeze
 from research.run.actions.base import Action, Context, Inputs
@@ -38,16 +38,12 @@ def for_config(config: ExperimentConfig) -> list[Action]:
     return [cls(config) for cls in REGISTRY if cls.enabled(config)]
 
 
-def validate(config: ExperimentConfig) -> ExperimentConfig:
-    """`research.config.validate`, then each registered action's own checks.
-
-    Returns:
-      The config with every path made absolute.
+def check(config: ExperimentConfig) -> None:
+    """Every registered action's own checks (`Action.check`), on a validated config.
 
     Raises:
       UserError: naming the bad value.
     """
-    config = validate_config(config)
     for cls in REGISTRY:
         cls.check(config)
     # A variant's own action refuses its monitor when it is off (naming its flag); here,
@@ -55,9 +51,8 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     monitor = config.train.early_stopping.monitor
     if monitor.startswith("val_"):
         known = [v for cls in REGISTRY for v in cls.variants]
-        check(monitor.split("/")[0][len("val_"):] in known,
-              f"--early_stopping_monitor={monitor!r} names no weight variant; variants: {', '.join(known)}")
-    return config
+        check_that(monitor.split("/")[0][len("val_"):] in known,
+                   f"--early_stopping_monitor={monitor!r} names no weight variant; variants: {', '.join(known)}")
 
 
 def resume_conflicts(old: dict, config: ExperimentConfig) -> list[str]:
@@ -66,4 +61,4 @@ def resume_conflicts(old: dict, config: ExperimentConfig) -> list[str]:
 
 
 __all__ = ["Action", "Context", "Inputs", "REGISTRY", "for_config", "register", "resume_conflicts",
-           "validate"]
+           "check"]
