@@ -22,11 +22,12 @@ from launch.train import F, config_or_exit, define_flags
 def main(argv):
     config = config_or_exit(argv, "/tmp/guide")
     common.start_tensorflow_quietly()
+    from research.run.run_state import count
     from research.studies import guide
     r = guide.run(config, F.workdir)
     f = r["final"]
     test = f"test/accuracy {f['test/accuracy']:.4f}  " if "test/accuracy" in f else ""
-    print(f"\nguide recipe: {test}val/accuracy {f['val/accuracy']:.4f}  ({r['epochs_run']} epoch{'s' if r['epochs_run'] != 1 else ''}, "
+    print(f"\nguide recipe: {test}val/accuracy {f['val/accuracy']:.4f}  ({count(r['epochs_run'], 'epoch')}, "
           f"{r['wall_time_s']:.0f}s)\nresults: {F.workdir}/results.json")
 
 

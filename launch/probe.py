@@ -23,17 +23,11 @@ flags.DEFINE_float("max_memory_mb", 2048, "Features larger than this are written
 def main(argv):
     common.start_tensorflow_quietly()
     from launch.train import config_from_args
-    from research.studies.probe import run_probe
-    from research.model.probe import choose_by_probe
+    from research.studies.probe import conclusion, run_probe
     rows = run_probe(config_from_args(argv[1:]), F.out, max_memory_mb=F.max_memory_mb)
     with open(f"{F.out}/probe.md") as f:
         print("\n" + f.read())
-    blocks = [r["block"] for r in rows]
-    peak = max(rows, key=lambda r: r["val_accuracy"])  # the first block at the best validation accuracy
-    picks = "; ".join(f"auto:probe:{k} -> {','.join(choose_by_probe(rows, blocks, k))}"
-                      for k in (1, 2, 3) if k <= len(blocks))
-    print(f"peak: {peak['block']} (validation accuracy {peak['val_accuracy']:.4f}, block {blocks.index(peak['block']) + 1} "
-          f"of {len(blocks)}); unfreezing would pick {picks}")
+    print(conclusion(rows))
     print(f"plot: {F.out}/probe.png\ninspect: tensorboard --logdir {F.out}")
 
 

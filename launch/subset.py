@@ -34,11 +34,12 @@ def main(argv):
         common.die(f"--out={F.out}: exists and is not an empty directory", common.EXIT_USER_ERROR)
     if F.train_per_class < 1 or F.test_per_class < 0:
         common.die("--train_per_class must be >= 1 and --test_per_class >= 0", common.EXIT_USER_ERROR)
-    classes = sorted(d for d in os.listdir(F.src) if os.path.isdir(os.path.join(F.src, d)))
+    classes = sorted(d for d in os.listdir(F.src) if os.path.isdir(os.path.join(F.src, d)) and not d.startswith("."))
     if not classes:
         common.die(f"--src={F.src}: no class sub-folders", common.EXIT_USER_ERROR)
     need = F.train_per_class + F.test_per_class
-    files = {c: sorted(f for f in os.listdir(os.path.join(F.src, c)) if f.lower().endswith(layout.IMAGE_EXTENSIONS))
+    # The training rule for a class folder: its sub-folders' images belong to it.
+    files = {c: [os.path.relpath(p, os.path.join(F.src, c)) for p in layout.walk_images(os.path.join(F.src, c))[0]]
              for c in classes}
     short = [f"{c!r} ({len(fs)})" for c, fs in files.items() if len(fs) < need]
     if short:  # checked before anything is written
@@ -49,8 +50,9 @@ def main(argv):
             parts["test"] = files[c][len(files[c]) - F.test_per_class:]
         for split, names in parts.items():
             os.makedirs(os.path.join(F.out, split, c), exist_ok=True)
-            for name in names:
-                os.symlink(os.path.abspath(os.path.join(F.src, c, name)), os.path.join(F.out, split, c, name))
+            for name in names:  # more/x.jpg becomes more__x.jpg: one folder per class in the subset
+                os.symlink(os.path.abspath(os.path.join(F.src, c, name)),
+                           os.path.join(F.out, split, c, name.replace(os.sep, "__")))
     print(f"{F.out}: {len(classes)} classes, {F.train_per_class} train"
           + (f" and {F.test_per_class} test" if F.test_per_class else "") + " images each (symbolic links)")
 

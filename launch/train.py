@@ -138,10 +138,11 @@ def main(argv):
     with train_lib.Preemption() as preemption:
         results = train_lib.train_and_evaluate(config, F.workdir, allow_config_change=F.allow_config_change,
                                                preemption=preemption)
+    from research.run.run_state import count
     f = results["final"]
     test = f"test/accuracy {f['test/accuracy']:.4f}  " if "test/accuracy" in f else "(no test split)  "
     print(f"\nfinal {test}val/accuracy {f['val/accuracy']:.4f}  val/loss {f['val/loss']:.4f}  "
-          f"({results['epochs_run']} epoch{'s' if results['epochs_run'] != 1 else ''}, {results['wall_time_s']:.0f}s, "
+          f"({count(results['epochs_run'], 'epoch')}, {results['wall_time_s']:.0f}s, "
           f"{results['images_per_second']:.0f} train images/s)")
     print(f"results: {F.workdir}/results.json")
     if F.export:

@@ -7,8 +7,9 @@ and `launch.export` record their own in their reports; sweep tables name the cod
 their trials and warn when one table mixes several.
 
 The code version is the git commit of the checkout the `research` package was
-imported from, whether tracked files differ from it (`dirty`) and a hash of that
-difference (two dirty runs with the same hash ran the same code); outside a
+imported from, whether its code differs from it (`dirty`: changed or new files under
+`CODE_PATHS`; documentation does not count) and a hash of that difference, new files'
+contents included (two dirty runs with the same hash ran the same code); outside a
 checkout, the installed package's version.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "research-finetune"
+CODE_PATHS = ("research", "launch", "benchmarks", "pyproject.toml")
 
 
 def _git(root: str, *args: str) -> str | None:
@@ -48,9 +50,21 @@ def code_version(root: str = ROOT) -> dict[str, Any]:
     commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None, "diff_sha256": None, "version": pkg}
-    diff = _git(root, "diff", "HEAD", "--no-color", "--no-ext-diff") or ""
-    return {"commit": commit.strip(), "dirty": bool(diff),
-            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None, "version": pkg}
+    h, dirty = hashlib.sha256(), False
+    diff = _git(root, "diff", "HEAD", "--no-color", "--no-ext-diff", "--", *CODE_PATHS) or ""
+    if diff:
+        h.update(diff.encode())
+        dirty = True
+    new = (_git(root, "ls-files", "--others", "--exclude-standard", "--", *CODE_PATHS) or "").split()
+    for name in sorted(new):  # a new module not yet added to git is code too
+        try:
+            with open(os.path.join(root, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+            dirty = True
+        except OSError:
+            pass
+    return {"commit": commit.strip(), "dirty": dirty, "diff_sha256": h.hexdigest() if dirty else None,
+            "version": pkg}
 
 
 def short(code: dict[str, Any] | None) -> str:

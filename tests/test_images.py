@@ -212,3 +212,11 @@ def test_sub_folders_of_a_class_folder_belong_to_it_in_training_conversion_and_p
     found, other = predict.find_images([str(root / "train" / "ants")])
     assert len(found) == 10 and sum("/more/" in f for f in found) == 4
     assert [os.path.basename(f) for f in other] == ["notes.txt"]
+
+    from tests.conftest import run_module
+    r = run_module("launch.subset", f"--src={root / 'train'}", f"--out={tmp_path / 'sub'}", "--train_per_class=3",
+                   "--test_per_class=3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "sub" / "test" / "ants").iterdir()) == \
+        ["more__extra1.png", "more__extra2.png", "more__extra3.png"]
+    assert sorted(p.name for p in (tmp_path / "sub" / "train").iterdir()) == ["ants", "bees"]  # no .thumbs class

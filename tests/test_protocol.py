@@ -323,3 +323,13 @@ def test_sweep_tables_report_intervals_and_paired_differences(tmp_path):
         r.pop("test/accuracy")
     tables.write_tables(str(tmp_path), rows, keys, baseline=base)
     assert "these are validation numbers" in (tmp_path / "results.md").read_text()
+
+
+def test_a_weight_variant_s_test_score_gets_its_column(tmp_path):
+    rows = [dict(_row("none", s, 0.8, 0.8), **{"test_ema/accuracy": 0.81}) for s in ("0", "1")]
+    tables.write_tables(str(tmp_path), rows, ["unfreeze", "seed"])
+    header = next(csv.reader(open(tmp_path / "results.csv")))
+    assert header[header.index("best/val/accuracy") + 1] == "test_ema/accuracy"
+    plain = [_row("none", s, 0.8, 0.8) for s in ("0", "1")]
+    tables.write_tables(str(tmp_path), plain, ["unfreeze", "seed"])
+    assert "test_ema/accuracy" not in next(csv.reader(open(tmp_path / "results.csv")))

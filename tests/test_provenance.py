@@ -19,20 +19,26 @@ def _git(repo, *args):
 
 def test_the_code_version_is_the_commit_and_a_dirty_tree_is_flagged_with_its_diff(tmp_path):
     repo = tmp_path / "repo"
-    repo.mkdir()
+    (repo / "research").mkdir(parents=True)
     _git(repo, "init", "-q")
-    (repo / "model.py").write_text("LR = 1e-3\n")
-    _git(repo, "add", "model.py")
+    (repo / "research" / "model.py").write_text("LR = 1e-3\n")
+    (repo / "README.md").write_text("notes\n")
+    _git(repo, "add", "research/model.py", "README.md")
     _git(repo, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "one")
     clean = provenance.code_version(str(repo))
     assert clean["commit"] == _git(repo, "rev-parse", "HEAD") and clean["dirty"] is False
     assert provenance.short(clean) == clean["commit"][:10]
-    (repo / "model.py").write_text("LR = 1e-2\n")
+    (repo / "README.md").write_text("more notes\n")  # documentation is not code
+    assert provenance.code_version(str(repo))["dirty"] is False
+    (repo / "research" / "model.py").write_text("LR = 1e-2\n")
     dirty = provenance.code_version(str(repo))
     assert dirty["commit"] == clean["commit"] and dirty["dirty"] is True and len(dirty["diff_sha256"]) == 64
     assert provenance.short(dirty) == f"{clean['commit'][:10]}+dirty:{dirty['diff_sha256'][:8]}"
-    (repo / "model.py").write_text("LR = 1e-4\n")
-    assert provenance.code_version(str(repo))["diff_sha256"] != dirty["diff_sha256"]  # other changes, other hash
+    (repo / "research" / "model.py").write_text("LR = 1e-4\n")
+    other = provenance.code_version(str(repo))["diff_sha256"]
+    assert other != dirty["diff_sha256"]  # other changes, other hash
+    (repo / "research" / "new_action.py").write_text("X = 1\n")  # not yet added to git: still code
+    assert provenance.code_version(str(repo))["diff_sha256"] not in (other, None)
     outside = provenance.code_version(str(tmp_path / "not-a-checkout"))
     assert outside["commit"] is None and outside["version"] == "0.1.0"
 
@@ -57,7 +63,7 @@ def test_a_run_records_each_session_and_evaluate_and_export_their_own(tmp_path):
     assert "ended" not in first and second["ended"] >= second["started"] >= first["started"]
     for session in (first, second):
         assert session["code"]["commit"] == head
-        assert session["code"]["dirty"] == bool(_git(ROOT, "status", "--porcelain", "--untracked-files=no"))
+        assert session["code"]["dirty"] == bool(_git(ROOT, "status", "--porcelain", "--", *provenance.CODE_PATHS))
         assert session["versions"]["tensorflow"] == tf.__version__ and session["versions"]["keras"] == keras.__version__
         assert session["versions"]["numpy"] == np.__version__
         assert session["devices"]["replicas"] == 1 and session["devices"]["precision"] == "float32"

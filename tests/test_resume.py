@@ -236,8 +236,14 @@ def test_disk_full_is_a_clear_error_and_keeps_previous_checkpoints(tmp_path, mon
     assert tf.train.latest_checkpoint(str(tmp_path / "run" / "ckpt")).endswith("ckpt-2")
     meta = _model_meta(tmp_path / "run")
     assert meta["epoch"] == 2
+    # launch.evaluate's events (written after the checkpoint, in eval/) are not the run's to drop.
+    writer = tf.summary.create_file_writer(str(tmp_path / "run" / "eval"))
+    with writer.as_default(step=0):
+        tf.summary.scalar("accuracy", 0.5)
+    writer.close()
     # The run resumes from the intact checkpoint and finishes.
     res = train_lib.train_and_evaluate(cfg, str(tmp_path / "run"), verbose=False)
+    assert _scalar_points(tmp_path / "run" / "eval", "accuracy") == [(0, 0.5)]
     assert res["epochs_run"] == 4
     # Epoch 3's summaries were written before its checkpoint failed; the resumed run wrote
     # them again. TensorBoard shows each epoch once, with the values of the run's history.

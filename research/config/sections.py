@@ -32,8 +32,8 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 ES_MODES = ("auto", "min", "max")
 CACHE_MODES = ("auto", "memory", "disk", "none")
-MONITORS = ("val/loss", "val/accuracy", "val/top5_accuracy", "train/loss", "train/accuracy")
-VARIANT_METRICS = ("loss", "accuracy", "top5_accuracy")  # val_NAME/METRIC: a weight variant's (val_ema/)
+VARIANT_METRICS = ("loss", "accuracy", "top5_accuracy")  # what validation scores, also as val_NAME/ (val_ema/)
+MONITORS = (*(f"val/{m}" for m in VARIANT_METRICS), "train/loss", "train/accuracy")
 
 
 def opt(default: Any, help: str, *, flag: str | bool | None = None, enum: tuple | None = None,

@@ -40,9 +40,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     what the run's options (research/run/actions) check themselves:
     `research.run.preflight.validate` runs both.
 
-    Runs in well under a second, before TensorFlow is imported. What needs the
-    built model (block names of unfreeze specs) or the data (class names, image
-    files) is checked by research/run/train.py before anything is written.
+    Runs in well under a second, before TensorFlow is imported. Unfreeze specs
+    against the backbone's blocks are `research.run.preflight.validate`'s; what needs
+    the data (class names, image files) is checked when it is loaded, before anything
+    is written.
 
     Args:
       config: the experiment to check.

@@ -94,9 +94,9 @@ def convert(cfg: DataConfig, out: str, *, image_size: int = 0, encoding: str = "
       UserError: not a folder dataset, `out` not empty, a corrupt image (unless
         `cfg.skip_bad_images`), a split without readable images.
     """
-    layout.check_conversion(cfg, out, image_size=image_size, encoding=encoding, shard_mb=shard_mb)
     t0 = time.perf_counter()
-    names, splits, test_from = folders.folder_splits(cfg)
+    names, splits, test_from = layout.check_conversion(cfg, out, image_size=image_size, encoding=encoding,
+                                                       shard_mb=shard_mb)
     plan, skipped = {}, []
     for key, per_class in splits.items():  # every image checked before anything is written
         paths = [p for fs in per_class for p in fs]

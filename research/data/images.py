@@ -28,9 +28,6 @@ import re
 
 import tensorflow as tf
 
-# Formats tf.io.decode_image reads in TF 2.21 (it also reads JPEG XL, which PIL,
-# used to check files before training, cannot open).
-
 # A decoded side is kept at least this long (or 4x the model input, if larger).
 MIN_DECODED_SIDE = 1024
 

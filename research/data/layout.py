@@ -16,6 +16,8 @@ from absl import logging
 
 from research.config import DataConfig, UserError, writable_dir
 
+# Formats tf.io.decode_image reads in TF 2.21 (it also reads JPEG XL, which PIL,
+# used to check files before training, cannot open).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
@@ -68,7 +70,7 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
             chosen.update(range(lo, hi + 1))
         else:
             raise UserError(f"--classes: {tok!r} is neither a class name nor an index; "
-                            f"classes are: {_show(class_names)}")
+                            f"classes are: {show_names(class_names)}")
     bad = sorted(i for i in chosen if i >= len(class_names))
     if bad:
         raise UserError(f"--classes: index {bad[0]} is out of range; the dataset has "
@@ -78,7 +80,7 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
     return sorted(chosen)
 
 
-def _show(names: list[str], n: int = 20) -> str:
+def show_names(names: list[str], n: int = 20) -> str:
     s = ", ".join(names[:n])
     return s + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
@@ -106,7 +108,7 @@ def carve(labels: np.ndarray, val_fraction: float, test_fraction: float = 0.0
     return tuple(np.sort(np.array(p, dtype=np.int64)) for p in parts)
 
 
-def _plan(cfg: DataConfig, has_val: bool, has_test: bool, own: str) -> tuple[str, str, str]:
+def split_plan(cfg: DataConfig, has_val: bool, has_test: bool, own: str) -> tuple[str, str, str]:
     """Where validation and test come from: `own` (the source's split), `val` (test
     only: the source's validation split), `carve` or `none`; and what to call it.
 
@@ -145,8 +147,8 @@ def list_class_folder(root: str, expected: list[str] | None = None) -> tuple[lis
     if expected is not None and classes != expected:
         missing, extra = [c for c in expected if c not in classes], [c for c in classes if c not in expected]
         raise UserError(f"{root!r} must hold the same class folders as the training split"
-                        + (f"; missing: {_show(missing)}" if missing else "")
-                        + (f"; not in the training split: {_show(extra)}" if extra else ""))
+                        + (f"; missing: {show_names(missing)}" if missing else "")
+                        + (f"; not in the training split: {show_names(extra)}" if extra else ""))
     if len(classes) < 2:
         raise UserError(f"folder {root!r} must hold one sub-folder per class (at least 2); found {len(classes)}")
     files, ignored, nested = [], [], []
@@ -202,7 +204,7 @@ def folder_splits(cfg: DataConfig) -> tuple[list[str], dict[str, list[list[str]]
     for key in ("val", "test"):
         if dirs and dirs[key]:
             own[key] = list_class_folder(os.path.join(path, dirs[key]), expected=names)[1]
-    val_plan, test_plan, test_from = _plan(cfg, "val" in own, "test" in own, own=f"folder {path!r}")
+    val_plan, test_plan, test_from = split_plan(cfg, "val" in own, "test" in own, own=f"folder {path!r}")
     if test_plan == "own":
         test_from = os.path.join(path, dirs["test"])
     elif test_plan == "val":
@@ -228,12 +230,13 @@ def folder_splits(cfg: DataConfig) -> tuple[list[str], dict[str, list[list[str]]
     return names, splits, test_from
 
 
-def check_conversion(cfg: DataConfig, out: str, *, image_size: int, encoding: str, shard_mb: float) -> list[str]:
+def check_conversion(cfg: DataConfig, out: str, *, image_size: int, encoding: str, shard_mb: float
+                     ) -> tuple[list[str], dict[str, list[list[str]]], str]:
     """Everything `research.data.convert.convert` refuses before it opens an image: the
     arguments, `out` (new or empty, in a writable place) and the folder's layout.
 
     Returns:
-      The class names.
+      `folder_splits(cfg)`.
     """
     if cfg.source.kind != "folder":
         raise UserError(f"--dataset={cfg.dataset}: the converter reads a folder:PATH dataset")
@@ -245,4 +248,4 @@ def check_conversion(cfg: DataConfig, out: str, *, image_size: int, encoding: st
         raise UserError(f"--image_size={image_size} must be >= 0 and --shard_mb={shard_mb} > 0")
     if encoding not in ("jpeg", "raw") or (encoding == "raw" and not image_size):
         raise UserError(f"--encoding={encoding}: jpeg, or raw with an --image_size (raw pixels of that side)")
-    return folder_splits(cfg)[0]
+    return folder_splits(cfg)

@@ -26,7 +26,7 @@ import numpy as np
 
 from research.config import DataConfig, UserError
 from research.data.folders import load_folder_source
-from research.data.layout import (IMAGE_EXTENSIONS, _plan, _show, carve, folder_split_dirs,  # noqa: F401
+from research.data.layout import (IMAGE_EXTENSIONS, split_plan, show_names, carve, folder_split_dirs,  # noqa: F401
                                   list_class_folder, parse_classes)
 from research.data.splits import AUTOTUNE, Source, _from_arrays, fingerprint, progress_bar  # noqa: F401
 from research.data.tfds_source import load_tfds_source
@@ -40,7 +40,7 @@ def load_digits_source(cfg: DataConfig, size: int) -> Source:
     images = np.repeat(images[..., None], 3, axis=-1)
     names = [str(i) for i in range(10)]
     keep = parse_classes(cfg.classes, names)
-    _, test_plan, test_from = _plan(cfg, has_val=False, has_test=False, own="digits")
+    _, test_plan, test_from = split_plan(cfg, has_val=False, has_test=False, own="digits")
     # Carved over all ten classes, then subset (as folders are): a digit's split is the same
     # whatever --classes, so a run on 0-9 never trained on the test images of a run on 5-9.
     parts = carve(d.target, cfg.val_fraction, cfg.test_fraction if test_plan == "carve" else 0.0)
@@ -102,7 +102,7 @@ def class_weights(spec: str, class_names: list[str], counts: list[int]) -> list[
     extra = [c for c in given if c not in class_names]
     if missing or extra:
         raise UserError(f"--class_weight={spec}: missing classes {missing or 'none'}, unknown classes "
-                        f"{extra or 'none'}; the classes are {_show(class_names)}")
+                        f"{extra or 'none'}; the classes are {show_names(class_names)}")
     weights = [given[c] for c in class_names]
     if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights):
         raise UserError(f"--class_weight={spec}: every weight must be a positive number")

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from research.config import DataConfig, UserError
-from research.data.layout import _plan, parse_classes
+from research.data.layout import parse_classes, split_plan
 from research.data.splits import AUTOTUNE, Source, _resize_uint8, fingerprint
 
 
@@ -46,7 +46,7 @@ def load_tfds_source(cfg: DataConfig, size: int) -> Source:
             raise UserError(f"{flag}={split!r} not in tfds:{name}; splits: {', '.join(splits)}")
     own_val = cfg.val_split or next((s for s in ("validation", "val") if s in splits), "")
     own_test = cfg.test_split or ("test" if "test" in splits else "")
-    val_plan, test_plan, test_from = _plan(cfg, bool(own_val), bool(own_test), own=f"tfds:{name}")
+    val_plan, test_plan, test_from = split_plan(cfg, bool(own_val), bool(own_test), own=f"tfds:{name}")
     if val_plan == test_plan == "own" and own_val == own_test:
         raise UserError(f"tfds:{name}: {own_val!r} would be both the validation and the test split; pass another "
                         "--test_split, or --test=none to validate on it without a test split")

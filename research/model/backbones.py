@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from research.errors import UserError
@@ -53,7 +53,7 @@ class Backbone:
     block_of: Callable[[keras.Model], dict[str, str]]
     has_imagenet: bool = True
     has_alpha: bool = False
-    block_names: tuple[str, ...] = ()
+    block_names: tuple[str, ...] = field(kw_only=True)  # required: no spec can be checked without it
 
 
 def _by_prefix(rules: list[tuple[str, str]], first: str) -> Callable[[keras.Model], dict[str, str]]:

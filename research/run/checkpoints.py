@@ -175,7 +175,7 @@ def checkpoint_path(workdir: str, which: str) -> str:
     Raises:
       UserError: no such checkpoint.
     """
-    if which not in ("best", "latest") and re.fullmatch(r"\w+", which):
+    if which not in ("best", "latest") and re.fullmatch(r"\w+", which) and not tf.io.gfile.exists(which + ".index"):
         path = tf.train.latest_checkpoint(os.path.join(workdir, which))
         if not path:
             raise UserError(f"no checkpoint in {workdir}/{which}: a weight variant's directory is written at the end "

@@ -27,7 +27,7 @@ from research.model.optim import current_lr, loss_scale_value
 from research.run.actions.base import Action, Context, Inputs
 from research.run.cadence import itstime
 from research.run.loop import add_sums, metrics_from_sums
-from research.run.run_state import RunState, prefixed
+from research.run.run_state import RunState, numbered, prefixed
 from research.run.stream import TrainingStream
 
 
@@ -126,12 +126,12 @@ class Controller:
         inputs.trainer.set_trainable(selection.variables, selection.lr_multipliers)
         self._call("trainable_set", run, stage, selection, inputs)
         label = stage.name if limit is None else f"{stage.name}/top{len(selection.blocks)}"
-        record = dict(unfreeze.describe(selection, ctx.built.model, stage=stage.name), key=label, from_epoch=run.epoch + 1)
+        record = dict(unfreeze.describe(selection, ctx.built.model, stage=stage.name), key=label, from_epoch=run.epoch)
         self._call("describe_trainable", run, stage, record)
         ctx.say("\n== " + unfreeze.summary_text(record, markdown=False))
         if not any(r["key"] == label for r in run.trainable):
             run.trainable.append(record)
-            ctx.write_json("trainable.json", run.trainable)
+            ctx.write_json("trainable.json", [numbered(r) for r in run.trainable])
             step = ctx.step()
             ctx.summaries.text("train", "trainable", unfreeze.summary_text(record), step)
             ctx.summaries.images("train", "augmented_inputs", ctx.pipeline.raw_train_batch(run.global_epoch), step)

@@ -8,7 +8,6 @@ training can be run and tested on a machine without a GPU.
 
 from __future__ import annotations
 
-import json
 import os
 
 import keras
@@ -78,14 +77,8 @@ def make_strategy(name: str, *, collective_timeout: float = 0.0) -> tf.distribut
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes the run's files (always, except non-chief workers)."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return True
-    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
-    kind, index = task.get("type", "worker"), int(task.get("index", 0))
-    cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
-    if "chief" in cluster:
-        return kind == "chief"
-    return kind == "worker" and index == 0
+    from research.run.preflight import chief_of  # the one rule, also read before TensorFlow starts
+    return chief_of("multi_worker" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) else "")
 
 
 def worker_of(strategy: tf.distribute.Strategy) -> tuple[int, int]:

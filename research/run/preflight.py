@@ -3,7 +3,8 @@
 `launch.train` calls `check` before it imports TensorFlow, so a workdir in use, one
 that cannot be written, one holding another run or a finished one, a folder with one
 class or an empty `val/` cost well under two seconds, not a data load and a model
-build. `train_and_evaluate` calls it again (it is cheap) for callers of the library.
+build. `train_and_evaluate` calls it again for callers of the library, but for the
+folder's layout, which loading the data checks right after.
 """
 
 from __future__ import annotations
@@ -38,14 +39,16 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     return config
 
 
-def check(config: ExperimentConfig, workdir: str, *, allow_config_change: bool = False, chief: bool = True
-          ) -> list[str]:
+def check(config: ExperimentConfig, workdir: str, *, allow_config_change: bool = False, chief: bool = True,
+          data: bool = True) -> list[str]:
     """Refuses what would fail later for a reason the files already show.
 
     Args:
       config: a validated config (`validate`).
       workdir: the run's directory.
       chief: whether this process writes the run (the others neither lock nor write it).
+      data: check a folder dataset's layout (its files are listed once more when the
+        data is loaded: `train_and_evaluate`, which loads it next, passes False).
 
     Returns:
       The config changes of a resumed run (`changes_on_resume`).
@@ -61,7 +64,7 @@ def check(config: ExperimentConfig, workdir: str, *, allow_config_change: bool =
             raise UserError(f"--workdir={workdir!r} cannot be created or written into (a read-only place?)")
         workdir_lib.check_unlocked(workdir)
     changes = changes_on_resume(workdir, config, allow_config_change)
-    if config.data.source.kind == "folder":
+    if data and config.data.source.kind == "folder":
         names = layout.folder_splits(config.data)[0]
         layout.parse_classes(config.data.classes, names)
     return changes
@@ -72,9 +75,13 @@ def chief_of(strategy: str) -> bool:
     `research.run.distribute.is_chief` decides it once TensorFlow runs)."""
     if strategy != "multi_worker" or "TF_CONFIG" not in os.environ:
         return True
-    tf_config = json.loads(os.environ["TF_CONFIG"])
-    task = tf_config.get("task", {})
-    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    try:
+        tf_config = json.loads(os.environ["TF_CONFIG"])
+        task = tf_config.get("task", {})
+        kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    except (ValueError, AttributeError, TypeError) as e:
+        raise UserError(f"TF_CONFIG is not the JSON TensorFlow expects ({e}); see the README's multi-host "
+                        "section") from None
     if "chief" in tf_config.get("cluster", {}):
         return kind == "chief"
     return kind == "worker" and index == 0
@@ -94,6 +101,10 @@ def changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> li
     diff = config_diff(old, config.to_dict())
     # The optimizer's slots are checkpointed by position: another optimizer would load one
     # slot's values into another (or fail to load at all); so would an option's own state.
+    try:  # the old config with today's defaults for fields added since (as config_diff reads it)
+        old = ExperimentConfig.from_dict(old).to_dict()
+    except (TypeError, KeyError):  # a field since removed: as written
+        pass
     fixed = [d for d in diff if d.startswith("train.optimizer:")] + actions.resume_conflicts(old, config)
     if fixed:
         raise UserError(f"--workdir={workdir!r}: {'; '.join(fixed)}: changes the optimizer's checkpointed state "

@@ -167,7 +167,7 @@ class RunState:
         }
 
 
-EPOCH_KEYS = ("epoch", "global_epoch", "stopped_epoch", "stage_best_epoch")
+EPOCH_KEYS = ("epoch", "global_epoch", "stopped_epoch", "stage_best_epoch", "from_epoch")
 
 
 def numbered(record: dict | None) -> dict | None:
@@ -177,6 +177,11 @@ def numbered(record: dict | None) -> dict | None:
     if record is None:
         return None
     return {k: v + 1 if k in EPOCH_KEYS and type(v) is int else v for k, v in record.items()}
+
+
+def count(n: int, noun: str) -> str:
+    """`1 epoch`, `16 epochs`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def headline(metrics: dict | None) -> str:

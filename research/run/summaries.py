@@ -8,6 +8,7 @@ runs side by side on each chart.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -25,9 +26,12 @@ def drop_events_after(workdir: str, wall_time: float) -> int:
     from tensorflow.core.util import event_pb2
 
     dropped = 0
-    for root, dirs, files in os.walk(workdir):
-        dirs[:] = [d for d in dirs if d not in ("ckpt", "best", "cache", "export")]
-        for name in files:
+    # The run's own writers only (train/, val/, test/, and a variant's val_NAME/, test_NAME/):
+    # eval/ holds launch.evaluate's events, which a resumed run does not write again.
+    own = [d for d in (os.listdir(workdir) if os.path.isdir(workdir) else [])
+           if re.fullmatch(r"(train|val|test)(_\w+)?", d) and os.path.isdir(os.path.join(workdir, d))]
+    for root in (os.path.join(workdir, d) for d in own):
+        for name in os.listdir(root):
             if ".tfevents." not in name or name.endswith(".tmp"):
                 continue
             path = os.path.join(root, name)

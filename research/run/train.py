@@ -32,7 +32,7 @@ from research.run.actions.base import Context
 from research.run.controller import Controller
 from research.run.loop import Trainer
 from research.run.preemption import Preemption
-from research.run.run_state import RunState, headline
+from research.run.run_state import RunState, count, headline
 from research.run.summaries import Summaries
 
 __all__ = ["Preemption", "train_and_evaluate"]
@@ -68,7 +68,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
         raise UserError(f"--batch_size={config.data.batch_size} is the global batch and must divide evenly over the "
                         f"{replicas} replicas; use a multiple of {replicas}")
     chief = distribute.is_chief(strategy)
-    changes = preflight.check(config, workdir, allow_config_change=allow_config_change, chief=chief)
+    changes = preflight.check(config, workdir, allow_config_change=allow_config_change, chief=chief, data=False)
     source, pipeline = build_lib.build_inputs(config, strategy, cache_dir=build_lib.cache_dir(workdir, strategy, chief),
                                               verbose=verbose)
     _check_monitor(config, source.num_classes)
@@ -208,7 +208,7 @@ def _report_finished(ctx: Context, run: RunState, actions, changes: list[str]) -
     results = _results(ctx, run, actions)
     if ctx.chief and not os.path.exists(os.path.join(ctx.workdir, "results.json")):
         ctx.write_json("results.json", results)  # killed after its last checkpoint
-    ctx.say(f"The run in {ctx.workdir} is finished ({len(run.history)} epoch{'s' if len(run.history) != 1 else ''}, {headline(run.final)}); "
+    ctx.say(f"The run in {ctx.workdir} is finished ({count(len(run.history), 'epoch')}, {headline(run.final)}); "
             f"nothing to do. To train further, start a new run from its weights: --workdir=NEW "
             f"--weights=ckpt:{ctx.workdir}")
     return results

@@ -31,6 +31,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from research import provenance
 from research.model import backbones
 from research.data import sources
 from research.config import ExperimentConfig, UserError
@@ -85,7 +86,7 @@ def run(config: ExperimentConfig, workdir: str, *, log=print) -> dict:
     check(config)
     if os.path.isdir(os.path.join(workdir, "ckpt")):
         raise UserError(f"--workdir={workdir} holds a training run; give the guide's recipe its own --workdir")
-    t0 = time.time()
+    t0, session = time.time(), provenance.provenance()
     keras.utils.set_random_seed(config.train.seed)
     entry = backbones.get(config.model.backbone)
     size = backbones.input_size(config.model.backbone, config.data.image_size)
@@ -129,7 +130,7 @@ def run(config: ExperimentConfig, workdir: str, *, log=print) -> dict:
     results = {"recipe": RECIPE, "final": final, "best": None, "best_epoch": None, "epochs_run": epoch,
                "early_stopping_fired": False, "stages": stages, "history": history, "wall_time_s": wall,
                "images_per_second": source.num_train * epoch / max(fit_seconds, 1e-9), "num_test": source.num_test,
-               "test_from": source.test_from}
+               "test_from": source.test_from, "provenance": [dict(session, ended=provenance.now())]}
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2)

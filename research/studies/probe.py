@@ -23,6 +23,18 @@ from research.studies.tables import collect, headline_metric, plot, protocol_lin
 from research.studies.trials import SEED_KEY, MakeConfig, expand, prepare, run_all, run_config, trial_dir
 
 
+def conclusion(rows: list[dict]) -> str:
+    """One line: the block the probes peak at, and what `auto:probe:K` would unfreeze."""
+    from research.model.probe import choose_by_probe
+
+    blocks = [r["block"] for r in rows]
+    peak = max(rows, key=lambda r: r["val_accuracy"])  # the first block at the best validation accuracy
+    picks = "; ".join(f"auto:probe:{k} -> {','.join(choose_by_probe(rows, blocks, k))}"
+                      for k in (1, 2, 3) if k <= len(blocks))
+    return (f"peak: {peak['block']} (validation accuracy {peak['val_accuracy']:.4f}, block "
+            f"{blocks.index(peak['block']) + 1} of {len(blocks)}); unfreezing would pick {picks}")
+
+
 def run_probe(config, out_dir: str, *, max_memory_mb: float = 2048, log=print) -> list[dict]:
     """Probes every block of the config's backbone, initialised as the run would be
     (pretrained weights, or `ckpt:`), on its data and splits; writes `probe.csv`,
@@ -243,8 +255,8 @@ def _plot_probe_study(root: str, probe: dict, means: dict, fixed: list[str], aut
     names = [*fixed, *autos]
     for i, s in enumerate(names):
         iv = means[s]
-        half = (iv.hi - iv.mean) if iv.has_interval else 0.0
-        b.errorbar([i], [iv.mean], yerr=[half], fmt="o" if s in fixed else "D", capsize=3,
+        below, above = (iv.mean - iv.lo, iv.hi - iv.mean) if iv.has_interval else (0.0, 0.0)
+        b.errorbar([i], [iv.mean], yerr=[[below], [above]], fmt="o" if s in fixed else "D", capsize=3,
                    color="C0" if s in fixed else "C3")
     b.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     b.set_ylabel(f"fine-tuned {metric}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 from absl import logging
 
@@ -17,8 +18,8 @@ from research.studies.trials import SEED_KEY, Trial, is_finished, trial_dir
 # The run's metric vocabulary: test/... and val/... are the final weights', best/... the
 # run's best epoch (chosen on validation).
 COLUMNS = ["test/accuracy", "val/accuracy", "test/loss", "val/loss", "best/test/accuracy", "best/val/accuracy",
-           "test_ema/accuracy", "best_epoch", "epochs", "early_stopped", "trainable_params", "wall_time_s", "images_per_second",
-           "code"]
+           "best_epoch", "epochs", "early_stopped", "trainable_params", "wall_time_s", "images_per_second", "code"]
+VARIANT_COLUMN = re.compile(r"test_\w+/accuracy")  # a weight variant's test score (test_ema/accuracy), after best/
 SUMMARY_METRICS = ("test/accuracy", "val/accuracy", "best/test/accuracy", "best/val/accuracy", "wall_time_s")
 
 
@@ -35,7 +36,8 @@ def collect(root: str, trials: list[Trial]) -> list[dict]:
             final, best = r["final"], r["best"] or {}
             trainable = [s.get("trainable_params") for s in r["stages"] if s.get("trainable_params") is not None]
             row.update({"status": "done", **{k: final.get(k) for k in ("test/accuracy", "val/accuracy", "test/loss",
-                                                                       "val/loss", "test_ema/accuracy")},
+                                                                       "val/loss")},
+                        **{k: v for k, v in final.items() if VARIANT_COLUMN.fullmatch(k)},
                         "best/test/accuracy": best.get("test/accuracy"),
                         "best/val/accuracy": best.get("val/accuracy"),
                         "best_epoch": r["best_epoch"], "epochs": r["epochs_run"],
@@ -167,7 +169,9 @@ def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "
     Returns:
       `aggregate`'s rows.
     """
-    cols = ["trial", *keys, "status", *COLUMNS, "error"]
+    variants = sorted({k for r in rows for k in r if VARIANT_COLUMN.fullmatch(k)})
+    at = COLUMNS.index("best/val/accuracy") + 1
+    cols = ["trial", *keys, "status", *COLUMNS[:at], *variants, *COLUMNS[at:], "error"]
     with open(os.path.join(root, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -259,8 +263,10 @@ def plot(root: str, rows: list[dict], keys: list[str], *, metric: str | None = N
         shift = 0.0 if ordered else 0.08 * (j - (len(lines) - 1) / 2)
         px = [i for i, x in enumerate(xs) if x in pts]
         ivs = [stats.t_interval(pts[xs[i]], within=stats.bounds(metric)) for i in px]
-        half = [(iv.hi - iv.mean) if iv.has_interval else 0.0 for iv in ivs]
-        ax.errorbar([p + shift for p in px], [iv.mean for iv in ivs], yerr=half, marker="o", capsize=3,
+        # Below and above the mean apart: an interval cut at the metric's range is asymmetric.
+        yerr = [[iv.mean - iv.lo if iv.has_interval else 0.0 for iv in ivs],
+                [iv.hi - iv.mean if iv.has_interval else 0.0 for iv in ivs]]
+        ax.errorbar([p + shift for p in px], [iv.mean for iv in ivs], yerr=yerr, marker="o", capsize=3,
                     label=label, ls="-" if ordered else "none")
     if baseline is not None:
         label, iv = baseline

@@ -20,9 +20,7 @@ def transfer_plan(train_flags: list[str], make_config: MakeConfig) -> tuple[Expe
     from research.model import backbones
 
     cfg = make_config(train_flags)
-    entry = backbones.get(cfg.model.backbone)
-    base = backbones.build_base(cfg.model.backbone, image_size=max(entry.min_size, 16), alpha=cfg.model.alpha)
-    return cfg, len(backbones.blocks(base, cfg.model.backbone))
+    return cfg, len(backbones.get(cfg.model.backbone).block_names)
 
 
 def run_transfer_study(root: str, train_flags: list[str], make_config: MakeConfig, *, seeds: list[str],

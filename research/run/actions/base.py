@@ -138,8 +138,9 @@ class Action:
 
     @classmethod
     def resume_conflict(cls, old: dict, config: ExperimentConfig) -> str | None:
-        """What makes a run with config `old` (its `config.json`) impossible to resume with
-        `config`, because the checkpointed state it owns would not fit (None: nothing)."""
+        """What makes a run with config `old` (its `config.json` as a dict, fields added to
+        the code since then at their defaults) impossible to resume with `config`, because
+        the checkpointed state it owns would not fit (None: nothing)."""
         return None
 
     # -- its state -------------------------------------------------------------------

@@ -72,7 +72,7 @@ class Ema(Action):
     def resume_conflict(cls, old: dict, config) -> str | None:
         # The optimizer keeps the average as one slot per variable, checkpointed by
         # position: turned on or off, one slot's values would load into another.
-        was = float(old.get("train", {}).get("ema_decay", 0.0))
+        was = float(old["train"].get("ema_decay", 0.0))
         if bool(was) != cls.enabled(config):
             return f"train.ema_decay: {was!r} -> {config.train.ema_decay!r} (the average turned {'off' if was else 'on'})"
         return None
