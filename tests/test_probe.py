@@ -198,6 +198,7 @@ def test_launch_probe_writes_its_table_plot_and_scalars(tmp_path):
     assert all(0 <= row["val_accuracy"] <= 1 and "test_accuracy" in row for row in rows)
     assert (tmp_path / "probe.png").stat().st_size > 1000 and "| depth | block |" in (tmp_path / "probe.md").read_text()
     assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert "do not sum to one" not in r.stderr  # scikit-learn's warning, once per C and block before
     # It ends with its conclusion: the peak, and what auto:probe:K would unfreeze.
     from research.model.probe import choose_by_probe
     peak = max(rows, key=lambda row: row["val_accuracy"])["block"]

@@ -132,6 +132,9 @@ def fit_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.nd
         # A class without training images gets probability 0 (log_loss clips it).
         proba = np.zeros((len(yv), len(labels)))
         proba[:, np.searchsorted(labels, clf.classes_)] = clf.predict_proba(xv)
+        # Float32 features give rows that sum to 1 within float32's precision, which
+        # scikit-learn's log_loss warns about (once per C and block): renormalised in float64.
+        proba /= proba.sum(axis=1, keepdims=True)
         loss = float(log_loss(yv, proba, labels=labels))
         if best is None or (acc, -loss) > (best[1], -best[2]):
             best = (c, acc, loss, clf)
