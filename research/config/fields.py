@@ -171,17 +171,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def with_defaults(old: dict) -> dict:
+    """A `config.json` written earlier, read back through `ExperimentConfig.from_dict`: a
+    field added to the code since then takes its default (one removed since: as written)."""
+    try:
+        return ExperimentConfig.from_dict(old).to_dict()
+    except (TypeError, KeyError):
+        return old
+
+
 def config_diff(old: dict, new: dict) -> list[str]:
     """`key: old -> new` for every field that differs and changes the maths.
 
-    The old config is read back through `ExperimentConfig.from_dict` first, so a
-    field added to the code since it was written takes its default; then every
-    key counts, including a stage that only one of them has.
+    The old config is read `with_defaults`; then every key counts, including a stage
+    that only one of them has.
     """
-    try:
-        old = ExperimentConfig.from_dict(old).to_dict()
-    except (TypeError, KeyError):  # a field since removed: compare as written
-        pass
+    old = with_defaults(old)
     a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
     keys = sorted(k for k in set(a) | set(b) if a.get(k, "(absent)") != b.get(k, "(absent)")
                   and k not in RESUME_SAFE_FIELDS)

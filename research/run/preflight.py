@@ -13,6 +13,7 @@ import json
 import os
 
 from research.config import ExperimentConfig, UserError, config_diff, writable_dir
+from research.config.fields import with_defaults
 from research.config import validate as validate_config
 from research.data import layout
 from research.model import backbones, unfreeze
@@ -97,14 +98,10 @@ def changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> li
     if not (os.path.exists(path) and workdir_lib.has_checkpoint(workdir)):
         return []  # nothing trained yet: the new config simply replaces the old one
     with open(path) as f:
-        old = json.load(f)
+        old = with_defaults(json.load(f))
     diff = config_diff(old, config.to_dict())
     # The optimizer's slots are checkpointed by position: another optimizer would load one
     # slot's values into another (or fail to load at all); so would an option's own state.
-    try:  # the old config with today's defaults for fields added since (as config_diff reads it)
-        old = ExperimentConfig.from_dict(old).to_dict()
-    except (TypeError, KeyError):  # a field since removed: as written
-        pass
     fixed = [d for d in diff if d.startswith("train.optimizer:")] + actions.resume_conflicts(old, config)
     if fixed:
         raise UserError(f"--workdir={workdir!r}: {'; '.join(fixed)}: changes the optimizer's checkpointed state "
