@@ -268,3 +268,29 @@ def test_bad_recipes_exit_2_before_any_trial(tmp_path, extra, message):
     r = run_module("launch.ablate", *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "r" / "trials").exists() or not os.listdir(tmp_path / "r" / "trials")
+
+
+GUIDE_SCRIPT = '''
+import json, sys
+from tensorflow.python.framework import config as tf_config
+from research.config import DataConfig, ExperimentConfig, StageConfig, TrainConfig
+from research.studies import guide
+
+config = ExperimentConfig(data=DataConfig(image_size=16, classes="0-2", batch_size=64),
+                          train=TrainConfig(seed=0, deterministic=sys.argv[2] == "on"),
+                          stages=(StageConfig(name="head", unfreeze="none", epochs=1, lr=1e-3),))
+guide.run(config, sys.argv[1], log=lambda *a: None)
+print(json.dumps(tf_config.is_op_determinism_enabled()))
+'''
+
+
+def test_the_guides_recipe_honours_deterministic(tmp_path):
+    """`--deterministic` reaches the `model.fit` trials of `--study=recipes` too, so the guide's rows of
+    docs/RESULTS.md repeat like the others."""
+    script = tmp_path / "guide.py"
+    script.write_text(GUIDE_SCRIPT)
+    for mode, expected in (("on", True), ("off", False)):
+        r = subprocess.run([sys.executable, str(script), str(tmp_path / mode), mode], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads(r.stdout.strip().splitlines()[-1]) is expected

@@ -112,13 +112,18 @@ def setup(cfg) -> tf.distribute.Strategy:
     # counters, the global seed generator, the dtype policy) is cleared: a second run in one
     # process starts from what a new process starts from.
     keras.backend.clear_session()
-    if cfg.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    elif tf_config.is_op_determinism_enabled():
-        tf_config.disable_op_determinism()  # TensorFlow exports only the enable
+    set_determinism(cfg.deterministic)
     keras.utils.set_random_seed(cfg.seed)
     set_precision(cfg.precision)
     return strategy
+
+
+def set_determinism(on: bool) -> None:
+    """Op determinism (`--deterministic`) on or off for the whole process."""
+    if on:
+        tf.config.experimental.enable_op_determinism()
+    elif tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()  # TensorFlow exports only the enable
 
 
 def describe(strategy: tf.distribute.Strategy) -> str:

@@ -12,7 +12,7 @@ data and its splits (`research/data/sources.py`, so the same test images), the
 backbone, its weights and input side, the batch size, the dropout, and each
 stage's epochs and learning rate.
 
-Nothing else of the config is read: no schedule, warmup, BatchNorm policy,
+Nothing else of the config is read, but `--deterministic`: no schedule, warmup, BatchNorm policy,
 augmentation flags, early stopping or checkpoints. In particular the guide's
 `training=False` does not keep BatchNorm in inference mode once the base is
 trainable, since the outer `training=True` of `fit` overrides it (keras issue
@@ -33,6 +33,7 @@ from keras import layers
 
 from research import provenance
 from research.model import backbones
+from research.run import distribute
 from research.data import sources
 from research.config import ExperimentConfig, UserError
 
@@ -87,6 +88,7 @@ def run(config: ExperimentConfig, workdir: str, *, log=print) -> dict:
     if os.path.isdir(os.path.join(workdir, "ckpt")):
         raise UserError(f"--workdir={workdir} holds a training run; give the guide's recipe its own --workdir")
     t0, session = time.time(), provenance.provenance()
+    distribute.set_determinism(config.train.deterministic)
     keras.utils.set_random_seed(config.train.seed)
     entry = backbones.get(config.model.backbone)
     size = backbones.input_size(config.model.backbone, config.data.image_size)
