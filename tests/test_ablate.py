@@ -294,3 +294,33 @@ def test_the_guides_recipe_honours_deterministic(tmp_path):
                            text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
         assert r.returncode == 0, r.stderr[-2000:]
         assert json.loads(r.stdout.strip().splitlines()[-1]) is expected
+
+
+def test_a_sweep_reports_each_trials_epochs_and_the_time_left(tmp_path, monkeypatch):
+    """Between "running X" and "X done", every epoch a trial finishes is reported (its number
+    over the whole run, its stage's, and the validation accuracy the trial itself recorded),
+    and each trial's start says where the sweep is and, once one trial is timed, how long is left."""
+    from launch.train import config_from_args
+
+    monkeypatch.setattr(trials_lib, "PROGRESS_EVERY_S", 0.2)
+    root = str(tmp_path / "sweep")
+    trials = trials_lib.expand(trials_lib.parse_sweep(["seed:0,1"]),
+                               ["--image_size=16", "--classes=0-2", "--head_epochs=2", "--finetune_epochs=2",
+                                "--unfreeze=top:1", "--noexport", "--batch_size=64"])
+    trials_lib.prepare(root, trials, config_from_args)
+    lines = []
+    statuses = trials_lib.run_all(root, trials, log=lines.append)
+    assert [s["status"] for s in statuses.values()] == ["done", "done"], lines
+    starts = [ln for ln in lines if ln.startswith("[ablate] running")]
+    assert "(1 of 2 to run)" in starts[0] and "stdout.log" in starts[0], starts
+    assert "(2 of 2 to run; about " in starts[1] and " left)" in starts[1], starts
+    for t in trials:
+        history = json.loads((tmp_path / "sweep" / "trials" / t.name / "results.json").read_text())["history"]
+        expected = {f"epoch {i + 1}/4 ({h['stage']} {h['epoch']}/2), val/accuracy {h['val/accuracy']:.4f}"
+                    for i, h in enumerate(history)}
+        reported = {ln.split(f"{t.name}: ", 1)[1] for ln in lines if ln.startswith(f"[ablate]   {t.name}: ")}
+        # The trial's last epochs may end between two polls; what is reported is true and in the run.
+        assert reported and reported <= expected, (reported, expected)
+    lines.clear()
+    trials_lib.run_all(root, trials, log=lines.append)
+    assert lines == ["[ablate] 2 of 2 trial(s) already finished with these settings: reused"]

@@ -220,3 +220,32 @@ def test_sub_folders_of_a_class_folder_belong_to_it_in_training_conversion_and_p
     assert sorted(p.name for p in (tmp_path / "sub" / "test" / "ants").iterdir()) == \
         ["more__extra1.png", "more__extra2.png", "more__extra3.png"]
     assert sorted(p.name for p in (tmp_path / "sub" / "train").iterdir()) == ["ants", "bees"]  # no .thumbs class
+
+
+def test_a_folder_run_and_predict_write_nothing_to_stderr(tmp_path):
+    """No log noise on the everyday path: EXIF-rotated JPEGs (a uint8 transpose made oneDNN log
+    an `E0000 … DT_UINT8` line) and a keras.applications backbone (AutoGraph warned it could
+    not convert importlib's `_gcd_import` in the map function) on train and predict."""
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+
+    def run_module(module, *args):  # TF_CPP_MIN_LOG_LEVEL unset: the launchers' default, as a user runs them
+        env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600, env=env)
+
+    root = tmp_path / "photos"
+    for c, name in enumerate(("ants", "bees")):
+        (root / name).mkdir(parents=True)
+        for j in range(8):
+            pixels = np.roll(_pattern(40, 56), 7 * j + 20 * c, axis=1)
+            (root / name / f"{j}.jpg").write_bytes(_jpeg(pixels, orientation=1 + (j % 8)))
+    wd = tmp_path / "run"
+    r = run_module("launch.train", f"--dataset=folder:{root}", "--backbone=mobilenet", "--alpha=0.25",
+                   "--image_size=32", "--val_fraction=0.25", "--test_fraction=0.25", "--head_epochs=1",
+                   "--finetune_epochs=0", "--batch_size=4", f"--workdir={wd}")
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+    r = run_module("launch.predict", f"--model={wd / 'export'}", str(root / "ants"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+    assert len(r.stdout.strip().splitlines()) == 8

@@ -130,7 +130,10 @@ def _tiff_orientation(read, n: tf.Tensor, tiff: tf.Tensor) -> tf.Tensor:
 def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     """Turns a [h, w, c] image upright for its EXIF orientation, as `PIL.ImageOps.exif_transpose`."""
     def transpose(x):
-        return tf.transpose(x, [1, 0, 2])
+        # Not tf.transpose: on CPUs without oneDNN's integer kernels its uint8 kernel logs
+        # an error line on every run (grappler moves a float32 cast after it, too). The
+        # einsum is exact in float32.
+        return tf.cast(tf.einsum("hwc->whc", tf.cast(x, tf.float32)), x.dtype)
 
     branches = [
         lambda: image,                            # 1: upright
@@ -138,9 +141,9 @@ def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
         lambda: image[::-1, ::-1],                # 3: rotated 180
         lambda: image[::-1],                      # 4: mirrored top-bottom
         lambda: transpose(image),                 # 5: transposed
-        lambda: tf.image.rot90(image, k=3),       # 6: stored turned 90 ccw: turn 90 cw
+        lambda: transpose(image)[:, ::-1],        # 6: stored turned 90 ccw: turn 90 cw
         lambda: transpose(image)[::-1, ::-1],     # 7: transverse
-        lambda: tf.image.rot90(image, k=1),       # 8: stored turned 90 cw: turn 90 ccw
+        lambda: transpose(image[:, ::-1]),        # 8: stored turned 90 cw: turn 90 ccw
     ]
     return tf.switch_case(orientation - 1, branches)
 

@@ -15,7 +15,6 @@ can be loaded "everything but the head".
 
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -130,7 +129,10 @@ def _app(fn_name: str, *, width: bool = False):
 
 def _preprocess(module: str):
     def preprocess(x):
-        return importlib.import_module(f"keras.applications.{module}").preprocess_input(x)
+        # An attribute, not importlib: AutoGraph, converting a tf.data map function that
+        # calls this, cannot read importlib's frozen source and warns on every run.
+        import keras
+        return getattr(keras.applications, module).preprocess_input(x)
     return preprocess
 
 

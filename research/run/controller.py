@@ -55,6 +55,7 @@ class Controller:
         self._active_key, self._active = None, None
         self.t_start, self.wall_before = time.time(), 0.0
         self.first_step_seconds: float | None = None
+        self.epoch_images_per_second = 0.0
 
     def _call(self, hook: str, *args) -> list:
         return [getattr(a, hook)(self.ctx, *args) for a in self.actions]
@@ -147,9 +148,10 @@ class Controller:
         sums, every = dict(run.epoch_sums), t.checkpoint_every_steps
         # A live bar on a terminal; one plain line per epoch in a redirected log
         # (no ANSI codes or carriage returns in files).
-        bar = keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=["loss", "accuracy", "img/s"],
+        bar = keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=["loss", "accuracy"],
                                   verbose=(1 if sys.stdout.isatty() else 2) if ctx.verbose else 0)
         ctx.say(f"stage {stage.name} epoch {run.epoch + 1}/{stage.epochs}")
+        images = seconds = 0.0
         while run.step_in_epoch < self.steps_per_epoch:
             n = min(t.steps_per_loop, self.steps_per_epoch - run.step_in_epoch)
             if every:  # stop the call at the next checkpoint step
@@ -173,13 +175,15 @@ class Controller:
             run.train_seconds += dt
             run.epoch_sums = dict(sums)
             m = metrics_from_sums(sums)
-            bar.update(run.step_in_epoch, [("loss", m["loss"]), ("accuracy", m["accuracy"]),
-                                           ("img/s", loop_sums["count"] / max(dt, 1e-9))])
+            bar.update(run.step_in_epoch, [("loss", m["loss"]), ("accuracy", m["accuracy"])])
+            images, seconds = images + float(loop_sums["count"]), seconds + dt
             if self.preemption is not None and self.preemption.signum:
                 raise Interrupted(self.preemption.signum, self.save_latest(run))
             # The epoch's own end saves its last step.
             if itstime(ctx.step(), every) and run.step_in_epoch < self.steps_per_epoch:
                 self.save_latest(run)
+        # Said beside the epoch's validation line: Progbar prints every value with 4 decimals.
+        self.epoch_images_per_second = images / max(seconds, 1e-9)
         return metrics_from_sums(sums)
 
     def _end_epoch(self, run: RunState, stage: StageConfig, es: EarlyStopping, train_m: dict,
@@ -212,7 +216,8 @@ class Controller:
         ctx.summaries.flush()
         run.history.append({"stage": stage.name, "epoch": run.epoch, "global_epoch": run.global_epoch,
                             "step": step, **metrics})
-        ctx.say(f"  val/loss {metrics['val/loss']:.4f}  val/accuracy {metrics['val/accuracy']:.4f}")
+        ctx.say(f"  val/loss {metrics['val/loss']:.4f}  val/accuracy {metrics['val/accuracy']:.4f}  "
+                f"({self.epoch_images_per_second:.0f} img/s)")
         if improved:
             run.best = {"stage": stage.name, "stage_index": run.stage, "epoch": run.epoch,
                         "global_epoch": run.global_epoch, "monitor": es.monitor, "value": value,

@@ -152,21 +152,76 @@ def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: b
         shutil.rmtree(trial_dir(root, t))
 
 
-def run_config(kind: str, config: ExperimentConfig, out_dir: str, spec_path: str) -> int:
+# The run's own lines (research/run/controller.py) that say where it is.
+EPOCH_LINE = re.compile(r"^stage (\S+) epoch (\d+)/(\d+)$")
+VAL_LINE = re.compile(r"^  val/loss (\S+)  val/accuracy (\S+)")
+PROGRESS_EVERY_S = 15.0  # at most one progress line per trial this often
+
+
+class Follower:
+    """Reads a trial's `stdout.log` as it grows and tells each epoch it finishes.
+
+    Epochs are counted over the whole run (a stage's first epoch follows the last
+    stage's), so a resumed trial continues its count.
+    """
+
+    def __init__(self, path: str, config: ExperimentConfig):
+        self.path = path
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+        starts = itertools.accumulate([0] + [s.epochs for s in config.stages])
+        self.first = {s.name: start for s, start in zip(config.stages, starts)}
+        self.total = sum(s.epochs for s in config.stages)
+        self.current, self.rest = None, ""
+
+    def poll(self) -> str | None:
+        """The newest epoch finished since the last call (`epoch 5/16 (finetune 1/8), val/accuracy 0.8367`),
+        or None."""
+        try:
+            with open(self.path) as f:
+                f.seek(self.offset)
+                text = f.read()
+                self.offset = f.tell()
+        except OSError:
+            return None
+        lines = (self.rest + text).split("\n")
+        self.rest, message = lines.pop(), None
+        for line in lines:
+            m = EPOCH_LINE.match(line)
+            if m and m.group(1) in self.first:
+                self.current = m.groups()
+            v = VAL_LINE.match(line)
+            if v and self.current:
+                stage, i, n = self.current
+                message = (f"epoch {self.first[stage] + int(i)}/{self.total} ({stage} {i}/{n}), "
+                           f"val/accuracy {v.group(2)}")
+        return message
+
+
+def run_config(kind: str, config: ExperimentConfig, out_dir: str, spec_path: str, *,
+               progress: Callable[[str], None] | None = None) -> int:
     """Runs a config in a child process (`python -m research.studies.run_trial SPEC`), its
     output appended to `out_dir/stdout.log` and `stderr.log`; returns its exit status.
 
     The child is handed the config itself (written to `spec_path`), not flags: what
-    the parent validated and compared is exactly what runs.
+    the parent validated and compared is exactly what runs. `progress` is told the
+    epochs the child finishes, at most every `PROGRESS_EVERY_S` seconds.
     """
     os.makedirs(out_dir, exist_ok=True)
     with open(spec_path, "w") as f:
         json.dump({"kind": kind, "out": out_dir, "config": config.to_dict()}, f, indent=1)
-    with open(os.path.join(out_dir, "stdout.log"), "a") as out, open(os.path.join(out_dir, "stderr.log"), "a") as err:
+    log_path = os.path.join(out_dir, "stdout.log")
+    follower = Follower(log_path, config) if progress else None
+    with open(log_path, "a") as out, open(os.path.join(out_dir, "stderr.log"), "a") as err:
         proc = subprocess.Popen([sys.executable, "-m", "research.studies.run_trial", spec_path], stdout=out,
                                 stderr=err, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
         try:
-            return proc.wait()
+            while True:
+                try:
+                    return proc.wait(timeout=PROGRESS_EVERY_S if follower else None)
+                except subprocess.TimeoutExpired:
+                    message = follower.poll()
+                    if message:
+                        progress(message)
         except KeyboardInterrupt:
             # Ctrl-C reached the trial too: it finishes its steps and saves (subprocess.call
             # would kill it a quarter of a second later). Not reached (a signal to this
@@ -179,8 +234,11 @@ def run_config(kind: str, config: ExperimentConfig, out_dir: str, spec_path: str
             raise
 
 
-def run_trial(root: str, trial: Trial, *, log=print) -> dict:
-    """Runs (or resumes, or skips) one trial in a subprocess.
+def run_trial(root: str, trial: Trial, *, log=print, where: str = "") -> dict:
+    """Runs (or resumes, or skips) one trial in a subprocess, logging its epochs as they end.
+
+    Args:
+      where: said when it starts (`3 of 18; about 6 min left`).
 
     Returns:
       `{"status": "done"|"skipped"|"failed", ...}`.
@@ -192,9 +250,10 @@ def run_trial(root: str, trial: Trial, *, log=print) -> dict:
     err_path = os.path.join(wd, "error.txt")
     if os.path.exists(err_path):
         os.remove(err_path)
-    log(f"[ablate] running {trial.name} (its output: {os.path.join(wd, 'stdout.log')})")
+    log(f"[ablate] running {trial.name}{f' ({where})' if where else ''}; its output: {os.path.join(wd, 'stdout.log')}")
     t0 = time.time()
-    rc = run_config(trial.kind, trial.config, wd, os.path.join(wd, "trial.json"))
+    rc = run_config(trial.kind, trial.config, wd, os.path.join(wd, "trial.json"),
+                    progress=lambda message: log(f"[ablate]   {trial.name}: {message}"))
     if rc != 0 or not is_finished(root, trial):
         tail = ""
         with open(os.path.join(wd, "stderr.log")) as f:
@@ -215,8 +274,25 @@ def run_all(root: str, trials: list[Trial], *, parallel: int = 1, log=print) -> 
     done = [t.name for t in trials if is_finished(root, t)]
     if done:
         log(f"[ablate] {len(done)} of {len(trials)} trial(s) already finished with these settings: reused")
+    todo = [t for t in trials if t.name not in done]
+    durations: list[float] = []
+
+    def one(i: int, trial: Trial) -> dict:
+        where = f"{i + 1} of {len(todo)} to run"
+        if durations:  # the trials this invocation finished so far
+            left = sum(durations) / len(durations) * (len(todo) - i) / parallel
+            where += f"; about {left / 60:.0f} min left" if left >= 90 else f"; about {left:.0f} s left"
+        t0 = time.time()
+        result = run_trial(root, trial, log=log, where=where)
+        if result["status"] == "done":
+            durations.append(time.time() - t0)
+        return result
+
+    results = {name: {"status": "skipped"} for name in done}
     if parallel <= 1:
-        return {t.name: run_trial(root, t, log=log) for t in trials}
-    with ThreadPoolExecutor(parallel) as pool:
-        futures = {t.name: pool.submit(run_trial, root, t, log=log) for t in trials}
-        return {name: f.result() for name, f in futures.items()}
+        results.update({t.name: one(i, t) for i, t in enumerate(todo)})
+    else:
+        with ThreadPoolExecutor(parallel) as pool:
+            futures = {t.name: pool.submit(one, i, t) for i, t in enumerate(todo)}
+            results.update({name: f.result() for name, f in futures.items()})
+    return {t.name: results[t.name] for t in trials}
