@@ -19,11 +19,11 @@ def _digits(n=256, size=16):
     return x, d.target[:n].astype("int32")
 
 
-def _model(train_bn: bool):
+def _model(train_bn: bool, spec: str = "all"):
     keras.utils.set_random_seed(1)
     base = backbones.build_base("small_cnn", image_size=16)
     model = backbones.build_classifier(base, 10, dropout=0.0)
-    sel = unfreeze.select(model, "small_cnn", "all", train_bn=train_bn)
+    sel = unfreeze.select(model, "small_cnn", spec, train_bn=train_bn)
     unfreeze.apply_policy(model, "small_cnn", sel)
     return model, sel
 
@@ -36,9 +36,22 @@ CLASS_WEIGHT = {c: w for c, w in enumerate([3.0, 0.2, 1.0, 0.5, 2.0, 1.5, 0.3, 1
     ("sgd", False, 0.0, False), ("adam", False, 0.0, False), ("adam", True, 0.0, False), ("sgd", True, 0.0, False),
     ("adam", False, 0.1, False), ("sgd", False, 0.0, True)])
 def test_one_epoch_equals_model_fit(opt, train_bn, smoothing, weighted):
+    _one_epoch_equals_model_fit(opt, train_bn, smoothing, weighted)
+
+
+def test_norm_spec_equals_model_fit_with_only_the_normalisation_layers_trainable():
+    """`norm` with `--bn=train` is what `model.fit` does when only the BatchNorm layers (and the head)
+    are trainable: gamma/beta learn, batch statistics, moving averages updated."""
+    ref = _one_epoch_equals_model_fit("adam", True, 0.0, False, spec="norm")
+    paths = {v.path for v in ref.trainable_variables}
+    assert paths == {v.path for v in ref.weights if v.path.split("/")[-1] in ("gamma", "beta")} | {
+        "head/kernel", "head/bias"}, paths
+
+
+def _one_epoch_equals_model_fit(opt, train_bn, smoothing, weighted, spec="all"):
     x, y = _digits()
-    ref, _ = _model(train_bn)
-    ours, sel = _model(train_bn)
+    ref, _ = _model(train_bn, spec)
+    ours, sel = _model(train_bn, spec)
     ours.set_weights(ref.get_weights())
     # A moderate SGD step: with BN training, lr 0.05 + momentum amplifies float32
     # rounding (the order of reductions) past the tolerance within 8 steps.
@@ -71,3 +84,4 @@ def test_one_epoch_equals_model_fit(opt, train_bn, smoothing, weighted):
     assert moved > 1e-3
     for a, b, v in zip(ref.get_weights(), ours.get_weights(), ref.weights):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=v.path)
+    return ref

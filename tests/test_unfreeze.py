@@ -282,3 +282,72 @@ def test_layerwise_lr_equals_scaled_learning_rate_on_two_mirrored_replicas(tmp_p
     assert np.abs(w["ours"][body] - w["init"][body]).max() > 5e-4
     for path, a, b in zip(w["paths"], w["ref"], w["ours"]):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=f"{name} {path}")
+
+
+KIND_EXPECTED = {  # spec -> (base variables that train, by their last path part; kernels of these layers)
+    "norm": ({"gamma", "beta"}, set()),
+    "bias": ({"beta"}, set()),  # small_cnn's convolutions have no bias: the offsets alone
+    "top:1+norm": ({"gamma", "beta", "kernel"}, {"block3_conv"}),
+    "bias+norm": ({"gamma", "beta"}, set()),
+}
+
+
+@pytest.mark.parametrize("spec", list(KIND_EXPECTED))
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_norm_and_bias_specs_train_only_their_kind(spec, train_bn):
+    model = backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 3, dropout=0.0)
+    sel = unfreeze.select(model, "small_cnn", spec, train_bn=train_bn)
+    unfreeze.apply_policy(model, "small_cnn", sel)
+    opt = build_optimizer(TrainConfig(optimizer="adam"), 1e-2)
+    opt.build(sel.variables)
+    trainer = Trainer(model, opt, strategy=tf.distribute.get_strategy())
+    trainer.set_trainable(sel.variables)
+    before = _snapshot(model)
+    trainer.train(iter(_tiny_data()), 4)
+    after = _snapshot(model)
+    kinds, kernels = KIND_EXPECTED[spec]
+    base = {p for p in before if not p.startswith("head/")}
+    expected = {p for p in base if p.split("/")[1] in kinds - {"kernel"}} | {f"{k}/kernel" for k in kernels}
+    if spec.startswith("top:1") and train_bn:  # a whole block takes its BN too: already in
+        expected |= {"block3_bn/gamma", "block3_bn/beta"}
+    assert set(sel.paths) - {"head/kernel", "head/bias"} == expected
+    for path, old in before.items():
+        changed = not np.array_equal(old, after[path])
+        if path.endswith(("moving_mean", "moving_variance")):
+            # Frozen policy: statistics bit-identical (BN in inference mode though its gamma/beta
+            # train); with --bn=train, the BN layers whose parameters train run on batch statistics.
+            assert changed == (train_bn and f"{path.split('/')[0]}/beta" in expected), path
+        else:
+            assert changed == (path in expected or path.startswith("head/")), path
+    record = unfreeze.describe(sel, model, stage="s")
+    kind_names = [k for k in ("bias", "norm") if k in spec]
+    assert list(record["parameter_kinds"]) == kind_names
+    assert record["backbone_trained_params"] == unfreeze.count_params([v for v in model.weights if v.path in expected])
+    assert record["backbone_params"] == backbones.base_of(model).count_params()
+
+
+def test_bias_means_every_bias_where_the_backbone_has_them_and_norm_is_refused_where_it_has_none():
+    model = backbones.build_classifier(backbones.build_base("vgg16", image_size=32), 3)
+    sel = unfreeze.select(model, "vgg16", "bias")
+    convs = [layer.name for layer in backbones.base_of(model).layers if layer.weights]
+    assert sel.paths == [f"{c}/bias" for c in convs] + ["head/kernel", "head/bias"]
+    assert sel.kinds == {"bias": [f"{c}/bias" for c in convs]} and sel.blocks == []
+    with pytest.raises(UserError, match="vgg16 has no norm parameters"):
+        unfreeze.select(model, "vgg16", "top:1+norm")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("none+norm", "'none' adds nothing"), ("all+top:1", "'all' already holds every block"),
+    ("norm+norm", "names a part twice"), ("top:1+", "an empty part"), ("auto:1+auto:2", "at most one auto:"),
+    ("top:99+norm", "K must be an integer in 0..3"), ("norms", "is not valid")])
+def test_bad_composite_specs_are_refused_by_name(spec, message):
+    with pytest.raises(UserError, match=message):
+        unfreeze.resolve_blocks(spec, ["block1", "block2", "block3"])
+
+
+def test_a_regex_part_reads_to_the_end_and_joins_the_others():
+    model = backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 3)
+    sel = unfreeze.select(model, "small_cnn", "norm+regex:block(1|2)+_conv")
+    assert set(sel.paths) == ({v.path for v in model.weights if v.path.split("/")[-1] in ("gamma", "beta")}
+                              | {"block1_conv/kernel", "block2_conv/kernel", "head/kernel", "head/bias"})
+    assert sel.blocks == ["block1", "block2"]

@@ -304,7 +304,8 @@ class StageConfig:
     """One training stage: what is trainable, for how long, how fast.
 
     `unfreeze` is an unfreeze spec (`none`, `all`, `top:K`, `blocks:a,b`, `from:NAME`,
-    `regex:PATTERN`, `auto:K`), see research/model/unfreeze.py. With `gradual_every`,
+    `regex:PATTERN`, `auto:K`, `norm`, `bias`, parts joined by `+`), see
+    research/model/unfreeze.py. With `gradual_every`,
     the stage starts with the top block of its spec and unfreezes one more block every
     that many epochs; with `lr_decay_per_block`, block i below the top trains at
     lr * decay**i. The flags set the fine-tuning stage (and, for the fields marked
@@ -313,7 +314,11 @@ class StageConfig:
 
     name: str = opt("train", "", flag=False)
     unfreeze: str = opt("all", "Unfreeze spec of the (fine-tuning) stage: none | all | top:K | blocks:a,b | "
-                        "from:NAME | regex:PAT | auto:K (= auto:rgn:K) | auto:probe:K (chosen at the stage's start)")
+                        "from:NAME | regex:PAT | auto:K (= auto:rgn:K) | auto:probe:K (chosen at the stage's start) "
+                        "| norm (normalisation gamma/beta in every block) | bias (every bias plus the normalisation "
+                        "beta: BitFit; the convolutions of mobilenet, mobilenet_v2, inception_v3, xception and "
+                        "small_cnn have no bias, so there it is the beta alone) | parts joined by +, e.g. "
+                        "top:2+norm")
     epochs: int = opt(20, "Epochs of the (fine-tuning) stage.", flag="finetune_epochs")
     lr: float = opt(2e-3, "Learning rate (of the head stage, and of fine-tuning unless --finetune_lr).", head=True)
     schedule: str = opt("cosine", "Learning-rate schedule within each stage.", enum=SCHEDULES, head=True)

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from research.errors import UserError
 
 SPEC_FORMS = ("none", "all", "top:K", "blocks:a,b", "from:NAME", "regex:PATTERN", "auto:K", "auto:rgn:K",
-              "auto:probe:K")
+              "auto:probe:K", "norm", "bias", "A+B")
+# Specs that pick parameters by what they are, in every block, instead of blocks.
+PARAM_KINDS = ("norm", "bias")
 
 
 SOURCE_KINDS = ("digits", "folder", "tfds", "tfrecord")
@@ -42,11 +44,17 @@ class UnfreezeSpec:
     """An unfreeze spec parsed, the one place its grammar is read (`SPEC_FORMS`); which
     blocks and variables it means for a backbone is research/model/unfreeze.py's.
 
+    A spec is one part (`top:2`, `norm`) or several joined by `+` (`top:2+norm`): the
+    union of what each part trains. A `regex:` part reads to the end of the spec (its
+    pattern may hold a `+`), so it comes last.
+
     Attributes:
       text: the spec as written (`top:2`), for messages and records.
-      kind: `none`, `all`, `top`, `blocks`, `from`, `regex` or `auto`.
+      kind: `none`, `all`, `top`, `blocks`, `from`, `regex`, `auto`, `norm`, `bias`, or
+        `+` for several parts.
       arg: what follows `KIND:` (`auto`: the K part).
       method / k: `auto:` specs' measure (`rgn` or `probe`) and K; `top:K`'s K.
+      parts: a `+` spec's parts, in the order written.
     """
 
     text: str
@@ -54,11 +62,31 @@ class UnfreezeSpec:
     arg: str = ""
     method: str = ""
     k: int = 0
+    parts: tuple["UnfreezeSpec", ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> "UnfreezeSpec":
         """Raises UserError: a spec of no known form (the block names are checked later, on the backbone)."""
-        if text in ("none", "all"):
+        head, regex, tail = text.partition("regex:")
+        texts = head.split("+") if "+" in head else [head]
+        if regex:
+            texts[-1] += regex + tail
+        if len(texts) == 1:
+            return cls._parse_part(text)
+        check(all(texts), f"unfreeze spec {text!r}: an empty part around '+'; join parts as top:2+norm")
+        parts = tuple(cls._parse_part(t) for t in texts)
+        kinds = [p.kind for p in parts]
+        blocks = [k for k in kinds if k not in PARAM_KINDS]
+        check("all" not in kinds or len(blocks) == 1,
+              f"unfreeze spec {text!r}: 'all' already holds every block; join it only with norm or bias")
+        check("none" not in kinds, f"unfreeze spec {text!r}: 'none' adds nothing to a '+' spec; drop it")
+        check(kinds.count("auto") <= 1, f"unfreeze spec {text!r}: at most one auto: part")
+        check(len(set(texts)) == len(texts), f"unfreeze spec {text!r} names a part twice")
+        return cls(text, "+", parts=parts)
+
+    @classmethod
+    def _parse_part(cls, text: str) -> "UnfreezeSpec":
+        if text in ("none", "all", *PARAM_KINDS):
             return cls(text, text)
         kind, sep, arg = text.partition(":")
         if kind == "auto":
@@ -78,5 +106,16 @@ class UnfreezeSpec:
                 raise UserError(f"unfreeze spec {text!r}: invalid regular expression ({e})") from None
         return cls(text, kind, arg)
 
-    def __str__(self) -> str:
-        return self.text
+    @property
+    def each(self) -> tuple["UnfreezeSpec", ...]:
+        """The parts (a one-part spec is its own only part)."""
+        return self.parts or (self,)
+
+    @property
+    def auto(self) -> "UnfreezeSpec | None":
+        """The `auto:` part, chosen at the stage's start, or None."""
+        return next((p for p in self.each if p.kind == "auto"), None)
+
+    def with_auto_resolved(self, blocks_spec: str) -> "UnfreezeSpec":
+        """This spec with its `auto:` part replaced by the blocks it chose (`blocks:a,b`)."""
+        return UnfreezeSpec.parse("+".join(blocks_spec if p.kind == "auto" else p.text for p in self.each))

@@ -13,6 +13,18 @@ An unfreeze spec picks blocks of the backbone (ordered input -> output, see
     blocks:a,b,...   exactly these blocks (surgical fine-tuning)
     from:NAME        block NAME and every block above it
     regex:PATTERN    base variables whose path matches PATTERN (re.search)
+    norm             the normalisation layers' scale and offset (BatchNorm, LayerNorm
+                     and GroupNorm gamma/beta) in every block (Frankle et al. 2021)
+    bias             every bias of the base plus the normalisation offsets (beta):
+                     BitFit (Ben Zaken et al. 2022). Where the convolutions have no
+                     bias (mobilenet, mobilenet_v2, inception_v3, xception, small_cnn)
+                     it is the offsets alone; resnet50 has 53 biases, efficientnet_b0
+                     32 (its squeeze-excite convolutions), vgg16 13 and no norm layer
+    A+B              the union of what each part trains: `top:2+norm`, `bias+norm`
+
+`norm` and `bias` train parameters by kind, not blocks: under the default BatchNorm
+policy the BatchNorm layers whose gamma/beta they train stay in inference mode (their
+moving statistics frozen); with `--bn=train` those layers run on batch statistics.
 
 A spec resolves to an explicit, ordered list of variables (`Selection.variables`);
 the training step differentiates and updates exactly that list and nothing else.
@@ -36,6 +48,7 @@ import numpy as np
 
 from research.model import backbones
 from research.config import SPEC_FORMS, UnfreezeSpec
+from research.config.specs import PARAM_KINDS
 from research.errors import UserError
 
 if TYPE_CHECKING:
@@ -50,7 +63,8 @@ class Selection:
 
     Attributes:
       spec: the spec text.
-      blocks: unfrozen block names, input to output.
+      blocks: unfrozen block names, input to output (whole blocks: a `norm` or `bias`
+        part adds none).
       variables: every variable that trains (base selection, then head), in model order.
       bn_trainable: names of BN layers that train (empty under the default policy).
       lr_multipliers: `{variable path: multiplier}` for layer-wise LR decay (only != 1 entries).
@@ -61,6 +75,7 @@ class Selection:
     variables: list
     bn_trainable: list[str]
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    kinds: dict[str, list[str]] = field(default_factory=dict)  # {"norm"|"bias": paths of its base variables}
 
     @property
     def paths(self) -> list[str]:
@@ -89,6 +104,11 @@ def resolve_blocks(spec: UnfreezeSpec | str, block_names: list[str], *, backbone
         raise UserError(f"{e}; {valid}") from None
     kind, arg, text = spec.kind, spec.arg, spec.text
     n = len(block_names)
+    if kind == "+":
+        chosen = {b for part in spec.parts for b in resolve_blocks(part, block_names, backbone=backbone)}
+        return [b for b in block_names if b in chosen]
+    if kind in PARAM_KINDS:  # parameters by kind, in every block: `select`
+        return []
     if kind == "auto":  # chosen at the stage's start (research/run/actions/auto_unfreeze.py); here only K is checked
         if not 1 <= spec.k <= n:
             raise UserError(f"unfreeze spec {text!r}: K={spec.k} is not in 1..{n}; {valid}")
@@ -119,6 +139,27 @@ def resolve_blocks(spec: UnfreezeSpec | str, block_names: list[str], *, backbone
 def _is_bn(layer) -> bool:
     import keras  # here, not at the top: specs are resolved before TensorFlow starts
     return isinstance(layer, keras.layers.BatchNormalization)
+
+
+KIND_MEANING = {"norm": "the gamma/beta of BatchNorm, LayerNorm and GroupNorm layers",
+                "bias": "every bias, plus the normalisation layers' beta"}
+
+
+def _is_norm(layer) -> bool:
+    import keras
+    return isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+                              keras.layers.GroupNormalization))
+
+
+def param_kinds(layer, variable) -> set[str]:
+    """What `norm` and `bias` call this variable: {"norm"}, {"bias"}, both (a norm's beta) or none."""
+    name = variable.path.rsplit("/", 1)[-1]
+    kinds = set()
+    if _is_norm(layer) and name in ("gamma", "beta"):
+        kinds.add("norm")
+    if name == "bias" or (_is_norm(layer) and name == "beta"):
+        kinds.add("bias")
+    return kinds
 
 
 def _candidates(layer) -> list:
@@ -162,30 +203,40 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
     spec = as_spec(spec)
     base, block_of, names = layer_blocks(model, backbone)
     chosen = resolve_blocks(spec, names, backbone=backbone)
-    regex = re.compile(spec.arg) if spec.kind == "regex" else None
+    regexes = [re.compile(p.arg) for p in spec.each if p.kind == "regex"]
+    by_kind = {p.kind for p in spec.each if p.kind in PARAM_KINDS}
     if limit_top is not None:
         chosen = chosen[max(0, len(chosen) - limit_top):]
     chosen_set = set(chosen)
     variables, bn_trainable, regex_blocks = [], [], []
+    kinds: dict[str, list[str]] = {k: [] for k in sorted(by_kind)}
     for layer in base.layers:
-        in_block = block_of[layer.name] in chosen_set
-        if _is_bn(layer) and not train_bn:
-            continue
+        bn = _is_bn(layer)
         for v in _candidates(layer):
-            take = bool(regex.search(v.path)) if regex else in_block
-            if take:
-                variables.append(v)
-                if _is_bn(layer) and layer.name not in bn_trainable:
-                    bn_trainable.append(layer.name)
-                if regex and block_of[layer.name] not in regex_blocks:
-                    regex_blocks.append(block_of[layer.name])
-    if regex is not None:
-        if not variables:
+            # Whole blocks and regexes take BatchNorm's gamma/beta only with --bn=train.
+            in_block = block_of[layer.name] in chosen_set and (train_bn or not bn)
+            matched = any(r.search(v.path) for r in regexes) and (train_bn or not bn)
+            of_kind = param_kinds(layer, v) & by_kind
+            if not (in_block or matched or of_kind):
+                continue
+            variables.append(v)
+            for k in sorted(of_kind):
+                kinds[k].append(v.path)
+            if bn and train_bn and layer.name not in bn_trainable:
+                bn_trainable.append(layer.name)
+            if matched and block_of[layer.name] not in regex_blocks:
+                regex_blocks.append(block_of[layer.name])
+    empty = [k for k, paths in kinds.items() if not paths]
+    if empty:
+        raise UserError(f"unfreeze spec {spec.text!r}: {backbone} has no {' or '.join(empty)} parameters "
+                        f"({'; '.join(KIND_MEANING[k] for k in empty)})")
+    if regexes:
+        if not regex_blocks:
             paths = [v.path for layer in base.layers for v in _candidates(layer)][:8]
             raise UserError(f"unfreeze spec {spec.text!r} matches no trainable base variable "
                             f"(BN gamma/beta count only with --train_bn); example paths: {', '.join(paths)}; "
                             f"blocks: {', '.join(names)}")
-        chosen = [b for b in names if b in regex_blocks]
+        chosen = [b for b in names if b in chosen_set or b in regex_blocks]
     mult = {}
     if lr_decay_per_block != 1.0:
         depth = {b: len(names) - 1 - i for i, b in enumerate(names)}
@@ -194,7 +245,7 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
             m = lr_decay_per_block ** depth[block_of[layer_of[id(v)]]]
             if m != 1.0:
                 mult[v.path] = float(m)
-    return Selection(spec.text, chosen, variables + head_variables(model), bn_trainable, mult)
+    return Selection(spec.text, chosen, variables + head_variables(model), bn_trainable, mult, kinds)
 
 
 def apply_policy(model: keras.Model, backbone: str, selection: Selection) -> None:
@@ -204,14 +255,13 @@ def apply_policy(model: keras.Model, backbone: str, selection: Selection) -> Non
     BatchNormalization (inference mode) and keep `model.trainable_variables`
     and summaries honest. Call before the step function is traced.
     """
-    base, block_of, _ = layer_blocks(model, backbone)
-    chosen = set(selection.blocks)
+    base = backbones.base_of(model)
     selected = {id(v) for v in selection.variables}
     for layer in base.layers:
         if _is_bn(layer):
             layer.trainable = layer.name in selection.bn_trainable
         elif layer.weights:
-            layer.trainable = block_of[layer.name] in chosen and any(id(v) in selected for v in layer.weights)
+            layer.trainable = any(id(v) in selected for v in layer.weights)
 
 
 def trainable_union(model: keras.Model, selections: list[Selection]) -> list:
@@ -230,6 +280,9 @@ def describe(selection: Selection, model: keras.Model, *, stage: str) -> dict:
     """The `trainable.json` record of one stage."""
     trainable = count_params(selection.variables)
     total = count_params(model.weights)
+    base_weights = backbones.base_of(model).weights
+    base_ids = {id(v) for v in base_weights}
+    by_path = {v.path: v for v in base_weights}
     return {
         "stage": stage,
         "spec": selection.spec,
@@ -237,6 +290,11 @@ def describe(selection: Selection, model: keras.Model, *, stage: str) -> dict:
         "bn_trainable": selection.bn_trainable,
         "trainable_params": trainable,
         "frozen_params": total - trainable,
+        # The backbone's size as Keras counts it (every weight, BatchNorm statistics included).
+        "backbone_params": count_params(base_weights),
+        "backbone_trained_params": count_params([v for v in selection.variables if id(v) in base_ids]),
+        "parameter_kinds": {k: {"variables": len(paths), "params": count_params([by_path[p] for p in paths])}
+                            for k, paths in selection.kinds.items()},
         "num_variables": len(selection.variables),
         "variables": selection.paths,
         "lr_multipliers": selection.lr_multipliers,
@@ -249,7 +307,11 @@ def summary_text(record: dict, *, markdown: bool = True) -> str:
     TensorBoard's text plugin joins lines without a blank line between them into
     one paragraph, so the Markdown list is a proper list (blank line before it).
     """
-    blocks = ", ".join(record["blocks"]) or "(none: head only)"
+    kinds = record.get("parameter_kinds") or {}
+    blocks = ", ".join(record["blocks"]) or ("(none)" if kinds else "(none: head only)")
+    if kinds:  # what `norm` and `bias` found on this backbone
+        blocks += "; " + ", ".join(f"{k}: {c['variables']} variables, {c['params']:,} params"
+                                   for k, c in kinds.items())
     if not markdown:
         return (f"stage {record['key'] if 'key' in record else record['stage']}: spec {record['spec']}; "
                 f"unfrozen blocks: {blocks}; trainable params {record['trainable_params']:,}, "

@@ -107,7 +107,7 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     if not -len(config.stages) <= stage < len(config.stages):
         raise UserError(f"--stage={stage}: the config has {len(config.stages)} stage(s)")
     st = config.stages[stage]
-    if st.spec.kind == "auto":
+    if st.spec.auto is not None:
         raise UserError(f"stage {st.name} unfreezes {st.unfreeze!r}, chosen only when a run reaches it; test the "
                         "blocks it chose instead (trainable.json of a run: --unfreeze=blocks:...)")
     index = stage % len(config.stages)

@@ -35,8 +35,9 @@ class AutoUnfreeze(Action):
                     None)
 
     def stage_start(self, ctx: Context, run, stage) -> None:
-        if stage.spec.kind == "auto" and self._record(run, stage) is None:
-            self.state(run).choices.append(self._choose(ctx, run, stage, stage.spec.method, stage.spec.k))
+        auto = stage.spec.auto  # `auto:4`, or the auto part of `auto:4+norm`
+        if auto is not None and self._record(run, stage) is None:
+            self.state(run).choices.append(self._choose(ctx, run, stage, auto.method, auto.k))
 
     def unfreeze_spec(self, ctx: Context, run, stage, spec: UnfreezeSpec) -> UnfreezeSpec:
         record = self._record(run, stage)
@@ -72,4 +73,5 @@ class AutoUnfreeze(Action):
         ctx.say(f"stage {stage.name}: {stage.unfreeze} chose {', '.join(blocks)} by {method} "
                 f"({', '.join(f'{b} {s:.3g}' for b, s in scores.items())}; {seconds:.1f}s)")
         return {"stage": stage.name, "spec": stage.unfreeze, "method": method, "k": k, "scores": scores,
-                "blocks": blocks, "resolved": "blocks:" + ",".join(blocks), "seconds": seconds}
+                "blocks": blocks, "resolved": stage.spec.with_auto_resolved("blocks:" + ",".join(blocks)).text,
+                "seconds": seconds}
