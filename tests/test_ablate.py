@@ -324,3 +324,21 @@ def test_a_sweep_reports_each_trials_epochs_and_the_time_left(tmp_path, monkeypa
     lines.clear()
     trials_lib.run_all(root, trials, log=lines.append)
     assert lines == ["[ablate] 2 of 2 trial(s) already finished with these settings: reused"]
+
+
+def test_a_sweep_over_parameter_kind_specs_tabulates_what_each_trained(tmp_path):
+    """`--sweep=unfreeze:norm,bias,top:1+norm` through the sweep launcher's library: every trial
+    runs, and results.csv says how many backbone parameters each trained (small_cnn: BatchNorm
+    gamma/beta 448, beta 224, block3's kernel 73,728)."""
+    from launch.train import config_from_args
+    from research.studies import ablation
+
+    rows = ablation.run_sweep(str(tmp_path), ["unfreeze:norm,bias,top:1+norm"],
+                              ["--image_size=16", "--classes=0-2", "--head_epochs=1", "--finetune_epochs=1",
+                               "--noexport", "--batch_size=64"], config_from_args, log=lambda *a: None)
+    assert [r["status"] for r in rows] == ["done"] * 3
+    table = {r["unfreeze"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert {k: int(r["backbone_trained_params"]) for k, r in table.items()} == {
+        "norm": 448, "bias": 224, "top:1+norm": 73728 + 448}
+    assert {k: int(r["trainable_params"]) - int(r["backbone_trained_params"]) for k, r in table.items()} == {
+        k: 128 * 3 + 3 for k in table}  # the head

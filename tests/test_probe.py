@@ -250,3 +250,16 @@ def test_auto_rgn_under_mirrored_equals_one_device(tmp_path):
     assert scores["one"]["blocks"] == scores["two"]["blocks"]
     for block, value in scores["one"]["scores"].items():
         assert scores["two"]["scores"][block] == pytest.approx(value, rel=1e-3), block
+
+
+def test_an_auto_part_of_a_union_is_chosen_and_the_rest_kept(tmp_path):
+    """`auto:1+norm`: the auto part is chosen at the stage's start as alone, and the stage trains
+    the chosen block and every BatchNorm gamma/beta; trainable.json names the union it resolved to."""
+    r = run_module("launch.train", f"--workdir={tmp_path}", "--image_size=16", "--classes=0-4", "--head_epochs=1",
+                   "--finetune_epochs=1", "--noexport", "--unfreeze=auto:1+norm")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ft = json.loads((tmp_path / "trainable.json").read_text())[-1]
+    assert ft["auto"]["spec"] == "auto:1+norm" and len(ft["blocks"]) == 1
+    assert ft["spec"] == f"blocks:{ft['blocks'][0]}+norm"
+    assert ft["parameter_kinds"] == {"norm": {"variables": 6, "params": 448}}
+    assert f"{ft['blocks'][0]}_conv/kernel" in ft["variables"]

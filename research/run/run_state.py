@@ -135,10 +135,17 @@ class RunState:
     def stage_history(self, name: str) -> list[dict]:
         return [h for h in self.history if h["stage"] == name]
 
-    def trainable_params(self, stage: str) -> int | None:
-        """The stage's trainable parameters (a gradual stage: its last, largest set)."""
-        counts = [r["trainable_params"] for r in self.trainable if r["stage"] == stage]
-        return counts[-1] if counts else None
+    def trainable_params(self, stage: str) -> dict:
+        """The stage's trained parameters (a gradual stage: its last, largest set): all of them,
+        the backbone's among them, and their share of the backbone."""
+        records = [r for r in self.trainable if r["stage"] == stage]
+        if not records:
+            return {"trainable_params": None}
+        r = records[-1]
+        if "backbone_params" not in r:  # a record written before these were counted
+            return {"trainable_params": r["trainable_params"]}
+        return {"trainable_params": r["trainable_params"], "backbone_trained_params": r["backbone_trained_params"],
+                "backbone_share": r["backbone_trained_params"] / max(r["backbone_params"], 1)}
 
     def images_per_second(self) -> float:
         return self.train_images / max(self.train_seconds, 1e-9)
@@ -153,7 +160,7 @@ class RunState:
             "best_stage": best["stage"] if best else None,
             "early_stopping_fired": any(s["early_stopped"] for s in self.stages),
             "final_weights_from": self.stages[-1]["weights_from"] if self.stages else "last epoch",
-            "stages": [dict(s, early_stopping=numbered(s["early_stopping"]), trainable_params=self.trainable_params(s["name"]))
+            "stages": [dict(s, early_stopping=numbered(s["early_stopping"]), **self.trainable_params(s["name"]))
                        for s in self.stages],
             "epochs_run": len(self.history),
             "wall_time_s": self.wall_seconds,

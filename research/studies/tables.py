@@ -18,7 +18,8 @@ from research.studies.trials import SEED_KEY, Trial, is_finished, trial_dir
 # The run's metric vocabulary: test/... and val/... are the final weights', best/... the
 # run's best epoch (chosen on validation).
 COLUMNS = ["test/accuracy", "val/accuracy", "test/loss", "val/loss", "best/test/accuracy", "best/val/accuracy",
-           "best_epoch", "epochs", "early_stopped", "trainable_params", "wall_time_s", "images_per_second", "code"]
+           "best_epoch", "epochs", "early_stopped", "trainable_params", "backbone_trained_params", "wall_time_s",
+           "images_per_second", "code"]
 VARIANT_COLUMN = re.compile(r"test_\w+/accuracy")  # a weight variant's test score (test_ema/accuracy), after best/
 SUMMARY_METRICS = ("test/accuracy", "val/accuracy", "best/test/accuracy", "best/val/accuracy", "wall_time_s")
 
@@ -34,7 +35,7 @@ def collect(root: str, trials: list[Trial]) -> list[dict]:
             with open(path) as f:
                 r = json.load(f)
             final, best = r["final"], r["best"] or {}
-            trainable = [s.get("trainable_params") for s in r["stages"] if s.get("trainable_params") is not None]
+            trainable = [s for s in r["stages"] if s.get("trainable_params") is not None]
             row.update({"status": "done", **{k: final.get(k) for k in ("test/accuracy", "val/accuracy", "test/loss",
                                                                        "val/loss")},
                         **{k: v for k, v in final.items() if VARIANT_COLUMN.fullmatch(k)},
@@ -42,7 +43,9 @@ def collect(root: str, trials: list[Trial]) -> list[dict]:
                         "best/val/accuracy": best.get("val/accuracy"),
                         "best_epoch": r["best_epoch"], "epochs": r["epochs_run"],
                         "early_stopped": r["early_stopping_fired"],
-                        "trainable_params": trainable[-1] if trainable else None,
+                        # The last stage's (the most any stage trains in the usual head-then-base runs).
+                        "trainable_params": trainable[-1]["trainable_params"] if trainable else None,
+                        "backbone_trained_params": trainable[-1].get("backbone_trained_params") if trainable else None,
                         "wall_time_s": round(r["wall_time_s"], 1),
                         "images_per_second": round(r["images_per_second"], 1),
                         "test_from": r.get("test_from", "none"),
