@@ -327,18 +327,18 @@ def test_a_sweep_reports_each_trials_epochs_and_the_time_left(tmp_path, monkeypa
 
 
 def test_a_sweep_over_parameter_kind_specs_tabulates_what_each_trained(tmp_path):
-    """`--sweep=unfreeze:norm,bias,top:1+norm` through the sweep launcher's library: every trial
-    runs, and results.csv says how many backbone parameters each trained (small_cnn: BatchNorm
-    gamma/beta 448, beta 224, block3's kernel 73,728)."""
+    """`--sweep=unfreeze:norm,bias,top:1+norm,lora:4` through the sweep launcher's library: every
+    trial runs, and results.csv says how many backbone parameters each trained (small_cnn: BatchNorm
+    gamma/beta 448, beta 224, block3's kernel 73,728, rank-4 factors of the three convolutions)."""
     from launch.train import config_from_args
     from research.studies import ablation
 
-    rows = ablation.run_sweep(str(tmp_path), ["unfreeze:norm,bias,top:1+norm"],
+    rows = ablation.run_sweep(str(tmp_path), ["unfreeze:norm,bias,top:1+norm,lora:4"],
                               ["--image_size=16", "--classes=0-2", "--head_epochs=1", "--finetune_epochs=1",
                                "--noexport", "--batch_size=64"], config_from_args, log=lambda *a: None)
-    assert [r["status"] for r in rows] == ["done"] * 3
+    assert [r["status"] for r in rows] == ["done"] * 4
     table = {r["unfreeze"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
     assert {k: int(r["backbone_trained_params"]) for k, r in table.items()} == {
-        "norm": 448, "bias": 224, "top:1+norm": 73728 + 448}
+        "norm": 448, "bias": 224, "top:1+norm": 73728 + 448, "lora:4": 236 + 1408 + 2816}
     assert {k: int(r["trainable_params"]) - int(r["backbone_trained_params"]) for k, r in table.items()} == {
         k: 128 * 3 + 3 for k in table}  # the head

@@ -93,17 +93,19 @@ def _run_and_compare(reference, wd, *args):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-def test_mirrored_norm_and_bias_union_matches_one_device(tmp_path):
+@pytest.mark.parametrize("spec,kinds", [
+    ("top:1+norm+bias", {"bias": {"variables": 3, "params": 224}, "norm": {"variables": 6, "params": 448}}),
+    ("lora:4@top:2", {"lora": {"variables": 4, "params": 1408 + 2816, "skipped_layers": []}})])
+def test_mirrored_parameter_kind_and_lora_specs_match_one_device(tmp_path, spec, kinds):
     """Parameters chosen by kind (BatchNorm gamma/beta in inference mode, the offsets twice named)
-    train to the same weights on two replicas as on one device."""
-    args = [*COMMON, "--unfreeze=top:1+norm+bias"]
+    and LoRA factors train to the same weights on two replicas as on one device."""
+    args = [*COMMON, f"--unfreeze={spec}"]
     one = tmp_path / "one"
     r = run_module("launch.train", f"--workdir={one}", "--strategy=default", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     _run_and_compare(one, tmp_path / "two", "--strategy=mirrored", "--cpu_devices=2", *args)
     record = json.loads((one / "trainable.json").read_text())[-1]
-    assert record["parameter_kinds"] == {"bias": {"variables": 3, "params": 224},
-                                         "norm": {"variables": 6, "params": 448}}
+    assert record["parameter_kinds"] == kinds
 
 
 def test_mirrored_two_cpu_replicas_match_one_device(tmp_path, one_device_run):

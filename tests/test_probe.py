@@ -252,14 +252,23 @@ def test_auto_rgn_under_mirrored_equals_one_device(tmp_path):
         assert scores["two"]["scores"][block] == pytest.approx(value, rel=1e-3), block
 
 
-def test_an_auto_part_of_a_union_is_chosen_and_the_rest_kept(tmp_path):
-    """`auto:1+norm`: the auto part is chosen at the stage's start as alone, and the stage trains
-    the chosen block and every BatchNorm gamma/beta; trainable.json names the union it resolved to."""
+@pytest.mark.parametrize("spec", ["auto:1+norm", "lora:2@auto:1+norm"])
+def test_an_auto_part_of_a_union_is_chosen_and_the_rest_kept(tmp_path, spec):
+    """`auto:1+norm` (`lora:2@auto:1+norm`): the auto part is chosen at the stage's start as alone,
+    and the stage trains the chosen block (its LoRA factors) and every BatchNorm gamma/beta;
+    trainable.json names the union it resolved to."""
     r = run_module("launch.train", f"--workdir={tmp_path}", "--image_size=16", "--classes=0-4", "--head_epochs=1",
-                   "--finetune_epochs=1", "--noexport", "--unfreeze=auto:1+norm")
+                   "--finetune_epochs=1", "--noexport", f"--unfreeze={spec}")
     assert r.returncode == 0, r.stderr[-3000:]
     ft = json.loads((tmp_path / "trainable.json").read_text())[-1]
-    assert ft["auto"]["spec"] == "auto:1+norm" and len(ft["blocks"]) == 1
-    assert ft["spec"] == f"blocks:{ft['blocks'][0]}+norm"
-    assert ft["parameter_kinds"] == {"norm": {"variables": 6, "params": 448}}
-    assert f"{ft['blocks'][0]}_conv/kernel" in ft["variables"]
+    assert ft["auto"]["spec"] == spec and len(ft["auto"]["scores"]) == 3
+    chosen = max(ft["auto"]["scores"], key=ft["auto"]["scores"].get)
+    assert ft["parameter_kinds"]["norm"] == {"variables": 6, "params": 448}
+    if spec.startswith("lora"):
+        assert ft["spec"] == f"lora:2@blocks:{chosen}+norm" and ft["blocks"] == []
+        assert set(ft["parameter_kinds"]["lora"]) == {"variables", "params", "skipped_layers"}
+        assert {f"{chosen}_conv/lora_kernel_a", f"{chosen}_conv/lora_kernel_b"} <= set(ft["variables"])
+        assert f"{chosen}_conv/kernel" not in ft["variables"]
+    else:
+        assert ft["spec"] == f"blocks:{chosen}+norm" and ft["blocks"] == [chosen]
+        assert f"{chosen}_conv/kernel" in ft["variables"]

@@ -132,6 +132,11 @@ def test_specs_the_backbone_cannot_have_are_refused_before_tensorflow_in_runs_an
     err = _refused("launch.train", f"--workdir={tmp_path / 'r'}", "--backbone=mobilenet", "--alpha=0.25",
                    "--unfreeze=from:conv_dw_99", "--head_epochs=1")
     assert "conv_dw_99" in err and "conv_dw_13" in err
+    err = _refused("launch.train", f"--workdir={tmp_path / 'r'}", "--unfreeze=lora:4@top:9+norm", "--head_epochs=1")
+    assert "unfreeze spec 'top:9': K must be an integer in 0..3" in err
+    err = _refused("launch.train", f"--workdir={tmp_path / 'r'}", "--stages=unfreeze=lora:4 epochs=1; "
+                   "unfreeze=lora:8 epochs=1")
+    assert "a run has one LoRA rank" in err
     err = _refused("launch.ablate", f"--root={tmp_path / 'sweep'}", "--sweep=unfreeze:none,top:99", "--",
                    "--head_epochs=1")
     assert "trial unfreeze=top_99" in err or "top:99" in err

@@ -62,11 +62,16 @@ RECIPE = ["--bn=adapt", "--ema_decay=0.9", "--label_smoothing=0.1", "--mixup=0.4
 # A union spec with parameters by kind (BatchNorm gamma/beta trained in inference mode),
 # killed inside its stage: the optimizer's slots of the norm variables must resume too.
 NORM_STAGES = BASE + ["--stages=name=head unfreeze=none epochs=1 lr=3e-3; name=ft unfreeze=top:1+norm epochs=3 lr=1e-3"]
+# LoRA factors created before the one optimizer, killed inside the lora: stage, then an
+# `all` stage on the same slots.
+LORA_STAGES = BASE + ["--stages=name=head unfreeze=none epochs=1 lr=3e-3; name=lora unfreeze=lora:4 epochs=2 lr=3e-3;"
+                      " name=all unfreeze=all epochs=1 lr=1e-3"]
 
 
-@pytest.mark.parametrize("args,kill_after", [(ONE_STAGE, 2), (TWO_STAGES, 3), (NORM_STAGES, 3),
+@pytest.mark.parametrize("args,kill_after", [(ONE_STAGE, 2), (TWO_STAGES, 3), (NORM_STAGES, 3), (LORA_STAGES, 3),
                                              pytest.param(TWO_STAGES + RECIPE, 4, marks=pytest.mark.slow)],
-                         ids=["mid-stage", "stage-boundary", "norm-union-mid-stage", "recipe-options-second-stage"])
+                         ids=["mid-stage", "stage-boundary", "norm-union-mid-stage", "lora-mid-stage",
+                              "recipe-options-second-stage"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, args, kill_after):
     # Save 2 is epoch 2 (one stage); save 3 is the stage-end save after the head stage.
     assert_killed_run_resumes_bit_identically(tmp_path, args, kill_after)

@@ -236,6 +236,8 @@ class ModelConfig:
                   "blocks trains), adapt (frozen, statistics re-estimated on the training images at each stage "
                   "start: AdaBN).", enum=BN_POLICIES)
     init_blocks: int = opt(0, "With --weights=ckpt:DIR, copy only the first N blocks (0: all).")
+    lora_alpha: float = opt(0.0, "LoRA's alpha (lora:R unfreeze specs): the update A@B is scaled by alpha/R "
+                            "(0: alpha = R, a scale of 1).")
 
     @property
     def train_bn(self) -> bool:

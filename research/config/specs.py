@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from research.errors import UserError
 
 SPEC_FORMS = ("none", "all", "top:K", "blocks:a,b", "from:NAME", "regex:PATTERN", "auto:K", "auto:rgn:K",
-              "auto:probe:K", "norm", "bias", "A+B")
+              "auto:probe:K", "norm", "bias", "lora:R", "lora:R@SPEC", "A+B")
 # Specs that pick parameters by what they are, in every block, instead of blocks.
 PARAM_KINDS = ("norm", "bias")
 
@@ -50,11 +50,12 @@ class UnfreezeSpec:
 
     Attributes:
       text: the spec as written (`top:2`), for messages and records.
-      kind: `none`, `all`, `top`, `blocks`, `from`, `regex`, `auto`, `norm`, `bias`, or
-        `+` for several parts.
+      kind: `none`, `all`, `top`, `blocks`, `from`, `regex`, `auto`, `norm`, `bias`, `lora`,
+        or `+` for several parts.
       arg: what follows `KIND:` (`auto`: the K part).
-      method / k: `auto:` specs' measure (`rgn` or `probe`) and K; `top:K`'s K.
+      method / k: `auto:` specs' measure (`rgn` or `probe`) and K; `top:K`'s K; `lora:R`'s rank.
       parts: a `+` spec's parts, in the order written.
+      inner: `lora:R@SPEC`'s SPEC, the blocks whose layers get LoRA (`all` when not given).
     """
 
     text: str
@@ -63,6 +64,7 @@ class UnfreezeSpec:
     method: str = ""
     k: int = 0
     parts: tuple["UnfreezeSpec", ...] = ()
+    inner: "UnfreezeSpec | None" = None
 
     @classmethod
     def parse(cls, text: str) -> "UnfreezeSpec":
@@ -80,7 +82,8 @@ class UnfreezeSpec:
         check("all" not in kinds or len(blocks) == 1,
               f"unfreeze spec {text!r}: 'all' already holds every block; join it only with norm or bias")
         check("none" not in kinds, f"unfreeze spec {text!r}: 'none' adds nothing to a '+' spec; drop it")
-        check(kinds.count("auto") <= 1, f"unfreeze spec {text!r}: at most one auto: part")
+        check(sum(p.auto is not None for p in parts) <= 1, f"unfreeze spec {text!r}: at most one auto: part")
+        check(kinds.count("lora") <= 1, f"unfreeze spec {text!r}: at most one lora: part (one rank per run)")
         check(len(set(texts)) == len(texts), f"unfreeze spec {text!r} names a part twice")
         return cls(text, "+", parts=parts)
 
@@ -89,6 +92,16 @@ class UnfreezeSpec:
         if text in ("none", "all", *PARAM_KINDS):
             return cls(text, text)
         kind, sep, arg = text.partition(":")
+        if kind == "lora":
+            rank, at, inner = arg.partition("@")
+            check(rank.isdigit() and int(rank) >= 1 and (not at or inner),
+                  f"unfreeze spec {text!r} is not valid; LoRA specs are lora:R or lora:R@SPEC (R >= 1, SPEC the "
+                  "blocks: all, top:K, blocks:a,b, from:NAME or auto:K)")
+            inner_spec = cls._parse_part(inner or "all")
+            check(inner_spec.kind in ("all", "top", "blocks", "from", "auto"),
+                  f"unfreeze spec {text!r}: after '@' comes the blocks whose layers get LoRA (all, top:K, "
+                  "blocks:a,b, from:NAME or auto:K)")
+            return cls(text, kind, arg, k=int(rank), inner=inner_spec)
         if kind == "auto":
             m = re.fullmatch(r"(?:(rgn|probe):)?([1-9]\d*)", arg)
             check(m is not None, f"unfreeze spec {text!r} is not valid; auto specs are auto:K, auto:rgn:K (relative "
@@ -113,9 +126,25 @@ class UnfreezeSpec:
 
     @property
     def auto(self) -> "UnfreezeSpec | None":
-        """The `auto:` part, chosen at the stage's start, or None."""
-        return next((p for p in self.each if p.kind == "auto"), None)
+        """The `auto:` part (or `lora:R@auto:K`'s), chosen at the stage's start, or None."""
+        for p in self.each:
+            if p.kind == "auto":
+                return p
+            if p.inner is not None and p.inner.kind == "auto":
+                return p.inner
+        return None
+
+    @property
+    def lora(self) -> "UnfreezeSpec | None":
+        """The `lora:` part, or None."""
+        return next((p for p in self.each if p.kind == "lora"), None)
 
     def with_auto_resolved(self, blocks_spec: str) -> "UnfreezeSpec":
         """This spec with its `auto:` part replaced by the blocks it chose (`blocks:a,b`)."""
-        return UnfreezeSpec.parse("+".join(blocks_spec if p.kind == "auto" else p.text for p in self.each))
+        def resolved(p):
+            if p.kind == "auto":
+                return blocks_spec
+            if p.inner is not None and p.inner.kind == "auto":
+                return f"lora:{p.k}@{blocks_spec}"
+            return p.text
+        return UnfreezeSpec.parse("+".join(resolved(p) for p in self.each))

@@ -74,4 +74,9 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     check(len(set(names)) == len(names), f"stage names must be unique, got {names}")
     for s in config.stages:
         s.validate()
+    ranks = sorted({s.spec.lora.k for s in config.stages if s.spec.lora is not None})
+    check(len(ranks) <= 1, f"the stages ask for LoRA ranks {ranks}; a run has one LoRA rank (its factors are "
+          "created once, before the first stage)")
+    check(m.lora_alpha >= 0, f"--lora_alpha={m.lora_alpha} must be >= 0 (0: the rank)")
+    check(not (m.lora_alpha and not ranks), f"--lora_alpha={m.lora_alpha} needs a lora:R unfreeze spec")
     return config

@@ -20,6 +20,8 @@ An unfreeze spec picks blocks of the backbone (ordered input -> output, see
                      bias (mobilenet, mobilenet_v2, inception_v3, xception, small_cnn)
                      it is the offsets alone; resnet50 has 53 biases, efficientnet_b0
                      32 (its squeeze-excite convolutions), vgg16 13 and no norm layer
+    lora:R[@SPEC]    LoRA of rank R (`--lora_alpha`) on the Conv/Dense layers of SPEC's
+                     blocks (default all): only the factors train (research/model/lora.py)
     A+B              the union of what each part trains: `top:2+norm`, `bias+norm`
 
 `norm` and `bias` train parameters by kind, not blocks: under the default BatchNorm
@@ -46,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from research.model import backbones
+from research.model import backbones, lora
 from research.config import SPEC_FORMS, UnfreezeSpec
 from research.config.specs import PARAM_KINDS
 from research.errors import UserError
@@ -75,7 +77,8 @@ class Selection:
     variables: list
     bn_trainable: list[str]
     lr_multipliers: dict[str, float] = field(default_factory=dict)
-    kinds: dict[str, list[str]] = field(default_factory=dict)  # {"norm"|"bias": paths of its base variables}
+    kinds: dict[str, list[str]] = field(default_factory=dict)  # {"norm"|"bias"|"lora": paths of its variables}
+    lora_skipped: list[str] = field(default_factory=list)  # layers of a lora: part's blocks Keras has no LoRA for
 
     @property
     def paths(self) -> list[str]:
@@ -108,6 +111,9 @@ def resolve_blocks(spec: UnfreezeSpec | str, block_names: list[str], *, backbone
         chosen = {b for part in spec.parts for b in resolve_blocks(part, block_names, backbone=backbone)}
         return [b for b in block_names if b in chosen]
     if kind in PARAM_KINDS:  # parameters by kind, in every block: `select`
+        return []
+    if kind == "lora":  # the factors of its blocks' layers, not whole blocks: `select`
+        resolve_blocks(spec.inner, block_names, backbone=backbone)
         return []
     if kind == "auto":  # chosen at the stage's start (research/run/actions/auto_unfreeze.py); here only K is checked
         if not 1 <= spec.k <= n:
@@ -142,7 +148,9 @@ def _is_bn(layer) -> bool:
 
 
 KIND_MEANING = {"norm": "the gamma/beta of BatchNorm, LayerNorm and GroupNorm layers",
-                "bias": "every bias, plus the normalisation layers' beta"}
+                "bias": "every bias, plus the normalisation layers' beta",
+                "lora": "LoRA factors, on the Conv and Dense layers of its blocks (Keras has no LoRA for depthwise "
+                        "and separable convolutions)"}
 
 
 def _is_norm(layer) -> bool:
@@ -162,7 +170,7 @@ def param_kinds(layer, variable) -> set[str]:
     return kinds
 
 
-def _candidates(layer) -> list:
+def candidates(layer) -> list:
     """Variables created trainable, whatever `layer.trainable` says now.
 
     `layer.trainable_weights` is empty once a layer is frozen, but a later stage
@@ -172,7 +180,7 @@ def _candidates(layer) -> list:
 
 
 def head_variables(model: keras.Model) -> list:
-    return [v for name in backbones.HEAD_LAYERS for v in _candidates(model.get_layer(name))]
+    return [v for name in backbones.HEAD_LAYERS for v in candidates(model.get_layer(name))]
 
 
 def layer_blocks(model: keras.Model, backbone: str) -> tuple[keras.Model, dict[str, str], list[str]]:
@@ -205,6 +213,9 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
     chosen = resolve_blocks(spec, names, backbone=backbone)
     regexes = [re.compile(p.arg) for p in spec.each if p.kind == "regex"]
     by_kind = {p.kind for p in spec.each if p.kind in PARAM_KINDS}
+    lora_blocks = set(resolve_blocks(spec.lora.inner, names, backbone=backbone)) if spec.lora else set()
+    if spec.lora:
+        by_kind.add("lora")
     if limit_top is not None:
         chosen = chosen[max(0, len(chosen) - limit_top):]
     chosen_set = set(chosen)
@@ -212,11 +223,13 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
     kinds: dict[str, list[str]] = {k: [] for k in sorted(by_kind)}
     for layer in base.layers:
         bn = _is_bn(layer)
-        for v in _candidates(layer):
+        for v in candidates(layer):
             # Whole blocks and regexes take BatchNorm's gamma/beta only with --bn=train.
             in_block = block_of[layer.name] in chosen_set and (train_bn or not bn)
             matched = any(r.search(v.path) for r in regexes) and (train_bn or not bn)
             of_kind = param_kinds(layer, v) & by_kind
+            if block_of[layer.name] in lora_blocks and getattr(layer, "lora_enabled", False) and lora.is_factor(v):
+                of_kind = of_kind | {"lora"}
             if not (in_block or matched or of_kind):
                 continue
             variables.append(v)
@@ -232,7 +245,7 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
                         f"({'; '.join(KIND_MEANING[k] for k in empty)})")
     if regexes:
         if not regex_blocks:
-            paths = [v.path for layer in base.layers for v in _candidates(layer)][:8]
+            paths = [v.path for layer in base.layers for v in candidates(layer)][:8]
             raise UserError(f"unfreeze spec {spec.text!r} matches no trainable base variable "
                             f"(BN gamma/beta count only with --train_bn); example paths: {', '.join(paths)}; "
                             f"blocks: {', '.join(names)}")
@@ -245,7 +258,8 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
             m = lr_decay_per_block ** depth[block_of[layer_of[id(v)]]]
             if m != 1.0:
                 mult[v.path] = float(m)
-    return Selection(spec.text, chosen, variables + head_variables(model), bn_trainable, mult, kinds)
+    skipped = lora.plan(base, block_of, sorted(lora_blocks)).skipped if spec.lora else []
+    return Selection(spec.text, chosen, variables + head_variables(model), bn_trainable, mult, kinds, skipped)
 
 
 def apply_policy(model: keras.Model, backbone: str, selection: Selection) -> None:
@@ -283,6 +297,7 @@ def describe(selection: Selection, model: keras.Model, *, stage: str) -> dict:
     base_weights = backbones.base_of(model).weights
     base_ids = {id(v) for v in base_weights}
     by_path = {v.path: v for v in base_weights}
+    loaded = [v for v in base_weights if not lora.is_factor(v)]
     return {
         "stage": stage,
         "spec": selection.spec,
@@ -290,10 +305,12 @@ def describe(selection: Selection, model: keras.Model, *, stage: str) -> dict:
         "bn_trainable": selection.bn_trainable,
         "trainable_params": trainable,
         "frozen_params": total - trainable,
-        # The backbone's size as Keras counts it (every weight, BatchNorm statistics included).
-        "backbone_params": count_params(base_weights),
+        # The backbone's size as Keras counts it (every weight, BatchNorm statistics included),
+        # without LoRA factors: what was loaded, what a trained share is a share of.
+        "backbone_params": count_params(loaded),
         "backbone_trained_params": count_params([v for v in selection.variables if id(v) in base_ids]),
-        "parameter_kinds": {k: {"variables": len(paths), "params": count_params([by_path[p] for p in paths])}
+        "parameter_kinds": {k: {"variables": len(paths), "params": count_params([by_path[p] for p in paths]),
+                                **({"skipped_layers": selection.lora_skipped} if k == "lora" else {})}
                             for k, paths in selection.kinds.items()},
         "num_variables": len(selection.variables),
         "variables": selection.paths,

@@ -6,6 +6,7 @@ model on purpose: it is the reference this codebase is measured against).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from research.data import pipeline as data_lib
 from research.data import sources
 from research.errors import UserError
 from research.model import backbones, unfreeze
+from research.model import lora as lora_lib
 from research.model.optim import StageSchedule, build_optimizer
 from research.run import checkpoints, distribute
 
@@ -104,6 +106,7 @@ class Model:
     optimizer: keras.optimizers.Optimizer
     schedule: StageSchedule
     image_size: int
+    lora: lora_lib.Plan = dataclasses.field(default_factory=lambda: lora_lib.Plan([], []))
 
 
 def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.Strategy) -> Model:
@@ -122,12 +125,13 @@ def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.St
     with strategy.scope():
         base = backbones.build_base(cfg_m.backbone, image_size=size, alpha=cfg_m.alpha)
         model = backbones.build_classifier(base, num_classes, dropout=cfg_m.dropout)
+        lora = lora_lib.enable(model, cfg_m.backbone, config)  # before the optimizer: its factors are in it
         selections = [unfreeze.select(model, cfg_m.backbone, s.spec, train_bn=cfg_m.train_bn)
                       for s in config.stages]
         schedule = StageSchedule()
         optimizer = build_optimizer(config.train, schedule, loss_scale=config.train.precision == "mixed_float16")
         optimizer.build(unfreeze.trainable_union(model, selections))
-    return Model(model, base, optimizer, schedule, size)
+    return Model(model, base, optimizer, schedule, size, lora)
 
 
 def init_weights(config: ExperimentConfig, m: Model) -> None:
@@ -140,19 +144,24 @@ def init_weights(config: ExperimentConfig, m: Model) -> None:
     w = cfg_m.weights
     if w in ("none", ""):
         return
+    # Weights files and other runs know no LoRA factors: they load into a plain twin, copied over.
+    base = m.base if not m.lora.layers else backbones.build_base(cfg_m.backbone, image_size=m.image_size,
+                                                                 alpha=cfg_m.alpha)
     if cfg_m.init_run is None:
-        backbones.load_pretrained(m.base, cfg_m.backbone, w, image_size=m.image_size, alpha=cfg_m.alpha)
-        return
-    first = None
-    if cfg_m.init_blocks:
-        names = backbones.blocks(m.base, cfg_m.backbone)
-        if cfg_m.init_blocks > len(names):
-            raise UserError(f"--init_blocks={cfg_m.init_blocks} exceeds the {len(names)} blocks of "
-                            f"{cfg_m.backbone}: {', '.join(names)}")
-        first = names[:cfg_m.init_blocks]
-    path = checkpoints.init_from_run(m.base, cfg_m.init_run, first_blocks=first,
-                                     block_of=backbones.get(cfg_m.backbone).block_of(m.base))
-    logging.info("initialised the backbone from %s%s", path, f" (blocks {first})" if first else "")
+        backbones.load_pretrained(base, cfg_m.backbone, w, image_size=m.image_size, alpha=cfg_m.alpha)
+    else:
+        first = None
+        if cfg_m.init_blocks:
+            names = backbones.blocks(base, cfg_m.backbone)
+            if cfg_m.init_blocks > len(names):
+                raise UserError(f"--init_blocks={cfg_m.init_blocks} exceeds the {len(names)} blocks of "
+                                f"{cfg_m.backbone}: {', '.join(names)}")
+            first = names[:cfg_m.init_blocks]
+        path = checkpoints.init_from_run(base, cfg_m.init_run, first_blocks=first,
+                                         block_of=backbones.get(cfg_m.backbone).block_of(base))
+        logging.info("initialised the backbone from %s%s", path, f" (blocks {first})" if first else "")
+    if base is not m.base:
+        lora_lib.copy_loaded(base, m.base)
 
 
 def seed_variables(model: keras.Model) -> list:

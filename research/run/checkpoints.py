@@ -258,9 +258,12 @@ def load_run(workdir: str, *, checkpoint: str = "best", class_names: list[str] |
     if not class_names:
         raise UserError(f"cannot tell the class names of the run in {workdir}: no results.json, and checkpoint "
                         f"{path} carries no run state")
+    from research.model import lora
+
     size = backbones.input_size(config.model.backbone, config.data.image_size)
     base = backbones.build_base(config.model.backbone, image_size=size, alpha=config.model.alpha)
     model = backbones.build_classifier(base, len(class_names), dropout=config.model.dropout)
+    lora.enable(model, config.model.backbone, config)  # the run's LoRA factors are in its checkpoints
     restore(workdir, path, model=model)
     return config, model, class_names, path
 

@@ -28,6 +28,7 @@ from research.run import actions as actions_lib
 from research.run import build as build_lib
 from research.run import checkpoints, distribute, preflight
 from research.run import workdir as workdir_lib
+from research.model import lora as lora_lib
 from research.run.actions.base import Context
 from research.run.controller import Controller
 from research.run.loop import Trainer
@@ -77,6 +78,10 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
         print("class weights: " + ", ".join(f"{c} {w:.3g}" for c, w in zip(source.class_names[:10], weights))
               + (", ..." if len(weights) > 10 else ""), flush=True)
     built = build_lib.build(config, source.num_classes, strategy)
+    if built.lora.layers and verbose:
+        print(f"LoRA: rank {lora_lib.rank_of(config)} on {len(built.lora.layers)} layer(s)"
+              + (f"; skipped, Keras has no LoRA for them: {', '.join(built.lora.skipped)}"
+                 if built.lora.skipped else ""), flush=True)
     t = config.train
     steps_per_epoch = pipeline.steps_per_epoch // t.grad_accum_steps
     if steps_per_epoch < 1:

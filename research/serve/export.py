@@ -30,6 +30,7 @@ import tensorflow as tf
 from research import provenance
 from research.data import augment
 from research.data import images as images_lib
+from research.model import backbones, lora
 from research.run.checkpoints import load_run
 from research.errors import UserError
 
@@ -100,6 +101,12 @@ def export_run(workdir: str, *, checkpoint: str = "latest", out_dir: str | None 
 
 def _export(workdir, checkpoint, out_dir, class_names):
     config, model, class_names, path = load_run(workdir, checkpoint=checkpoint, class_names=class_names)
+    if lora.enabled_layers(model):  # the exported model has no LoRA layer: the factors merged into the kernels
+        plain = backbones.build_classifier(
+            backbones.build_base(config.model.backbone, image_size=model.input_shape[1], alpha=config.model.alpha),
+            len(class_names), dropout=config.model.dropout)
+        plain.set_weights(lora.merged_weights(model))
+        model = plain
     out_dir = out_dir or os.path.join(workdir, "export")
     os.makedirs(out_dir, exist_ok=True)
     size = model.input_shape[1]

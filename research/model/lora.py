@@ -1,0 +1,113 @@
+"""LoRA on the backbone (`lora:R` and `lora:R@SPEC` unfreeze specs), through Keras's own
+`enable_lora`: the effective kernel is `kernel + (A @ B) * alpha / R`, B starting at zero,
+so a LoRA model computes exactly what the model without it computes until it trains.
+
+Keras 3.15 has LoRA for `Dense`, `EinsumDense`, `Embedding` and the `Conv` layers, not
+for depthwise or separable convolutions: those are named as skipped (`plan`).
+
+One rank per run, and LoRA is enabled once, when the model is built, on every layer
+any stage's `lora:` part names: its factors exist before the run's one optimizer is
+built, so a `none` -> `lora:8` -> `all` schedule keeps one slot layout and resumes
+exactly. A stage trains the factors of its own part's blocks only; the kernels they
+update stay as loaded (bit-identical) in a `lora:` stage. Export merges the factors into
+the kernels (`merged_weights`): the exported model has no LoRA layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from research.config import ExperimentConfig, UnfreezeSpec
+
+if TYPE_CHECKING:
+    import keras
+
+FACTORS = ("lora_kernel_a", "lora_kernel_b")
+
+
+def is_factor(variable) -> bool:
+    return variable.path.rsplit("/", 1)[-1] in FACTORS
+
+
+def rank_of(config: ExperimentConfig) -> int:
+    """The run's LoRA rank (0: no stage uses LoRA; `validate` allows one rank per run)."""
+    return next((s.spec.lora.k for s in config.stages if s.spec.lora is not None), 0)
+
+
+def _supports(layer) -> bool:
+    return hasattr(layer, "enable_lora") and getattr(layer, "kernel_constraint", None) is None
+
+
+@dataclass
+class Plan:
+    """Where LoRA goes: `layers` get it; `skipped` are layers with kernels in those blocks
+    that Keras has no LoRA for (depthwise and separable convolutions)."""
+
+    layers: list[str]
+    skipped: list[str]
+
+
+def plan(base: keras.Model, block_of: dict[str, str], blocks: list[str]) -> Plan:
+    """The layers of `blocks` that get LoRA, in model order."""
+    from research.model import unfreeze
+
+    wanted = set(blocks)
+    layers, skipped = [], []
+    for layer in base.layers:
+        if block_of.get(layer.name) not in wanted or not unfreeze.candidates(layer):
+            continue
+        if _supports(layer):
+            layers.append(layer.name)
+        elif any("kernel" in v.path.rsplit("/", 1)[-1] for v in layer.weights):
+            skipped.append(layer.name)
+    return Plan(layers, skipped)
+
+
+def part_blocks(part: UnfreezeSpec, names: list[str], *, backbone: str = "") -> list[str]:
+    """The blocks a `lora:` part puts LoRA in (`auto:K`: every block, until the stage chooses)."""
+    from research.model import unfreeze
+    return unfreeze.resolve_blocks(part.inner, names, backbone=backbone)
+
+
+def enable(model: keras.Model, backbone: str, config: ExperimentConfig) -> Plan:
+    """Enables LoRA (the run's rank, `--lora_alpha`) on every layer any stage's `lora:` part
+    names. Call once, right after building the model and before the optimizer."""
+    from research.model import unfreeze
+
+    rank = rank_of(config)
+    if not rank:
+        return Plan([], [])
+    base, block_of, names = unfreeze.layer_blocks(model, backbone)
+    blocks = {b for s in config.stages if s.spec.lora is not None
+              for b in part_blocks(s.spec.lora, names, backbone=backbone)}
+    where = plan(base, block_of, [b for b in names if b in blocks])
+    alpha = config.model.lora_alpha or None  # 0: Keras's default, the rank (a scale of 1)
+    for name in where.layers:
+        base.get_layer(name).enable_lora(rank, lora_alpha=alpha)
+    return where
+
+
+def enabled_layers(model: keras.Model) -> list:
+    from research.model import backbones
+    return [layer for layer in backbones.base_of(model).layers if getattr(layer, "lora_enabled", False)]
+
+
+def merged_weights(model: keras.Model) -> list:
+    """The weights of the same model without LoRA, in its order: each LoRA layer's kernel
+    with its factors merged in (`layer.kernel`, in the kernel's dtype), the factors left out."""
+    lora_kernels = {id(layer._kernel): layer for layer in enabled_layers(model)}
+    out = []
+    for v in model.weights:
+        if is_factor(v):
+            continue
+        layer = lora_kernels.get(id(v))
+        out.append((layer.kernel if layer is not None else v).numpy())
+    return out
+
+
+def copy_loaded(plain: keras.Model, base: keras.Model) -> None:
+    """Copies a plain base's weights into the same base with LoRA (every weight but the factors)."""
+    targets = [v for v in base.weights if not is_factor(v)]
+    for v, value in zip(targets, plain.get_weights(), strict=True):
+        v.assign(value)
