@@ -13,6 +13,9 @@
     # Yosinski et al. (2014) at small scale, on the embedded digits (~10 min on 2 CPU cores)
     python -m launch.ablate --study=transfer
 
+    # which parameters at which budget: top:K and all against norm, bias and LoRA
+    python -m launch.ablate --study=peft --root=runs/peft -- --dataset=... --head_epochs=8 --finetune_epochs=8
+
 Writes results.csv (every trial), summary.csv, results.md and results.png (per row
 of seeds: the test metric's mean, 95 % t-interval, n, and the paired difference
 against the --baseline row), and transfer.md, transfer.png for the study, in
@@ -33,13 +36,15 @@ F = flags.FLAGS
 flags.DEFINE_string("root", None, "Sweep directory (default: /tmp/ablate_<study>).")
 flags.DEFINE_multi_string("sweep", [], "KEY:V1,V2,... over any launch.train flag (repeat for a grid; "
                           "use ';' between values that contain commas).")
-flags.DEFINE_enum("study", "sweep", ["sweep", "transfer", "recipes", "probe"], "sweep: the --sweep grid; "
+flags.DEFINE_enum("study", "sweep", ["sweep", "transfer", "recipes", "probe", "peft"], "sweep: the --sweep grid; "
                   "transfer: Yosinski et al.; recipes: the Keras guide's model.fit recipe vs the defaults and any "
-                  "--recipe; probe: linear probes per block and --auto specs against the sweep over --specs.")
+                  "--recipe; probe: linear probes per block and --auto specs against the sweep over --specs; "
+                  "peft: block unfreezing against norm, bias and LoRA specs (--specs) at their parameter budgets.")
 flags.DEFINE_integer("parallel", 1, "Trials run at the same time (subprocesses).")
-flags.DEFINE_string("seeds", "0,1,2", "Transfer, recipes and probe studies: seeds.")
-flags.DEFINE_string("specs", "none,top:1,top:2,top:4,all", "Probe study: the fixed unfreeze specs swept (';' "
-                    "between specs that contain commas).")
+flags.DEFINE_string("seeds", "0,1,2", "Transfer, recipes, probe and peft studies: seeds.")
+flags.DEFINE_string("specs", "", "Probe and peft studies: the unfreeze specs swept (';' between specs that contain "
+                    "commas; default: none,top:1,top:2,top:4,all for probe, "
+                    "none,norm,bias,lora:4,lora:16,top:1,top:2,top:4,all for peft).")
 flags.DEFINE_string("auto", "auto:rgn:2,auto:probe:2", "Probe study: the auto specs judged against the sweep.")
 flags.DEFINE_multi_string("recipe", [], "Recipes study: NAME:FLAGS, a recipe run beside the guide's and the "
                           "defaults, e.g. 'adapt:--bn=adapt --schedule=constant' (repeat for more).")
@@ -51,6 +56,11 @@ flags.DEFINE_string("baseline", None, "KEY:VALUE, the sweep row the others are c
 flags.DEFINE_bool("rerun", False, "Run again, from scratch, trials that ran before with other settings "
                   "(default: refuse, naming the difference).")
 
+
+
+def _split(text: str) -> list[str]:
+    """`a,b` or, when the specs hold commas, `a;b`."""
+    return [s.strip() for s in (text.split(";") if ";" in text else text.split(",")) if s.strip()]
 
 
 def _seeds() -> list[str]:
@@ -66,7 +76,7 @@ def main(argv):
     if any(a.startswith("--workdir") for a in train_flags):
         common.die("do not pass --workdir: each trial gets ROOT/trials/NAME", common.EXIT_USER_ERROR)
     root = F.root or f"/tmp/ablate_{F.study}"
-    if F.study != "sweep":  # the studies build backbones in this process
+    if F.study not in ("sweep", "peft"):  # the studies build backbones in this process
         common.start_tensorflow_quietly()
     if F.study == "transfer":
         from research.studies import transfer
@@ -76,12 +86,16 @@ def main(argv):
         report = "transfer.md"
     elif F.study == "probe":
         from research.studies import probe
-        split = (lambda text: [s.strip() for s in (text.split(";") if ";" in text else text.split(","))
-                               if s.strip()])
         rows, _ = probe.run_probe_study(root, train_flags, config_from_args, seeds=_seeds(),
-                                           specs=split(F.specs), autos=split(F.auto), parallel=F.parallel,
-                                           rerun=F.rerun)
+                                           specs=_split(F.specs or "none,top:1,top:2,top:4,all"),
+                                           autos=_split(F.auto), parallel=F.parallel, rerun=F.rerun)
         report = "probe_study.md"
+    elif F.study == "peft":
+        from research.studies import peft
+        rows = peft.run_peft_study(root, train_flags, config_from_args, seeds=_seeds(),
+                                   specs=_split(F.specs) or peft.SPECS, parallel=F.parallel, rerun=F.rerun,
+                                   ready=common.start_tensorflow_quietly)
+        report = "peft.md"
     elif F.study == "recipes":
         rows = ablation.run_recipe_study(root, train_flags, config_from_args, seeds=_seeds(),
                                          recipes=F.recipe, parallel=F.parallel, rerun=F.rerun)

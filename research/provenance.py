@@ -116,6 +116,19 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def peak_memory_mb() -> dict[str, float]:
+    """The process's peak memory so far: host RSS, and each GPU's peak allocation where
+    TensorFlow runs on GPUs."""
+    import resource
+
+    out = {"host_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+    tf = sys.modules.get("tensorflow")
+    if tf is not None:
+        for d in tf.config.list_logical_devices("GPU"):
+            out[d.name] = round(tf.config.experimental.get_memory_info(d.name)["peak"] / 2**20, 1)
+    return out
+
+
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 

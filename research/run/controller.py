@@ -55,7 +55,7 @@ class Controller:
         self._active_key, self._active = None, None
         self.t_start, self.wall_before = time.time(), 0.0
         self.first_step_seconds: float | None = None
-        self.epoch_images_per_second = 0.0
+        self.epoch_images_per_second = self.epoch_seconds = 0.0
 
     def _call(self, hook: str, *args) -> list:
         return [getattr(a, hook)(self.ctx, *args) for a in self.actions]
@@ -184,6 +184,7 @@ class Controller:
                 self.save_latest(run)
         # Said beside the epoch's validation line: Progbar prints every value with 4 decimals.
         self.epoch_images_per_second = images / max(seconds, 1e-9)
+        self.epoch_seconds = seconds
         return metrics_from_sums(sums)
 
     def _end_epoch(self, run: RunState, stage: StageConfig, es: EarlyStopping, train_m: dict,
@@ -214,8 +215,9 @@ class Controller:
                                           if k.startswith(f"{split}/")}, step)
         self._call("epoch_end", run, stage, metrics, selection, last)
         ctx.summaries.flush()
+        # The epoch's training time (this session's part of it, after a resume mid-epoch).
         run.history.append({"stage": stage.name, "epoch": run.epoch, "global_epoch": run.global_epoch,
-                            "step": step, **metrics})
+                            "step": step, **metrics, "train_seconds": self.epoch_seconds})
         ctx.say(f"  val/loss {metrics['val/loss']:.4f}  val/accuracy {metrics['val/accuracy']:.4f}  "
                 f"({self.epoch_images_per_second:.0f} img/s)")
         if improved:

@@ -192,7 +192,7 @@ def _results(ctx: Context, run: RunState, actions) -> dict:
 def _finish(ctx: Context, run: RunState, actions) -> dict:
     """Exports the final weights and writes `results.json`."""
     if run.sessions:
-        run.sessions[-1]["ended"] = provenance.now()
+        run.sessions[-1].update(ended=provenance.now(), peak_memory_mb=provenance.peak_memory_mb())
     results = _results(ctx, run, actions)
     if ctx.chief:
         if ctx.config.train.export:
