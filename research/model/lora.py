@@ -19,15 +19,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from research.config import ExperimentConfig, UnfreezeSpec
+from research.model import unfreeze
 
 if TYPE_CHECKING:
     import keras
 
-FACTORS = ("lora_kernel_a", "lora_kernel_b")
-
-
-def is_factor(variable) -> bool:
-    return variable.path.rsplit("/", 1)[-1] in FACTORS
+FACTORS = unfreeze.LORA_FACTORS
+is_factor = unfreeze.is_lora_factor
 
 
 def rank_of(config: ExperimentConfig) -> int:
@@ -50,31 +48,22 @@ class Plan:
 
 def plan(base: keras.Model, block_of: dict[str, str], blocks: list[str]) -> Plan:
     """The layers of `blocks` that get LoRA, in model order."""
-    from research.model import unfreeze
-
     wanted = set(blocks)
     layers, skipped = [], []
     for layer in base.layers:
-        if block_of.get(layer.name) not in wanted or not unfreeze.candidates(layer):
-            continue
-        if _supports(layer):
-            layers.append(layer.name)
-        elif any("kernel" in v.path.rsplit("/", 1)[-1] for v in layer.weights):
-            skipped.append(layer.name)
+        if block_of.get(layer.name) in wanted and unfreeze.has_kernel(layer):
+            (layers if _supports(layer) else skipped).append(layer.name)
     return Plan(layers, skipped)
 
 
 def part_blocks(part: UnfreezeSpec, names: list[str], *, backbone: str = "") -> list[str]:
     """The blocks a `lora:` part puts LoRA in (`auto:K`: every block, until the stage chooses)."""
-    from research.model import unfreeze
     return unfreeze.resolve_blocks(part.inner, names, backbone=backbone)
 
 
 def enable(model: keras.Model, backbone: str, config: ExperimentConfig) -> Plan:
     """Enables LoRA (the run's rank, `--lora_alpha`) on every layer any stage's `lora:` part
     names. Call once, right after building the model and before the optimizer."""
-    from research.model import unfreeze
-
     rank = rank_of(config)
     if not rank:
         return Plan([], [])

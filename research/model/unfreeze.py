@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from research.model import backbones, lora
+from research.model import backbones
 from research.config import SPEC_FORMS, UnfreezeSpec
 from research.config.specs import PARAM_KINDS
 from research.errors import UserError
@@ -170,6 +170,18 @@ def param_kinds(layer, variable) -> set[str]:
     return kinds
 
 
+LORA_FACTORS = ("lora_kernel_a", "lora_kernel_b")  # what Keras's enable_lora adds (research/model/lora.py)
+
+
+def is_lora_factor(variable) -> bool:
+    return variable.path.rsplit("/", 1)[-1] in LORA_FACTORS
+
+
+def has_kernel(layer) -> bool:
+    """A layer with a kernel (Conv, Dense, depthwise or separable convolutions), which LoRA could adapt."""
+    return any("kernel" in v.path.rsplit("/", 1)[-1] and not is_lora_factor(v) for v in candidates(layer))
+
+
 def candidates(layer) -> list:
     """Variables created trainable, whatever `layer.trainable` says now.
 
@@ -228,7 +240,7 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
             in_block = block_of[layer.name] in chosen_set and (train_bn or not bn)
             matched = any(r.search(v.path) for r in regexes) and (train_bn or not bn)
             of_kind = param_kinds(layer, v) & by_kind
-            if block_of[layer.name] in lora_blocks and getattr(layer, "lora_enabled", False) and lora.is_factor(v):
+            if block_of[layer.name] in lora_blocks and getattr(layer, "lora_enabled", False) and is_lora_factor(v):
                 of_kind = of_kind | {"lora"}
             if not (in_block or matched or of_kind):
                 continue
@@ -258,7 +270,9 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
             m = lr_decay_per_block ** depth[block_of[layer_of[id(v)]]]
             if m != 1.0:
                 mult[v.path] = float(m)
-    skipped = lora.plan(base, block_of, sorted(lora_blocks)).skipped if spec.lora else []
+    # LoRA is enabled, at build, on every layer of these blocks Keras has it for: the others are skipped.
+    skipped = [layer.name for layer in base.layers if block_of[layer.name] in lora_blocks and has_kernel(layer)
+               and not getattr(layer, "lora_enabled", False)]
     return Selection(spec.text, chosen, variables + head_variables(model), bn_trainable, mult, kinds, skipped)
 
 
@@ -297,7 +311,7 @@ def describe(selection: Selection, model: keras.Model, *, stage: str) -> dict:
     base_weights = backbones.base_of(model).weights
     base_ids = {id(v) for v in base_weights}
     by_path = {v.path: v for v in base_weights}
-    loaded = [v for v in base_weights if not lora.is_factor(v)]
+    loaded = [v for v in base_weights if not is_lora_factor(v)]
     return {
         "stage": stage,
         "spec": selection.spec,
