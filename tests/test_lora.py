@@ -143,3 +143,24 @@ def test_a_lora_run_from_another_runs_backbone_keeps_its_kernels_and_statistics_
     assert a.keys() <= b.keys() and len(a) >= 15
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+
+
+def test_best_and_the_ema_variant_carry_the_lora_factors(tmp_path):
+    """A lora: stage under --ema_decay: best/ and ema/ hold factors (ema/'s averaged, not the trained
+    ones) that, evaluated by launch.evaluate's library, give the scores the run recorded for them."""
+    from research.serve.evaluate import evaluate_run
+
+    r = run_module("launch.train", f"--workdir={tmp_path}", "--image_size=16", "--classes=0-4", "--noexport",
+                   "--ema_decay=0.9",
+                   "--stages=name=head unfreeze=none epochs=1 lr=3e-3; name=lora unfreeze=lora:4 epochs=3 lr=1e-2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    from research.run.checkpoints import load_run
+    factors = {which: {v.path: v.numpy() for v in load_run(str(tmp_path), checkpoint=which)[1].weights
+                       if lora.is_factor(v)} for which in ("latest", "ema")}
+    assert len(factors["ema"]) == 6 and factors["ema"].keys() == factors["latest"].keys()
+    assert any(not np.array_equal(factors["ema"][k], factors["latest"][k]) for k in factors["ema"])  # averaged
+    best = evaluate_run(str(tmp_path), split="val", checkpoint="best", name="best_val")
+    assert best["accuracy"] == pytest.approx(res["best"]["val/accuracy"], abs=1e-9)
+    ema = evaluate_run(str(tmp_path), split="test", checkpoint="ema", name="ema_test")
+    assert ema["accuracy"] == pytest.approx(res["final"]["test_ema/accuracy"], abs=1e-9)
