@@ -206,6 +206,27 @@ def test_predict_reads_webp_in_folders(trained, tmp_path):
         assert by_name[str(folder / (f.parent.name + ".webp"))] == pytest.approx(row.max(), rel=1e-5)
 
 
+def test_damaged_jpegs_are_reported_once_plainly_without_libjpegs_own_lines(trained, tmp_path):
+    """libjpeg prints "Improper call to JPEG library in state 201" for a header cut short and "Premature end
+    of JPEG data" for a body cut short; `launch.predict` reports each file once, in its own words."""
+    from PIL import Image
+    root, wd = trained
+    good = tmp_path / "good.jpg"
+    Image.open(_files(root)[0]).convert("RGB").resize((64, 64)).save(good, quality=95)
+    data = good.read_bytes()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a_good.jpg").write_bytes(data)
+    (folder / "b_header.jpg").write_bytes(data[:300])
+    (folder / "c_body.jpg").write_bytes(data[:len(data) // 2])
+    env = {"TF_CPP_MIN_LOG_LEVEL": "0"}  # even with every TensorFlow log line on
+    r = run_module("launch.predict", f"--model={wd / 'export'}", str(folder), env=env)
+    assert r.returncode == 1 and r.stdout.startswith(str(folder / "a_good.jpg")), r.stdout
+    errors = [ln for ln in r.stderr.splitlines() if "JPEG" in ln or "jpeg" in ln]
+    assert [ln.split(":")[0:2] for ln in errors] == [["error", " cannot read " + str(folder / "b_header.jpg")],
+                                                     ["error", " cannot read " + str(folder / "c_body.jpg")]], r.stderr
+
+
 def test_exif_orientation_in_predict_and_the_saved_model(trained, tmp_path):
     """A photo stored sideways with an orientation tag is classified upright by both."""
     from PIL import Image

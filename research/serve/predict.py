@@ -9,8 +9,11 @@ classes of each.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -77,7 +80,9 @@ def decoded_batches(paths: list[str], size: int, batch_size: int,
             error = None
             try:
                 with open(p, "rb") as f:
-                    pixels.append(decode(tf.constant(f.read())).numpy())
+                    data = tf.constant(f.read())
+                with _native_stderr_kept_unless_failed():
+                    pixels.append(decode(data).numpy())
                 good.append(p)
             except OSError as e:
                 error = e.strerror or str(e)
@@ -87,6 +92,30 @@ def decoded_batches(paths: list[str], size: int, batch_size: int,
                 on_failure({"image": p, "error": error})
         if good:
             yield good, np.stack(pixels)
+
+
+@contextlib.contextmanager
+def _native_stderr_kept_unless_failed():
+    """libjpeg writes its own lines to stderr for a damaged file ("Improper call to JPEG
+    library in state 201", "Premature end of JPEG data"): the error line `classify`
+    reports says it once, plainly. What native code writes while a decode succeeds is
+    passed on as written."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                buf.seek(0)
+                os.write(2, buf.read())
 
 
 @dataclass
