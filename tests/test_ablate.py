@@ -342,3 +342,25 @@ def test_a_sweep_over_parameter_kind_specs_tabulates_what_each_trained(tmp_path)
         "norm": 448, "bias": 224, "top:1+norm": 73728 + 448, "lora:4": 236 + 1408 + 2816}
     assert {k: int(r["trainable_params"]) - int(r["backbone_trained_params"]) for k, r in table.items()} == {
         k: 128 * 3 + 3 for k in table}  # the head
+
+
+def test_the_follower_reports_finished_epochs_over_the_whole_run_from_a_growing_log(tmp_path):
+    """What `launch.ablate` says between a trial's start and end, from the lines the run prints
+    (research/run/controller.py): epochs counted over the stages, lines read only once whole,
+    and a resumed trial's earlier output not read again."""
+    from research.config import ExperimentConfig, StageConfig
+
+    config = ExperimentConfig(stages=(StageConfig(name="head", unfreeze="none", epochs=2),
+                                      StageConfig(name="ft", epochs=3)))
+    log = tmp_path / "stdout.log"
+    log.write_text("stage head epoch 1/2\n  val/loss 0.9  val/accuracy 0.5000  (10 img/s)\n")  # an earlier session
+    f = trials_lib.Follower(str(log), config)
+    assert f.poll() is None
+    with open(log, "a") as out:
+        out.write("stage head epoch 2/2\n12/12 - 1s\n  val/loss 0.8  val/accu")
+    assert f.poll() is None  # the validation line is not whole yet
+    with open(log, "a") as out:
+        out.write("racy 0.6000  (12 img/s)\n\n== stage ft\nstage ft epoch 1/3\n  val/loss 0.7  val/accuracy 0.7000\n"
+                  "stage ft epoch 2/3\n")
+    assert f.poll() == "epoch 3/5 (ft 1/3), val/accuracy 0.7000"  # the newest of the two that ended
+    assert f.poll() is None

@@ -164,3 +164,34 @@ def test_best_and_the_ema_variant_carry_the_lora_factors(tmp_path):
     assert best["accuracy"] == pytest.approx(res["best"]["val/accuracy"], abs=1e-9)
     ema = evaluate_run(str(tmp_path), split="test", checkpoint="ema", name="ema_test")
     assert ema["accuracy"] == pytest.approx(res["final"]["test_ema/accuracy"], abs=1e-9)
+
+
+def test_another_lora_runs_backbone_comes_merged_and_what_is_not_copied_keeps_the_seeds_initialisation(tmp_path):
+    """--weights=ckpt:RUN where RUN trained LoRA factors: the new run starts from RUN's merged kernels
+    (not the kernels without what LoRA learned). With --init_blocks, the blocks not copied keep the
+    initialisation this seed gives, LoRA or not: a LoRA run and a plain one stay paired by seed."""
+    from research.run.checkpoints import load_run
+
+    common = ["--image_size=16", "--classes=0-2", "--noexport", "--seed=3"]
+    r = run_module("launch.train", f"--workdir={tmp_path / 'src'}", *common, "--lr=1e-2",
+                   "--stages=name=head unfreeze=none epochs=1; name=lora unfreeze=lora:4 epochs=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    src = {v.path: v for v in backbones.base_of(load_run(str(tmp_path / "src"), checkpoint="latest")[1]).weights}
+    merged = dict(zip([p for p in src if not p.endswith(lora.FACTORS)],
+                      lora.merged_weights(load_run(str(tmp_path / "src"), checkpoint="latest")[1].get_layer(
+                          "small_cnn"))))
+    assert not np.array_equal(merged["block3_conv/kernel"], src["block3_conv/kernel"].numpy())  # LoRA learned
+    runs = {"whole": [], "first_plain": ["--init_blocks=1"], "first_lora": ["--init_blocks=1", "--unfreeze=lora:2"]}
+    got = {}
+    for name, extra in runs.items():
+        r = run_module("launch.train", f"--workdir={tmp_path / name}", *common, f"--weights=ckpt:{tmp_path / 'src'}",
+                       "--unfreeze=none", "--finetune_epochs=1", *extra)  # the head alone trains: kernels as loaded
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[name] = {v.path: v.numpy() for v in backbones.base_of(load_run(str(tmp_path / name),
+                                                                            checkpoint="latest")[1]).weights}
+    for k in ("block1_conv/kernel", "block3_conv/kernel", "block3_bn/moving_mean"):
+        assert np.array_equal(got["whole"][k], merged[k]), k
+    assert np.array_equal(got["first_plain"]["block1_conv/kernel"], merged["block1_conv/kernel"])
+    assert not np.array_equal(got["first_plain"]["block3_conv/kernel"], merged["block3_conv/kernel"])
+    for k in ("block1_conv/kernel", "block2_conv/kernel", "block3_conv/kernel"):
+        assert np.array_equal(got["first_lora"][k], got["first_plain"][k]), k

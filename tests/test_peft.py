@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
+import scipy.stats
 
-from research.studies import peft, stats
+from research.studies import peft
 from tests.conftest import run_module
 
 
@@ -28,15 +30,23 @@ def test_the_summary_pairs_by_seed_against_all_and_marks_the_pareto_front():
     # Pareto: more accurate than everything with as few parameters. Not bias (more than none, less accurate)
     # nor top:1 (lora:4 beats it with fewer).
     assert {s for s, e in summary.items() if e["pareto"]} == {"none", "norm", "lora:4", "all"}
-    ref = table["all"][1]
+    ref = np.array(table["all"][1])
+
+    def scipy_interval(x):  # the reference: scipy's t-interval of the mean
+        x = np.asarray(x)
+        return scipy.stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=scipy.stats.sem(x))
+
+    lo, hi = scipy_interval(ref)
     for spec, (_, accs) in table.items():
         e = summary[spec]
-        assert e["test"] == stats.t_interval(accs, within=(0, 1))
+        assert (e["test"].lo, e["test"].hi) == pytest.approx(scipy_interval(accs), abs=1e-12)
         if spec == "all":
             assert e["diff"] is None and e["inside_reference"] is None
         else:
-            assert e["diff"] == stats.paired_difference(dict(enumerate(accs)), dict(enumerate(ref)), metric="test/accuracy")
-            assert e["inside_reference"] == (summary["all"]["test"].lo <= e["test"].mean <= summary["all"]["test"].hi)
+            diff = np.array(accs) - ref  # paired by seed
+            assert (e["diff"].mean, e["diff"].lo, e["diff"].hi) == pytest.approx(
+                (diff.mean(), *scipy_interval(diff)), abs=1e-12)
+            assert e["inside_reference"] == (lo <= np.mean(accs) <= hi)
     assert summary["lora:4"]["inside_reference"] and not summary["bias"]["inside_reference"]
     assert summary["norm"]["seconds_per_epoch"] == 2.0 and summary["norm"]["trained"] == 40
 

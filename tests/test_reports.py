@@ -67,6 +67,31 @@ def test_ctrl_c_on_a_sweep_exits_75_in_one_line_and_the_trial_resumes(tmp_path):
     assert "Resuming from" in log.read_text()
 
 
+def test_a_trial_preempted_alone_stops_the_sweep_with_75(tmp_path):
+    """SIGTERM to the trial's process only (a preemption; or a Ctrl-C the launcher itself did not
+    see): the trial saves and the sweep stops as interrupted, instead of running the next trial."""
+    import psutil
+
+    args = [f"--root={tmp_path}", "--sweep=lr:1e-3,2e-3", "--", "--image_size=16", "--classes=0-4",
+            "--finetune_epochs=6", "--steps_per_loop=2", "--batch_size=16"]
+    proc = subprocess.Popen([sys.executable, "-m", "launch.ablate", *args], cwd=ROOT, start_new_session=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "trials" / "lr-1e-3" / "stdout.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and "epoch 2/6" in log.read_text()):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    [trial] = psutil.Process(proc.pid).children()
+    trial.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        "error: interrupted; what finished is kept, run the same command again to resume"]
+    assert not (tmp_path / "trials" / "lr-2e-3").exists(), "the sweep went on to the next trial"
+    assert (tmp_path / "trials" / "lr-1e-3" / "ckpt" / "checkpoint").exists()
+
+
 @pytest.fixture(scope="module")
 def smoothed_cropped_run(tmp_path_factory):
     """Five digit classes trained with label smoothing and a central evaluation crop, exported."""

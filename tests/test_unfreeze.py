@@ -339,7 +339,9 @@ def test_bias_means_every_bias_where_the_backbone_has_them_and_norm_is_refused_w
 @pytest.mark.parametrize("spec,message", [
     ("none+norm", "'none' adds nothing"), ("all+top:1", "'all' already holds every block"),
     ("norm+norm", "names a part twice"), ("top:1+", "an empty part"), ("auto:1+auto:2", "at most one auto:"),
-    ("top:99+norm", "K must be an integer in 0..3"), ("norms", "is not valid")])
+    ("top:99+norm", "K must be an integer in 0..3"), ("norms", "is not valid"), ("lora:0", "LoRA specs are lora:R"),
+    ("lora:4@", "LoRA specs are lora:R"), ("all+lora:4", "'all' already holds every block"),
+    ("lora:2+lora:4", "at most one lora: part"), ("lora:4@top:9", "K must be an integer in 0..3")])
 def test_bad_composite_specs_are_refused_by_name(spec, message):
     with pytest.raises(UserError, match=message):
         unfreeze.resolve_blocks(spec, ["block1", "block2", "block3"])
@@ -351,3 +353,11 @@ def test_a_regex_part_reads_to_the_end_and_joins_the_others():
     assert set(sel.paths) == ({v.path for v in model.weights if v.path.split("/")[-1] in ("gamma", "beta")}
                               | {"block1_conv/kernel", "block2_conv/kernel", "head/kernel", "head/bias"})
     assert sel.blocks == ["block1", "block2"]
+
+
+def test_gradual_unfreezing_needs_a_block_part():
+    from research.config import validate
+    for spec in ("norm", "lora:4", "bias+norm"):
+        with pytest.raises(UserError, match="gradual unfreezing adds whole blocks"):
+            validate(ExperimentConfig(stages=(StageConfig(unfreeze=spec, gradual_every=1),)))
+    validate(ExperimentConfig(stages=(StageConfig(unfreeze="top:2+norm", gradual_every=1),)))

@@ -233,7 +233,8 @@ class ModelConfig:
     alpha: float = opt(1.0, "Width multiplier for mobilenet / mobilenet_v2.")
     dropout: float = opt(0.2, "Dropout before the classifier.")
     bn: str = opt("frozen", "BatchNorm policy: frozen (inference mode, statistics fixed), train (BN of unfrozen "
-                  "blocks trains), adapt (frozen, statistics re-estimated on the training images at each stage "
+                  "blocks trains, and every BN layer whose gamma/beta a norm or bias spec trains runs on batch "
+                  "statistics), adapt (frozen, statistics re-estimated on the training images at each stage "
                   "start: AdaBN).", enum=BN_POLICIES)
     init_blocks: int = opt(0, "With --weights=ckpt:DIR, copy only the first N blocks (0: all).")
     lora_alpha: float = opt(0.0, "LoRA's alpha (lora:R unfreeze specs): the update A@B is scaled by alpha/R "
@@ -306,7 +307,7 @@ class StageConfig:
     """One training stage: what is trainable, for how long, how fast.
 
     `unfreeze` is an unfreeze spec (`none`, `all`, `top:K`, `blocks:a,b`, `from:NAME`,
-    `regex:PATTERN`, `auto:K`, `norm`, `bias`, parts joined by `+`), see
+    `regex:PATTERN`, `auto:K`, `norm`, `bias`, `lora:R[@SPEC]`, parts joined by `+`), see
     research/model/unfreeze.py. With `gradual_every`,
     the stage starts with the top block of its spec and unfreezes one more block every
     that many epochs; with `lr_decay_per_block`, block i below the top trains at
@@ -319,8 +320,9 @@ class StageConfig:
                         "from:NAME | regex:PAT | auto:K (= auto:rgn:K) | auto:probe:K (chosen at the stage's start) "
                         "| norm (normalisation gamma/beta in every block) | bias (every bias plus the normalisation "
                         "beta: BitFit; the convolutions of mobilenet, mobilenet_v2, inception_v3, xception and "
-                        "small_cnn have no bias, so there it is the beta alone) | parts joined by +, e.g. "
-                        "top:2+norm")
+                        "small_cnn have no bias, so there it is the beta alone) | lora:R or lora:R@SPEC (LoRA "
+                        "factors of rank R on the Conv/Dense layers of SPEC's blocks, default all) | parts joined "
+                        "by +, e.g. top:2+norm")
     epochs: int = opt(20, "Epochs of the (fine-tuning) stage.", flag="finetune_epochs")
     lr: float = opt(2e-3, "Learning rate (of the head stage, and of fine-tuning unless --finetune_lr).", head=True)
     schedule: str = opt("cosine", "Learning-rate schedule within each stage.", enum=SCHEDULES, head=True)
@@ -346,6 +348,9 @@ class StageConfig:
             s.spec
         except UserError as e:
             raise UserError(f"stage {s.name!r}: {e}") from None
+        check(not s.gradual_every or any(p.kind in ("all", "top", "blocks", "from", "auto") for p in s.spec.each),
+              f"stage {s.name!r}: gradual unfreezing adds whole blocks, and {s.unfreeze!r} names none "
+              "(norm, bias, lora: and regex: parts train from the stage's start)")
 
     @functools.cached_property
     def spec(self) -> UnfreezeSpec:

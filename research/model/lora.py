@@ -83,20 +83,17 @@ def enabled_layers(model: keras.Model) -> list:
 
 
 def merged_weights(model: keras.Model) -> list:
-    """The weights of the same model without LoRA, in its order: each LoRA layer's kernel
-    with its factors merged in (`layer.kernel`, in the kernel's dtype), the factors left out."""
-    lora_kernels = {id(layer._kernel): layer for layer in enabled_layers(model)}
-    out = []
-    for v in model.weights:
-        if is_factor(v):
-            continue
-        layer = lora_kernels.get(id(v))
-        out.append((layer.kernel if layer is not None else v).numpy())
-    return out
+    """The weights of the same model (or base) without LoRA, in its order: each LoRA layer's
+    kernel with its factors merged in (`layer.kernel`, in the kernel's dtype), the factors left out."""
+    lora_kernels = {id(layer._kernel): layer for layer in model._flatten_layers(include_self=False)
+                    if getattr(layer, "lora_enabled", False)}
+    return [(lora_kernels[id(v)].kernel if id(v) in lora_kernels else v).numpy()
+            for v in model.weights if not is_factor(v)]
 
 
-def copy_loaded(plain: keras.Model, base: keras.Model) -> None:
-    """Copies a plain base's weights into the same base with LoRA (every weight but the factors)."""
-    targets = [v for v in base.weights if not is_factor(v)]
-    for v, value in zip(targets, plain.get_weights(), strict=True):
+def copy_loaded(source: keras.Model, target: keras.Model) -> None:
+    """Copies one base's weights into another of the same backbone, with or without LoRA on
+    either side: every weight but the factors, the source's factors merged into its kernels."""
+    targets = [v for v in target.weights if not is_factor(v)]
+    for v, value in zip(targets, merged_weights(source), strict=True):
         v.assign(value)

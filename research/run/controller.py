@@ -152,6 +152,7 @@ class Controller:
                                   verbose=(1 if sys.stdout.isatty() else 2) if ctx.verbose else 0)
         ctx.say(f"stage {stage.name} epoch {run.epoch + 1}/{stage.epochs}")
         images = seconds = 0.0
+        whole = run.step_in_epoch == 0  # not resumed part-way: its time is the epoch's
         while run.step_in_epoch < self.steps_per_epoch:
             n = min(t.steps_per_loop, self.steps_per_epoch - run.step_in_epoch)
             if every:  # stop the call at the next checkpoint step
@@ -184,7 +185,7 @@ class Controller:
                 self.save_latest(run)
         # Said beside the epoch's validation line: Progbar prints every value with 4 decimals.
         self.epoch_images_per_second = images / max(seconds, 1e-9)
-        self.epoch_seconds = seconds
+        self.epoch_seconds = seconds if whole else None
         return metrics_from_sums(sums)
 
     def _end_epoch(self, run: RunState, stage: StageConfig, es: EarlyStopping, train_m: dict,
@@ -215,7 +216,7 @@ class Controller:
                                           if k.startswith(f"{split}/")}, step)
         self._call("epoch_end", run, stage, metrics, selection, last)
         ctx.summaries.flush()
-        # The epoch's training time (this session's part of it, after a resume mid-epoch).
+        # The epoch's training time (None for an epoch resumed part-way).
         run.history.append({"stage": stage.name, "epoch": run.epoch, "global_epoch": run.global_epoch,
                             "step": step, **metrics, "train_seconds": self.epoch_seconds})
         ctx.say(f"  val/loss {metrics['val/loss']:.4f}  val/accuracy {metrics['val/accuracy']:.4f}  "

@@ -98,8 +98,9 @@ def decoded_batches(paths: list[str], size: int, batch_size: int,
 def _native_stderr_kept_unless_failed():
     """libjpeg writes its own lines to stderr for a damaged file ("Improper call to JPEG
     library in state 201", "Premature end of JPEG data"): the error line `classify`
-    reports says it once, plainly. What native code writes while a decode succeeds is
-    passed on as written."""
+    reports says it once, plainly. The whole process's stderr is held for the one decode:
+    kept and passed on when it succeeds, dropped when it fails (with anything another
+    thread wrote meanwhile)."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as buf:

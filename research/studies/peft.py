@@ -54,7 +54,8 @@ def trial_costs(workdir: str) -> dict:
     with open(path) as f:
         r = json.load(f)
     last = r["stages"][-1]
-    epochs = [h["train_seconds"] for h in r["history"] if h["stage"] == last["name"] and "train_seconds" in h]
+    epochs = [h["train_seconds"] for h in r["history"]
+              if h["stage"] == last["name"] and h.get("train_seconds") is not None]
     memory = [p.get("peak_memory_mb", {}) for p in r.get("provenance", [])]
     return {"seconds_per_epoch": statistics.median(epochs[1:] or epochs) if epochs else None,
             "backbone_share": last.get("backbone_share"),
@@ -105,8 +106,11 @@ def write_report(root: str, summary: list[dict], metric: str) -> None:
              + (f"; Δ: paired difference against `{ref}` on the same seeds; 'inside': the mean falls inside "
                 f"`{ref}`'s interval" if ref else "") + ". Trained: the backbone's parameters the last stage "
              "trains (the head's are not counted), and their share of the backbone. s/epoch: the last stage's, "
-             "the median of its epochs after the first. Pareto: no other spec reaches a higher mean with as few "
-             "trained parameters.", "",
+             "the median of its whole epochs after the first. Peak host MB: the largest of the sessions that "
+             "finished (a session killed before its end records none). Pareto: no other spec reaches a higher mean "
+             "with as few trained parameters."
+             + (" Under the default `--bn=frozen`, `all` trains no BatchNorm gamma/beta: `all+norm` is every "
+                "parameter." if ref else ""), "",
              f"| spec | n | {metric} | Δ vs {ref or '-'} | inside | trained | share | s/epoch | peak host MB | "
              "peak GPU MB | Pareto |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---|"]

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from research.config import ExperimentConfig, UserError, config_diff
+from research.errors import EXIT_INTERRUPTED
 
 SEED_KEY = "seed"
 MakeConfig = Callable[[list[str]], ExperimentConfig]
@@ -217,11 +218,16 @@ def run_config(kind: str, config: ExperimentConfig, out_dir: str, spec_path: str
         try:
             while True:
                 try:
-                    return proc.wait(timeout=PROGRESS_EVERY_S if follower else None)
+                    rc = proc.wait(timeout=PROGRESS_EVERY_S if follower else None)
                 except subprocess.TimeoutExpired:
                     message = follower.poll()
                     if message:
                         progress(message)
+                    continue
+                message = follower and follower.poll()  # the epochs that ended since the last poll
+                if message:
+                    progress(message)
+                return rc
         except KeyboardInterrupt:
             # Ctrl-C reached the trial too: it finishes its steps and saves (subprocess.call
             # would kill it a quarter of a second later). Not reached (a signal to this
@@ -254,6 +260,10 @@ def run_trial(root: str, trial: Trial, *, log=print, where: str = "") -> dict:
     t0 = time.time()
     rc = run_config(trial.kind, trial.config, wd, os.path.join(wd, "trial.json"),
                     progress=lambda message: log(f"[ablate]   {trial.name}: {message}"))
+    if rc == EXIT_INTERRUPTED:
+        # The trial saved and stopped on a signal (Ctrl-C, a preemption's SIGTERM), whether or
+        # not this process got one too: the sweep stops with it, to be resumed the same way.
+        raise KeyboardInterrupt
     if rc != 0 or not is_finished(root, trial):
         tail = ""
         with open(os.path.join(wd, "stderr.log")) as f:
