@@ -148,13 +148,15 @@ def init_weights(config: ExperimentConfig, m: Model) -> None:
     # the weights load into a twin shaped like their source, which starts as a copy of this
     # base (so what is not loaded keeps this run's own initialisation), then come over with
     # any factors merged into their kernels.
-    source_rank = lora_lib.rank_of(checkpoints.load_config(cfg_m.init_run)) if cfg_m.init_run else 0
+    source = None  # the other run's config (a missing run is init_from_run's to report)
+    if cfg_m.init_run and os.path.exists(os.path.join(cfg_m.init_run, "config.json")):
+        source = checkpoints.load_config(cfg_m.init_run)
+    source_rank = lora_lib.rank_of(source) if source else 0
     base = m.base
     if m.lora.layers or source_rank:
         base = backbones.build_base(cfg_m.backbone, image_size=m.image_size, alpha=cfg_m.alpha)
         if source_rank:
-            lora_lib.enable(backbones.build_classifier(base, 1), cfg_m.backbone,
-                            checkpoints.load_config(cfg_m.init_run))
+            lora_lib.enable(backbones.build_classifier(base, 1), cfg_m.backbone, source)
         lora_lib.copy_loaded(m.base, base)
     if cfg_m.init_run is None:
         backbones.load_pretrained(base, cfg_m.backbone, w, image_size=m.image_size, alpha=cfg_m.alpha)
