@@ -195,3 +195,21 @@ def test_another_lora_runs_backbone_comes_merged_and_what_is_not_copied_keeps_th
     assert not np.array_equal(got["first_plain"]["block3_conv/kernel"], merged["block3_conv/kernel"])
     for k in ("block1_conv/kernel", "block2_conv/kernel", "block3_conv/kernel"):
         assert np.array_equal(got["first_lora"][k], got["first_plain"][k]), k
+
+
+def test_restore_best_weights_puts_the_best_epochs_factors_back(tmp_path):
+    """--restore_best_weights after a lora: stage whose best epoch is not its last: the final weights,
+    LoRA factors included, are best/'s, and the final validation score is the best epoch's."""
+    from research.run.checkpoints import load_run
+
+    r = run_module("launch.train", f"--workdir={tmp_path}", "--image_size=16", "--classes=0-4", "--noexport",
+                   "--restore_best_weights", "--early_stopping_monitor=val/loss",
+                   "--stages=name=head unfreeze=none epochs=1 lr=3e-3; name=lora unfreeze=lora:4 epochs=3 lr=0.3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["final"]["val/loss"] == pytest.approx(res["best"]["val/loss"], abs=1e-6)
+    final, best = ({v.path: v.numpy() for v in load_run(str(tmp_path), checkpoint=c)[1].weights} for c in ("latest", "best"))
+    assert final.keys() == best.keys() and sum(p.endswith(lora.FACTORS) for p in final) == 6
+    assert res["best_epoch"] < res["epochs_run"], "the best epoch is the last: restoring it would tell nothing"
+    for k in final:
+        assert np.array_equal(final[k], best[k]), k
