@@ -326,6 +326,7 @@ def test_a_sweep_reports_each_trials_epochs_and_the_time_left(tmp_path, monkeypa
     assert lines == ["[ablate] 2 of 2 trial(s) already finished with these settings: reused"]
 
 
+@pytest.mark.slow  # 4 trials, ~60 s on 2 cores; the peft study's unit tests and the LoRA seams stay in the default suite
 def test_a_sweep_over_parameter_kind_specs_tabulates_what_each_trained(tmp_path):
     """`--sweep=unfreeze:norm,bias,top:1+norm,lora:4` through the sweep launcher's library: every
     trial runs, and results.csv says how many backbone parameters each trained (small_cnn: BatchNorm

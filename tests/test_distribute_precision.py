@@ -94,7 +94,8 @@ def _run_and_compare(reference, wd, *args):
 
 
 @pytest.mark.parametrize("spec,kinds", [
-    ("top:1+norm+bias", {"bias": {"variables": 3, "params": 224}, "norm": {"variables": 6, "params": 448}}),
+    pytest.param("top:1+norm+bias", {"bias": {"variables": 3, "params": 224}, "norm": {"variables": 6, "params": 448}},
+                 marks=pytest.mark.slow),
     ("lora:4@top:2", {"lora": {"variables": 4, "params": 1408 + 2816, "skipped_layers": []}})])
 def test_mirrored_parameter_kind_and_lora_specs_match_one_device(tmp_path, spec, kinds):
     """Parameters chosen by kind (BatchNorm gamma/beta in inference mode, the offsets twice named)

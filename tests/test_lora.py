@@ -166,6 +166,7 @@ def test_best_and_the_ema_variant_carry_the_lora_factors(tmp_path):
     assert ema["accuracy"] == pytest.approx(res["final"]["test_ema/accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow  # 4 runs; test_a_lora_run_from_another_runs_backbone_... covers ckpt: into LoRA by default
 def test_another_lora_runs_backbone_comes_merged_and_what_is_not_copied_keeps_the_seeds_initialisation(tmp_path):
     """--weights=ckpt:RUN where RUN trained LoRA factors: the new run starts from RUN's merged kernels
     (not the kernels without what LoRA learned). With --init_blocks, the blocks not copied keep the

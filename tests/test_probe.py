@@ -252,7 +252,7 @@ def test_auto_rgn_under_mirrored_equals_one_device(tmp_path):
         assert scores["two"]["scores"][block] == pytest.approx(value, rel=1e-3), block
 
 
-@pytest.mark.parametrize("spec", ["auto:1+norm", "lora:2@auto:1+norm"])
+@pytest.mark.parametrize("spec", [pytest.param("auto:1+norm", marks=pytest.mark.slow), "lora:2@auto:1+norm"])
 def test_an_auto_part_of_a_union_is_chosen_and_the_rest_kept(tmp_path, spec):
     """`auto:1+norm` (`lora:2@auto:1+norm`): the auto part is chosen at the stage's start as alone,
     and the stage trains the chosen block (its LoRA factors) and every BatchNorm gamma/beta;

@@ -68,7 +68,7 @@ LORA_STAGES = BASE + ["--stages=name=head unfreeze=none epochs=1 lr=3e-3; name=l
                       " name=all unfreeze=all epochs=1 lr=1e-3"]
 
 
-@pytest.mark.parametrize("args,kill_after", [(ONE_STAGE, 2), (TWO_STAGES, 3), (NORM_STAGES, 3), (LORA_STAGES, 3),
+@pytest.mark.parametrize("args,kill_after", [(ONE_STAGE, 2), (TWO_STAGES, 3), pytest.param(NORM_STAGES, 3, marks=pytest.mark.slow), (LORA_STAGES, 3),
                                              pytest.param(TWO_STAGES + RECIPE, 4, marks=pytest.mark.slow)],
                          ids=["mid-stage", "stage-boundary", "norm-union-mid-stage", "lora-mid-stage",
                               "recipe-options-second-stage"])
