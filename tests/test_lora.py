@@ -145,6 +145,7 @@ def test_a_lora_run_from_another_runs_backbone_keeps_its_kernels_and_statistics_
         assert np.array_equal(a[k], b[k]), k
 
 
+@pytest.mark.slow  # a run and two evaluations; restore_best_weights' test keeps best/ in the default suite
 def test_best_and_the_ema_variant_carry_the_lora_factors(tmp_path):
     """A lora: stage under --ema_decay: best/ and ema/ hold factors (ema/'s averaged, not the trained
     ones) that, evaluated by launch.evaluate's library, give the scores the run recorded for them."""

@@ -67,6 +67,7 @@ def test_ctrl_c_on_a_sweep_exits_75_in_one_line_and_the_trial_resumes(tmp_path):
     assert "Resuming from" in log.read_text()
 
 
+@pytest.mark.slow  # a second interrupted sweep; the Ctrl-C test above keeps the sweep's exit 75 in the default suite
 def test_a_trial_preempted_alone_stops_the_sweep_with_75(tmp_path):
     """SIGTERM to the trial's process only (a preemption; or a Ctrl-C the launcher itself did not
     see): the trial saves and the sweep stops as interrupted, instead of running the next trial."""
