@@ -296,6 +296,7 @@ def test_the_guides_recipe_honours_deterministic(tmp_path):
         assert json.loads(r.stdout.strip().splitlines()[-1]) is expected
 
 
+@pytest.mark.slow  # two trials; the follower's reading of the run's lines is unit-tested in the default suite
 def test_a_sweep_reports_each_trials_epochs_and_the_time_left(tmp_path, monkeypatch):
     """Between "running X" and "X done", every epoch a trial finishes is reported (its number
     over the whole run, its stage's, and the validation accuracy the trial itself recorded),

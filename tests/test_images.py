@@ -222,6 +222,7 @@ def test_sub_folders_of_a_class_folder_belong_to_it_in_training_conversion_and_p
     assert sorted(p.name for p in (tmp_path / "sub" / "train").iterdir()) == ["ants", "bees"]  # no .thumbs class
 
 
+@pytest.mark.slow  # a run and a predict (~35 s); the default suite keeps the EXIF decode against PIL
 def test_a_folder_run_and_predict_write_nothing_to_stderr(tmp_path):
     """No log noise on the everyday path: EXIF-rotated JPEGs (a uint8 transpose made oneDNN log
     an `E0000 … DT_UINT8` line) and a keras.applications backbone (AutoGraph warned it could

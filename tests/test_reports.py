@@ -44,7 +44,9 @@ def test_evaluating_another_checkpoint_keeps_the_first_report(three_class_run):
     assert best["checkpoint"] != latest["checkpoint"] or res["best_epoch"] == res["epochs_run"]
 
 
-def test_ctrl_c_on_a_sweep_exits_75_in_one_line_and_the_trial_resumes(tmp_path):
+def _sweep_in_its_second_epoch(tmp_path):
+    """A two-trial sweep started in its own process group, once its first trial is in epoch 2:
+    (the launcher's process, its arguments, the first trial's stdout.log)."""
     args = [f"--root={tmp_path}", "--sweep=lr:1e-3,2e-3", "--", "--image_size=16", "--classes=0-4",
             "--finetune_epochs=6", "--steps_per_loop=2", "--batch_size=16"]
     proc = subprocess.Popen([sys.executable, "-m", "launch.ablate", *args], cwd=ROOT, start_new_session=True,
@@ -55,6 +57,11 @@ def test_ctrl_c_on_a_sweep_exits_75_in_one_line_and_the_trial_resumes(tmp_path):
     while time.time() < deadline and not (log.exists() and "epoch 2/6" in log.read_text()):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.2)
+    return proc, args, log
+
+
+def test_ctrl_c_on_a_sweep_exits_75_in_one_line_and_the_trial_resumes(tmp_path):
+    proc, args, log = _sweep_in_its_second_epoch(tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-2000:]
@@ -73,16 +80,7 @@ def test_a_trial_preempted_alone_stops_the_sweep_with_75(tmp_path):
     see): the trial saves and the sweep stops as interrupted, instead of running the next trial."""
     import psutil
 
-    args = [f"--root={tmp_path}", "--sweep=lr:1e-3,2e-3", "--", "--image_size=16", "--classes=0-4",
-            "--finetune_epochs=6", "--steps_per_loop=2", "--batch_size=16"]
-    proc = subprocess.Popen([sys.executable, "-m", "launch.ablate", *args], cwd=ROOT, start_new_session=True,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "trials" / "lr-1e-3" / "stdout.log"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and "epoch 2/6" in log.read_text()):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        time.sleep(0.2)
+    proc, _, _ = _sweep_in_its_second_epoch(tmp_path)
     [trial] = psutil.Process(proc.pid).children()
     trial.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)

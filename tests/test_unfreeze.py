@@ -78,9 +78,8 @@ EXPECTED = {  # spec -> base layers whose kernels must change
 }
 
 
-@pytest.mark.parametrize("spec", list(EXPECTED))
-@pytest.mark.parametrize("train_bn", [False, True])
-def test_only_selected_variables_change(spec, train_bn):
+def _train_spec(spec, train_bn, steps=4):
+    """small_cnn trained `steps` Adam steps on `spec`: (model, selection, weights before, after)."""
     model = backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 3, dropout=0.0)
     sel = unfreeze.select(model, "small_cnn", spec, train_bn=train_bn)
     unfreeze.apply_policy(model, "small_cnn", sel)
@@ -89,8 +88,14 @@ def test_only_selected_variables_change(spec, train_bn):
     trainer = Trainer(model, opt, strategy=tf.distribute.get_strategy())
     trainer.set_trainable(sel.variables)
     before = _snapshot(model)
-    trainer.train(iter(_tiny_data()), 4)
-    after = _snapshot(model)
+    trainer.train(iter(_tiny_data()), steps)
+    return model, sel, before, _snapshot(model)
+
+
+@pytest.mark.parametrize("spec", list(EXPECTED))
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_only_selected_variables_change(spec, train_bn):
+    model, sel, before, after = _train_spec(spec, train_bn)
     selected = set(sel.paths)
     trained_blocks = {f"block{p[5]}" for p in EXPECTED[spec]}
     for path, old in before.items():
@@ -295,16 +300,7 @@ KIND_EXPECTED = {  # spec -> (base variables that train, by their last path part
 @pytest.mark.parametrize("spec", list(KIND_EXPECTED))
 @pytest.mark.parametrize("train_bn", [False, True])
 def test_norm_and_bias_specs_train_only_their_kind(spec, train_bn):
-    model = backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 3, dropout=0.0)
-    sel = unfreeze.select(model, "small_cnn", spec, train_bn=train_bn)
-    unfreeze.apply_policy(model, "small_cnn", sel)
-    opt = build_optimizer(TrainConfig(optimizer="adam"), 1e-2)
-    opt.build(sel.variables)
-    trainer = Trainer(model, opt, strategy=tf.distribute.get_strategy())
-    trainer.set_trainable(sel.variables)
-    before = _snapshot(model)
-    trainer.train(iter(_tiny_data()), 4)
-    after = _snapshot(model)
+    model, sel, before, after = _train_spec(spec, train_bn)
     kinds, kernels = KIND_EXPECTED[spec]
     base = {p for p in before if not p.startswith("head/")}
     expected = {p for p in base if p.split("/")[1] in kinds - {"kernel"}} | {f"{k}/kernel" for k in kernels}

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from research.config import ExperimentConfig, UnfreezeSpec
+from research.config import ExperimentConfig
 from research.model import unfreeze
 
 if TYPE_CHECKING:
@@ -56,11 +56,6 @@ def plan(base: keras.Model, block_of: dict[str, str], blocks: list[str]) -> Plan
     return Plan(layers, skipped)
 
 
-def part_blocks(part: UnfreezeSpec, names: list[str], *, backbone: str = "") -> list[str]:
-    """The blocks a `lora:` part puts LoRA in (`auto:K`: every block, until the stage chooses)."""
-    return unfreeze.resolve_blocks(part.inner, names, backbone=backbone)
-
-
 def enable(model: keras.Model, backbone: str, config: ExperimentConfig) -> Plan:
     """Enables LoRA (the run's rank, `--lora_alpha`) on every layer any stage's `lora:` part
     names. Call once, right after building the model and before the optimizer."""
@@ -68,8 +63,9 @@ def enable(model: keras.Model, backbone: str, config: ExperimentConfig) -> Plan:
     if not rank:
         return Plan([], [])
     base, block_of, names = unfreeze.layer_blocks(model, backbone)
+    # An `auto:K` inside a part resolves to every block here: the stage chooses later.
     blocks = {b for s in config.stages if s.spec.lora is not None
-              for b in part_blocks(s.spec.lora, names, backbone=backbone)}
+              for b in unfreeze.resolve_blocks(s.spec.lora.inner, names, backbone=backbone)}
     where = plan(base, block_of, [b for b in names if b in blocks])
     alpha = config.model.lora_alpha or None  # 0: Keras's default, the rank (a scale of 1)
     for name in where.layers:

@@ -216,18 +216,16 @@ def run_config(kind: str, config: ExperimentConfig, out_dir: str, spec_path: str
         proc = subprocess.Popen([sys.executable, "-m", "research.studies.run_trial", spec_path], stdout=out,
                                 stderr=err, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
         try:
-            while True:
+            rc = None
+            while rc is None:
                 try:
                     rc = proc.wait(timeout=PROGRESS_EVERY_S if follower else None)
                 except subprocess.TimeoutExpired:
-                    message = follower.poll()
-                    if message:
-                        progress(message)
-                    continue
-                message = follower and follower.poll()  # the epochs that ended since the last poll
+                    pass
+                message = follower and follower.poll()  # once more after the exit: the last epochs
                 if message:
                     progress(message)
-                return rc
+            return rc
         except KeyboardInterrupt:
             # Ctrl-C reached the trial too: it finishes its steps and saves (subprocess.call
             # would kill it a quarter of a second later). Not reached (a signal to this
