@@ -13,6 +13,10 @@
     # Yosinski et al. (2014) at small scale, on the embedded digits (~10 min on 2 CPU cores)
     python -m launch.ablate --study=transfer
 
+    # what the head reads: the top, the probes' peak, lower blocks, several blocks
+    python -m launch.ablate --study=features --root=runs/features --specs=top,auto,conv_dw_9,conv_dw_11+conv_dw_13 \\
+        -- --dataset=... --head_epochs=8 --finetune_epochs=8
+
     # which parameters at which budget: top:K and all against norm, bias and LoRA
     python -m launch.ablate --study=peft --root=runs/peft -- --dataset=... --head_epochs=8 --finetune_epochs=8
 
@@ -36,15 +40,18 @@ F = flags.FLAGS
 flags.DEFINE_string("root", None, "Sweep directory (default: /tmp/ablate_<study>).")
 flags.DEFINE_multi_string("sweep", [], "KEY:V1,V2,... over any launch.train flag (repeat for a grid; "
                           "use ';' between values that contain commas).")
-flags.DEFINE_enum("study", "sweep", ["sweep", "transfer", "recipes", "probe", "peft"], "sweep: the --sweep grid; "
+flags.DEFINE_enum("study", "sweep", ["sweep", "transfer", "recipes", "probe", "peft", "features"],
+                  "sweep: the --sweep grid; "
                   "transfer: Yosinski et al.; recipes: the Keras guide's model.fit recipe vs the defaults and any "
                   "--recipe; probe: linear probes per block and --auto specs against the sweep over --specs; "
-                  "peft: block unfreezing against norm, bias and LoRA specs (--specs) at their parameter budgets.")
+                  "peft: block unfreezing against norm, bias and LoRA specs (--specs) at their parameter budgets; "
+                  "features: the head on other blocks (--specs: --features values), head-only and head-then-all.")
 flags.DEFINE_integer("parallel", 1, "Trials run at the same time (subprocesses).")
 flags.DEFINE_string("seeds", "0,1,2", "Transfer, recipes, probe and peft studies: seeds.")
 flags.DEFINE_string("specs", "", "Probe and peft studies: the unfreeze specs swept (';' between specs that contain "
                     "commas; default: none,top:1,top:2,top:4,all for probe, "
-                    "none,norm,bias,lora:4,lora:16,top:1,top:2,top:4,all for peft).")
+                    "none,norm,bias,lora:4,lora:16,top:1,top:2,top:4,all for peft). Features study: the "
+                    "--features values (default: top,auto).")
 flags.DEFINE_string("auto", "auto:rgn:2,auto:probe:2", "Probe study: the auto specs judged against the sweep.")
 flags.DEFINE_multi_string("recipe", [], "Recipes study: NAME:FLAGS, a recipe run beside the guide's and the "
                           "defaults, e.g. 'adapt:--bn=adapt --schedule=constant' (repeat for more).")
@@ -76,7 +83,7 @@ def main(argv):
     if any(a.startswith("--workdir") for a in train_flags):
         common.die("do not pass --workdir: each trial gets ROOT/trials/NAME", common.EXIT_USER_ERROR)
     root = F.root or f"/tmp/ablate_{F.study}"
-    if F.study not in ("sweep", "peft"):  # the studies build backbones in this process
+    if F.study not in ("sweep", "peft", "features"):  # the studies build backbones in this process
         common.start_tensorflow_quietly()
     if F.study == "transfer":
         from research.studies import transfer
@@ -96,6 +103,12 @@ def main(argv):
                                    specs=_split(F.specs) or peft.SPECS, parallel=F.parallel, rerun=F.rerun,
                                    ready=common.start_tensorflow_quietly)
         report = "peft.md"
+    elif F.study == "features":
+        from research.studies import features
+        rows = features.run_features_study(root, train_flags, config_from_args, seeds=_split(F.seeds),
+                                           features=_split(F.specs) or features.FEATURES, parallel=F.parallel,
+                                           rerun=F.rerun, ready=common.start_tensorflow_quietly)
+        report = "features.md"
     elif F.study == "recipes":
         rows = ablation.run_recipe_study(root, train_flags, config_from_args, seeds=_seeds(),
                                          recipes=F.recipe, parallel=F.parallel, rerun=F.rerun)

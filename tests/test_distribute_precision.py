@@ -93,14 +93,20 @@ def _run_and_compare(reference, wd, *args):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-@pytest.mark.parametrize("spec,kinds", [
-    pytest.param("top:1+norm+bias", {"bias": {"variables": 3, "params": 224}, "norm": {"variables": 6, "params": 448}},
+@pytest.mark.parametrize("spec,features,kinds", [
+    pytest.param("top:1+norm+bias", "top",
+                 {"bias": {"variables": 3, "params": 224}, "norm": {"variables": 6, "params": 448}},
                  marks=pytest.mark.slow),
-    ("lora:4@top:2", {"lora": {"variables": 4, "params": 1408 + 2816, "skipped_layers": []}})])
-def test_mirrored_parameter_kind_and_lora_specs_match_one_device(tmp_path, spec, kinds):
+    pytest.param("lora:4@top:2", "top", {"lora": {"variables": 4, "params": 1408 + 2816, "skipped_layers": []}},
+                 marks=pytest.mark.slow),
+    # The head on two blocks' normalised outputs, block3 cut away: top:2 is then block1 and block2.
+    ("lora:4@top:2", "block1+block2", {"lora": {"variables": 4, "params": 236 + 1408, "skipped_layers": []}})],
+    ids=["norm-bias", "lora", "lora-on-a-cut-base"])
+def test_mirrored_parameter_kind_and_lora_specs_match_one_device(tmp_path, spec, features, kinds):
     """Parameters chosen by kind (BatchNorm gamma/beta in inference mode, the offsets twice named)
-    and LoRA factors train to the same weights on two replicas as on one device."""
-    args = [*COMMON, f"--unfreeze={spec}"]
+    and LoRA factors, on the whole base or one cut short (`--features`), train to the same
+    weights on two replicas as on one device."""
+    args = [*COMMON, f"--unfreeze={spec}", f"--features={features}"]
     one = tmp_path / "one"
     r = run_module("launch.train", f"--workdir={one}", "--strategy=default", *args)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -19,10 +19,13 @@ def _digits(n=256, size=16):
     return x, d.target[:n].astype("int32")
 
 
-def _model(train_bn: bool, spec: str = "all"):
+def _small_cnn():
     keras.utils.set_random_seed(1)
-    base = backbones.build_base("small_cnn", image_size=16)
-    model = backbones.build_classifier(base, 10, dropout=0.0)
+    return backbones.build_classifier(backbones.build_base("small_cnn", image_size=16), 10, dropout=0.0)
+
+
+def _model(train_bn: bool, spec: str = "all", make_model=_small_cnn):
+    model = make_model()
     sel = unfreeze.select(model, "small_cnn", spec, train_bn=train_bn)
     unfreeze.apply_policy(model, "small_cnn", sel)
     return model, sel
@@ -49,9 +52,18 @@ def test_norm_spec_equals_model_fit_with_only_the_normalisation_layers_trainable
 
 
 def _one_epoch_equals_model_fit(opt, train_bn, smoothing, weighted, spec="all"):
+    ref, ours = fit_and_our_loop(_small_cnn, opt, spec, train_bn=train_bn, smoothing=smoothing, weighted=weighted)
+    for a, b, v in zip(ref.get_weights(), ours.get_weights(), ref.weights):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=v.path)
+    return ref
+
+
+def fit_and_our_loop(make_model, opt, spec, *, train_bn=False, smoothing=0.0, weighted=False):
+    """One epoch of `model.fit` and one of the loop, from the same small_cnn classifier
+    (`make_model`: the same weights on every call); returns (fit's model, ours) to compare."""
     x, y = _digits()
-    ref, _ = _model(train_bn, spec)
-    ours, sel = _model(train_bn, spec)
+    ref, _ = _model(train_bn, spec, make_model)
+    ours, sel = _model(train_bn, spec, make_model)
     ours.set_weights(ref.get_weights())
     # A moderate SGD step: with BN training, lr 0.05 + momentum amplifies float32
     # rounding (the order of reductions) past the tolerance within 8 steps.
@@ -80,8 +92,6 @@ def _one_epoch_equals_model_fit(opt, train_bn, smoothing, weighted, spec="all"):
 
     # Sanity: training moved the weights a lot compared with the tolerance.
     assert trainer.tracing_count() == 1
-    moved = max(np.abs(a - b).max() for a, b in zip(ref.get_weights(), _model(train_bn)[0].get_weights()))
+    moved = max(np.abs(a - b).max() for a, b in zip(ref.get_weights(), make_model().get_weights()))
     assert moved > 1e-3
-    for a, b, v in zip(ref.get_weights(), ours.get_weights(), ref.weights):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=v.path)
-    return ref
+    return ref, ours

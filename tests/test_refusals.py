@@ -140,4 +140,17 @@ def test_specs_the_backbone_cannot_have_are_refused_before_tensorflow_in_runs_an
     err = _refused("launch.ablate", f"--root={tmp_path / 'sweep'}", "--sweep=unfreeze:none,top:99", "--",
                    "--head_epochs=1")
     assert "trial unfreeze=top_99" in err or "top:99" in err
+    # A head on a lower block drops the blocks above it: a spec naming one has nothing to train.
+    err = _refused("launch.train", f"--workdir={tmp_path / 'r'}", "--backbone=mobilenet", "--alpha=0.25",
+                   "--features=conv_dw_9", "--unfreeze=blocks:conv_dw_9,conv_dw_11", "--head_epochs=1")
+    assert "unknown block conv_dw_11" in err and "--features=conv_dw_9 keeps only these" in err
+    err = _refused("launch.train", f"--workdir={tmp_path / 'r'}", "--features=block2", "--unfreeze=top:3",
+                   "--head_epochs=1")
+    assert "K must be an integer in 0..2" in err
+    for bad, says in [("block9", "'block9' is not a block of small_cnn"), ("block1+block1", "names a block twice"),
+                      ("top+block1", "top and auto stand alone")]:
+        assert says in _refused("launch.train", f"--workdir={tmp_path / 'r'}", f"--features={bad}")
+    err = _refused("launch.ablate", f"--root={tmp_path / 'sweep'}", "--sweep=features:top,block2", "--",
+                   "--head_epochs=1", "--unfreeze=blocks:block3")
+    assert "keeps only these" in err
     assert not (tmp_path / "r").exists() and not (tmp_path / "sweep" / "trials").exists()

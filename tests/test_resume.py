@@ -68,10 +68,17 @@ LORA_STAGES = BASE + ["--stages=name=head unfreeze=none epochs=1 lr=3e-3; name=l
                       " name=all unfreeze=all epochs=1 lr=1e-3"]
 
 
-@pytest.mark.parametrize("args,kill_after", [(ONE_STAGE, 2), (TWO_STAGES, 3), pytest.param(NORM_STAGES, 3, marks=pytest.mark.slow), (LORA_STAGES, 3),
-                                             pytest.param(TWO_STAGES + RECIPE, 4, marks=pytest.mark.slow)],
+# The same on a cut base: the head on two blocks' normalised outputs, block3 dropped; the
+# checkpoint holds only the cut model (LoRA factors included), and the resume rebuilds it.
+CUT_LORA_STAGES = LORA_STAGES + ["--features=block1+block2"]
+
+
+@pytest.mark.parametrize("args,kill_after", [(ONE_STAGE, 2), (TWO_STAGES, 3), pytest.param(NORM_STAGES, 3, marks=pytest.mark.slow),
+                                             pytest.param(LORA_STAGES, 3, marks=pytest.mark.slow),
+                                             pytest.param(TWO_STAGES + RECIPE, 4, marks=pytest.mark.slow),
+                                             (CUT_LORA_STAGES, 3)],
                          ids=["mid-stage", "stage-boundary", "norm-union-mid-stage", "lora-mid-stage",
-                              "recipe-options-second-stage"])
+                              "recipe-options-second-stage", "lora-on-a-cut-base-mid-stage"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, args, kill_after):
     # Save 2 is epoch 2 (one stage); save 3 is the stage-end save after the head stage.
     assert_killed_run_resumes_bit_identically(tmp_path, args, kill_after)

@@ -239,6 +239,13 @@ class ModelConfig:
     init_blocks: int = opt(0, "With --weights=ckpt:DIR, copy only the first N blocks (0: all).")
     lora_alpha: float = opt(0.0, "LoRA's alpha (lora:R unfreeze specs): the update A@B is scaled by alpha/R "
                             "(0: alpha = R, a scale of 1).")
+    features: str = opt("top", "What the head reads: top (the base's output), BLOCK (the base cut at the end of "
+                        "that block; the blocks above are dropped), A+B+... (several blocks' pooled outputs, each "
+                        "normalised, concatenated), auto (the block the linear probes peak at on validation, "
+                        "measured at the run's start).")
+    features_norm: str = opt("layer", "With several --features blocks: normalise each block's pooled output "
+                             "before concatenating (layer: LayerNormalization without parameters) or not (none).",
+                             enum=("layer", "none"))
 
     @property
     def train_bn(self) -> bool:
@@ -268,6 +275,8 @@ class ModelConfig:
               + ", ".join(n for n, e in backbones.BACKBONES.items() if e.has_alpha))
         check(self.init_blocks >= 0, f"--init_blocks={self.init_blocks} must be >= 0")
         check(self.init_blocks == 0 or self.init_run is not None, "--init_blocks needs --weights=ckpt:WORKDIR")
+        if self.features != "auto":
+            backbones.feature_blocks(self.backbone, self.features)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ The classifier built on top is always
     inputs -> base(x, training=False) -> GlobalAveragePooling -> Dropout -> Dense (float32 logits)
 
 with the head layers named `head_pool`, `head_dropout`, `head` so that weights
-can be loaded "everything but the head".
+can be loaded "everything but the head". With `--features`, the base is cut at
+chosen blocks (`cut`) and the head reads their outputs (`build_classifier`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from research.errors import UserError
 if TYPE_CHECKING:
     import keras
 
-HEAD_LAYERS = ("head_pool", "head_dropout", "head")
 
 
 @dataclass(frozen=True)
@@ -233,22 +233,99 @@ def load_pretrained(base: keras.Model, name: str, weights: str, *, image_size: i
                         f"(alpha={alpha}, image_size={image_size}): {type(e).__name__}: {e}") from None
 
 
-def build_classifier(base: keras.Model, num_classes: int, *, dropout: float = 0.2) -> keras.Model:
+def feature_blocks(name: str, features: str) -> list[str]:
+    """The blocks whose outputs the head reads, input to output (`--features`); [] for `top`,
+    the base's own output. Needs no TensorFlow.
+
+    Raises:
+      UserError: an unknown block, one named twice, or `top`/`auto` combined with blocks.
+    """
+    names = list(get(name).block_names)
+    if features == "top":
+        return []
+    parts = features.split("+")
+    if "top" in parts or "auto" in parts:
+        raise UserError(f"--features={features!r}: top and auto stand alone (not joined by +)")
+    unknown = [p for p in parts if p not in names]
+    if unknown:
+        raise UserError(f"--features={features!r}: {', '.join(map(repr, unknown))} is not a block of {name}; "
+                        f"its blocks (input to output): {', '.join(names)}")
+    if len(set(parts)) != len(parts):
+        raise UserError(f"--features={features!r} names a block twice")
+    return [b for b in names if b in parts]
+
+
+def kept_blocks(name: str, features: str) -> list[str]:
+    """The blocks a model with these `--features` keeps: all of them up to the highest it reads."""
+    names = list(get(name).block_names)
+    read = feature_blocks(name, features)
+    return names[:names.index(read[-1]) + 1] if read else names
+
+
+def cut(base: keras.Model, name: str, blocks: list[str]) -> keras.Model:
+    """The base cut at its blocks' outputs: one output per block (its last layer's, in the
+    base's layer order, as `research.model.probe.tap_layers` taps it); the layers above the
+    highest block are not in it. Shares its layers, and so its variables, with `base`."""
+    import keras
+    block_of = get(name).block_of(base)
+    last: dict[str, str] = {}
+    for layer in base.layers:
+        last[block_of[layer.name]] = layer.name
+    outputs = [base.get_layer(last[b]).output for b in blocks]
+    return keras.Model(base.inputs, outputs if len(outputs) > 1 else outputs[0], name=base.name)
+
+
+def build_classifier(base: keras.Model, num_classes: int, *, dropout: float = 0.2,
+                     blocks: list[str] | None = None, norm: bool = True) -> keras.Model:
     """Wraps a base model into the classifier the loop trains.
 
     The base is called with `training=False`; note that Keras 3.15 lets the outer
     call's `training=True` override it (keras issue 20285), which is why
     `research/model/unfreeze.py` freezes BatchNormalization layers themselves.
+
+    A base with several outputs (`cut` at `blocks`, `--features=A+B`) has each output
+    pooled and, with `norm` (`--features_norm=layer`), normalised on its own before they
+    are concatenated: LayerNormalization without parameters, so each block's pooled
+    features get mean 0 and variance 1 per image. Pooled ReLU outputs are mostly a
+    positive offset shared by every image, of a size that differs from block to block;
+    Adam moves every head weight by about the same step, so unnormalised, the blocks
+    with the largest activations dominate the head's updates (docs/RESULTS.md measures
+    both, in the features study).
     """
     import keras
     from keras import layers
     inputs = keras.Input(base.input_shape[1:], name="image")
     x = base(inputs, training=False)
-    x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+    if isinstance(x, (list, tuple)):
+        x = layers.Concatenate(name="head_concat")([
+            _normalised(layers.GlobalAveragePooling2D(name=f"head_pool_{b}")(t), f"head_norm_{b}", norm)
+            for b, t in zip(blocks, x, strict=True)])
+    else:
+        x = layers.GlobalAveragePooling2D(name="head_pool")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     # The logits stay float32 under mixed precision: softmax/loss need the range.
     outputs = layers.Dense(num_classes, dtype="float32", name="head")(x)
     return keras.Model(inputs, outputs, name=f"{base.name}_classifier")
+
+
+def _normalised(x, name: str, norm: bool):
+    from keras import layers
+    return layers.LayerNormalization(center=False, scale=False, name=name)(x) if norm else x
+
+
+def build_model(name: str, *, image_size: int, num_classes: int, alpha: float = 1.0, dropout: float = 0.2,
+                features: str = "top", norm: bool = True) -> tuple[keras.Model, keras.Model]:
+    """The classifier of a run, freshly initialised, with the head on `features` (`top`, or
+    resolved blocks: not `auto`); and the whole base, whose layers it shares, for the
+    pretrained weights, which are the whole base's (`load_pretrained`).
+
+    Returns:
+      (classifier, whole base); with `top`, the classifier's base is the whole base.
+    """
+    whole = build_base(name, image_size=image_size, alpha=alpha)
+    blocks = feature_blocks(name, features)
+    base = cut(whole, name, blocks) if blocks else whole
+    return build_classifier(base, num_classes, dropout=dropout, blocks=blocks, norm=norm), whole
 
 
 def base_of(model: keras.Model) -> keras.Model:

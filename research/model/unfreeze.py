@@ -192,7 +192,9 @@ def candidates(layer) -> list:
 
 
 def head_variables(model: keras.Model) -> list:
-    return [v for name in backbones.HEAD_LAYERS for v in candidates(model.get_layer(name))]
+    """Every variable of the classifier outside its base: the head, whatever `--features` made it."""
+    base = backbones.base_of(model)
+    return [v for layer in model.layers if layer is not base for v in candidates(layer)]
 
 
 def layer_blocks(model: keras.Model, backbone: str) -> tuple[keras.Model, dict[str, str], list[str]]:

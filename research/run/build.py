@@ -107,10 +107,15 @@ class Model:
     schedule: StageSchedule
     image_size: int
     lora: lora_lib.Plan = dataclasses.field(default_factory=lambda: lora_lib.Plan([], []))
+    whole: keras.Model | None = None  # the uncut base (`--features`): pretrained weights load into it
 
 
-def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.Strategy) -> Model:
+def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.Strategy, *,
+          features: str | None = None) -> Model:
     """Builds the classifier (freshly initialised) and the run's one optimizer.
+
+    `features`: what the head reads, resolved (`--features=auto` is measured first,
+    `research.run.auto_features`); None: `--features` as given.
 
     The optimizer is built on the union of every stage's variables, inside the
     strategy scope (keras issue 23085), so its slot layout is the same for
@@ -123,15 +128,18 @@ def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.St
     cfg_m = config.model
     size = backbones.input_size(cfg_m.backbone, config.data.image_size)
     with strategy.scope():
-        base = backbones.build_base(cfg_m.backbone, image_size=size, alpha=cfg_m.alpha)
-        model = backbones.build_classifier(base, num_classes, dropout=cfg_m.dropout)
+        model, whole = backbones.build_model(cfg_m.backbone, image_size=size, num_classes=num_classes,
+                                             alpha=cfg_m.alpha, dropout=cfg_m.dropout,
+                                             features=features or cfg_m.features,
+                                             norm=cfg_m.features_norm == "layer")
+        base = backbones.base_of(model)
         lora = lora_lib.enable(model, cfg_m.backbone, config)  # before the optimizer: its factors are in it
         selections = [unfreeze.select(model, cfg_m.backbone, s.spec, train_bn=cfg_m.train_bn)
                       for s in config.stages]
         schedule = StageSchedule()
         optimizer = build_optimizer(config.train, schedule, loss_scale=config.train.precision == "mixed_float16")
         optimizer.build(unfreeze.trainable_union(model, selections))
-    return Model(model, base, optimizer, schedule, size, lora)
+    return Model(model, base, optimizer, schedule, size, lora, whole)
 
 
 def init_weights(config: ExperimentConfig, m: Model) -> None:
@@ -144,20 +152,26 @@ def init_weights(config: ExperimentConfig, m: Model) -> None:
     w = cfg_m.weights
     if w in ("none", ""):
         return
-    # A weights file knows no LoRA factors, and another run's checkpoint has its own (or none):
-    # the weights load into a twin shaped like their source, which starts as a copy of this
-    # base (so what is not loaded keeps this run's own initialisation), then come over with
-    # any factors merged into their kernels.
+    # A weights file knows no LoRA factors, and another run's checkpoint has its own (or none)
+    # and its own cut (`--features`): the weights load into a twin shaped like their source,
+    # which starts as a copy of this base (so what is not loaded keeps this run's own
+    # initialisation), then come over with any factors merged into their kernels.
     source = None  # the other run's config (a missing run is init_from_run's to report)
     if cfg_m.init_run and os.path.exists(os.path.join(cfg_m.init_run, "config.json")):
         source = checkpoints.load_config(cfg_m.init_run)
     source_rank = lora_lib.rank_of(source) if source else 0
-    base = m.base
-    if m.lora.layers or source_rank:
-        base = backbones.build_base(cfg_m.backbone, image_size=m.image_size, alpha=cfg_m.alpha)
+    whole = m.whole or m.base
+    base = whole  # what the weights load into: a whole base, or the source run's (`load_base`)
+    if m.lora.layers or source_rank or (source and source.model.features != "top"):
+        twin, base = backbones.build_model(cfg_m.backbone, image_size=m.image_size, num_classes=1,
+                                           alpha=cfg_m.alpha, features=checkpoints.run_features(
+                                               source, checkpoints.find_run_checkpoint(cfg_m.init_run))
+                                           if source else "top")
         if source_rank:
-            lora_lib.enable(backbones.build_classifier(base, 1), cfg_m.backbone, source)
-        lora_lib.copy_loaded(m.base, base)
+            lora_lib.enable(twin, cfg_m.backbone, source)
+        lora_lib.copy_loaded(whole, base)
+        if source:
+            base = backbones.base_of(twin)  # a run's checkpoint holds its classifier's base
     if cfg_m.init_run is None:
         backbones.load_pretrained(base, cfg_m.backbone, w, image_size=m.image_size, alpha=cfg_m.alpha)
     else:
@@ -171,8 +185,8 @@ def init_weights(config: ExperimentConfig, m: Model) -> None:
         path = checkpoints.init_from_run(base, cfg_m.init_run, first_blocks=first,
                                          block_of=backbones.get(cfg_m.backbone).block_of(base))
         logging.info("initialised the backbone from %s%s", path, f" (blocks {first})" if first else "")
-    if base is not m.base:
-        lora_lib.copy_loaded(base, m.base)
+    if base is not whole:
+        lora_lib.copy_loaded(base, whole)
 
 
 def seed_variables(model: keras.Model) -> list:

@@ -261,11 +261,28 @@ def load_run(workdir: str, *, checkpoint: str = "best", class_names: list[str] |
     from research.model import lora
 
     size = backbones.input_size(config.model.backbone, config.data.image_size)
-    base = backbones.build_base(config.model.backbone, image_size=size, alpha=config.model.alpha)
-    model = backbones.build_classifier(base, len(class_names), dropout=config.model.dropout)
+    model, _ = backbones.build_model(config.model.backbone, image_size=size, num_classes=len(class_names),
+                                     alpha=config.model.alpha, dropout=config.model.dropout,
+                                     features=run_features(config, path),
+                                     norm=config.model.features_norm == "layer")
     lora.enable(model, config.model.backbone, config)  # the run's LoRA factors are in its checkpoints
     restore(workdir, path, model=model)
     return config, model, class_names, path
+
+
+def run_features(config: ExperimentConfig, path: str) -> str:
+    """What the head of a run reads, resolved: `--features`, or, for `auto`, the blocks it
+    chose, which its checkpoint `path` records (research/run/auto_features.py).
+
+    Raises:
+      UserError: an `auto` run whose checkpoint records no choice.
+    """
+    if config.model.features != "auto":
+        return config.model.features
+    state = run_state_of(path)
+    if not state or not state.features:
+        raise UserError(f"checkpoint {path} does not record which blocks --features=auto chose")
+    return state.features["resolved"]
 
 
 def find_run_checkpoint(run_dir: str) -> str:

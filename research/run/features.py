@@ -18,26 +18,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from research.model import backbones
 from research.data.pipeline import AUTOTUNE, Pipeline, epoch_stream
 
 
 def head_model(model: keras.Model) -> keras.Model:
     """pooled features -> the classifier's own dropout and Dense layers."""
-    pool = model.get_layer("head_pool")
-    inputs = keras.Input(pool.output.shape[1:], name="features")
-    x = model.get_layer("head_dropout")(inputs)
-    return keras.Model(inputs, model.get_layer("head")(x), name="head_on_features")
+    dropout = model.get_layer("head_dropout")
+    inputs = keras.Input(dropout.input.shape[1:], name="features")
+    return keras.Model(inputs, model.get_layer("head")(dropout(inputs)), name="head_on_features")
 
 
 def extract(model: keras.Model, ds: tf.data.Dataset, preprocess) -> tuple[np.ndarray, np.ndarray]:
     """Pooled base features of every (uint8 image, label) in `ds`, in order; `preprocess`
-    maps uint8 batches to the model's input (`Pipeline.train_preprocess`, `eval_preprocess`)."""
-    base, pool = backbones.base_of(model), model.get_layer("head_pool")
+    maps uint8 batches to the model's input (`Pipeline.train_preprocess`, `eval_preprocess`).
+    The features are what the head's dropout reads: pooled (and, for several blocks,
+    normalised and concatenated, `backbones.build_classifier`)."""
+    pooled = keras.Model(model.inputs, model.get_layer("head_dropout").input, name="features")
 
     @tf.function
     def features(x):
-        return pool(base(preprocess(x), training=False))
+        return pooled(preprocess(x), training=False)
 
     feats, labels = [], []
     for x, y in ds.batch(128):

@@ -34,9 +34,17 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     """
     config = validate_config(config)
     actions.check(config)
-    blocks = list(backbones.get(config.model.backbone).block_names)
+    m = config.model
+    # The blocks the model keeps: a spec naming one the head's features drop is refused here.
+    # (`auto` keeps what the probes choose at the run's start; the spec is checked then.)
+    blocks = backbones.kept_blocks(m.backbone, "top" if m.features == "auto" else m.features)
     for stage in config.stages:
-        unfreeze.resolve_blocks(stage.spec, blocks, backbone=config.model.backbone)
+        try:
+            unfreeze.resolve_blocks(stage.spec, blocks, backbone=m.backbone)
+        except UserError as e:
+            if m.features in ("top", "auto"):
+                raise
+            raise UserError(f"{e} (--features={m.features} keeps only these)") from None
     return config
 
 

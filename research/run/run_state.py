@@ -68,6 +68,9 @@ class RunState:
       sessions: one record per process that worked on the run, in order: its command
         line, code version, library versions, devices, host, start and (once it
         finished the run) end time (`research.provenance`).
+      features: what the head reads (`--features`): `{"spec", "resolved", "blocks",
+        "backbone_params", "whole_backbone_params"}`, and for `auto` the probes'
+        `scores` and `seconds`; the model is built from `resolved` on resume.
       saved_at: when the checkpoint holding this state was written (`time.time()`):
         on resume, TensorBoard events written after it are dropped, since the
         resumed run writes them again (`research.run.summaries.drop_events_after`).
@@ -97,6 +100,7 @@ class RunState:
     wall_seconds: float = 0.0
     seed_states: list = field(default_factory=list)
     sessions: list[dict] = field(default_factory=list)
+    features: dict = field(default_factory=dict)
     saved_at: float | None = None
 
     # -- serialisation: the only two functions that know the format --------------
@@ -165,6 +169,7 @@ class RunState:
             "epochs_run": len(self.history),
             "wall_time_s": self.wall_seconds,
             "images_per_second": self.images_per_second(),
+            "features": self.features,
             **self.data,
             "config_changes": [numbered(c) for c in self.config_changes],
             "provenance": self.sessions,

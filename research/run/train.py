@@ -26,7 +26,7 @@ from research import provenance
 from research.errors import UserError
 from research.run import actions as actions_lib
 from research.run import build as build_lib
-from research.run import checkpoints, distribute, preflight
+from research.run import checkpoints, distribute, head_features, preflight
 from research.run import workdir as workdir_lib
 from research.model import lora as lora_lib
 from research.run.actions.base import Context
@@ -77,7 +77,13 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
     if weights and verbose:
         print("class weights: " + ", ".join(f"{c} {w:.3g}" for c, w in zip(source.class_names[:10], weights))
               + (", ..." if len(weights) > 10 else ""), flush=True)
-    built = build_lib.build(config, source.num_classes, strategy)
+    features = head_features.resolve(config, workdir, strategy, source, pipeline,
+                                     say=print if verbose else lambda text: None)
+    built = build_lib.build(config, source.num_classes, strategy, features=features["resolved"])
+    features = head_features.describe(features, config.model.backbone, built)
+    if verbose and features["resolved"] != "top":
+        print(f"features: the head reads {' + '.join(features['blocks'])}; the base keeps "
+              f"{features['backbone_params']:,} of its {features['whole_backbone_params']:,} parameters", flush=True)
     if built.lora.layers and verbose:
         print(f"LoRA: rank {lora_lib.rank_of(config)} on {len(built.lora.layers)} layer(s)"
               + (f"; skipped, Keras has no LoRA for them: {', '.join(built.lora.skipped)}"
@@ -105,6 +111,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
         try:
             run, resumed_from = checkpoints.restore_or_initialize(
                 ckpts, init=lambda: build_lib.init_weights(config, built))
+            head_features.start(run, features)
             if run.finished:
                 return _report_finished(ctx, run, actions, changes)
             build_lib.prepare_inputs(pipeline)

@@ -31,7 +31,7 @@ from research import provenance
 from research.data import augment
 from research.data import images as images_lib
 from research.model import backbones, lora
-from research.run.checkpoints import load_run
+from research.run.checkpoints import load_run, run_features
 from research.errors import UserError
 
 # BGR mean of keras.applications' "caffe" preprocessing (vgg16, resnet50).
@@ -102,9 +102,10 @@ def export_run(workdir: str, *, checkpoint: str = "latest", out_dir: str | None 
 def _export(workdir, checkpoint, out_dir, class_names):
     config, model, class_names, path = load_run(workdir, checkpoint=checkpoint, class_names=class_names)
     if lora.enabled_layers(model):  # the exported model has no LoRA layer: the factors merged into the kernels
-        plain = backbones.build_classifier(
-            backbones.build_base(config.model.backbone, image_size=model.input_shape[1], alpha=config.model.alpha),
-            len(class_names), dropout=config.model.dropout)
+        plain, _ = backbones.build_model(config.model.backbone, image_size=model.input_shape[1],
+                                         num_classes=len(class_names), alpha=config.model.alpha,
+                                         dropout=config.model.dropout, features=run_features(config, path),
+                                         norm=config.model.features_norm == "layer")
         plain.set_weights(lora.merged_weights(model))
         model = plain
     out_dir = out_dir or os.path.join(workdir, "export")
@@ -130,6 +131,7 @@ def _export(workdir, checkpoint, out_dir, class_names):
                          input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     archive.write_out(os.path.join(out_dir, "saved_model"), verbose=False)
     meta = {"class_names": class_names, "image_size": size, "backbone": config.model.backbone,
+            "features": run_features(config, path),
             "checkpoint": path, "input": "RGB pixels in [0, 255], upright (EXIF orientation applied), "
             "resized to image_size (antialiased bilinear)", "eval_crop": config.data.eval_crop,
             "provenance": provenance.provenance()}

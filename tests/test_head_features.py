@@ -1,0 +1,209 @@
+"""`--features`: the head on one block's output, or on several, instead of the base's top.
+
+Pinned to outside references: the probe's taps (`launch.probe`'s model), the backbone
+truncated by hand (its layers applied one by one), numpy's normalisation of the taps,
+`model.fit` on the same truncated model, and the exported model's probabilities against
+the run's own."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from research.model import backbones, probe, unfreeze
+from tests.conftest import run_module
+
+
+def _features_of(model):
+    """What the classifier's head reads: its dropout layer's input."""
+    return keras.Model(model.inputs, model.get_layer("head_dropout").input)
+
+
+def _images(n=6, size=32, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype("float32")
+
+
+def test_the_cut_models_features_equal_the_probe_tap_and_the_base_truncated_by_hand():
+    keras.utils.set_random_seed(3)
+    model, whole = backbones.build_model("mobilenet", image_size=32, num_classes=4, alpha=0.25, features="conv_dw_9")
+    x = _images()
+    ours = _features_of(model)(x, training=False).numpy()
+
+    taps = probe.tap_model(whole, "mobilenet")
+    index = [b for b, _ in probe.tap_layers(whole, "mobilenet")].index("conv_dw_9")
+    np.testing.assert_array_equal(ours, taps(x, training=False)[index].numpy())
+
+    # MobileNet is a chain: its layers applied in order, up to conv_dw_9's last, are the truncated base.
+    h = tf.constant(x)
+    for layer in whole.layers[1:]:
+        h = layer(h, training=False)
+        if layer.name == "conv_pw_9_relu":
+            break
+    np.testing.assert_allclose(ours, tf.reduce_mean(h, axis=[1, 2]).numpy(), rtol=1e-5, atol=1e-6)
+
+    # The blocks above are not in the model: not its layers, not its weights.
+    base = backbones.base_of(model)
+    assert backbones.blocks(base, "mobilenet")[-1] == "conv_dw_9"
+    names = {v.path for v in model.weights}
+    assert not any("_10" in n or "_11" in n or "_12" in n or "_13" in n for n in names), sorted(names)[-5:]
+    assert base.count_params() < whole.count_params() / 2
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["layer", "none"])
+def test_a_multi_block_heads_input_is_each_taps_normalisation_concatenated(norm):
+    keras.utils.set_random_seed(4)
+    model, whole = backbones.build_model("small_cnn", image_size=16, num_classes=3, features="block1+block3",
+                                         norm=norm)
+    x = _images(size=16)
+    taps = [t.numpy() for t in probe.tap_model(whole, "small_cnn")(x, training=False)]
+
+    def normalised(t):  # LayerNormalization without parameters, Keras's epsilon (--features_norm=none: as it is)
+        return (t - t.mean(1, keepdims=True)) / np.sqrt(t.var(1, keepdims=True) + 1e-3) if norm else t
+
+    np.testing.assert_allclose(_features_of(model)(x, training=False).numpy(),
+                               np.concatenate([normalised(taps[0]), normalised(taps[2])], axis=1),
+                               rtol=1e-5, atol=1e-5)
+    # The head's only variables are the Dense layer's: the normalisation learns nothing.
+    assert [v.path for v in unfreeze.head_variables(model)] == ["head/kernel", "head/bias"]
+
+
+def test_one_epoch_on_a_cut_base_equals_model_fit_on_the_truncated_model():
+    from tests.test_loop_matches_fit import fit_and_our_loop
+
+    def cut_model():
+        keras.utils.set_random_seed(1)
+        model, _ = backbones.build_model("small_cnn", image_size=16, num_classes=10, dropout=0.0, features="block2")
+        return model
+
+    ref, ours = fit_and_our_loop(cut_model, "adam", "all")
+    assert backbones.blocks(backbones.base_of(ours), "small_cnn") == ["block1", "block2"]
+    assert not any(v.path.startswith("block3") for v in ours.weights)
+    for a, b, v in zip(ref.get_weights(), ours.get_weights(), ref.weights):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=v.path)
+
+
+def _checkpoint_shapes(path):
+    return {name: tuple(shape) for name, shape in tf.train.list_variables(path) if "VARIABLE_VALUE" in name}
+
+
+def test_a_cut_run_keeps_no_dropped_variable_and_its_export_gives_its_probabilities(tmp_path, tiny_folder):
+    """The dropped blocks' variables are not in the checkpoint (model, base or optimizer
+    slots); `results.json` and `trainable.json` say what the head read; evaluate, the
+    export and predict agree on the cut model's probabilities."""
+    wd = tmp_path / "run"
+    r = run_module("launch.train", f"--workdir={wd}", f"--dataset=folder:{tiny_folder}", "--image_size=16",
+                   "--batch_size=8", "--features=block1+block2", "--head_epochs=1", "--finetune_epochs=1",
+                   "--unfreeze=top:1", "--deterministic")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "features: the head reads block1 + block2" in r.stdout
+
+    # Checkpoints name variables by position: block3 is the only part of small_cnn 128 channels wide.
+    for ckpt in ("ckpt", "best"):
+        shapes = _checkpoint_shapes(tf.train.latest_checkpoint(str(wd / ckpt)))
+        assert (3, 3, 32, 64) in shapes.values() and not any(128 in s for s in shapes.values()), shapes
+    slots = [s for n, s in _checkpoint_shapes(tf.train.latest_checkpoint(str(wd / "ckpt"))).items()
+             if n.startswith("optimizer/")]
+    assert (3, 3, 32, 64) in slots and (96, 3) in slots  # block2's kernel, the head on 32 + 64 channels
+
+    results = json.loads((wd / "results.json").read_text())
+    whole = backbones.build_base("small_cnn", image_size=16).count_params()
+    cut = backbones.cut(backbones.build_base("small_cnn", image_size=16), "small_cnn", ["block1", "block2"])
+    assert results["features"] == {"spec": "block1+block2", "resolved": "block1+block2",
+                                   "blocks": ["block1", "block2"], "backbone_params": cut.count_params(),
+                                   "whole_backbone_params": whole}
+    trainable = json.loads((wd / "trainable.json").read_text())
+    assert [t["features"] for t in trainable] == ["block1+block2"] * 2
+    assert trainable[1]["blocks"] == ["block2"]  # top:1 of the blocks that remain
+    assert trainable[1]["backbone_params"] == cut.count_params()
+
+    from research.run.checkpoints import load_run
+    _, model, _, _ = load_run(str(wd), checkpoint="latest")
+    assert not any(v.path.startswith("block3") for v in model.weights)
+    labels = json.loads((wd / "export" / "labels.json").read_text())
+    assert labels["features"] == "block1+block2"
+    from research.serve import export
+    x = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype("float32")
+    expected = export.inference_model(model, "small_cnn")(x).numpy()
+    exported = keras.models.load_model(wd / "export" / "model.keras")
+    assert not any(v.path.startswith("block3") for v in exported.weights)
+    np.testing.assert_allclose(exported(x).numpy(), expected, rtol=1e-5, atol=1e-6)
+    sm = tf.saved_model.load(str(wd / "export" / "saved_model")).signatures["predict_float"]
+    np.testing.assert_allclose(sm(tf.constant(x))["probabilities"].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+    # launch.predict on image files: the run's model on the same decoded pixels.
+    files = sorted(str(p) for p in (tiny_folder / "class 1").glob("*.png"))[:3]
+    r = run_module("launch.predict", f"--model={wd / 'export'}", "--json", "--top_k=3", *files)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.array([[{t["class"]: t["probability"] for t in p["top"]}[c] for c in labels["class_names"]]
+                    for p in json.loads(r.stdout)["predictions"]])
+    pixels = np.stack([export.decode_and_resize(tf.io.read_file(f), 16).numpy() for f in files])
+    np.testing.assert_allclose(got, export.inference_model(model, "small_cnn")(pixels).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_auto_reads_the_block_the_probes_peak_at_and_a_resumed_run_keeps_it(tmp_path, tiny_folder):
+    """`--features=auto` picks the block `launch.probe` finds the validation peak at (its
+    own probe curve, an outside run), records it, and a resume rebuilds it without measuring."""
+    args = [f"--dataset=folder:{tiny_folder}", "--image_size=16", "--batch_size=8", "--deterministic"]
+    r = run_module("launch.probe", f"--out={tmp_path / 'probe'}", "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "probe" / "probe.csv")))
+    best = max(float(row["val_accuracy"]) for row in rows)
+    peak = next(row["block"] for row in rows if float(row["val_accuracy"]) >= best)
+
+    # Killed after its first checkpoint, the run resumes with the recorded choice, not a new measurement.
+    from tests.test_resume import _start, _wait_for_checkpoint
+    wd = tmp_path / "run"
+    run_args = [*args, "--features=auto", "--head_epochs=1", "--finetune_epochs=2", "--unfreeze=top:1"]
+    proc = _start(wd, run_args)
+    _wait_for_checkpoint(wd, 1, proc)
+    proc.kill()
+    assert f"features: auto chose {peak}" in proc.communicate()[0]
+    r = run_module("launch.train", f"--workdir={wd}", *run_args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resuming from" in r.stdout and "auto chose" not in r.stdout
+    record = json.loads((wd / "results.json").read_text())["features"]
+    assert record["resolved"] == peak and record["blocks"] == [peak]
+    assert record["scores"] == pytest.approx({row["block"]: float(row["val_accuracy"]) for row in rows})
+    r = run_module("launch.evaluate", f"--workdir={wd}")  # rebuilds the cut model from the record
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_the_studys_summary_pairs_each_mode_against_top_on_the_same_seeds():
+    import scipy.stats
+    from research.studies import features as study
+
+    accs = {("none", "top"): [0.70, 0.72, 0.74], ("none", "b9"): [0.75, 0.74, 0.80],
+            ("all", "top"): [0.80, 0.83, 0.81], ("all", "b9"): [0.78, 0.86, 0.80], ("all", "auto"): [0.81, 0.84, 0.8]}
+    rows = [{"trial": f"{f}-{m}-{s}", "features": f, "unfreeze": m, "seed": str(s), "status": "done",
+             "test/accuracy": a, "read": "b9" if f == "auto" and s else "top", "seconds_per_epoch": 1.0 + s}
+            for (m, f), values in accs.items() for s, a in enumerate(values)]
+    summary = {(e["mode"], e["features"]): e for e in study.summarize(rows, ["top", "b9", "auto"])}
+    assert summary[("none", "auto")]["n"] == 0
+    for (mode, feat), values in accs.items():
+        e = summary[(mode, feat)]
+        assert e["test"].mean == pytest.approx(np.mean(values))
+        if feat == "top":
+            assert e["diff"] is None
+            continue
+        d = np.array(values) - np.array(accs[(mode, "top")])  # paired within the mode, never across
+        lo, hi = scipy.stats.t.interval(0.95, 2, loc=d.mean(), scale=scipy.stats.sem(d))
+        assert (e["diff"].mean, e["diff"].lo, e["diff"].hi) == pytest.approx((d.mean(), lo, hi))
+    assert summary[("all", "auto")]["read"] == ["top", "b9", "b9"]
+    assert study._read(summary[("all", "auto")]) == "top; b9; b9"
+
+
+@pytest.mark.slow  # 8 trials, ~2 min on 2 cores
+def test_the_features_study_runs_both_modes_and_writes_its_table_and_plot(tmp_path):
+    r = run_module("launch.ablate", "--study=features", f"--root={tmp_path}", "--seeds=0,1", "--specs=top,block2",
+                   "--", "--image_size=16", "--classes=0-2", "--head_epochs=1", "--finetune_epochs=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = (tmp_path / "features.md").read_text()
+    cut = backbones.cut(backbones.build_base("small_cnn", image_size=16), "small_cnn", ["block2"]).count_params()
+    rows = [line for line in table.splitlines() if line.startswith("| all | `block2`")]
+    assert len(rows) == 1 and f"| {cut:,} |" in rows[0], table
+    assert (tmp_path / "features.png").stat().st_size > 1000
+    record = json.loads((tmp_path / "trials" / "features-block2__unfreeze-all__seed-1" / "results.json").read_text())
+    assert record["features"]["resolved"] == "block2" and record["stages"][-1]["backbone_trained_params"] > 0
