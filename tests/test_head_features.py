@@ -145,7 +145,10 @@ def test_a_cut_run_keeps_no_dropped_variable_and_its_export_gives_its_probabilit
 def test_auto_reads_the_block_the_probes_peak_at_and_a_resumed_run_keeps_it(tmp_path, tiny_folder):
     """`--features=auto` picks the block `launch.probe` finds the validation peak at (its
     own probe curve, an outside run), records it, and a resume rebuilds it without measuring."""
-    args = [f"--dataset=folder:{tiny_folder}", "--image_size=16", "--batch_size=8", "--deterministic"]
+    weights = tmp_path / "pretrained.weights.h5"  # auto reads pretrained features: refused on random ones
+    backbones.build_base("small_cnn", image_size=16).save_weights(weights)
+    args = [f"--dataset=folder:{tiny_folder}", "--image_size=16", "--batch_size=8", "--deterministic",
+            f"--weights={weights}"]
     r = run_module("launch.probe", f"--out={tmp_path / 'probe'}", "--", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     import csv
@@ -207,3 +210,41 @@ def test_the_features_study_runs_both_modes_and_writes_its_table_and_plot(tmp_pa
     assert (tmp_path / "features.png").stat().st_size > 1000
     record = json.loads((tmp_path / "trials" / "features-block2__unfreeze-all__seed-1" / "results.json").read_text())
     assert record["features"]["resolved"] == "block2" and record["stages"][-1]["backbone_trained_params"] > 0
+
+
+def _base_weights(workdir, checkpoint="best"):
+    from research.run.checkpoints import load_run
+    _, model, _, _ = load_run(str(workdir), checkpoint=checkpoint)
+    return {v.path: v.numpy() for v in backbones.base_of(model).weights}
+
+
+def test_another_runs_backbone_loads_into_a_cut_base_and_a_cut_run_gives_only_what_it_kept(tmp_path):
+    """`--weights=ckpt:` from a whole run into a cut one, and from a cut run with `--init_blocks`:
+    the kept blocks start as the other run's, to the bit. A run keeping blocks the other dropped,
+    and a changed `--features` on resume, are refused."""
+    common = ["--image_size=16", "--classes=0-2", "--noexport", "--finetune_epochs=1"]
+    r = run_module("launch.train", f"--workdir={tmp_path / 'whole'}", *common, "--unfreeze=all")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Head only, BatchNorm frozen: the cut base ends as it started.
+    r = run_module("launch.train", f"--workdir={tmp_path / 'cut'}", *common, "--features=block2", "--unfreeze=none",
+                   f"--weights=ckpt:{tmp_path / 'whole'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    whole, cut = _base_weights(tmp_path / "whole"), _base_weights(tmp_path / "cut", "latest")
+    assert set(cut) == {p for p in whole if not p.startswith("block3")}
+    for path, value in cut.items():
+        np.testing.assert_array_equal(value, whole[path], err_msg=path)
+
+    r = run_module("launch.train", f"--workdir={tmp_path / 'more'}", *common, f"--weights=ckpt:{tmp_path / 'cut'}")
+    assert r.returncode == 2 and "that run's model stops at its --features (block2), below block3" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_module("launch.train", f"--workdir={tmp_path / 'first'}", *common, "--features=block1", "--unfreeze=none",
+                   f"--weights=ckpt:{tmp_path / 'cut'}", "--init_blocks=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = _base_weights(tmp_path / "first", "latest")
+    assert set(first) == {p for p in whole if p.startswith("block1")}
+    for path, value in first.items():
+        np.testing.assert_array_equal(value, cut[path], err_msg=path)
+
+    r = run_module("launch.train", f"--workdir={tmp_path / 'cut'}", *common, "--features=block1", "--unfreeze=none",
+                   f"--weights=ckpt:{tmp_path / 'whole'}", "--allow_config_change")
+    assert r.returncode == 2 and "model.features: 'block2' -> 'block1'" in r.stderr, r.stderr[-2000:]

@@ -215,3 +215,28 @@ def test_restore_best_weights_puts_the_best_epochs_factors_back(tmp_path):
     assert res["best_epoch"] < res["epochs_run"], "the best epoch is the last: restoring it would tell nothing"
     for k in final:
         assert np.array_equal(final[k], best[k]), k
+
+
+def test_pretrained_weights_reach_every_layer_of_a_lora_base_whose_layers_keras_left_unnamed(tmp_path):
+    """InceptionV3's convolutions and BatchNorms are auto-named (`conv2d_94`...), numbered anew in
+    every build: the weights file loads into a plain twin and comes over by position, so every
+    kernel and statistic of the run's (LoRA) base is the file's."""
+    from launch.train import config_from_args
+    from research.run import build as build_lib
+    from research.run.preflight import validate
+
+    keras.utils.set_random_seed(0)
+    reference = backbones.build_base("inception_v3", image_size=75)
+    for v in reference.weights:  # far from any initialisation
+        v.assign(np.random.default_rng(len(v.path)).uniform(0.5, 1.5, v.shape).astype("float32"))
+    path = tmp_path / "inception.weights.h5"
+    reference.save_weights(path)
+    config = validate(config_from_args(["--backbone=inception_v3", "--image_size=75", f"--weights={path}",
+                                        "--unfreeze=lora:2@top:1", "--finetune_epochs=1"]))
+    m = build_lib.build(config, 3, tf.distribute.get_strategy())
+    assert m.lora.layers and any(name.startswith("conv2d_") for name in m.lora.layers)
+    build_lib.init_weights(config, m)
+    loaded = [v for v in m.base.weights if not lora.is_factor(v)]
+    assert len(loaded) == len(reference.weights)
+    for v, ref in zip(loaded, reference.weights, strict=True):
+        np.testing.assert_array_equal(v.numpy(), ref.numpy(), err_msg=v.path)

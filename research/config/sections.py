@@ -240,9 +240,9 @@ class ModelConfig:
     lora_alpha: float = opt(0.0, "LoRA's alpha (lora:R unfreeze specs): the update A@B is scaled by alpha/R "
                             "(0: alpha = R, a scale of 1).")
     features: str = opt("top", "What the head reads: top (the base's output), BLOCK (the base cut at the end of "
-                        "that block; the blocks above are dropped), A+B+... (several blocks' pooled outputs, each "
-                        "normalised, concatenated), auto (the block the linear probes peak at on validation, "
-                        "measured at the run's start).")
+                        "that block; the blocks above are dropped), A+B+... (several blocks' pooled outputs, "
+                        "concatenated; see --features_norm), auto (the block the linear probes peak at on "
+                        "validation, measured at the run's start).")
     features_norm: str = opt("layer", "With several --features blocks: normalise each block's pooled output "
                              "before concatenating (layer: LayerNormalization without parameters) or not (none).",
                              enum=("layer", "none"))
@@ -277,6 +277,9 @@ class ModelConfig:
         check(self.init_blocks == 0 or self.init_run is not None, "--init_blocks needs --weights=ckpt:WORKDIR")
         if self.features != "auto":
             backbones.feature_blocks(self.backbone, self.features)
+        check(not (self.features == "auto" and w == "none"),
+              "--features=auto reads the block where pretrained features peak; with --weights=none every block "
+              "is random: name a block, or give weights")
 
 
 @dataclass(frozen=True)

@@ -79,4 +79,9 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
           "created once, before the first stage)")
     check(m.lora_alpha >= 0, f"--lora_alpha={m.lora_alpha} must be >= 0 (0: the rank)")
     check(not (m.lora_alpha and not ranks), f"--lora_alpha={m.lora_alpha} needs a lora:R unfreeze spec")
+    # Each worker would measure on its own images (a tfrecord: source is read in shares) and
+    # could choose another block, and so build another model.
+    check(not (m.features == "auto" and t.strategy == "multi_worker"),
+          "--features=auto is measured by each process on its own data; with --strategy=multi_worker run "
+          "launch.probe first and name the block it peaks at (--features=BLOCK)")
     return config

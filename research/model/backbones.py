@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     import keras
 
 
-
 @dataclass(frozen=True)
 class Backbone:
     """One registry entry.
@@ -243,8 +242,11 @@ def feature_blocks(name: str, features: str) -> list[str]:
     names = list(get(name).block_names)
     if features == "top":
         return []
+    if features == "auto":
+        raise UserError("--features=auto is measured by launch.train at a run's start; here, name the block "
+                        "(launch.probe draws the curve auto reads)")
     parts = features.split("+")
-    if "top" in parts or "auto" in parts:
+    if "auto" in parts or ("top" in parts and "top" not in names):  # some backbones have a block named top
         raise UserError(f"--features={features!r}: top and auto stand alone (not joined by +)")
     unknown = [p for p in parts if p not in names]
     if unknown:
@@ -306,6 +308,14 @@ def build_classifier(base: keras.Model, num_classes: int, *, dropout: float = 0.
     # The logits stay float32 under mixed precision: softmax/loss need the range.
     outputs = layers.Dense(num_classes, dtype="float32", name="head")(x)
     return keras.Model(inputs, outputs, name=f"{base.name}_classifier")
+
+
+def classifier_for(model_config, *, image_size: int, num_classes: int, features: str) -> tuple[keras.Model, keras.Model]:
+    """`build_model` with a run's `ModelConfig` (backbone, alpha, dropout, `--features_norm`) and
+    its resolved `features`: how runs, `load_run` and the export build the same model."""
+    c = model_config
+    return build_model(c.backbone, image_size=image_size, num_classes=num_classes, alpha=c.alpha,
+                       dropout=c.dropout, features=features, norm=c.features_norm == "layer")
 
 
 def _normalised(x, name: str, norm: bool):

@@ -81,19 +81,15 @@ def enabled_layers(model: keras.Model) -> list:
 def merged_weights(model: keras.Model) -> list:
     """The weights of the same model (or base) without LoRA, in its order: each LoRA layer's
     kernel with its factors merged in (`layer.kernel`, in the kernel's dtype), the factors left out."""
-    lora_kernels = {id(layer._kernel): layer for layer in model._flatten_layers(include_self=True)
+    lora_kernels = {id(layer._kernel): layer for layer in model._flatten_layers(include_self=False)
                     if getattr(layer, "lora_enabled", False)}
     return [(lora_kernels[id(v)].kernel if id(v) in lora_kernels else v).numpy()
             for v in model.weights if not is_factor(v)]
 
 
 def copy_loaded(source: keras.Model, target: keras.Model) -> None:
-    """Copies one base's weights into another of the same backbone, layer by layer by name
-    (either may be cut short, `--features`: the layers both have), with or without LoRA
-    on either side: every weight but the factors, the source's factors merged into its kernels."""
-    by_name = {layer.name: layer for layer in source.layers}
-    for layer in target.layers:
-        if layer.name in by_name and layer.weights:
-            targets = [v for v in layer.weights if not is_factor(v)]
-            for v, value in zip(targets, merged_weights(by_name[layer.name]), strict=True):
-                v.assign(value)
+    """Copies one base's weights into another of the same backbone, with or without LoRA on
+    either side: every weight but the factors, the source's factors merged into its kernels."""
+    targets = [v for v in target.weights if not is_factor(v)]
+    for v, value in zip(targets, merged_weights(source), strict=True):
+        v.assign(value)

@@ -231,10 +231,13 @@ def choose_by_rgn(scores: dict[str, float], blocks: list[str], k: int) -> list[s
     return [b for b in blocks if b in chosen]
 
 
+def peak(rows: list[dict]) -> str:
+    """The block the probes peak at: the first (from the input) at the best validation accuracy."""
+    return max(rows, key=lambda r: r["val_accuracy"])["block"]  # max keeps the first of equals
+
+
 def choose_by_probe(rows: list[dict], blocks: list[str], k: int) -> list[str]:
-    """The K blocks right above the probe's validation peak (the first block reaching
-    the best validation accuracy); when fewer than K lie above it, the top K blocks."""
-    best = max(r["val_accuracy"] for r in rows)
-    peak = next(i for i, r in enumerate(rows) if r["val_accuracy"] >= best)
-    start = min(peak + 1, len(blocks) - k)
+    """The K blocks right above the probe's validation peak (`peak`); when fewer than K lie
+    above it, the top K blocks."""
+    start = min(blocks.index(peak(rows)) + 1, len(blocks) - k)
     return blocks[max(0, start):max(0, start) + k]

@@ -108,6 +108,7 @@ class Model:
     image_size: int
     lora: lora_lib.Plan = dataclasses.field(default_factory=lambda: lora_lib.Plan([], []))
     whole: keras.Model | None = None  # the uncut base (`--features`): pretrained weights load into it
+    features: str = "top"  # what the head reads, resolved
 
 
 def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.Strategy, *,
@@ -115,7 +116,7 @@ def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.St
     """Builds the classifier (freshly initialised) and the run's one optimizer.
 
     `features`: what the head reads, resolved (`--features=auto` is measured first,
-    `research.run.auto_features`); None: `--features` as given.
+    `research.run.head_features`); None: `--features` as given.
 
     The optimizer is built on the union of every stage's variables, inside the
     strategy scope (keras issue 23085), so its slot layout is the same for
@@ -128,10 +129,8 @@ def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.St
     cfg_m = config.model
     size = backbones.input_size(cfg_m.backbone, config.data.image_size)
     with strategy.scope():
-        model, whole = backbones.build_model(cfg_m.backbone, image_size=size, num_classes=num_classes,
-                                             alpha=cfg_m.alpha, dropout=cfg_m.dropout,
-                                             features=features or cfg_m.features,
-                                             norm=cfg_m.features_norm == "layer")
+        features = features or cfg_m.features
+        model, whole = backbones.classifier_for(cfg_m, image_size=size, num_classes=num_classes, features=features)
         base = backbones.base_of(model)
         lora = lora_lib.enable(model, cfg_m.backbone, config)  # before the optimizer: its factors are in it
         selections = [unfreeze.select(model, cfg_m.backbone, s.spec, train_bn=cfg_m.train_bn)
@@ -139,7 +138,7 @@ def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.St
         schedule = StageSchedule()
         optimizer = build_optimizer(config.train, schedule, loss_scale=config.train.precision == "mixed_float16")
         optimizer.build(unfreeze.trainable_union(model, selections))
-    return Model(model, base, optimizer, schedule, size, lora, whole)
+    return Model(model, base, optimizer, schedule, size, lora, whole, features)
 
 
 def init_weights(config: ExperimentConfig, m: Model) -> None:
@@ -154,39 +153,45 @@ def init_weights(config: ExperimentConfig, m: Model) -> None:
         return
     # A weights file knows no LoRA factors, and another run's checkpoint has its own (or none)
     # and its own cut (`--features`): the weights load into a twin shaped like their source,
-    # which starts as a copy of this base (so what is not loaded keeps this run's own
-    # initialisation), then come over with any factors merged into their kernels.
+    # whose whole base starts as a copy of this one (so what is not loaded keeps this run's
+    # own initialisation), then come over, whole base to whole base by position (layers
+    # keras.applications leaves unnamed are numbered differently in every build), with any
+    # factors merged into their kernels.
     source = None  # the other run's config (a missing run is init_from_run's to report)
     if cfg_m.init_run and os.path.exists(os.path.join(cfg_m.init_run, "config.json")):
         source = checkpoints.load_config(cfg_m.init_run)
     source_rank = lora_lib.rank_of(source) if source else 0
+    source_features = checkpoints.run_features(source, checkpoints.find_run_checkpoint(cfg_m.init_run)) \
+        if source else "top"
+    kept = backbones.kept_blocks(cfg_m.backbone, m.features)
+    if len(kept) > len(backbones.kept_blocks(cfg_m.backbone, source_features)):
+        raise UserError(f"--weights=ckpt:{cfg_m.init_run}: that run's model stops at its --features "
+                        f"({source_features}), below {kept[-1]}, which this run keeps: those blocks would start "
+                        "untrained; read at most what it kept (--features), or start from a run with the whole base")
     whole = m.whole or m.base
-    base = whole  # what the weights load into: a whole base, or the source run's (`load_base`)
-    if m.lora.layers or source_rank or (source and source.model.features != "top"):
-        twin, base = backbones.build_model(cfg_m.backbone, image_size=m.image_size, num_classes=1,
-                                           alpha=cfg_m.alpha, features=checkpoints.run_features(
-                                               source, checkpoints.find_run_checkpoint(cfg_m.init_run))
-                                           if source else "top")
+    target_whole = target = whole  # where the weights load
+    if m.lora.layers or source_rank or source_features != "top":
+        twin, target_whole = backbones.build_model(cfg_m.backbone, image_size=m.image_size, num_classes=1,
+                                                   alpha=cfg_m.alpha, features=source_features)
         if source_rank:
             lora_lib.enable(twin, cfg_m.backbone, source)
-        lora_lib.copy_loaded(whole, base)
-        if source:
-            base = backbones.base_of(twin)  # a run's checkpoint holds its classifier's base
+        lora_lib.copy_loaded(whole, target_whole)
+        target = backbones.base_of(twin) if source else target_whole  # a run's checkpoint holds its model's base
     if cfg_m.init_run is None:
-        backbones.load_pretrained(base, cfg_m.backbone, w, image_size=m.image_size, alpha=cfg_m.alpha)
+        backbones.load_pretrained(target, cfg_m.backbone, w, image_size=m.image_size, alpha=cfg_m.alpha)
     else:
         first = None
         if cfg_m.init_blocks:
-            names = backbones.blocks(base, cfg_m.backbone)
+            names = backbones.blocks(target, cfg_m.backbone)
             if cfg_m.init_blocks > len(names):
                 raise UserError(f"--init_blocks={cfg_m.init_blocks} exceeds the {len(names)} blocks of "
                                 f"{cfg_m.backbone}: {', '.join(names)}")
             first = names[:cfg_m.init_blocks]
-        path = checkpoints.init_from_run(base, cfg_m.init_run, first_blocks=first,
-                                         block_of=backbones.get(cfg_m.backbone).block_of(base))
+        path = checkpoints.init_from_run(target, cfg_m.init_run, first_blocks=first,
+                                         block_of=backbones.get(cfg_m.backbone).block_of(target))
         logging.info("initialised the backbone from %s%s", path, f" (blocks {first})" if first else "")
-    if base is not whole:
-        lora_lib.copy_loaded(base, whole)
+    if target_whole is not whole:
+        lora_lib.copy_loaded(target_whole, whole)
 
 
 def seed_variables(model: keras.Model) -> list:

@@ -103,13 +103,8 @@ class Checkpoints:
         Returns:
           (its run state, its path), or None when there is no checkpoint to resume.
         """
-        state = tf.train.get_checkpoint_state(self.restore_dir)
-        paths = list(state.all_model_checkpoint_paths) if state else []
+        paths = listed_checkpoints(self.restore_dir)
         for path in reversed(paths):
-            if not os.path.isabs(path):
-                # Relative entries are as the saving process named them (relative to
-                # its working directory); the files are always in this directory.
-                path = os.path.join(self.restore_dir, os.path.basename(path))
             try:
                 self.full.restore(path).assert_existing_objects_matched()
             except Exception as e:  # noqa: BLE001  damaged files raise OpError, IndexError, ValueError...
@@ -132,6 +127,15 @@ class Checkpoints:
         if not path:
             return None
         return restore(os.path.dirname(self.run_best_dir), path, model=self.model)
+
+
+def listed_checkpoints(directory: str) -> list[str]:
+    """The checkpoints `directory`'s index lists, oldest first, as paths in `directory`."""
+    state = tf.train.get_checkpoint_state(directory)
+    # Relative entries are as the saving process named them (relative to its working
+    # directory); the files are always in this directory.
+    return [path if os.path.isabs(path) else os.path.join(directory, os.path.basename(path))
+            for path in (state.all_model_checkpoint_paths if state else [])]
 
 
 def restore_or_initialize(ckpts: Checkpoints, init: Callable[[], None]) -> tuple[RunState, str | None]:
@@ -225,7 +229,7 @@ def run_state_of(path: str) -> RunState | None:
     """The run state a checkpoint carries (None: not one of a run's)."""
     try:
         text = tf.train.load_checkpoint(path).get_tensor("meta/.ATTRIBUTES/VARIABLE_VALUE")
-    except (tf.errors.OpError, ValueError):
+    except (tf.errors.OpError, ValueError, IndexError):  # damaged files raise any of these
         return None
     try:
         return RunState.from_json(text.decode() if isinstance(text, bytes) else str(text))
@@ -261,10 +265,8 @@ def load_run(workdir: str, *, checkpoint: str = "best", class_names: list[str] |
     from research.model import lora
 
     size = backbones.input_size(config.model.backbone, config.data.image_size)
-    model, _ = backbones.build_model(config.model.backbone, image_size=size, num_classes=len(class_names),
-                                     alpha=config.model.alpha, dropout=config.model.dropout,
-                                     features=run_features(config, path),
-                                     norm=config.model.features_norm == "layer")
+    model, _ = backbones.classifier_for(config.model, image_size=size, num_classes=len(class_names),
+                                        features=run_features(config, path))
     lora.enable(model, config.model.backbone, config)  # the run's LoRA factors are in its checkpoints
     restore(workdir, path, model=model)
     return config, model, class_names, path
@@ -272,7 +274,7 @@ def load_run(workdir: str, *, checkpoint: str = "best", class_names: list[str] |
 
 def run_features(config: ExperimentConfig, path: str) -> str:
     """What the head of a run reads, resolved: `--features`, or, for `auto`, the blocks it
-    chose, which its checkpoint `path` records (research/run/auto_features.py).
+    chose, which its checkpoint `path` records (research/run/head_features.py).
 
     Raises:
       UserError: an `auto` run whose checkpoint records no choice.

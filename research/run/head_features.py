@@ -22,16 +22,23 @@ from research.run.run_state import RunState
 
 def recorded(workdir: str) -> dict | None:
     """The features record of the run in `workdir`, from its newest checkpoint that has one
-    (every checkpoint of a run records the same choice); None for a run not started."""
-    import tensorflow as tf
+    (every checkpoint of a run records the same choice); None for a run not started.
 
+    Raises:
+      UserError: `ckpt/` lists checkpoints but none can tell the choice (a resume would fail
+        anyway, after measuring for nothing).
+    """
+    from research.errors import UserError
     from research.run import checkpoints
 
-    state = tf.train.get_checkpoint_state(os.path.join(workdir, "ckpt"))
-    for path in reversed(list(state.all_model_checkpoint_paths) if state else []):
-        run = checkpoints.run_state_of(os.path.join(workdir, "ckpt", os.path.basename(path)))
+    paths = checkpoints.listed_checkpoints(os.path.join(workdir, "ckpt"))
+    for path in reversed(paths):
+        run = checkpoints.run_state_of(path)
         if run is not None and run.features:
             return run.features
+    if paths:
+        raise UserError(f"no readable checkpoint in {os.path.join(workdir, 'ckpt')!r} records which block "
+                        "--features=auto chose; move it aside to start the run again")
     return None
 
 
@@ -64,11 +71,32 @@ def measure(config: ExperimentConfig, strategy, source, pipeline, *, say=print) 
         "val": (source.val, pipeline.eval_preprocess, source.num_val)})
     rows = probe.probe_curve(feats, labels, names, log=lambda text: None)
     scores = {r["block"]: r["val_accuracy"] for r in rows}
-    peak = max(rows, key=lambda r: r["val_accuracy"])["block"]  # the first at the best accuracy
+    peak = probe.peak(rows)
     seconds = time.perf_counter() - t0
     say(f"features: auto chose {peak} by linear probes on validation "
         f"({', '.join(f'{b} {s:.3g}' for b, s in scores.items())}; {seconds:.1f}s)")
     return {"spec": "auto", "resolved": peak, "scores": scores, "seconds": seconds}
+
+
+def check_specs(config: ExperimentConfig, record: dict) -> None:
+    """Every stage's unfreeze spec against the blocks `auto`'s choice keeps (the others were
+    checked before TensorFlow started, `research.run.preflight.validate`).
+
+    Raises:
+      UserError: a spec naming a block above the chosen one.
+    """
+    from research.errors import UserError
+    from research.model import unfreeze
+
+    if record["spec"] != "auto":
+        return
+    blocks = backbones.kept_blocks(config.model.backbone, record["resolved"])
+    for stage in config.stages:
+        try:
+            unfreeze.resolve_blocks(stage.spec, blocks, backbone=config.model.backbone)
+        except UserError as e:
+            raise UserError(f"{e} (--features=auto chose {record['resolved']}, which keeps only these; name a "
+                            "block for --features, or unfreeze by top:K)") from None
 
 
 def describe(record: dict, backbone: str, built) -> dict:

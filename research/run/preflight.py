@@ -110,11 +110,14 @@ def changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> li
     diff = config_diff(old, config.to_dict())
     # The optimizer's slots are checkpointed by position: another optimizer would load one
     # slot's values into another (or fail to load at all); so would an option's own state.
-    fixed = [d for d in diff if d.startswith("train.optimizer:")] + actions.resume_conflicts(old, config)
+    # So is the model: another `--features` is another set of variables, or other inputs to the head.
+    fixed = ([d for d in diff if d.startswith(("train.optimizer:", "model.features:", "model.features_norm:"))]
+             + actions.resume_conflicts(old, config))
     if fixed:
-        raise UserError(f"--workdir={workdir!r}: {'; '.join(fixed)}: changes the optimizer's checkpointed state "
-                        "(or an option's), which cannot be resumed even with --allow_config_change; start a new "
-                        f"run from its weights: --workdir=NEW --weights=ckpt:{workdir}")
+        raise UserError(f"--workdir={workdir!r}: {'; '.join(fixed)}: changes the optimizer's checkpointed "
+                        "state (or the model's variables or inputs, or an option's state), which cannot be "
+                        "resumed even with --allow_config_change; start a new run from its weights: --workdir=NEW "
+                        f"--weights=ckpt:{workdir}")
     if diff and os.path.exists(os.path.join(workdir, "results.json")):
         raise UserError(f"the run in {workdir!r} is finished; a changed config cannot be recorded for it "
                         f"(changed: {_summary(diff)}). To train further, start a new run from its weights: "

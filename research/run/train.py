@@ -79,11 +79,13 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
               + (", ..." if len(weights) > 10 else ""), flush=True)
     features = head_features.resolve(config, workdir, strategy, source, pipeline,
                                      say=print if verbose else lambda text: None)
+    head_features.check_specs(config, features)
     built = build_lib.build(config, source.num_classes, strategy, features=features["resolved"])
     features = head_features.describe(features, config.model.backbone, built)
     if verbose and features["resolved"] != "top":
-        print(f"features: the head reads {' + '.join(features['blocks'])}; the base keeps "
-              f"{features['backbone_params']:,} of its {features['whole_backbone_params']:,} parameters", flush=True)
+        kept, whole = features["backbone_params"], features["whole_backbone_params"]
+        print(f"features: the head reads {' + '.join(features['blocks'])}"
+              + (f"; the base keeps {kept:,} of its {whole:,} parameters" if kept < whole else ""), flush=True)
     if built.lora.layers and verbose:
         print(f"LoRA: rank {lora_lib.rank_of(config)} on {len(built.lora.layers)} layer(s)"
               + (f"; skipped, Keras has no LoRA for them: {', '.join(built.lora.skipped)}"
@@ -112,6 +114,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
             run, resumed_from = checkpoints.restore_or_initialize(
                 ckpts, init=lambda: build_lib.init_weights(config, built))
             head_features.start(run, features)
+            built.whole = None  # the weights are in: the dropped blocks' variables can go
             if run.finished:
                 return _report_finished(ctx, run, actions, changes)
             build_lib.prepare_inputs(pipeline)

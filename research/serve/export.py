@@ -102,10 +102,8 @@ def export_run(workdir: str, *, checkpoint: str = "latest", out_dir: str | None 
 def _export(workdir, checkpoint, out_dir, class_names):
     config, model, class_names, path = load_run(workdir, checkpoint=checkpoint, class_names=class_names)
     if lora.enabled_layers(model):  # the exported model has no LoRA layer: the factors merged into the kernels
-        plain, _ = backbones.build_model(config.model.backbone, image_size=model.input_shape[1],
-                                         num_classes=len(class_names), alpha=config.model.alpha,
-                                         dropout=config.model.dropout, features=run_features(config, path),
-                                         norm=config.model.features_norm == "layer")
+        plain, _ = backbones.classifier_for(config.model, image_size=model.input_shape[1],
+                                            num_classes=len(class_names), features=run_features(config, path))
         plain.set_weights(lora.merged_weights(model))
         model = plain
     out_dir = out_dir or os.path.join(workdir, "export")

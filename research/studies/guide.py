@@ -53,6 +53,9 @@ def check(config: ExperimentConfig) -> None:
     if config.model.init_run is not None:
         raise UserError("the Keras guide's recipe starts from pretrained weights (imagenet or a .h5 file), "
                         "not another run's checkpoint")
+    if config.model.features != "top":
+        raise UserError(f"--features={config.model.features}: the Keras guide's recipe puts the head on the base's "
+                        "output; give --features to the recipes that use it (--recipe=NAME:--features=...)")
     if config.data.eval_crop != 1.0:
         raise UserError(f"--eval_crop={config.data.eval_crop}: the Keras guide's recipe evaluates whole images; "
                         "give --eval_crop to the recipes that use it (--recipe=NAME:--eval_crop=...)")

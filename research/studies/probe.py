@@ -25,10 +25,10 @@ from research.studies.trials import SEED_KEY, MakeConfig, expand, prepare, run_a
 
 def conclusion(rows: list[dict]) -> str:
     """One line: the block the probes peak at, and what `auto:probe:K` would unfreeze."""
-    from research.model.probe import choose_by_probe
+    from research.model.probe import choose_by_probe, peak as peak_of
 
     blocks = [r["block"] for r in rows]
-    peak = max(rows, key=lambda r: r["val_accuracy"])  # the first block at the best validation accuracy
+    peak = rows[blocks.index(peak_of(rows))]
     picks = "; ".join(f"auto:probe:{k} -> {','.join(choose_by_probe(rows, blocks, k))}"
                       for k in (1, 2, 3) if k <= len(blocks))
     return (f"peak: {peak['block']} (validation accuracy {peak['val_accuracy']:.4f}, block "
