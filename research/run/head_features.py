@@ -56,7 +56,25 @@ def resolve(config: ExperimentConfig, workdir: str, strategy, source, pipeline, 
 
 def measure(config: ExperimentConfig, strategy, source, pipeline, *, say=print) -> dict:
     """Probes every block of the whole backbone, initialised as the run will be, on the
-    training and validation images; the head will read the peak block."""
+    training and validation images; the head will read the peak block.
+
+    Draws nothing from the run's random streams: the model it builds for measuring takes
+    its initial values from them, which are put back after, so the run that follows is
+    the run `--features=BLOCK` would be, to the bit.
+    """
+    import random
+
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state()  # Keras's initializers draw their seeds from these
+    try:
+        return _measure(config, strategy, source, pipeline, say=say)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+
+
+def _measure(config: ExperimentConfig, strategy, source, pipeline, *, say=print) -> dict:
     from research.model import probe
     from research.run import build as build_lib
 
