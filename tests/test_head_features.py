@@ -29,11 +29,21 @@ def test_the_cut_models_features_equal_the_probe_tap_and_the_base_truncated_by_h
     keras.utils.set_random_seed(3)
     model, whole = backbones.build_model("mobilenet", image_size=32, num_classes=4, alpha=0.25, features="conv_dw_9")
     x = _images()
-    ours = _features_of(model)(x, training=False).numpy()
+    pooled = keras.Model(model.inputs, model.get_layer("head_pool_conv_dw_9").output)(x, training=False).numpy()
 
     taps = probe.tap_model(whole, "mobilenet")
     index = [b for b, _ in probe.tap_layers(whole, "mobilenet")].index("conv_dw_9")
-    np.testing.assert_array_equal(ours, taps(x, training=False)[index].numpy())
+    tap = taps(x, training=False)[index].numpy()
+    np.testing.assert_array_equal(pooled, tap)
+    # What the head reads: that tap normalised (--features_norm=layer, the default), or as it is (none).
+    np.testing.assert_allclose(_features_of(model)(x, training=False).numpy(),
+                               (tap - tap.mean(1, keepdims=True)) / np.sqrt(tap.var(1, keepdims=True) + 1e-3),
+                               rtol=1e-4, atol=1e-4)
+    plain, _ = backbones.build_model("mobilenet", image_size=32, num_classes=4, alpha=0.25, features="conv_dw_9",
+                                     norm=False)
+    plain.set_weights(model.get_weights())
+    ours = _features_of(plain)(x, training=False).numpy()
+    np.testing.assert_array_equal(ours, tap)
 
     # MobileNet is a chain: its layers applied in order, up to conv_dw_9's last, are the truncated base.
     h = tf.constant(x)

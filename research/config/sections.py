@@ -241,11 +241,11 @@ class ModelConfig:
                             "(0: alpha = R, a scale of 1).")
     features: str = opt("top", "What the head reads: top (the base's output), BLOCK (the base cut at the end of "
                         "that block; the blocks above are dropped), A+B+... (several blocks' pooled outputs, "
-                        "concatenated; see --features_norm), auto (the block the linear probes peak at on "
-                        "validation, measured at the run's start).")
-    features_norm: str = opt("layer", "With several --features blocks: normalise each block's pooled output "
-                             "before concatenating (layer: LayerNormalization without parameters) or not (none).",
-                             enum=("layer", "none"))
+                        "concatenated), auto (the block the linear probes peak at on validation, measured at the "
+                        "run's start). Every choice but top is normalised (--features_norm).")
+    features_norm: str = opt("layer", "With --features other than top: normalise each block's pooled output "
+                             "(layer: LayerNormalization without parameters, before any concatenation) or not "
+                             "(none).", enum=("layer", "none"))
 
     @property
     def train_bn(self) -> bool:
