@@ -196,6 +196,7 @@ def _base_weights(workdir, checkpoint="best"):
     return {v.path: v.numpy() for v in backbones.base_of(model).weights}
 
 
+@pytest.mark.slow  # 3 runs and 2 refusals, ~25 s on 2 cores
 def test_another_runs_backbone_loads_into_a_cut_base_and_a_cut_run_gives_only_what_it_kept(tmp_path):
     """`--weights=ckpt:` from a whole run into a cut one, and from a cut run with `--init_blocks`:
     the kept blocks start as the other run's, to the bit. A run keeping blocks the other dropped,
