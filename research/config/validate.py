@@ -82,6 +82,6 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     # Each worker would measure on its own images (a tfrecord: source is read in shares) and
     # could choose another block, and so build another model.
     check(not (m.features == "auto" and t.strategy == "multi_worker"),
-          "--features=auto is measured by each process on its own data; with --strategy=multi_worker run "
-          "launch.probe first and name the block it peaks at (--features=BLOCK)")
+          "--features=auto is measured by each process on its own data; with --strategy=multi_worker, probe the "
+          "blocks first and name the one they peak at (--features=BLOCK)")
     return config

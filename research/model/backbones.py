@@ -243,8 +243,8 @@ def feature_blocks(name: str, features: str) -> list[str]:
     if features == "top":
         return []
     if features == "auto":
-        raise UserError("--features=auto is measured by launch.train at a run's start; here, name the block "
-                        "(launch.probe draws the curve auto reads)")
+        raise UserError("--features=auto is measured when a training run starts; here, name the block (the "
+                        "linear probes' curve shows where they peak)")
     parts = features.split("+")
     if "auto" in parts or ("top" in parts and "top" not in names):  # some backbones have a block named top
         raise UserError(f"--features={features!r}: top and auto stand alone (not joined by +)")
