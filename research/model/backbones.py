@@ -264,15 +264,19 @@ def kept_blocks(name: str, features: str) -> list[str]:
     return names[:names.index(read[-1]) + 1] if read else names
 
 
+def block_ends(base: keras.Model, name: str) -> dict[str, str]:
+    """{block: the name of its last layer}: a block's output is its last layer's, in the
+    base's (topologically sorted) layer order. Probe taps and `cut` both read it."""
+    block_of = get(name).block_of(base)
+    return {block_of[layer.name]: layer.name for layer in base.layers}
+
+
 def cut(base: keras.Model, name: str, blocks: list[str]) -> keras.Model:
-    """The base cut at its blocks' outputs: one output per block (its last layer's, in the
-    base's layer order, as `research.model.probe.tap_layers` taps it); the layers above the
+    """The base cut at its blocks' outputs: one output per block (`block_ends`, where
+    `research.model.probe` taps it); the layers above the
     highest block are not in it. Shares its layers, and so its variables, with `base`."""
     import keras
-    block_of = get(name).block_of(base)
-    last: dict[str, str] = {}
-    for layer in base.layers:
-        last[block_of[layer.name]] = layer.name
+    last = block_ends(base, name)
     outputs = [base.get_layer(last[b]).output for b in blocks]
     return keras.Model(base.inputs, outputs if len(outputs) > 1 else outputs[0], name=base.name)
 

@@ -39,12 +39,8 @@ C_GRID = (0.01, 0.1, 1.0, 10.0)
 # --- taps ---------------------------------------------------------------------------------
 
 def tap_layers(base: keras.Model, backbone: str) -> list[tuple[str, str]]:
-    """(block, the name of its last layer) for every block, input to output: a block's
-    output is its last layer's in the base's (topologically sorted) layer order."""
-    block_of = backbones.get(backbone).block_of(base)
-    last: dict[str, str] = {}
-    for layer in base.layers:
-        last[block_of[layer.name]] = layer.name
+    """(block, the name of its last layer) for every block, input to output (`backbones.block_ends`)."""
+    last = backbones.block_ends(base, backbone)
     return [(b, last[b]) for b in backbones.blocks(base, backbone)]
 
 
