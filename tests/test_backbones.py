@@ -10,7 +10,15 @@ from research.run.loop import Trainer
 from research.model.optim import build_optimizer
 
 SIZES = {"small_cnn": 16, "vgg16": 32, "inception_v3": 75, "mobilenet": 32, "mobilenet_v2": 32,
-         "resnet50": 32, "efficientnet_b0": 32, "xception": 71}
+         "resnet50": 32, "efficientnet_b0": 32, "xception": 71}  # the newer ones: tests/test_modern_backbones.py
+NEWER = {"mobilenet_v3_small": ["stem"] + [f"block{i}" for i in range(11)] + ["top"],
+         "mobilenet_v3_large": ["stem"] + [f"block{i}" for i in range(15)] + ["top"],
+         "resnet50_v2": ["stem"] + [f"conv{s}_block{b}" for s, n in ((2, 3), (3, 4), (4, 6), (5, 3))
+                                    for b in range(1, n + 1)],
+         "efficientnet_v2_b0": ["stem"] + [f"block{i}" for i in range(1, 7)] + ["top"],
+         "efficientnet_v2_s": ["stem"] + [f"block{i}" for i in range(1, 7)] + ["top"],
+         "convnext_tiny": ["stem"] + [f"stage{s}_block{b}" for s, n in enumerate((3, 3, 9, 3)) for b in range(n)],
+         "convnext_small": ["stem"] + [f"stage{s}_block{b}" for s, n in enumerate((3, 3, 27, 3)) for b in range(n)]}
 EXPECTED_BLOCKS = {
     "small_cnn": ["block1", "block2", "block3"],
     "vgg16": [f"block{i}" for i in range(1, 6)],
@@ -20,11 +28,12 @@ EXPECTED_BLOCKS = {
     "resnet50": ["stem"] + [f"conv{s}_block{b}" for s, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for b in range(1, n + 1)],
     "efficientnet_b0": ["stem"] + [f"block{i}" for i in range(1, 8)] + ["top"],
     "xception": [f"block{i}" for i in range(1, 15)],
+    **NEWER,
 }
 
 
 def test_registry_is_complete():
-    assert set(backbones.BACKBONES) == set(SIZES)
+    assert set(backbones.BACKBONES) == set(SIZES) | set(NEWER)
     # The names the registry gives before any model is built (specs are checked against
     # them before TensorFlow starts) are those the built model has (the test below).
     for name, entry in backbones.BACKBONES.items():

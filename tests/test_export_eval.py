@@ -62,7 +62,7 @@ def test_exported_models_reproduce_the_training_model(trained):
     assert labels["class_names"] == [f"digit {c}" for c in range(7)] and labels["image_size"] == 16
 
 
-@pytest.mark.parametrize("backbone", ["vgg16", "resnet50", "mobilenet", "inception_v3", "xception", "small_cnn"])
+@pytest.mark.parametrize("backbone", list(backbones.BACKBONES))
 def test_export_preprocessing_layers_equal_preprocess_input(backbone):
     x = np.random.RandomState(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     y = x

@@ -21,10 +21,12 @@ from typing import Any
 
 from research.config.specs import SOURCE_KINDS, DatasetRef, UnfreezeSpec, check
 from research.errors import UserError
+from research.model import backbones as _backbones  # imports no TensorFlow: the registry is lazy
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
 JIT = ("auto", "true", "false")
 BN_POLICIES = ("frozen", "train", "adapt")
+BACKBONE_NAMES = tuple(_backbones.BACKBONES)
 TEST_SOURCES = ("auto", "val", "none")
 SAMPLERS = ("shuffle", "balanced")
 SCHEDULES = ("constant", "cosine")
@@ -223,19 +225,24 @@ class ModelConfig:
     stable. `train`: BN layers of unfrozen blocks train (batch statistics, moving-average
     updates, gamma/beta). `adapt`: frozen as above, but at the start of every stage the
     moving statistics of every BN layer are re-estimated on the training images (AdaBN,
-    Li et al. 2016), for target data far from the pretraining data. `init_blocks` is the
-    transfer study's "copy the first n layers".
+    Li et al. 2016), for target data far from the pretraining data. The policy speaks of
+    BatchNorm only: LayerNorm (ConvNeXt, ViT) keeps no statistics, computes the same
+    thing in training and inference, and its gamma/beta train with their block under
+    every policy; `adapt` is refused where the base has no BatchNorm. `init_blocks` is
+    the transfer study's "copy the first n layers".
     """
 
-    backbone: str = opt("small_cnn", "small_cnn | vgg16 | inception_v3 | mobilenet | mobilenet_v2 | resnet50 | "
-                        "efficientnet_b0 | xception")
+    backbone: str = opt("small_cnn", " | ".join(BACKBONE_NAMES) + " | hub:PRESET (a KerasHub ViT preset or "
+                        "directory; needs the [hub] extra)")
     weights: str = opt("none", "imagenet | none | PATH.h5 | ckpt:WORKDIR (another run's backbone, head skipped)")
     alpha: float = opt(1.0, "Width multiplier for mobilenet / mobilenet_v2.")
     dropout: float = opt(0.2, "Dropout before the classifier.")
     bn: str = opt("frozen", "BatchNorm policy: frozen (inference mode, statistics fixed), train (BN of unfrozen "
                   "blocks trains, and every BN layer whose gamma/beta a norm or bias spec trains runs on batch "
                   "statistics), adapt (frozen, statistics re-estimated on the training images at each stage "
-                  "start: AdaBN).", enum=BN_POLICIES)
+                  "start: AdaBN). BatchNorm only: LayerNorm has no statistics and trains with its block under "
+                  "every policy; adapt is refused on backbones without BatchNorm (convnext_*, hub:).",
+                  enum=BN_POLICIES)
     init_blocks: int = opt(0, "With --weights=ckpt:DIR, copy only the first N blocks (0: all).")
     lora_alpha: float = opt(0.0, "LoRA's alpha (lora:R unfreeze specs): the update A@B is scaled by alpha/R "
                             "(0: alpha = R, a scale of 1).")
@@ -260,8 +267,7 @@ class ModelConfig:
         from research.model import backbones  # imports no TensorFlow: the registry is lazy
 
         _check_enums(self)
-        choice("backbone", self.backbone, tuple(backbones.BACKBONES))
-        entry = backbones.BACKBONES[self.backbone]
+        entry = backbones.get(self.backbone)
         w = self.weights
         check(w in ("imagenet", "none") or self.init_run is not None or w.endswith((".h5", ".weights.h5", ".keras")),
               f"--weights={w!r} is not valid; allowed values: imagenet, none, a .h5 weights file, ckpt:WORKDIR")
@@ -269,6 +275,9 @@ class ModelConfig:
               f"--weights=imagenet is not available for backbone {self.backbone!r}; use none, a .h5 file or "
               "ckpt:WORKDIR")
         check(0.0 <= self.dropout < 1.0, f"--dropout={self.dropout} must be in [0, 1)")
+        check(not (self.bn == "adapt" and entry.norm != "batch"),
+              f"--bn=adapt re-estimates BatchNorm statistics, and {self.backbone} has no BatchNorm layer "
+              f"({backbones.NORM_MEANING[entry.norm]}): use --bn=frozen")
         check(self.alpha > 0, f"--alpha={self.alpha} must be > 0")
         check(self.alpha == 1.0 or entry.has_alpha,
               f"--alpha={self.alpha}: backbone {self.backbone!r} has no width multiplier; --alpha applies to "

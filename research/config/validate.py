@@ -63,10 +63,13 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
           f"--sampler=balanced and --class_weight={t.class_weight} both correct for class imbalance; use one of them")
     config.augment.validate()
     m.validate()
-    entry = backbones.BACKBONES[m.backbone]
+    entry = backbones.get(m.backbone)
     size = backbones.input_size(m.backbone, d.image_size)
     check(size >= entry.min_size,
           f"--image_size={size} is below the minimum input size {entry.min_size} of backbone {m.backbone!r}")
+    check(not entry.max_size or size <= entry.max_size,
+          f"--image_size={size} is above the input size {entry.max_size} of backbone {m.backbone!r} (its position "
+          "embeddings are learned for that many patches)")
     t.validate()
     check(len(config.stages) >= 1, "at least one stage with epochs > 0 is needed (see --epochs, --stages, "
           "--head_epochs, --finetune_epochs)")

@@ -41,6 +41,16 @@ class Backbone:
       block_names: its blocks, input to output, as `block_of` names them on the built
         model (tests/test_backbones.py checks both agree): unfreeze specs are checked
         against them before TensorFlow starts.
+      input_range: what `preprocess` makes of [0, 255] pixels, which the export rebuilds
+        from standard layers (`research.serve.export.preprocessing_layers`): `unit` x/255,
+        `tf` x/127.5 - 1, `caffe` BGR minus the ImageNet mean, `inside` nothing (the model
+        normalises its [0, 255] input itself, as ConvNeXt, EfficientNet and MobileNetV3 do),
+        `affine` x * scale + offset per channel (`scale`, `offset`: a KerasHub preset's).
+      norm: the base's normalisation layers: `batch` (BatchNorm: `--bn` applies), `layer`
+        (LayerNorm only: no statistics, so `--bn=adapt` is refused), `none` (vgg16).
+      pool: how the head pools the base's output: `avg` over a feature map, `token` the
+        class token of a transformer's sequence (`pooled`).
+      max_size: the largest input side (0: none).
     """
 
     name: str
@@ -52,6 +62,12 @@ class Backbone:
     has_imagenet: bool = True
     has_alpha: bool = False
     block_names: tuple[str, ...] = field(kw_only=True)  # required: no spec can be checked without it
+    input_range: str = field(kw_only=True)
+    norm: str = field(default="batch", kw_only=True)
+    pool: str = field(default="avg", kw_only=True)
+    max_size: int = field(default=0, kw_only=True)  # 0: none; a ViT's position embeddings fix its side
+    scale: tuple[float, ...] = field(default=(), kw_only=True)
+    offset: tuple[float, ...] = field(default=(), kw_only=True)
 
 
 def _by_prefix(rules: list[tuple[str, str]], first: str) -> Callable[[keras.Model], dict[str, str]]:
@@ -143,38 +159,97 @@ def _numbered(prefix: str, first: int, last: int) -> tuple[str, ...]:
     return tuple(f"{prefix}{i}" for i in range(first, last + 1))
 
 
+def _convnext_blocks(base: keras.Model) -> dict[str, str]:
+    """ConvNeXt: `stem`, then one block per residual block, `stage{S}_block{B}`. Each
+    downsampling layer (LayerNorm + strided convolution) opens the stage it feeds, as
+    timm's layer groups have it; the final LayerNorm closes the last block."""
+    out, current = {}, "stem"
+    for layer in base.layers:
+        mt = re.search(r"_stage_(\d+)_block_(\d+)_", layer.name)
+        down = re.search(r"_downsampling_block_(\d+)$", layer.name)
+        if mt:
+            current = f"stage{mt[1]}_block{mt[2]}"
+        elif down:
+            current = f"stage{int(down[1]) + 1}_block0"
+        out[layer.name] = current
+    return out
+
+
+def _stages(depths: tuple[int, ...]) -> tuple[str, ...]:
+    return ("stem", *(f"stage{s}_block{b}" for s, n in enumerate(depths) for b in range(n)))
+
+
+_EFFICIENTNET = _by_prefix([(r"stem_", "stem"), (r"block(\d)[a-z]_", r"block\1"), (r"top_", "top")], "stem")
+# MobileNetV3: `conv` is the stem, `expanded_conv_N_*` the inverted residual blocks (the
+# first has no number), `conv_1` the last 1x1 convolution. The hard-swish activations and
+# squeeze-excite multiplications Keras leaves unnamed join the block they follow.
+_MOBILENET_V3 = _by_prefix([(r"expanded_conv_(\d+)_", r"block\1"), (r"expanded_conv_", "block0"),
+                            (r"conv_1", "top"), (r"conv", "stem")], "stem")
+
 BACKBONES: dict[str, Backbone] = {
     "small_cnn": Backbone(
         "small_cnn", _small_cnn, _scale_01, 32, 8,
         _by_prefix([(r"block(\d+)_", r"block\1")], "block1"), has_imagenet=False,
-        block_names=_numbered("block", 1, 3)),
+        block_names=_numbered("block", 1, 3), input_range="unit"),
     "vgg16": Backbone(
         "vgg16", _app("VGG16"), _preprocess("vgg16"), 224, 32,
-        _by_prefix([(r"block(\d+)_", r"block\1")], "block1"), block_names=_numbered("block", 1, 5)),
+        _by_prefix([(r"block(\d+)_", r"block\1")], "block1"), block_names=_numbered("block", 1, 5),
+        input_range="caffe", norm="none"),
     "inception_v3": Backbone(
         "inception_v3", _app("InceptionV3"), _preprocess("inception_v3"), 299, 75,
-        _inception_blocks, block_names=("stem", *_numbered("mixed", 0, 10))),
+        _inception_blocks, block_names=("stem", *_numbered("mixed", 0, 10)), input_range="tf"),
     "mobilenet": Backbone(
         "mobilenet", _app("MobileNet", width=True), _preprocess("mobilenet"), 224, 32,
         _by_prefix([(r"conv1", "stem"), (r"conv_(?:dw|pw|pad)_(\d+)", r"conv_dw_\1")], "stem"), has_alpha=True,
-        block_names=("stem", *_numbered("conv_dw_", 1, 13))),
+        block_names=("stem", *_numbered("conv_dw_", 1, 13)), input_range="tf"),
     "mobilenet_v2": Backbone(
         "mobilenet_v2", _app("MobileNetV2", width=True), _preprocess("mobilenet_v2"), 224, 32,
         _by_prefix([(r"(?:bn_)?Conv1", "stem"), (r"expanded_conv_", "block_0"),
                     (r"block_(\d+)_", r"block_\1"), (r"Conv_1|out_relu", "top")], "stem"), has_alpha=True,
-        block_names=("stem", *_numbered("block_", 0, 16), "top")),
+        block_names=("stem", *_numbered("block_", 0, 16), "top"), input_range="tf"),
+    "mobilenet_v3_small": Backbone(
+        "mobilenet_v3_small", _app("MobileNetV3Small", width=True), _preprocess("mobilenet_v3"), 224, 32,
+        _MOBILENET_V3, has_alpha=True, block_names=("stem", *_numbered("block", 0, 10), "top"),
+        input_range="inside"),
+    "mobilenet_v3_large": Backbone(
+        "mobilenet_v3_large", _app("MobileNetV3Large", width=True), _preprocess("mobilenet_v3"), 224, 32,
+        _MOBILENET_V3, has_alpha=True, block_names=("stem", *_numbered("block", 0, 14), "top"),
+        input_range="inside"),
     "resnet50": Backbone(
         "resnet50", _app("ResNet50"), _preprocess("resnet50"), 224, 32,
         _by_prefix([(r"(?:conv1|pool1)_", "stem"), (r"(conv\d_block\d+)_", r"\1")], "stem"),
-        block_names=("stem", *(f"conv{s}_block{b}" for s, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for b in range(1, n + 1)))),
+        block_names=("stem", *(f"conv{s}_block{b}" for s, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for b in range(1, n + 1))),
+        input_range="caffe"),
+    # Pre-activation: the final BatchNorm and ReLU (`post_bn`, `post_relu`) close the last block.
+    "resnet50_v2": Backbone(
+        "resnet50_v2", _app("ResNet50V2"), _preprocess("resnet_v2"), 224, 32,
+        _by_prefix([(r"(?:conv1|pool1)_", "stem"), (r"(conv\d_block\d+)_", r"\1")], "stem"),
+        block_names=("stem", *(f"conv{s}_block{b}" for s, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for b in range(1, n + 1))),
+        input_range="tf"),
     "efficientnet_b0": Backbone(
         "efficientnet_b0", _app("EfficientNetB0"), _preprocess("efficientnet"), 224, 32,
-        _by_prefix([(r"stem_", "stem"), (r"block(\d)[a-z]_", r"block\1"), (r"top_", "top")], "stem"),
-        block_names=("stem", *_numbered("block", 1, 7), "top")),
+        _EFFICIENTNET, block_names=("stem", *_numbered("block", 1, 7), "top"), input_range="inside"),
+    "efficientnet_v2_b0": Backbone(
+        "efficientnet_v2_b0", _app("EfficientNetV2B0"), _preprocess("efficientnet_v2"), 224, 32,
+        _EFFICIENTNET, block_names=("stem", *_numbered("block", 1, 6), "top"), input_range="inside"),
+    "efficientnet_v2_s": Backbone(
+        "efficientnet_v2_s", _app("EfficientNetV2S"), _preprocess("efficientnet_v2"), 384, 32,
+        _EFFICIENTNET, block_names=("stem", *_numbered("block", 1, 6), "top"), input_range="inside"),
+    "convnext_tiny": Backbone(
+        "convnext_tiny", _app("ConvNeXtTiny"), _preprocess("convnext"), 224, 32,
+        _convnext_blocks, block_names=_stages((3, 3, 9, 3)), input_range="inside", norm="layer"),
+    "convnext_small": Backbone(
+        "convnext_small", _app("ConvNeXtSmall"), _preprocess("convnext"), 224, 32,
+        _convnext_blocks, block_names=_stages((3, 3, 27, 3)), input_range="inside", norm="layer"),
     "xception": Backbone(
         "xception", _app("Xception"), _preprocess("xception"), 299, 71,
-        _by_prefix([(r"block(\d+)_", r"block\1")], "block1"), block_names=_numbered("block", 1, 14)),
+        _by_prefix([(r"block(\d+)_", r"block\1")], "block1"), block_names=_numbered("block", 1, 14),
+        input_range="tf"),
 }
+
+
+NORM_MEANING = {"batch": "BatchNorm", "layer": "LayerNorm only: no statistics to freeze or re-estimate",
+                "none": "no normalisation layer"}
 
 
 def input_size(name: str, image_size: int) -> int:
@@ -183,8 +258,16 @@ def input_size(name: str, image_size: int) -> int:
 
 
 def get(name: str) -> Backbone:
+    """The entry of a registry name, or of `hub:PRESET` (research/model/hub.py, read from the preset).
+
+    Raises:
+      UserError: an unknown name, or a `hub:` preset that cannot be used.
+    """
+    from research.model import hub
+    if hub.is_hub(name):
+        return hub.entry(name)
     if name not in BACKBONES:
-        raise UserError(f"unknown backbone {name!r}; allowed values: {', '.join(BACKBONES)}")
+        raise UserError(f"unknown backbone {name!r}; allowed values: {', '.join(BACKBONES)}, hub:PRESET")
     return BACKBONES[name]
 
 
@@ -282,7 +365,7 @@ def cut(base: keras.Model, name: str, blocks: list[str]) -> keras.Model:
 
 
 def build_classifier(base: keras.Model, num_classes: int, *, dropout: float = 0.2,
-                     blocks: list[str] | None = None, norm: bool = True) -> keras.Model:
+                     blocks: list[str] | None = None, norm: bool = True, pool: str = "avg") -> keras.Model:
     """Wraps a base model into the classifier the loop trains.
 
     The base is called with `training=False`; note that Keras 3.15 lets the outer
@@ -297,7 +380,7 @@ def build_classifier(base: keras.Model, num_classes: int, *, dropout: float = 0.
     learned (MobileNet's `conv_dw_9` on ants/bees: training loss 0.9, above chance's
     0.69, where a logistic regression on standardised features reaches 0.78), and
     normalised they train (docs/RESULTS.md, the features study). `top`, the default,
-    stays as it always was: no normalisation.
+    stays as it always was: no normalisation. `pool` is the entry's (`pooled`).
     """
     import keras
     from keras import layers
@@ -305,15 +388,40 @@ def build_classifier(base: keras.Model, num_classes: int, *, dropout: float = 0.
     x = base(inputs, training=False)
     if blocks:
         outputs = x if isinstance(x, (list, tuple)) else [x]
-        pooled = [_normalised(layers.GlobalAveragePooling2D(name=f"head_pool_{b}")(t), f"head_norm_{b}", norm)
-                  for b, t in zip(blocks, outputs, strict=True)]
-        x = layers.Concatenate(name="head_concat")(pooled) if len(pooled) > 1 else pooled[0]
+        x = [_normalised(pooled(t, f"head_pool_{b}", pool), f"head_norm_{b}", norm)
+             for b, t in zip(blocks, outputs, strict=True)]
+        x = layers.Concatenate(name="head_concat")(x) if len(x) > 1 else x[0]
     else:
-        x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+        x = pooled(x, "head_pool", pool)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     # The logits stay float32 under mixed precision: softmax/loss need the range.
     outputs = layers.Dense(num_classes, dtype="float32", name="head")(x)
     return keras.Model(inputs, outputs, name=f"{base.name}_classifier")
+
+
+def pooled(x, name: str, pool: str = "avg"):
+    """One vector per image from a block's output: the average over a feature map's
+    positions (or a sequence's tokens), or, with `token`, a transformer's class token
+    (its first), which is what ViTs are pretrained to classify from. Standard layers only,
+    so that `model.keras` loads without custom objects."""
+    from keras import layers
+    if pool == "token":
+        tokens = x.shape[1]
+        return layers.Flatten(name=name)(layers.Cropping1D((0, tokens - 1), name=f"{name}_token")(x))
+    return (layers.GlobalAveragePooling2D if len(x.shape) == 4 else layers.GlobalAveragePooling1D)(name=name)(x)
+
+
+def leaf_layers(base: keras.Model) -> list[tuple[str, keras.layers.Layer]]:
+    """Every layer holding variables of its own, with the name of the base's layer it is in
+    (what `block_of` maps): the base's layers themselves, and the layers nested inside them
+    (ConvNeXt's stem and downsampling layers are small Sequential models; a KerasHub block
+    holds its attention and MLP layers), input to output."""
+    out = []
+    for layer in base.layers:
+        for leaf in layer._flatten_layers(include_self=True, recursive=True):
+            if leaf._trainable_variables or leaf._non_trainable_variables:
+                out.append((layer.name, leaf))
+    return out
 
 
 def classifier_for(model_config, *, image_size: int, num_classes: int, features: str) -> tuple[keras.Model, keras.Model]:
@@ -341,7 +449,7 @@ def build_model(name: str, *, image_size: int, num_classes: int, alpha: float = 
     whole = build_base(name, image_size=image_size, alpha=alpha)
     blocks = feature_blocks(name, features)
     base = cut(whole, name, blocks) if blocks else whole
-    return build_classifier(base, num_classes, dropout=dropout, blocks=blocks, norm=norm), whole
+    return build_classifier(base, num_classes, dropout=dropout, blocks=blocks, norm=norm, pool=get(name).pool), whole
 
 
 def base_of(model: keras.Model) -> keras.Model:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from research.config import ExperimentConfig
-from research.model import unfreeze
+from research.model import backbones, unfreeze
 
 if TYPE_CHECKING:
     import keras
@@ -50,8 +50,8 @@ def plan(base: keras.Model, block_of: dict[str, str], blocks: list[str]) -> Plan
     """The layers of `blocks` that get LoRA, in model order."""
     wanted = set(blocks)
     layers, skipped = [], []
-    for layer in base.layers:
-        if block_of.get(layer.name) in wanted and unfreeze.has_kernel(layer):
+    for top, layer in backbones.leaf_layers(base):
+        if block_of.get(top) in wanted and unfreeze.has_kernel(layer):
             (layers if _supports(layer) else skipped).append(layer.name)
     return Plan(layers, skipped)
 
@@ -68,14 +68,14 @@ def enable(model: keras.Model, backbone: str, config: ExperimentConfig) -> Plan:
               for b in unfreeze.resolve_blocks(s.spec.lora.inner, names, backbone=backbone)}
     where = plan(base, block_of, [b for b in names if b in blocks])
     alpha = config.model.lora_alpha or None  # 0: Keras's default, the rank (a scale of 1)
-    for name in where.layers:
-        base.get_layer(name).enable_lora(rank, lora_alpha=alpha)
+    for top, layer in backbones.leaf_layers(base):
+        if block_of.get(top) in blocks and layer.name in where.layers and _supports(layer):
+            layer.enable_lora(rank, lora_alpha=alpha)
     return where
 
 
 def enabled_layers(model: keras.Model) -> list:
-    from research.model import backbones
-    return [layer for layer in backbones.base_of(model).layers if getattr(layer, "lora_enabled", False)]
+    return [layer for _, layer in backbones.leaf_layers(backbones.base_of(model)) if getattr(layer, "lora_enabled", False)]
 
 
 def merged_weights(model: keras.Model) -> list:

@@ -183,7 +183,8 @@ def has_kernel(layer) -> bool:
 
 
 def candidates(layer) -> list:
-    """Variables created trainable, whatever `layer.trainable` says now.
+    """The layer's own variables created trainable (not its nested layers'), whatever
+    `layer.trainable` says now.
 
     `layer.trainable_weights` is empty once a layer is frozen, but a later stage
     may unfreeze it again; Keras keeps the created-trainable list privately.
@@ -235,14 +236,15 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
     chosen_set = set(chosen)
     variables, bn_trainable, regex_blocks = [], [], []
     kinds: dict[str, list[str]] = {k: [] for k in sorted(by_kind)}
-    for layer in base.layers:
-        bn = _is_bn(layer)
+    leaves = backbones.leaf_layers(base)
+    for top, layer in leaves:
+        bn, block = _is_bn(layer), block_of[top]
         for v in candidates(layer):
             # Whole blocks and regexes take BatchNorm's gamma/beta only with --bn=train.
-            in_block = block_of[layer.name] in chosen_set and (train_bn or not bn)
+            in_block = block in chosen_set and (train_bn or not bn)
             matched = any(r.search(v.path) for r in regexes) and (train_bn or not bn)
             of_kind = param_kinds(layer, v) & by_kind
-            if block_of[layer.name] in lora_blocks and getattr(layer, "lora_enabled", False) and is_lora_factor(v):
+            if block in lora_blocks and getattr(layer, "lora_enabled", False) and is_lora_factor(v):
                 of_kind = of_kind | {"lora"}
             if not (in_block or matched or of_kind):
                 continue
@@ -251,15 +253,15 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
                 kinds[k].append(v.path)
             if bn and train_bn and layer.name not in bn_trainable:
                 bn_trainable.append(layer.name)
-            if matched and block_of[layer.name] not in regex_blocks:
-                regex_blocks.append(block_of[layer.name])
+            if matched and block not in regex_blocks:
+                regex_blocks.append(block)
     empty = [k for k, paths in kinds.items() if not paths]
     if empty:
         raise UserError(f"unfreeze spec {spec.text!r}: {backbone} has no {' or '.join(empty)} parameters "
                         f"({'; '.join(KIND_MEANING[k] for k in empty)})")
     if regexes:
         if not regex_blocks:
-            paths = [v.path for layer in base.layers for v in candidates(layer)][:8]
+            paths = [v.path for _, layer in leaves for v in candidates(layer)][:8]
             raise UserError(f"unfreeze spec {spec.text!r} matches no trainable base variable "
                             f"(BN gamma/beta count only with --train_bn); example paths: {', '.join(paths)}; "
                             f"blocks: {', '.join(names)}")
@@ -273,7 +275,7 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
             if m != 1.0:
                 mult[v.path] = float(m)
     # LoRA is enabled, at build, on every layer of these blocks Keras has it for: the others are skipped.
-    skipped = [layer.name for layer in base.layers if block_of[layer.name] in lora_blocks and has_kernel(layer)
+    skipped = [layer.name for top, layer in leaves if block_of[top] in lora_blocks and has_kernel(layer)
                and not getattr(layer, "lora_enabled", False)]
     return Selection(spec.text, chosen, variables + head_variables(model), bn_trainable, mult, kinds, skipped)
 
@@ -287,10 +289,10 @@ def apply_policy(model: keras.Model, backbone: str, selection: Selection) -> Non
     """
     base = backbones.base_of(model)
     selected = {id(v) for v in selection.variables}
-    for layer in base.layers:
+    for _, layer in backbones.leaf_layers(base):
         if _is_bn(layer):
             layer.trainable = layer.name in selection.bn_trainable
-        elif layer.weights:
+        else:
             layer.trainable = any(id(v) in selected for v in layer.weights)
 
 
@@ -306,8 +308,29 @@ def count_params(variables) -> int:
     return int(sum(np.prod(v.shape) for v in variables))
 
 
-def describe(selection: Selection, model: keras.Model, *, stage: str) -> dict:
-    """The `trainable.json` record of one stage."""
+BN_POLICY_MEANING = {
+    "frozen": "BatchNorm layers in inference mode: moving statistics and gamma/beta fixed",
+    "train": "BatchNorm layers of unfrozen blocks train: batch statistics, moving-average updates, gamma/beta",
+    "adapt": "BatchNorm frozen, moving statistics re-estimated on the training images at each stage start",
+}
+_LAYER_NORMS = ("LayerNorm and GroupNorm keep no statistics: their gamma/beta train with their block under "
+                "every policy")
+
+
+def normalisation(model: keras.Model, bn: str) -> dict:
+    """What `--bn` means on this model: its normalisation layers by kind, and the policy in words."""
+    counts: dict[str, int] = {}
+    for _, layer in backbones.leaf_layers(backbones.base_of(model)):
+        if _is_norm(layer):
+            counts[type(layer).__name__] = counts.get(type(layer).__name__, 0) + 1
+    meaning = BN_POLICY_MEANING[bn] if counts.get("BatchNormalization") else "no BatchNorm layer: the policy changes nothing"
+    if set(counts) - {"BatchNormalization"}:
+        meaning += "; " + _LAYER_NORMS
+    return {"bn": bn, "layers": counts, "meaning": meaning}
+
+
+def describe(selection: Selection, model: keras.Model, *, stage: str, bn: str = "frozen") -> dict:
+    """The `trainable.json` record of one stage (`bn`: the run's BatchNorm policy)."""
     trainable = count_params(selection.variables)
     total = count_params(model.weights)
     base_weights = backbones.base_of(model).weights
@@ -331,6 +354,7 @@ def describe(selection: Selection, model: keras.Model, *, stage: str) -> dict:
         "num_variables": len(selection.variables),
         "variables": selection.paths,
         "lr_multipliers": selection.lr_multipliers,
+        "normalisation": normalisation(model, bn),
     }
 
 

@@ -127,8 +127,8 @@ class Controller:
         inputs.trainer.set_trainable(selection.variables, selection.lr_multipliers)
         self._call("trainable_set", run, stage, selection, inputs)
         label = stage.name if limit is None else f"{stage.name}/top{len(selection.blocks)}"
-        record = dict(unfreeze.describe(selection, ctx.built.model, stage=stage.name), key=label, from_epoch=run.epoch,
-                      features=run.features.get("resolved", "top"))
+        record = dict(unfreeze.describe(selection, ctx.built.model, stage=stage.name, bn=cfg_m.bn), key=label,
+                      from_epoch=run.epoch, features=run.features.get("resolved", "top"))
         self._call("describe_trainable", run, stage, record)
         ctx.say("\n== " + unfreeze.summary_text(record, markdown=False))
         if not any(r["key"] == label for r in run.trainable):

@@ -39,18 +39,23 @@ _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 def preprocessing_layers(backbone: str) -> list[keras.layers.Layer]:
-    """Standard Keras layers that compute the backbone's `preprocess_input` exactly.
+    """Standard Keras layers that compute the backbone's preprocessing exactly, by its
+    entry's `input_range`.
 
-    "tf" mode (x/127.5 - 1) and small_cnn's x/255 are a Rescaling; "caffe" mode
-    (RGB->BGR, minus the ImageNet mean) is a fixed 1x1 convolution whose kernel
-    is the channel permutation and whose bias is minus the mean. EfficientNet
-    preprocesses inside the model.
+    `tf` (x/127.5 - 1), `unit` (x/255) and `affine` (a KerasHub preset's per-channel
+    scale and offset) are a Rescaling; `caffe` (RGB->BGR, minus the ImageNet mean) is
+    a fixed 1x1 convolution whose kernel is the channel permutation and whose bias is
+    minus the mean; `inside` is nothing: the model preprocesses its [0, 255] input itself.
     """
-    if backbone == "small_cnn":
+    entry = backbones.get(backbone)
+    kind = entry.input_range
+    if kind == "unit":
         return [keras.layers.Rescaling(1.0 / 255, name="preprocess")]
-    if backbone in ("mobilenet", "mobilenet_v2", "inception_v3", "xception"):
+    if kind == "tf":
         return [keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")]
-    if backbone in ("vgg16", "resnet50"):
+    if kind == "affine":
+        return [keras.layers.Rescaling(list(entry.scale), offset=list(entry.offset), name="preprocess")]
+    if kind == "caffe":
         conv = keras.layers.Conv2D(3, 1, name="preprocess", trainable=False)
         conv.build((None, None, None, 3))
         kernel = np.zeros((1, 1, 3, 3), np.float32)
@@ -58,9 +63,9 @@ def preprocessing_layers(backbone: str) -> list[keras.layers.Layer]:
             kernel[0, 0, in_c, out_c] = 1.0
         conv.set_weights([kernel, -np.array(_CAFFE_MEAN_BGR, np.float32)])
         return [conv]
-    if backbone == "efficientnet_b0":
+    if kind == "inside":
         return []
-    raise UserError(f"no export preprocessing for backbone {backbone!r}")
+    raise UserError(f"no export preprocessing for backbone {backbone!r} (input_range {kind!r})")
 
 
 def inference_model(model: keras.Model, backbone: str, *, eval_crop: float = 1.0) -> keras.Model:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from research.errors import UserError
+from research.model import hub
 
 
 def find_images(args: list[str]) -> tuple[list[str], list[str]]:
@@ -52,6 +53,8 @@ def load_exported(model_arg: str) -> tuple[Callable[[np.ndarray], np.ndarray], d
         meta = json.load(f)
     if path.endswith(".keras"):
         import keras
+        if hub.is_hub(meta.get("backbone", "")):
+            hub.layers()  # KerasHub's layers, and this codebase's subclasses, registered for loading
         model = keras.models.load_model(path)
         return (lambda x: model(x, training=False).numpy()), meta
     sm = os.path.join(path, "saved_model") if os.path.isdir(os.path.join(path, "saved_model")) else path

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 def bn_layers(base: keras.Model) -> list:
     import keras
-    return [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    from research.model import backbones
+    return [layer for _, layer in backbones.leaf_layers(base) if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def adapt(base: keras.Model, batches: tf.data.Dataset) -> int:
