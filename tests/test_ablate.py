@@ -96,6 +96,7 @@ def test_invalid_sweep_values_are_refused_before_any_trial_runs(tmp_path):
         assert not (tmp_path / "trials").exists() or not any((tmp_path / "trials").iterdir())
 
 
+@pytest.mark.slow  # ~40 s; reuse of finished trials: test_killed_sweep_resumes_without_recomputing
 def test_a_finished_trial_is_reused_only_with_the_same_config(tmp_path):
     args = [f"--root={tmp_path}", "--sweep=unfreeze:none", "--", "--image_size=16", "--classes=0-1", "--batch_size=32",
             "--verbosity=0", "--finetune_epochs=1"]

@@ -152,6 +152,7 @@ def test_a_cut_run_keeps_no_dropped_variable_and_its_export_gives_its_probabilit
     np.testing.assert_allclose(got, export.inference_model(model, "small_cnn")(pixels).numpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # ~45 s
 def test_auto_reads_the_block_the_probes_peak_at_and_a_resumed_run_keeps_it(tmp_path, tiny_folder):
     """`--features=auto` picks the block `launch.probe` finds the validation peak at (its
     own probe curve, an outside run), records it, and a resume rebuilds it without measuring."""

@@ -270,3 +270,33 @@ def test_vit_base_computes_what_kerashubs_backbone_computes_with_the_presets_wei
     x = backbones.get(vit_preset).preprocess(_pixels(3))
     np.testing.assert_allclose(np.asarray(base(x)), np.asarray(reference(x)), rtol=1e-6, atol=1e-6)
     assert not np.allclose(np.asarray(backbones.build_base(vit_preset, image_size=32)(x)), np.asarray(reference(x)))
+
+
+@pytest.mark.slow  # ~55 s; the mechanism's default cases are in tests/test_resume.py
+def test_vit_killed_and_resumed_is_bit_identical(vit_preset, tmp_path):
+    """LoRA on the attention and MLP layers of the last two transformer layers plus every
+    LayerNorm, layer-wise LR decay, SIGKILLed inside that stage: the resume equals the
+    uninterrupted run to the bit (checkpoints, best/, history)."""
+    from tests.test_resume import BASE, assert_killed_run_resumes_bit_identically
+    args = [a for a in BASE if not a.startswith("--image_size")] + [
+        "--image_size=32", f"--backbone={vit_preset}",
+        "--stages=name=head unfreeze=none epochs=1 lr=3e-3; "
+        "name=ft unfreeze=lora:4@top:2+norm epochs=2 lr=1e-3 lr_decay_per_block=0.7"]
+    assert_killed_run_resumes_bit_identically(tmp_path, args, 3)
+
+
+def test_vit_on_two_mirrored_replicas_matches_one_device(vit_preset, tmp_path):
+    """Every variable of the ViT, with layer-wise LR decay, trains to the same weights on two
+    replicas as on one device. SGD: the attention's key bias has an exactly zero gradient (it
+    shifts every logit of a query alike, and softmax ignores that), so what it receives is
+    rounding noise, which Adam would scale up to steps of the learning rate's size, differently
+    on each device layout."""
+    from tests.test_distribute_precision import COMMON, _run_and_compare
+    args = [a for a in COMMON if not a.startswith("--image_size")] + [
+        "--image_size=32", f"--backbone={vit_preset}", "--unfreeze=all", "--lr_decay_per_block=0.7",
+        "--optimizer=sgd", "--finetune_lr=0.05"]
+    one = tmp_path / "one"
+    r = run_module("launch.train", f"--workdir={one}", "--strategy=default", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _run_and_compare(one, tmp_path / "two", "--strategy=mirrored", "--cpu_devices=2", *args)
+    assert len(json.loads((one / "trainable.json").read_text())[-1]["lr_multipliers"]) > 0

@@ -60,6 +60,7 @@ def _sweep_in_its_second_epoch(tmp_path):
     return proc, args, log
 
 
+@pytest.mark.slow  # ~40 s; a killed sweep's resume is tests/test_ablate.py's default
 def test_ctrl_c_on_a_sweep_exits_75_in_one_line_and_the_trial_resumes(tmp_path):
     proc, args, log = _sweep_in_its_second_epoch(tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group

@@ -306,6 +306,7 @@ def test_two_workers_read_disjoint_shards_that_cover_the_split_once(tmp_path, sh
         assert len(x["seen"]) == x["steps"] * 4 == len(set(x["seen"])) and set(x["seen"]) <= set(x["own"])
 
 
+@pytest.mark.slow  # ~27 s; the shards' disjointness: test_two_workers_read_disjoint_shards_that_cover_the_split_once
 def test_two_workers_train_on_their_own_shards(tmp_path, shards):
     wd = tmp_path / "mw"
     r = run_module("launch.multiworker", "--num_workers=2", "--", f"--workdir={wd}", f"--dataset=tfrecord:{shards}",
