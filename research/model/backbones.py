@@ -16,6 +16,7 @@ chosen blocks (`cut`) and the head reads their outputs (`build_classifier`).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -252,6 +253,12 @@ NORM_MEANING = {"batch": "BatchNorm", "layer": "LayerNorm only: no statistics to
                 "none": "no normalisation layer"}
 
 
+@functools.lru_cache(maxsize=None)
+def _hub_entry(name: str) -> Backbone:
+    from research.model import hub  # KerasHub, the optional extra, only for hub: names
+    return Backbone(**hub.entry_fields(name))
+
+
 def input_size(name: str, image_size: int) -> int:
     """`--image_size`, or the backbone's default side when it is 0."""
     return image_size or get(name).default_size
@@ -263,9 +270,8 @@ def get(name: str) -> Backbone:
     Raises:
       UserError: an unknown name, or a `hub:` preset that cannot be used.
     """
-    from research.model import hub
-    if hub.is_hub(name):
-        return hub.entry(name)
+    if name.startswith("hub:"):
+        return _hub_entry(name)
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}; allowed values: {', '.join(BACKBONES)}, hub:PRESET")
     return BACKBONES[name]

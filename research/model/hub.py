@@ -32,8 +32,6 @@ from research.errors import UserError
 if TYPE_CHECKING:
     import keras
 
-    from research.model.backbones import Backbone
-
 PREFIX = "hub:"
 SUPPORTED = ("ViTBackbone",)
 
@@ -138,14 +136,13 @@ def _builder(name: str):
     return build
 
 
-@functools.lru_cache(maxsize=None)
-def entry(name: str) -> Backbone:
-    """The registry entry of `hub:PRESET` (read from the preset: KerasHub imports TensorFlow).
+def entry_fields(name: str) -> dict:
+    """The fields of `hub:PRESET`'s registry entry (`backbones.Backbone`), read from the preset
+    (KerasHub imports TensorFlow).
 
     Raises:
       UserError: KerasHub missing, an unreadable preset, or a backbone other than a ViT.
     """
-    from research.model.backbones import Backbone
     config, scale, offset = _read_preset(name)
     size = int(config["image_shape"][0])
     scale_a, offset_a = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
@@ -153,7 +150,7 @@ def entry(name: str) -> Backbone:
     def preprocess(x):
         return x * scale_a + offset_a
 
-    return Backbone(name, _builder(name), preprocess, size, size, _block_of,
-                    block_names=("embed", *(f"block{i}" for i in range(1, int(config["num_layers"]) + 1))),
-                    input_range="affine", norm="layer", max_size=size,
-                    pool="token" if config.get("use_class_token", True) else "avg", scale=scale, offset=offset)
+    return dict(name=name, build=_builder(name), preprocess=preprocess, default_size=size, min_size=size,
+                block_of=_block_of, block_names=("embed", *(f"block{i}" for i in range(1, int(config["num_layers"]) + 1))),
+                input_range="affine", norm="layer", max_size=size,
+                pool="token" if config.get("use_class_token", True) else "avg", scale=scale, offset=offset)
