@@ -92,6 +92,11 @@ class DataConfig:
                     enum=TEST_SOURCES)
     test_split: str = opt("", "TFDS test split (default: test if present).")
     test_fraction: float = opt(0.1, "Fraction carved for test when the source has no test split.")
+    folds: int = opt(0, "K-fold cross-validation (0: off; digits and folder datasets): validation is fold --fold "
+                     "of a stratified K-fold partition of the pool, the images that are neither test nor the "
+                     "source's own validation split (PATH/val, which is then unused), fixed whatever --seed; "
+                     "train is the other K-1 folds; test is the same as without folds.")
+    fold: int = opt(0, "With --folds=K, the fold that is validation: 0..K-1.")
     classes: str = opt("", "Class subset by name or index, e.g. 0-4 or ants,bees (relabelled 0..k-1).")
     image_size: int = opt(0, "Input side in pixels (0: the backbone's default).")
     batch_size: int = opt(32, "Global batch size.")
@@ -133,6 +138,12 @@ class DataConfig:
         check(self.test == "none" or self.val_fraction + self.test_fraction < 0.9,
               f"--val_fraction={self.val_fraction} and --test_fraction={self.test_fraction} leave less than 10% to "
               "train")
+        check(self.folds == 0 or self.folds >= 2, f"--folds={self.folds} must be 0 (off) or at least 2")
+        check(0 <= self.fold < max(self.folds, 1),
+              f"--fold={self.fold} must be in 0..{max(self.folds, 1) - 1}" + ("" if self.folds else " without --folds"))
+        check(not self.folds or src.kind in ("digits", "folder"),
+              f"--folds splits a digits or folder dataset's images; {src.kind} datasets are split by their own "
+              "splits or shards")
         check(self.batch_size >= 1, f"--batch_size={self.batch_size} must be >= 1")
         check(self.image_size >= 0, f"--image_size={self.image_size} must be >= 0 (0 means the backbone's default)")
         check(self.shuffle_buffer >= 1, f"--shuffle_buffer={self.shuffle_buffer} must be >= 1")
