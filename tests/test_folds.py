@@ -80,3 +80,21 @@ def test_a_folders_own_validation_split_is_left_out_of_the_pool_and_test_val_mak
 def test_bad_fold_flags_are_refused_before_tensorflow(flags, message):
     with pytest.raises(UserError, match=message):
         DataConfig(**flags).validate()
+
+
+def test_scrambling_the_test_labels_changes_no_fold(tmp_path):
+    """What a fold trains and validates on is the same files with the same labels whatever
+    the test split's labels; that no training decision reads test is
+    tests/test_protocol.py's scrambled-labels run."""
+    for copy, test_classes in (("real", ("a", "b")), ("scrambled", ("b", "a"))):
+        _tree(tmp_path / copy, {"train": {"a": 11, "b": 8}, "test": {test_classes[0]: 4, test_classes[1]: 6}})
+    got = {}
+    for copy in ("real", "scrambled"):
+        for fold in range(4):
+            _, splits, _ = layout.folder_splits(DataConfig(dataset=f"folder:{tmp_path / copy}", folds=4, fold=fold))
+            got[copy, fold] = {k: [sorted(f.split(copy, 1)[1] for f in fs) for fs in splits[k]]
+                               for k in ("train", "val")}
+            tests = [sorted(f.split(copy, 1)[1] for f in fs) for fs in splits["test"]]
+            assert [len(t) for t in tests] == ([4, 6] if copy == "real" else [6, 4])
+    for fold in range(4):
+        assert got["real", fold] == got["scrambled", fold]

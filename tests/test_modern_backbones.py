@@ -85,16 +85,32 @@ def test_blocks_are_ordered_contiguous_and_hold_every_variable_once(backbone):
     assert [runs[0]] + [b for a, b in zip(runs, runs[1:]) if a != b] == names
     held = [id(v) for layer in base.layers for v in layer.weights]
     assert sorted(held) == sorted(id(v) for v in base.weights)  # nested layers' too, none twice
-    # Each block reads only its own layers' outputs and the previous block's output (its last
-    # layer): no squeeze-excite, shortcut or downsampling layer is in the wrong block.
-    ends = backbones.block_ends(base, backbone)
+    # Each block reads only its own layers' outputs and the previous block's output (the tensor
+    # `cut` and the probes take): no squeeze-excite, shortcut or downsampling layer is in the
+    # wrong block. Tensors made by operations between layers (ConvNeXt's residual `+`) are
+    # followed back to the layers or block outputs they are made of.
+    outputs = {id(t): b for b, t in backbones.block_outputs(base, backbone).items()}
+
+    def sources(t):
+        if id(t) in outputs:
+            return {("block", outputs[id(t)])}
+        op = t._keras_history.operation
+        if op.name in block_of:
+            return {("layer", op.name)}
+        node = op._inbound_nodes[t._keras_history.node_index]
+        return set().union(*(sources(s) for s in node.input_tensors))
+
+    crossings = 0
     for layer in base.layers:
-        for node in layer._inbound_nodes:
-            for t in node.input_tensors:
-                src = t._keras_history.operation.name
-                if src in block_of and block_of[src] != block_of[layer.name]:
-                    assert src == ends[block_of[src]], (src, layer.name)
-                    assert names.index(block_of[layer.name]) == names.index(block_of[src]) + 1, (src, layer.name)
+        own = block_of[layer.name]
+        for node in layer._inbound_nodes[:1]:  # its call in this base
+            for kind, src in set().union(*(sources(t) for t in node.input_tensors)):
+                if kind == "layer":
+                    assert block_of[src] == own, (src, layer.name)
+                elif src != own:
+                    crossings += 1
+                    assert names.index(own) == names.index(src) + 1, (src, layer.name)
+    assert crossings >= len(names) - 1
 
 
 @pytest.mark.parametrize("backbone", ALL, indirect=True)
@@ -116,7 +132,10 @@ def test_top1_trains_exactly_the_last_block_and_frozen_batchnorm_keeps_its_stati
     last = re.compile(LAST_BLOCK[_key(backbone)])
     expected = {v.path for v in base.trainable_weights + base.non_trainable_weights
                 if last.search(v.path) and v.path not in bn}
-    assert expected and changed == expected  # BatchNorm (statistics and gamma/beta) bit-identical everywhere
+    # BatchNorm (statistics and gamma/beta) bit-identical everywhere. An attention's key bias has
+    # an exactly zero gradient (it shifts all of a query's logits alike), so it may stay put.
+    zero_gradient = {p for p in expected if p.endswith("key/bias")}
+    assert expected and changed <= expected and expected - changed <= zero_gradient, (expected - changed, changed - expected)
 
 
 @pytest.mark.parametrize("backbone", ALL, indirect=True)
@@ -127,6 +146,11 @@ def test_the_probes_last_tap_is_the_heads_pooled_input(backbone):
     pooled = keras.Model(model.input, model.get_layer("head_pool").output)(x)
     assert len(taps) == len(backbones.get(backbone).block_names)
     np.testing.assert_allclose(np.asarray(taps[-1]), np.asarray(pooled), rtol=1e-6, atol=1e-6)
+    # And both are what they should be, computed without `pooled`: the mean over the feature
+    # map's positions, or the ViT's class token (the first of its sequence).
+    out = np.asarray(base(x))
+    want = out[:, 0] if backbone.startswith("hub:") else out.mean(axis=(1, 2))
+    np.testing.assert_allclose(np.asarray(pooled), want, rtol=1e-5, atol=1e-6)
 
 
 def _first_conv_input(base):
@@ -162,7 +186,7 @@ def test_preprocessing_is_applied_once_in_training_and_in_the_export(backbone):
 
 
 @pytest.mark.parametrize("backbone", [
-    "mobilenet_v3_small", "vit", *(pytest.param(n, marks=pytest.mark.slow) for n in NEW if n != "mobilenet_v3_small")],
+    "vit", *(pytest.param(n, marks=pytest.mark.slow) for n in NEW)],
     indirect=True)
 def test_a_run_exports_and_predict_and_evaluate_give_its_probabilities(backbone, tmp_path, tiny_folder):
     """A run with `auto:2` (relative gradient norms per block) in its second stage; its export,
@@ -206,9 +230,13 @@ def test_a_run_exports_and_predict_and_evaluate_give_its_probabilities(backbone,
     assert report["loss"] == pytest.approx(-np.log(want[np.arange(len(y)), y]).mean(), rel=1e-4)
 
 
-def test_adapt_is_refused_where_there_is_no_batchnorm(tmp_path):
+def test_adapt_is_refused_where_there_is_no_batchnorm(tmp_path, vit_preset):
     r = run_module("launch.train", f"--workdir={tmp_path / 'run'}", "--backbone=convnext_tiny", "--bn=adapt")
     assert r.returncode == 2 and "has no BatchNorm layer" in r.stderr and "Traceback" not in r.stderr
+    from research.config import ModelConfig, UserError
+    with pytest.raises(UserError, match="has no BatchNorm layer"):
+        ModelConfig(backbone=vit_preset, bn="adapt").validate()
+    ModelConfig(backbone="vgg16", bn="adapt").validate()  # no normalisation at all: accepted, changes nothing
 
 
 # --- the ViT ----------------------------------------------------------------------------------
@@ -270,6 +298,22 @@ def test_vit_base_computes_what_kerashubs_backbone_computes_with_the_presets_wei
     x = backbones.get(vit_preset).preprocess(_pixels(3))
     np.testing.assert_allclose(np.asarray(base(x)), np.asarray(reference(x)), rtol=1e-6, atol=1e-6)
     assert not np.allclose(np.asarray(backbones.build_base(vit_preset, image_size=32)(x)), np.asarray(reference(x)))
+
+
+def test_a_vit_preset_without_the_patch_bias_is_rebuilt_without_it(tmp_path):
+    """KerasHub's embedding layer leaves `use_patch_bias` out of its config; the rebuilt base keeps it."""
+    keras_hub = pytest.importorskip("keras_hub", reason="KerasHub is the [hub] extra: pip install -e '.[hub]'")
+    path = tmp_path / "no_bias"
+    keras_hub.models.ViTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                 mlp_dim=32, use_patch_bias=False).save_to_preset(str(path))
+    keras_hub.layers.ViTImageConverter(image_size=(32, 32), scale=1 / 127.5, offset=-1.0).save_to_preset(str(path))
+    name = f"hub:{path}"
+    base = backbones.build_base(name, image_size=32)
+    backbones.load_pretrained(base, name, "imagenet", image_size=32)
+    assert not any(v.path.endswith("patch_embedding/bias") for v in base.weights)
+    x = backbones.get(name).preprocess(_pixels(2))
+    reference = keras_hub.models.Backbone.from_preset(str(path))
+    np.testing.assert_allclose(np.asarray(base(x)), np.asarray(reference(x)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow  # ~55 s; the mechanism's default cases are in tests/test_resume.py

@@ -246,13 +246,13 @@ class ModelConfig:
     backbone: str = opt("small_cnn", " | ".join(BACKBONE_NAMES) + " | hub:PRESET (a KerasHub ViT preset or "
                         "directory; needs the [hub] extra)")
     weights: str = opt("none", "imagenet | none | PATH.h5 | ckpt:WORKDIR (another run's backbone, head skipped)")
-    alpha: float = opt(1.0, "Width multiplier for mobilenet / mobilenet_v2.")
+    alpha: float = opt(1.0, "Width multiplier for mobilenet, mobilenet_v2 and mobilenet_v3_*.")
     dropout: float = opt(0.2, "Dropout before the classifier.")
     bn: str = opt("frozen", "BatchNorm policy: frozen (inference mode, statistics fixed), train (BN of unfrozen "
                   "blocks trains, and every BN layer whose gamma/beta a norm or bias spec trains runs on batch "
                   "statistics), adapt (frozen, statistics re-estimated on the training images at each stage "
                   "start: AdaBN). BatchNorm only: LayerNorm has no statistics and trains with its block under "
-                  "every policy; adapt is refused on backbones without BatchNorm (convnext_*, hub:).",
+                  "every policy; adapt is refused on LayerNorm backbones (convnext_*, hub:).",
                   enum=BN_POLICIES)
     init_blocks: int = opt(0, "With --weights=ckpt:DIR, copy only the first N blocks (0: all).")
     lora_alpha: float = opt(0.0, "LoRA's alpha (lora:R unfreeze specs): the update A@B is scaled by alpha/R "
@@ -286,7 +286,7 @@ class ModelConfig:
               f"--weights=imagenet is not available for backbone {self.backbone!r}; use none, a .h5 file or "
               "ckpt:WORKDIR")
         check(0.0 <= self.dropout < 1.0, f"--dropout={self.dropout} must be in [0, 1)")
-        check(not (self.bn == "adapt" and entry.norm != "batch"),
+        check(not (self.bn == "adapt" and entry.norm == "layer"),
               f"--bn=adapt re-estimates BatchNorm statistics, and {self.backbone} has no BatchNorm layer "
               f"({backbones.NORM_MEANING[entry.norm]}): use --bn=frozen")
         check(self.alpha > 0, f"--alpha={self.alpha} must be > 0")

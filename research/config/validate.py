@@ -11,7 +11,8 @@ from research.config.sections import ExperimentConfig, check
 
 
 def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
-    """Makes every path in the config absolute (`folder:`, `ckpt:`, weights files, data_dir).
+    """Makes every path in the config absolute (`folder:`, `ckpt:`, weights files, data_dir, a
+    `hub:` preset directory).
 
     `config.json` then names the same data from any working directory, and the
     same data given by a relative or an absolute path is the same config.
@@ -27,11 +28,14 @@ def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
         w = "ckpt:" + os.path.abspath(os.path.expanduser(m.init_run))
     elif w not in ("imagenet", "none"):
         w = os.path.abspath(os.path.expanduser(w))
+    backbone = m.backbone
+    if backbone.startswith("hub:") and os.path.exists(os.path.expanduser(backbone[4:])):  # a preset directory
+        backbone = "hub:" + os.path.abspath(os.path.expanduser(backbone[4:]))
     cw = config.train.class_weight
     if cw not in ("none", "balanced"):
         cw = os.path.abspath(os.path.expanduser(cw))
     return dataclasses.replace(config, data=dataclasses.replace(d, dataset=ds, data_dir=data_dir, cache_dir=cache_dir),
-                               model=dataclasses.replace(m, weights=w),
+                               model=dataclasses.replace(m, weights=w, backbone=backbone),
                                train=dataclasses.replace(config.train, class_weight=cw))
 
 

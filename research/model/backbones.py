@@ -7,7 +7,9 @@ variables by block. Block membership follows the Keras layer names, which for
 
 The classifier built on top is always
 
-    inputs -> base(x, training=False) -> GlobalAveragePooling -> Dropout -> Dense (float32 logits)
+    inputs -> base(x, training=False) -> pooling -> Dropout -> Dense (float32 logits)
+
+(pooling: the average over positions, or a transformer's class token: `pooled`)
 
 with the head layers named `head_pool`, `head_dropout`, `head` so that weights
 can be loaded "everything but the head". With `--features`, the base is cut at
@@ -182,8 +184,8 @@ def _stages(depths: tuple[int, ...]) -> tuple[str, ...]:
 
 _EFFICIENTNET = _by_prefix([(r"stem_", "stem"), (r"block(\d)[a-z]_", r"block\1"), (r"top_", "top")], "stem")
 # MobileNetV3: `conv` is the stem, `expanded_conv_N_*` the inverted residual blocks (the
-# first has no number), `conv_1` the last 1x1 convolution. The hard-swish activations and
-# squeeze-excite multiplications Keras leaves unnamed join the block they follow.
+# first has no number), `conv_1` the last 1x1 convolution. The activations Keras leaves
+# unnamed (`re_lu_N`, `activation_N`: hard-swish and hard-sigmoid) join the block they follow.
 _MOBILENET_V3 = _by_prefix([(r"expanded_conv_(\d+)_", r"block\1"), (r"expanded_conv_", "block0"),
                             (r"conv_1", "top"), (r"conv", "stem")], "stem")
 
@@ -354,19 +356,35 @@ def kept_blocks(name: str, features: str) -> list[str]:
 
 
 def block_ends(base: keras.Model, name: str) -> dict[str, str]:
-    """{block: the name of its last layer}: a block's output is its last layer's, in the
-    base's (topologically sorted) layer order. Probe taps and `cut` both read it."""
+    """{block: the name of its last layer}, in the base's (topologically sorted) layer order."""
     block_of = get(name).block_of(base)
     return {block_of[layer.name]: layer.name for layer in base.layers}
 
 
+def block_outputs(base: keras.Model, name: str) -> dict[str, keras.KerasTensor]:
+    """{block: its output}: the tensor the next block's first layer reads (the last block's:
+    the base's output). Probe taps and `cut` both read it. It is the block's last layer's
+    output, except where an operation between layers makes the block's output: ConvNeXt's
+    residual `+` comes after its last layer, which holds the residual branch alone."""
+    block_of, order = get(name).block_of(base), blocks(base, name)
+    first: dict[str, keras.layers.Layer] = {}
+    for layer in base.layers:
+        first.setdefault(block_of[layer.name], layer)
+    last = block_ends(base, name)
+    out = {order[-1]: base.outputs[0]}
+    for block, following in zip(order, order[1:]):
+        read = first[following]._inbound_nodes[0].input_tensors  # its call in this base
+        out[block] = read[0] if len(read) == 1 else base.get_layer(last[block]).output
+    return out
+
+
 def cut(base: keras.Model, name: str, blocks: list[str]) -> keras.Model:
-    """The base cut at its blocks' outputs: one output per block (`block_ends`, where
+    """The base cut at its blocks' outputs: one output per block (`block_outputs`, where
     `research.model.probe` taps it); the layers above the
     highest block are not in it. Shares its layers, and so its variables, with `base`."""
     import keras
-    last = block_ends(base, name)
-    outputs = [base.get_layer(last[b]).output for b in blocks]
+    at = block_outputs(base, name)
+    outputs = [at[b] for b in blocks]
     return keras.Model(base.inputs, outputs if len(outputs) > 1 else outputs[0], name=base.name)
 
 
@@ -421,7 +439,8 @@ def leaf_layers(base: keras.Model) -> list[tuple[str, keras.layers.Layer]]:
     """Every layer holding variables of its own, with the name of the base's layer it is in
     (what `block_of` maps): the base's layers themselves, and the layers nested inside them
     (ConvNeXt's stem and downsampling layers are small Sequential models; a KerasHub block
-    holds its attention and MLP layers), input to output."""
+    holds its attention and MLP layers), in the base's layer order, each followed by the
+    layers inside it (in Keras's flattening order)."""
     out = []
     for layer in base.layers:
         for leaf in layer._flatten_layers(include_self=True, recursive=True):

@@ -83,8 +83,17 @@ def _block_of(base: keras.Model) -> dict[str, str]:
 
 # Keys KerasHub 0.32's ViT layers return from `get_config` that their constructors refuse:
 # a model holding these layers themselves (not inside a whole `ViTBackbone`, which rebuilds
-# them from its own config) could not be loaded from `model.keras` or cloned.
+# them from its own config) could not be loaded from `model.keras` or cloned. And keys it
+# leaves out, which the rebuilt layer must keep (a preset without the patch bias).
 _DERIVED = {"ViTPatchingAndEmbedding": ("num_patches", "num_positions"), "ViTEncoderBlock": ("key_dim",)}
+_KEPT = {"ViTPatchingAndEmbedding": ("use_patch_bias", "data_format")}
+
+
+def _config_of(layer, parent: type | None = None) -> dict:
+    config = (parent or type(layer)).get_config(layer)
+    kind = (parent or type(layer)).__name__
+    config.update({k: getattr(layer, k) for k in _KEPT.get(kind, ()) if hasattr(layer, k)})
+    return {k: v for k, v in config.items() if k not in _DERIVED.get(kind, ())}
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,10 +105,8 @@ def layers() -> tuple:
     from keras_hub.src.models.vit import vit_layers
 
     def fixed(parent):
-        derived = _DERIVED[parent.__name__]
-
         def get_config(self):
-            return {k: v for k, v in parent.get_config(self).items() if k not in derived}
+            return _config_of(self, parent)
         cls = type(parent.__name__, (parent,), {"get_config": get_config})
         return keras.saving.register_keras_serializable(package="research")(cls)
 
@@ -108,8 +115,7 @@ def layers() -> tuple:
 
 def _rebuilt(layer, cls=None):
     """A new layer from `layer`'s config (of class `cls`, default its own)."""
-    config = {k: v for k, v in layer.get_config().items() if k not in _DERIVED.get(type(layer).__name__, ())}
-    return (cls or type(layer)).from_config(config)
+    return (cls or type(layer)).from_config(_config_of(layer))
 
 
 def _builder(name: str):
@@ -130,8 +136,9 @@ def _builder(name: str):
         x = inputs
         for layer in ours:
             x = layer(x)
-        for layer, source in zip(ours, hub_layers):
-            layer.set_weights(source.get_weights())
+        if weights == "imagenet":  # else both are freshly initialised: nothing to carry over
+            for layer, source in zip(ours, hub_layers):
+                layer.set_weights(source.get_weights())
         return keras.Model(inputs, x, name=preset.rstrip("/").rsplit("/", 1)[-1])
     return build
 

@@ -52,7 +52,7 @@ def plan(base: keras.Model, block_of: dict[str, str], blocks: list[str]) -> Plan
     layers, skipped = [], []
     for top, layer in backbones.leaf_layers(base):
         if block_of.get(top) in wanted and unfreeze.has_kernel(layer):
-            (layers if _supports(layer) else skipped).append(layer.name)
+            (layers if _supports(layer) else skipped).append(layer.path)  # nested names repeat; paths do not
     return Plan(layers, skipped)
 
 
@@ -68,8 +68,9 @@ def enable(model: keras.Model, backbone: str, config: ExperimentConfig) -> Plan:
               for b in unfreeze.resolve_blocks(s.spec.lora.inner, names, backbone=backbone)}
     where = plan(base, block_of, [b for b in names if b in blocks])
     alpha = config.model.lora_alpha or None  # 0: Keras's default, the rank (a scale of 1)
-    for top, layer in backbones.leaf_layers(base):
-        if block_of.get(top) in blocks and layer.name in where.layers and _supports(layer):
+    chosen = set(where.layers)
+    for _, layer in backbones.leaf_layers(base):
+        if layer.path in chosen:
             layer.enable_lora(rank, lora_alpha=alpha)
     return where
 

@@ -47,9 +47,8 @@ def tap_layers(base: keras.Model, backbone: str) -> list[tuple[str, str]]:
 def tap_model(base: keras.Model, backbone: str) -> keras.Model:
     """The base with one output per block: that block's output, pooled as the head pools it
     (`backbones.pooled`: averaged, or a transformer's class token)."""
-    pool = backbones.get(backbone).pool
-    outputs = [backbones.pooled(base.get_layer(name).output, f"tap_{block}", pool)
-               for block, name in tap_layers(base, backbone)]
+    pool, at = backbones.get(backbone).pool, backbones.block_outputs(base, backbone)
+    outputs = [backbones.pooled(at[block], f"tap_{block}", pool) for block, _ in tap_layers(base, backbone)]
     return keras.Model(base.inputs, outputs, name="taps")
 
 

@@ -275,7 +275,7 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
             if m != 1.0:
                 mult[v.path] = float(m)
     # LoRA is enabled, at build, on every layer of these blocks Keras has it for: the others are skipped.
-    skipped = [layer.name for top, layer in leaves if block_of[top] in lora_blocks and has_kernel(layer)
+    skipped = [layer.path for top, layer in leaves if block_of[top] in lora_blocks and has_kernel(layer)
                and not getattr(layer, "lora_enabled", False)]
     return Selection(spec.text, chosen, variables + head_variables(model), bn_trainable, mult, kinds, skipped)
 

@@ -3,7 +3,8 @@
 `export/` in a workdir holds:
   model.keras     the classifier with its preprocessing, float pixels [0, 255] in,
                   class probabilities out; standard Keras layers only, so
-                  `keras.models.load_model` needs no custom code
+                  `keras.models.load_model` needs no custom code (a `hub:` ViT's
+                  needs KerasHub and `research.model.hub.layers()` first)
   saved_model/    a TF SavedModel with two signatures: `serving_default` takes a
                   batch of encoded images (JPEG/PNG/BMP/GIF/WebP bytes) and
                   `predict_float` a float batch in [0, 255]; both return

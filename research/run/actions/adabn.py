@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 
 def bn_layers(base: keras.Model) -> list:
     import keras
-    from research.model import backbones
-    return [layer for _, layer in backbones.leaf_layers(base) if isinstance(layer, keras.layers.BatchNormalization)]
+    # The base's own layers: `adapt` taps each one's input in the base's graph, which a
+    # BatchNorm nested in a container is not part of (no registry backbone nests one).
+    return [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def adapt(base: keras.Model, batches: tf.data.Dataset) -> int:
