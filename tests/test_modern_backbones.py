@@ -115,7 +115,11 @@ def test_blocks_are_ordered_contiguous_and_hold_every_variable_once(backbone):
 
 @pytest.mark.parametrize("backbone", ALL, indirect=True)
 def test_top1_trains_exactly_the_last_block_and_frozen_batchnorm_keeps_its_statistics(backbone):
+    keras.utils.set_random_seed(0)
     model, base = backbones.build_model(backbone, image_size=32, num_classes=3, dropout=0.0)
+    for v in base.weights:  # ConvNeXt's layer scale starts at 1e-6: its block's updates would round away
+        if v.path.endswith("layer_scale/variable"):
+            v.assign(np.ones(v.shape, v.dtype))
     sel = unfreeze.select(model, backbone, "top:1")
     unfreeze.apply_policy(model, backbone, sel)
     opt = build_optimizer(TrainConfig(optimizer="sgd"), 0.5)
@@ -208,7 +212,8 @@ def test_a_run_exports_and_predict_and_evaluate_give_its_probabilities(backbone,
     # The run's own model on the training pipeline's preprocessing: the probabilities to reproduce.
     _, model, _, _ = load_run(str(wd), checkpoint="latest")
     pixels = np.stack([export.decode_and_resize(tf.io.read_file(f), 32).numpy() for f in files])
-    want = tf.nn.softmax(model(backbones.get(backbone).preprocess(pixels), training=False)).numpy()
+    # A copy: keras.applications' preprocess_input rescales a NumPy array in place.
+    want = tf.nn.softmax(model(backbones.get(backbone).preprocess(pixels.copy()), training=False)).numpy()
 
     r = run_module("launch.predict", f"--model={wd / 'export'}", "--json", "--top_k=3", *files[::9])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -344,3 +349,26 @@ def test_vit_on_two_mirrored_replicas_matches_one_device(vit_preset, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     _run_and_compare(one, tmp_path / "two", "--strategy=mirrored", "--cpu_devices=2", *args)
     assert len(json.loads((one / "trainable.json").read_text())[-1]["lr_multipliers"]) > 0
+
+
+@pytest.mark.slow  # ~60 s: the sweep launcher on the newer backbones, with folds
+def test_a_sweep_over_newer_backbones_and_folds(vit_preset, tmp_path):
+    """`launch.ablate` sweeps a KerasHub preset (its path in the trial's name made safe) and a
+    keras.applications entry, each on two folds of the same pool: a row per trial, and the two
+    folds of a backbone validate on different images of the same size."""
+    import csv
+    r = run_module("launch.ablate", f"--root={tmp_path}", f"--sweep=backbone:mobilenet_v3_small,{vit_preset}",
+                   "--sweep=fold:0,1", "--", "--folds=2", "--image_size=32", "--classes=0-2", "--batch_size=32",
+                   "--head_epochs=1", "--finetune_epochs=1", "--unfreeze=top:1", "--verbosity=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert sorted((row["backbone"], row["fold"]) for row in rows) == sorted(
+        (b, f) for b in ("mobilenet_v3_small", vit_preset) for f in ("0", "1"))
+    trials = sorted(p for p in (tmp_path / "trials").iterdir() if p.is_dir())
+    assert len(trials) == 4  # a preset path would nest directories if its "/" were kept
+    results = {t.name: json.loads((t / "results.json").read_text()) for t in trials}
+    pool = {r["num_train"] + r["num_val"] for r in results.values()}
+    assert len(pool) == 1 and len({r["num_test"] for r in results.values()}) == 1  # one pool, one test split
+    for backbone in ("mobilenet_v3_small", "vit"):
+        vals = [r["num_val"] for name, r in results.items() if backbone in name]
+        assert len(vals) == 2 and sum(vals) == next(iter(pool)), vals  # the folds' validation covers the pool

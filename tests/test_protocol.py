@@ -161,18 +161,14 @@ def _without_test(record):
     return {k: v for k, v in record.items() if not k.startswith("test/")}
 
 
-# With K-fold validation the decisions are the fold's (its validation images are carved from
-# the same pool); the carve without folds is the slow case (every other run uses it).
-@pytest.mark.parametrize("folds", [pytest.param([], marks=pytest.mark.slow), ["--folds=3", "--fold=2"]],
-                         ids=["carved-validation", "fold-2-of-3"])
-def test_scrambled_test_labels_change_no_training_decision(digit_folders, tmp_path, folds):
+def test_scrambled_test_labels_change_no_training_decision(digit_folders, tmp_path):
     root = digit_folders
     # Two stages, early stopping with restore_best_weights, dropout and augmentation: every
     # decision the controller takes is exercised.
     args = ["--deterministic", "--image_size=16", "--batch_size=16", "--dropout=0.2", "--horizontal_flip",
             "--stages=name=head unfreeze=none epochs=3 lr=3e-3; name=ft unfreeze=all epochs=6 lr=3e-3",
             "--early_stopping", "--early_stopping_patience=1", "--early_stopping_min_delta=0.02",
-            "--restore_best_weights", "--noexport", *folds]
+            "--restore_best_weights", "--noexport"]
     res = {}
     for name in ("real", "scrambled"):
         wd = tmp_path / name
