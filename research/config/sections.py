@@ -21,12 +21,12 @@ from typing import Any
 
 from research.config.specs import SOURCE_KINDS, DatasetRef, UnfreezeSpec, check
 from research.errors import UserError
-from research.model import backbones as _backbones  # imports no TensorFlow: the registry is lazy
+from research.model import backbones  # imports no TensorFlow: the registry is lazy
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
 JIT = ("auto", "true", "false")
 BN_POLICIES = ("frozen", "train", "adapt")
-BACKBONE_NAMES = tuple(_backbones.BACKBONES)
+BACKBONE_NAMES = tuple(backbones.BACKBONES)
 TEST_SOURCES = ("auto", "val", "none")
 SAMPLERS = ("shuffle", "balanced")
 SCHEDULES = ("constant", "cosine")
@@ -275,8 +275,6 @@ class ModelConfig:
         return self.weights[len("ckpt:"):] if self.weights.startswith("ckpt:") else None
 
     def validate(self) -> None:
-        from research.model import backbones  # imports no TensorFlow: the registry is lazy
-
         _check_enums(self)
         entry = backbones.get(self.backbone)
         w = self.weights

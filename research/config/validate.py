@@ -8,6 +8,7 @@ import dataclasses
 import os
 
 from research.config.sections import ExperimentConfig, check
+from research.model import hub
 
 
 def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
@@ -29,8 +30,9 @@ def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
     elif w not in ("imagenet", "none"):
         w = os.path.abspath(os.path.expanduser(w))
     backbone = m.backbone
-    if backbone.startswith("hub:") and os.path.exists(os.path.expanduser(backbone[4:])):  # a preset directory
-        backbone = "hub:" + os.path.abspath(os.path.expanduser(backbone[4:]))
+    preset = backbone[len(hub.PREFIX):]
+    if hub.is_hub(backbone) and os.path.exists(os.path.expanduser(preset)):  # a preset directory
+        backbone = hub.PREFIX + os.path.abspath(os.path.expanduser(preset))
     cw = config.train.class_weight
     if cw not in ("none", "balanced"):
         cw = os.path.abspath(os.path.expanduser(cw))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from research.errors import UserError
+from research.model import hub  # imports KerasHub only when a hub: entry is read
 
 if TYPE_CHECKING:
     import keras
@@ -189,6 +190,9 @@ _EFFICIENTNET = _by_prefix([(r"stem_", "stem"), (r"block(\d)[a-z]_", r"block\1")
 _MOBILENET_V3 = _by_prefix([(r"expanded_conv_(\d+)_", r"block\1"), (r"expanded_conv_", "block0"),
                             (r"conv_1", "top"), (r"conv", "stem")], "stem")
 
+_RESNET50 = _by_prefix([(r"(?:conv1|pool1)_", "stem"), (r"(conv\d_block\d+)_", r"\1")], "stem")
+_RESNET50_BLOCKS = ("stem", *(f"conv{s}_block{b}" for s, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for b in range(1, n + 1)))
+
 BACKBONES: dict[str, Backbone] = {
     "small_cnn": Backbone(
         "small_cnn", _small_cnn, _scale_01, 32, 8,
@@ -220,15 +224,11 @@ BACKBONES: dict[str, Backbone] = {
         input_range="inside"),
     "resnet50": Backbone(
         "resnet50", _app("ResNet50"), _preprocess("resnet50"), 224, 32,
-        _by_prefix([(r"(?:conv1|pool1)_", "stem"), (r"(conv\d_block\d+)_", r"\1")], "stem"),
-        block_names=("stem", *(f"conv{s}_block{b}" for s, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for b in range(1, n + 1))),
-        input_range="caffe"),
+        _RESNET50, block_names=_RESNET50_BLOCKS, input_range="caffe"),
     # Pre-activation: the final BatchNorm and ReLU (`post_bn`, `post_relu`) close the last block.
     "resnet50_v2": Backbone(
         "resnet50_v2", _app("ResNet50V2"), _preprocess("resnet_v2"), 224, 32,
-        _by_prefix([(r"(?:conv1|pool1)_", "stem"), (r"(conv\d_block\d+)_", r"\1")], "stem"),
-        block_names=("stem", *(f"conv{s}_block{b}" for s, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for b in range(1, n + 1))),
-        input_range="tf"),
+        _RESNET50, block_names=_RESNET50_BLOCKS, input_range="tf"),
     "efficientnet_b0": Backbone(
         "efficientnet_b0", _app("EfficientNetB0"), _preprocess("efficientnet"), 224, 32,
         _EFFICIENTNET, block_names=("stem", *_numbered("block", 1, 7), "top"), input_range="inside"),
@@ -257,8 +257,7 @@ NORM_MEANING = {"batch": "BatchNorm", "layer": "LayerNorm only: no statistics to
 
 @functools.lru_cache(maxsize=None)
 def _hub_entry(name: str) -> Backbone:
-    from research.model import hub  # KerasHub, the optional extra, only for hub: names
-    return Backbone(**hub.entry_fields(name))
+    return Backbone(**hub.entry_fields(name))  # reads the preset: KerasHub, the optional extra
 
 
 def input_size(name: str, image_size: int) -> int:
@@ -272,7 +271,7 @@ def get(name: str) -> Backbone:
     Raises:
       UserError: an unknown name, or a `hub:` preset that cannot be used.
     """
-    if name.startswith("hub:"):
+    if hub.is_hub(name):
         return _hub_entry(name)
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}; allowed values: {', '.join(BACKBONES)}, hub:PRESET")
