@@ -5,6 +5,10 @@
         --dataset=folder:../shared/data/hymenoptera --backbone=mobilenet --alpha=0.25 --weights=... \\
         --head_epochs=5 --finetune_epochs=5 --finetune_lr=1e-4
 
+    # choose among four recipes by 5-fold cross-validation; report the pick's fold ensemble and refit on test
+    python -m launch.ablate --root=runs/cv --folds=5 --sweep=image_size:224,320 --sweep=finetune_epochs:8,16 \\
+        --sweep=seed:0,1,2 -- --dataset=folder:../shared/data/hymenoptera --test=val --backbone=mobilenet ...
+
     # the Keras guide's model.fit recipe vs the defaults and another recipe, on the same data and seeds
     python -m launch.ablate --study=recipes --root=runs/recipes --recipe='adapt:--bn=adapt' -- \\
         --dataset=folder:../shared/data/hymenoptera --test=val --backbone=mobilenet --alpha=0.25 \\
@@ -60,6 +64,17 @@ flags.DEFINE_string("classes_b", "5-9", "Transfer study: the classes of half B."
 flags.DEFINE_integer("epochs", 10, "Transfer study: epochs of every run (bases and transfers).")
 flags.DEFINE_string("baseline", None, "KEY:VALUE, the sweep row the others are compared with, seed by seed "
                     "(default: the first value of the first --sweep).")
+flags.DEFINE_integer("folds", 0, "Sweep: choose by K-fold cross-validation. Every row runs on each of K folds of the "
+                     "training pool (x seeds) and on the single split (--split_seeds); the table reports the CV score "
+                     "with its corrected interval, the chosen row's final models are built (--final) and scored once "
+                     "on test, and a section says whether CV ranked the rows as test does.")
+flags.DEFINE_enum("select", "cv", ["cv", "split"], "With --folds: what chooses the row (cv: the CV score; split: the "
+                  "single split's validation, for comparison).")
+flags.DEFINE_list("final", ["ensemble", "refit"], "With --folds: the chosen row's final models: ensemble (the fold "
+                  "models' mean probabilities, exported) and/or refit (the whole pool, the folds' median best epochs).")
+flags.DEFINE_list("split_seeds", None, "With --folds: seeds of the single-split trials (default: the swept seeds; "
+                  "'' for none).")
+flags.DEFINE_list("final_seeds", None, "With --folds: seeds of the final models (default: the swept seeds).")
 flags.DEFINE_bool("rerun", False, "Run again, from scratch, trials that ran before with other settings "
                   "(default: refuse, naming the difference).")
 
@@ -83,6 +98,8 @@ def main(argv):
     if any(a.startswith("--workdir") for a in train_flags):
         common.die("do not pass --workdir: each trial gets ROOT/trials/NAME", common.EXIT_USER_ERROR)
     root = F.root or f"/tmp/ablate_{F.study}"
+    if F.folds and F.study != "sweep":
+        common.die(f"--folds cross-validates a --sweep; --study={F.study} does not take it", common.EXIT_USER_ERROR)
     if F.study not in ("sweep", "peft", "features"):  # the studies build backbones in this process
         common.start_tensorflow_quietly()
     if F.study == "transfer":
@@ -112,6 +129,13 @@ def main(argv):
     elif F.study == "recipes":
         rows = ablation.run_recipe_study(root, train_flags, config_from_args, seeds=_seeds(),
                                          recipes=F.recipe, parallel=F.parallel, rerun=F.rerun)
+        report = "results.md"
+    elif F.folds:
+        from research.studies import cv
+        rows = cv.run_cv_sweep(root, F.sweep, train_flags, config_from_args, folds=F.folds, select=F.select,
+                               finals=F.final, split_seeds=F.split_seeds, final_seeds=F.final_seeds,
+                               baseline=F.baseline, parallel=F.parallel, rerun=F.rerun,
+                               ready=common.start_tensorflow_quietly)
         report = "results.md"
     else:
         if not F.sweep:

@@ -105,3 +105,8 @@ def start_tensorflow_quietly() -> None:
         import tensorflow as tf
         tf.config.list_logical_devices()
 
+
+
+def ensemble_dir(runs: list[str]) -> str:
+    """Where an ensemble's files go by default: `ensemble/` beside its runs (their common parent)."""
+    return os.path.join(os.path.commonpath([os.path.abspath(r) for r in runs]), "ensemble")

@@ -25,17 +25,30 @@ flags.DEFINE_string("name", None, "Report name (default: from dataset and split)
 flags.DEFINE_enum("tta", "none", ["none", "flip", "crops"], "Test-time augmentation, scored beside the plain "
                   "numbers: flip (image and mirror) or crops (centre, 4 corners and mirrored centre of the image "
                   "enlarged by 1/0.875); class probabilities are averaged over the views.")
+flags.DEFINE_list("ensemble", [], "RUN1,RUN2,...: score these runs' mean class probabilities (e.g. the fold "
+                  "runs of a --folds recipe) instead of --workdir; default --split=test and --checkpoint=latest.")
+flags.DEFINE_string("out", None, "With --ensemble: where eval/ is written (default: the runs' common parent "
+                    "directory/ensemble).")
 flags.DEFINE_bool("skip_bad_images", False, "Leave out unreadable images (listed in the report) instead of failing.")
 
 
 def main(argv):
-    if len(argv) > 1 or not F.workdir:
+    if len(argv) > 1 or bool(F.workdir) == bool(F.ensemble):
         common.die("usage: python -m launch.evaluate --workdir=DIR [--dataset=...] [--split=val] "
-                   "[--checkpoint=best|latest|PATH]", common.EXIT_USER_ERROR)
+                   "[--checkpoint=best|latest|PATH], or --ensemble=RUN1,RUN2,... [--split=test] (not both)",
+                   common.EXIT_USER_ERROR)
     common.start_tensorflow_quietly()
-    from research.serve.evaluate import evaluate_run
-    r = evaluate_run(F.workdir, dataset=F.dataset, split=F.split, checkpoint=F.checkpoint, name=F.name,
-                     data_dir=F.data_dir, skip_bad_images=F.skip_bad_images, tta=F.tta)
+    if F.ensemble:
+        from research.serve.ensemble import evaluate_ensemble
+        checkpoint = "latest" if F["checkpoint"].using_default_value else F.checkpoint
+        r = evaluate_ensemble(F.ensemble, F.out or common.ensemble_dir(F.ensemble), dataset=F.dataset,
+                              split=F.split, checkpoint=checkpoint, name=F.name, data_dir=F.data_dir,
+                              skip_bad_images=F.skip_bad_images, tta=F.tta)
+        r["checkpoint"] = f"the mean of {len(F.ensemble)} runs' probabilities"
+    else:
+        from research.serve.evaluate import evaluate_run
+        r = evaluate_run(F.workdir, dataset=F.dataset, split=F.split, checkpoint=F.checkpoint, name=F.name,
+                         data_dir=F.data_dir, skip_bad_images=F.skip_bad_images, tta=F.tta)
     top5 = f"  top5 {r['top5_accuracy']:.4f}" if "top5_accuracy" in r else ""
     print(f"{r['dataset']} [{r['split']}] {r['num_examples']} images: accuracy {r['accuracy']:.4f}  "
           f"loss {r['loss']:.4f}{top5}  macro F1 {r['macro_f1']:.4f}  ({r['checkpoint']})")

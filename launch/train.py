@@ -141,8 +141,9 @@ def main(argv):
     from research.run.run_state import count
     f = results["final"]
     test = f"test/accuracy {f['test/accuracy']:.4f}  " if "test/accuracy" in f else "(no test split)  "
-    print(f"\nfinal {test}val/accuracy {f['val/accuracy']:.4f}  val/loss {f['val/loss']:.4f}  "
-          f"({count(results['epochs_run'], 'epoch')}, {results['wall_time_s']:.0f}s, "
+    val = (f"val/accuracy {f['val/accuracy']:.4f}  val/loss {f['val/loss']:.4f}" if "val/accuracy" in f
+           else "no validation (--refit)")
+    print(f"\nfinal {test}{val}  ({count(results['epochs_run'], 'epoch')}, {results['wall_time_s']:.0f}s, "
           f"{results['images_per_second']:.0f} train images/s)")
     print(f"results: {F.workdir}/results.json")
     if F.export:

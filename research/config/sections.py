@@ -97,6 +97,8 @@ class DataConfig:
                      "source's own validation split (PATH/val, which is then unused), fixed whatever --seed; "
                      "train is the other K-1 folds; test is the same as without folds.")
     fold: int = opt(0, "With --folds=K, the fold that is validation: 0..K-1.")
+    refit: bool = opt(False, "Train on the whole pool (every fold; without --folds, train and the carved validation) "
+                      "with no validation: no best/, and early stopping only on train/...; test is unchanged.")
     classes: str = opt("", "Class subset by name or index, e.g. 0-4 or ants,bees (relabelled 0..k-1).")
     image_size: int = opt(0, "Input side in pixels (0: the backbone's default).")
     batch_size: int = opt(32, "Global batch size.")
@@ -141,9 +143,9 @@ class DataConfig:
         check(self.folds == 0 or self.folds >= 2, f"--folds={self.folds} must be 0 (off) or at least 2")
         check(0 <= self.fold < max(self.folds, 1),
               f"--fold={self.fold} must be in 0..{max(self.folds, 1) - 1}" + ("" if self.folds else " without --folds"))
-        check(not self.folds or src.kind in ("digits", "folder"),
-              f"--folds splits a digits or folder dataset's images; {src.kind} datasets are split by their own "
-              "splits or shards")
+        check(not (self.folds or self.refit) or src.kind in ("digits", "folder"),
+              f"--{'folds' if self.folds else 'refit'} splits a digits or folder dataset's images; {src.kind} "
+              "datasets are split by their own splits or shards")
         check(self.batch_size >= 1, f"--batch_size={self.batch_size} must be >= 1")
         check(self.image_size >= 0, f"--image_size={self.image_size} must be >= 0 (0 means the backbone's default)")
         check(self.shuffle_buffer >= 1, f"--shuffle_buffer={self.shuffle_buffer} must be >= 1")

@@ -93,4 +93,12 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     check(not (m.features == "auto" and t.strategy == "multi_worker"),
           "--features=auto is measured by each process on its own data; with --strategy=multi_worker, probe the "
           "blocks first and name the one they peak at (--features=BLOCK)")
+    if d.refit:  # nothing to measure on: every decision that reads validation is refused
+        es = t.early_stopping
+        check(not (es.enabled and es.monitor.startswith("val")),
+              f"--refit trains without validation: --early_stopping_monitor={es.monitor} has nothing to read "
+              "(monitor train/loss, or give each stage its epochs)")
+        check(m.features != "auto", "--refit trains without validation, which --features=auto's probes read")
+        check(not any(s.spec.auto is not None and s.spec.auto.method == "probe" for s in config.stages),
+              "--refit trains without validation, which an auto:probe spec's probes read")
     return config

@@ -135,6 +135,9 @@ def load_folder_source(cfg: DataConfig, size: int, cache_dir: str | None = None)
             logging.warning("%s: too few images to carve a test slice; the run has no test split", path)
             test_from = "none (too few images to carve a test slice)"
             continue
+        if not paths and key == "val" and cfg.refit:  # a refit trains on every pool image
+            out[key], prints[key] = ([], []), fingerprint("folder", [], [], [])
+            continue
         if not good:
             raise UserError(f"no readable images in the {key} split of {path!r}")
         out[key] = (good, labels)

@@ -85,8 +85,8 @@ def show_names(names: list[str], n: int = 20) -> str:
     return s + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
-def carve(labels: np.ndarray, val_fraction: float, test_fraction: float = 0.0, *, folds: int = 0, fold: int = 0
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def carve(labels: np.ndarray, val_fraction: float, test_fraction: float = 0.0, *, folds: int = 0, fold: int = 0,
+          refit: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Splits indices into (train, val, test): stratified, deterministic and independent
     of the training seed, so validation and test are the same across seeds and sweeps.
 
@@ -97,6 +97,7 @@ def carve(labels: np.ndarray, val_fraction: float, test_fraction: float = 0.0, *
     the pool, is split by scikit-learn's `StratifiedKFold` (shuffled with a fixed seed):
     validation is its fold I, train the other K-1 folds. Each class's count differs by at
     most one between folds, and every pool image is in exactly one fold's validation.
+    With `refit`, train is the whole pool and validation is empty.
 
     Raises:
       UserError: a class of the pool with fewer images than folds.
@@ -114,10 +115,12 @@ def carve(labels: np.ndarray, val_fraction: float, test_fraction: float = 0.0, *
         parts[2].extend(idx[n_val:n_val + n_test])
         parts[0].extend(idx[n_val + n_test:])
     train, val, test = (np.sort(np.array(p, dtype=np.int64)) for p in parts)
+    pool = np.sort(np.concatenate([train, val]))
+    if refit:
+        return pool, np.zeros(0, np.int64), test
     if not folds:
         return train, val, test
     from sklearn.model_selection import StratifiedKFold
-    pool = np.sort(np.concatenate([train, val]))
     counts = np.bincount(labels[pool])
     if counts[counts > 0].min() < folds:
         raise UserError(f"--folds={folds}: a class has only {counts[counts > 0].min()} image(s) in the pool "
@@ -229,19 +232,21 @@ def folder_splits(cfg: DataConfig) -> tuple[list[str], dict[str, list[list[str]]
     elif test_plan == "val":
         test_from = f"{os.path.join(path, dirs['val'])} (the source's validation split)"
     splits = {"train": train, "val": own.get("val"), "test": {"own": own.get("test"), "val": own.get("val")}.get(test_plan)}
-    if "carve" in (val_plan, test_plan) or cfg.folds:
+    pool_only = cfg.folds or cfg.refit
+    if "carve" in (val_plan, test_plan) or pool_only:
         flat = [f for fs in train for f in fs]
         labels = np.array([c for c, fs in enumerate(train) for _ in fs])
         # With --folds, the source's own validation split (if any) is left out of the pool.
         parts = carve(labels, cfg.val_fraction if val_plan == "carve" else 0.0,
-                      cfg.test_fraction if test_plan == "carve" else 0.0, folds=cfg.folds, fold=cfg.fold)
+                      cfg.test_fraction if test_plan == "carve" else 0.0, folds=cfg.folds, fold=cfg.fold,
+                      refit=cfg.refit)
         carved = {}
         for key, idx in zip(("train", "val", "test"), parts):
             carved[key] = [[] for _ in names]
             for i in idx:
                 carved[key][labels[i]].append(flat[i])
         splits["train"] = carved["train"]
-        if val_plan == "carve" or cfg.folds:
+        if val_plan == "carve" or pool_only:
             splits["val"] = carved["val"]
         if test_plan == "carve":
             splits["test"] = carved["test"]

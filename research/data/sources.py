@@ -44,7 +44,7 @@ def load_digits_source(cfg: DataConfig, size: int) -> Source:
     # Carved over all ten classes, then subset (as folders are): a digit's split is the same
     # whatever --classes, so a run on 0-9 never trained on the test images of a run on 5-9.
     parts = carve(d.target, cfg.val_fraction, cfg.test_fraction if test_plan == "carve" else 0.0,
-                  folds=cfg.folds, fold=cfg.fold)
+                  folds=cfg.folds, fold=cfg.fold, refit=cfg.refit)
     tr, va, te = (idx[np.isin(d.target[idx], keep)] for idx in parts)
     labels = np.searchsorted(keep, d.target)
     return Source(_from_arrays(images[tr], labels[tr], size), _from_arrays(images[va], labels[va], size),

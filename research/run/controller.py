@@ -70,7 +70,10 @@ class Controller:
             self.ctx.ckpts.save_best(run)
 
     def _evaluate_all(self, split: str, dataset_fn, trainer=None) -> dict[str, float]:
-        """`split/...` of the trained weights, and `split_NAME/...` of each variant."""
+        """`split/...` of the trained weights, and `split_NAME/...` of each variant (none
+        for a `--refit` run's empty validation)."""
+        if split == "val" and not self.ctx.source.num_val:
+            return {}
         out = prefixed(split, self.ctx.evaluate(dataset_fn(), trainer))
         for name in self.ctx.variants:
             with self.ctx.weights(name):
@@ -220,8 +223,9 @@ class Controller:
         # The epoch's training time (None for an epoch resumed part-way).
         run.history.append({"stage": stage.name, "epoch": run.epoch, "global_epoch": run.global_epoch,
                             "step": step, **metrics, "train_seconds": self.epoch_seconds})
-        ctx.say(f"  val/loss {metrics['val/loss']:.4f}  val/accuracy {metrics['val/accuracy']:.4f}  "
-                f"({self.epoch_images_per_second:.0f} img/s)")
+        shown = (f"val/loss {metrics['val/loss']:.4f}  val/accuracy {metrics['val/accuracy']:.4f}" if val_m
+                 else f"train/loss {metrics['train/loss']:.4f} (no validation)")
+        ctx.say(f"  {shown}  ({self.epoch_images_per_second:.0f} img/s)")
         if improved:
             run.best = {"stage": stage.name, "stage_index": run.stage, "epoch": run.epoch,
                         "global_epoch": run.global_epoch, "monitor": es.monitor, "value": value,

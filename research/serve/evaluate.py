@@ -105,7 +105,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def _whole_folder(other: DatasetRef, own: DatasetRef) -> bool:
+def whole_folder(other: DatasetRef, own: DatasetRef) -> bool:
     """True for another folder dataset without train/val sub-folders: it is evaluated whole.
 
     The run's own flat folder is not: its whole includes the images it trained on.
@@ -145,13 +145,30 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
     if tta not in TTA:
         raise UserError(f"--tta={tta!r} is not valid; allowed values: {', '.join(TTA)}")
     config, model, class_names, path = load_run(workdir, checkpoint=checkpoint)
+    if split is None:
+        split = "all" if dataset and whole_folder(DatasetRef.parse(dataset), config.data.source) else "val"
+    which = "" if checkpoint == "best" else "_" + os.path.basename(checkpoint.rstrip("/"))
+    return score([(config, model)], class_names, {"workdir": workdir, "checkpoint": path}, workdir,
+                 dataset=dataset, split=split, name=name, which=which, data_dir=data_dir,
+                 skip_bad_images=skip_bad_images, tta=tta)
+
+
+def score(members: list, class_names: list[str], head: dict, out_root: str, *, dataset: str | None, split: str,
+          name: str | None, which: str = "", data_dir: str | None = None, skip_bad_images: bool = False,
+          tta: str = "none") -> dict:
+    """Scores one classifier, or the mean class probabilities of several (an ensemble), on
+    `split` of the first member's data; writes `out_root/eval/<name>.json` and its figure.
+
+    Args:
+      members: `(config, model)` pairs with the same input size and preprocessing.
+      head: the report's first keys (what was scored).
+    """
+    config, model = members[0]
     entry = backbones.get(config.model.backbone)
     size = model.input_shape[1]
     cfg = config.data
     source_name = dataset or cfg.dataset
     source_ref = DatasetRef.parse(source_name)
-    if split is None:
-        split = "all" if dataset and _whole_folder(source_ref, cfg.source) else "val"
     if source_ref.kind == "tfds":
         if split == "all":
             raise UserError(f"--split=all is for folder and digits datasets; name a split of {source_name} "
@@ -190,13 +207,19 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
         return entry.preprocess(crop(tf.cast(x, tf.float32)))
 
     ds = split_ds.batch(64).map(lambda x, y: (model_input(x), y))
-    logits, labels = predict_dataset(model, ds)
+    outputs = [predict_dataset(m, ds) for _, m in members]
+    labels = outputs[0][1]
     k = len(class_names)
-    log_probs = _log_softmax(logits)
+    if len(members) == 1:
+        logits = outputs[0][0]
+        log_probs = _log_softmax(logits)
+    else:  # the members' class probabilities averaged: the ensemble's scores are its log-probabilities
+        log_probs = np.log(np.mean([np.exp(_log_softmax(out)) for out, _ in outputs], axis=0))
+        logits = log_probs
     pred = logits.argmax(axis=1)
     confusion = confusion_matrix(labels, pred, labels=np.arange(k))
     report = {
-        "workdir": workdir, "checkpoint": path, "dataset": cfg.dataset, "split": split,
+        **head, "dataset": cfg.dataset, "split": split,
         "num_examples": int(len(labels)), "class_names": class_names,
         "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
         "accuracy": float((pred == labels).mean()),
@@ -212,8 +235,8 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
     if tta != "none":
         # `crops` views are crops already: the run's --eval_crop applies to the others only.
         view_input = (lambda x: entry.preprocess(tf.cast(x, tf.float32))) if tta == "crops" else model_input
-        probs = [np.exp(log_probs if view is None else _log_softmax(predict_dataset(model, split_ds.batch(64).map(
-            lambda x, y, view=view: (view_input(view(x)), y)))[0]))
+        probs = [np.exp(log_probs if view is None else _member_mean([_log_softmax(predict_dataset(
+            m, split_ds.batch(64).map(lambda x, y, view=view: (view_input(view(x)), y)))[0]) for _, m in members]))
                  for view in tta_views(tta, size)]
         mean = np.mean(probs, axis=0)
         tta_pred = mean.argmax(axis=1)
@@ -221,10 +244,9 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
                          "loss": float(-np.log(mean[np.arange(len(labels)), labels]).mean())}
     if not name:
         # One report per dataset, split and checkpoint: `latest` or `ema` does not overwrite `best`'s.
-        which = "" if checkpoint == "best" else "_" + os.path.basename(checkpoint.rstrip("/"))
         name = f"{(dataset or 'own').replace(':', '_').replace('/', '_').strip('_')}_{split}{which}"
-    report["report"] = os.path.join(workdir, "eval", f"{name}.json")
-    out = os.path.join(workdir, "eval")
+    out = os.path.join(out_root, "eval")
+    report["report"] = os.path.join(out, f"{name}.json")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -234,3 +256,8 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
     with tf.summary.create_file_writer(out).as_default(step=0):
         tf.summary.image(f"confusion/{name}", tf.io.decode_png(png)[None], max_outputs=1)
     return report
+
+
+def _member_mean(log_probs: list[np.ndarray]) -> np.ndarray:
+    """One member's log-probabilities as they are; several members' mean probability, as a log."""
+    return log_probs[0] if len(log_probs) == 1 else np.log(np.mean(np.exp(log_probs), axis=0))

@@ -69,7 +69,8 @@ def preprocessing_layers(backbone: str) -> list[keras.layers.Layer]:
     raise UserError(f"no export preprocessing for backbone {backbone!r} (input_range {kind!r})")
 
 
-def inference_model(model: keras.Model, backbone: str, *, eval_crop: float = 1.0) -> keras.Model:
+def inference_model(model: keras.Model, backbone: str, *, eval_crop: float = 1.0,
+                    name: str = "classifier_with_preprocessing") -> keras.Model:
     """Pixels in [0, 255] -> the evaluation crop (`--eval_crop`) -> preprocessing ->
     classifier -> softmax probabilities."""
     inputs = keras.Input(model.input_shape[1:], name="pixels")
@@ -78,7 +79,7 @@ def inference_model(model: keras.Model, backbone: str, *, eval_crop: float = 1.0
         x = layer(x)
     logits = model(x, training=False)
     probs = keras.layers.Softmax(dtype="float32", name="probabilities")(logits)
-    return keras.Model(inputs, probs, name="classifier_with_preprocessing")
+    return keras.Model(inputs, probs, name=name)
 
 
 def decode_and_resize(data: tf.Tensor, size: int) -> tf.Tensor:
@@ -105,17 +106,32 @@ def export_run(workdir: str, *, checkpoint: str = "latest", out_dir: str | None 
         keras.mixed_precision.set_global_policy(policy)
 
 
+def exportable(config, model: keras.Model, path: str, class_names: list[str]) -> keras.Model:
+    """The run's classifier without LoRA layers: their factors merged into the kernels."""
+    if not lora.enabled_layers(model):
+        return model
+    plain, _ = backbones.classifier_for(config.model, image_size=model.input_shape[1],
+                                        num_classes=len(class_names), features=run_features(config, path))
+    plain.set_weights(lora.merged_weights(model))
+    return plain
+
+
 def _export(workdir, checkpoint, out_dir, class_names):
     config, model, class_names, path = load_run(workdir, checkpoint=checkpoint, class_names=class_names)
-    if lora.enabled_layers(model):  # the exported model has no LoRA layer: the factors merged into the kernels
-        plain, _ = backbones.classifier_for(config.model, image_size=model.input_shape[1],
-                                            num_classes=len(class_names), features=run_features(config, path))
-        plain.set_weights(lora.merged_weights(model))
-        model = plain
-    out_dir = out_dir or os.path.join(workdir, "export")
-    os.makedirs(out_dir, exist_ok=True)
-    size = model.input_shape[1]
+    model = exportable(config, model, path, class_names)
     full = inference_model(model, config.model.backbone, eval_crop=config.data.eval_crop)
+    meta = {"class_names": class_names, "image_size": model.input_shape[1], "backbone": config.model.backbone,
+            "features": run_features(config, path),
+            "checkpoint": path, "input": "RGB pixels in [0, 255], upright (EXIF orientation applied), "
+            "resized to image_size (antialiased bilinear)", "eval_crop": config.data.eval_crop}
+    return write_export(full, meta, out_dir or os.path.join(workdir, "export"))
+
+
+def write_export(full: keras.Model, meta: dict, out_dir: str) -> dict:
+    """`model.keras`, `saved_model/` (both signatures) and `labels.json` (`meta` and the
+    provenance) of an inference model (pixels in, probabilities out)."""
+    os.makedirs(out_dir, exist_ok=True)
+    class_names, size = meta["class_names"], meta["image_size"]
     full.save(os.path.join(out_dir, "model.keras"))
 
     labels = tf.constant(class_names)
@@ -134,11 +150,7 @@ def _export(workdir, checkpoint, out_dir, class_names):
     archive.add_endpoint("predict_float", predict_float,
                          input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     archive.write_out(os.path.join(out_dir, "saved_model"), verbose=False)
-    meta = {"class_names": class_names, "image_size": size, "backbone": config.model.backbone,
-            "features": run_features(config, path),
-            "checkpoint": path, "input": "RGB pixels in [0, 255], upright (EXIF orientation applied), "
-            "resized to image_size (antialiased bilinear)", "eval_crop": config.data.eval_crop,
-            "provenance": provenance.provenance()}
+    meta = {**meta, "provenance": provenance.provenance()}
     with open(os.path.join(out_dir, "labels.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta

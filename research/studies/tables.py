@@ -164,14 +164,8 @@ def code_lines(rows: list[dict]) -> list[str]:
             + "; ".join(f"`{code}`: {', '.join(trials)}" for code, trials in by_code.items()) + "."]
 
 
-def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "Sweep results",
-                 baseline: tuple[str, str] | None = None) -> list[dict]:
-    """`results.csv` (every trial), `summary.csv` and `results.md` (trials, then per row of
-    seeds: mean, 95 % t-interval, n and the paired difference against the baseline).
-
-    Returns:
-      `aggregate`'s rows.
-    """
+def write_csv(root: str, rows: list[dict], keys: list[str]) -> list[str]:
+    """`results.csv`: every trial's values and metrics. Returns its columns."""
     variants = sorted({k for r in rows for k in r if VARIANT_COLUMN.fullmatch(k)})
     at = COLUMNS.index("best/val/accuracy") + 1
     cols = ["trial", *keys, "status", *COLUMNS[:at], *variants, *COLUMNS[at:], "error"]
@@ -180,6 +174,18 @@ def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "
         w.writeheader()
         for r in rows:
             w.writerow({c: r.get(c, "") for c in cols})
+    return cols
+
+
+def write_tables(root: str, rows: list[dict], keys: list[str], *, title: str = "Sweep results",
+                 baseline: tuple[str, str] | None = None) -> list[dict]:
+    """`results.csv` (every trial), `summary.csv` and `results.md` (trials, then per row of
+    seeds: mean, 95 % t-interval, n and the paired difference against the baseline).
+
+    Returns:
+      `aggregate`'s rows.
+    """
+    cols = write_csv(root, rows, keys)
     lines = [f"# {title}", "", "| " + " | ".join(cols[1:-1]) + " |", "|" + "---|" * (len(cols) - 2)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c), c) for c in cols[1:-1]) + " |")

@@ -51,6 +51,8 @@ class Trial:
       kind: what runs the config: `train` (`train_and_evaluate`) or `guide` (the Keras
         guide's `model.fit` recipe, research/studies/guide.py).
       config: the validated config its flags give (set by `prepare`).
+      stage_epochs: each stage's epochs, replacing what the flags give (a refit trains
+        for the epochs cross-validation chose: research/studies/cv.py).
     """
 
     name: str
@@ -59,6 +61,7 @@ class Trial:
     group: str = ""
     kind: str = "train"
     config: ExperimentConfig | None = None
+    stage_epochs: tuple[int, ...] | None = None
 
 
 def parse_sweep(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -123,6 +126,9 @@ def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: b
     for t in trials:
         try:
             config = make_config(t.flags)
+            if t.stage_epochs is not None:
+                config = dataclasses.replace(config, stages=tuple(
+                    dataclasses.replace(s, epochs=e) for s, e in zip(config.stages, t.stage_epochs, strict=True)))
             if not config.data.cache_dir:
                 config = dataclasses.replace(config, data=dataclasses.replace(config.data, cache_dir=cache_dir))
             if t.kind == "guide":
