@@ -242,3 +242,46 @@ def test_cv_sweep_chooses_by_cv_refits_ensembles_resumes_and_never_reads_test(di
     test_a = [float(x["test/accuracy"]) for x in folds]
     test_b = [float(x["test/accuracy"]) for x in _csv(other) if x["fold"] not in ("", None)]
     assert test_a != test_b
+
+
+# A refit run: the whole pool of 3 folds, no validation, two stages.
+REFIT = ["--folds=3", "--refit", "--deterministic", "--image_size=16", "--classes=0-4", "--batch_size=32",
+         "--steps_per_loop=5", "--dropout=0.3", "--horizontal_flip", "--checkpoint_keep=10",
+         "--stages=name=head unfreeze=none epochs=2 lr=3e-3; name=ft unfreeze=top:2 epochs=2 lr=1e-3"]
+
+
+@pytest.mark.slow
+def test_a_refit_resumes_bit_identically_after_sigkill_and_two_replicas_match_one_device(tmp_path):
+    import signal
+
+    from tests.test_distribute_precision import COMMON, _run_and_compare
+    from tests.test_resume import _assert_bit_identical, _start, _wait_for_checkpoint
+
+    ref = tmp_path / "ref"
+    r = run_module("launch.train", f"--workdir={ref}", *REFIT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = json.loads((ref / "results.json").read_text())
+    assert a["num_val"] == 0 and a["num_train"] + a["num_test"] == 901 and [s["epochs_run"] for s in a["stages"]] == [2, 2]
+
+    wd = tmp_path / "killed"
+    proc = _start(wd, REFIT)
+    _wait_for_checkpoint(wd, 3, proc)  # the head stage's end: the kill lands in the ft stage
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (wd / "results.json").exists(), "the run finished before it could be killed"
+    r = run_module("launch.train", f"--workdir={wd}", *REFIT)
+    assert r.returncode == 0 and "Resuming from" in r.stdout, r.stderr[-3000:]
+    _assert_bit_identical(ref / "ckpt", wd / "ckpt")
+    b = json.loads((wd / "results.json").read_text())
+    assert a["final"] == b["final"] and b["best"] is None
+    assert [h["train/loss"] for h in a["history"]] == [h["train/loss"] for h in b["history"]]
+
+    # Two replicas against one device, without dropout and augmentation (drawn per replica).
+    # SGD: Adam divides by its second moment, which turns the rounding of replica sums on
+    # near-zero gradients into whole steps (as in tests/test_modern_backbones.py's ViT).
+    plain = ["--folds=3", "--refit", *COMMON, "--optimizer=sgd", "--finetune_lr=0.05"]
+    one = tmp_path / "one"
+    r = run_module("launch.train", f"--workdir={one}", "--strategy=default", *plain)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _run_and_compare(one, tmp_path / "two", "--strategy=mirrored", "--cpu_devices=2", *plain)
+    assert "test/accuracy" in json.loads((tmp_path / "two" / "results.json").read_text())["final"]
