@@ -5,6 +5,8 @@ validated, saved as `config.json` in the workdir, and passed read-only to the
 library. Nothing in `research/` reads absl flags.
 
   sections.py  the dataclasses: each field declared once (default, help, flag name)
+  stage.py     `StageConfig`, one stage's settings (a run has one or more)
+  declare.py   `opt`, how a field is declared, and the check of listed values
   specs.py     `--dataset` and unfreeze specs, each parsed in one place (`DatasetRef`, `UnfreezeSpec`)
   fields.py    what is derived from the declarations: flags, `--stages`, resume diffs
   validate.py  `validate`: the sections' own checks, then those across sections

@@ -15,11 +15,13 @@ import dataclasses
 import functools
 import math
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from research.config.specs import SOURCE_KINDS, DatasetRef, UnfreezeSpec, check
+from research.config.declare import check_enums as _check_enums
+from research.config.declare import choice, opt  # noqa: F401  (the sections' own, re-exported)
+from research.config.specs import SOURCE_KINDS, DatasetRef, check
+from research.config.stage import SCHEDULES, StageConfig  # noqa: F401  (re-exported)
 from research.errors import UserError
 from research.model import backbones  # imports no TensorFlow: the registry is lazy
 
@@ -29,42 +31,12 @@ BN_POLICIES = ("frozen", "train", "adapt")
 BACKBONE_NAMES = tuple(backbones.BACKBONES)
 TEST_SOURCES = ("auto", "val", "none")
 SAMPLERS = ("shuffle", "balanced")
-SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 ES_MODES = ("auto", "min", "max")
 CACHE_MODES = ("auto", "memory", "disk", "none")
 VARIANT_METRICS = ("loss", "accuracy", "top5_accuracy")  # what validation scores, also as val_NAME/ (val_ema/)
 MONITORS = (*(f"val/{m}" for m in VARIANT_METRICS), "train/loss", "train/accuracy")
-
-
-def opt(default: Any, help: str, *, flag: str | bool | None = None, enum: tuple | None = None,
-        resume_safe: bool = False, head: bool = False, factory=None):
-    """A config field.
-
-    Args:
-      default: its default (the flag's too).
-      help: the flag's help text.
-      flag: the flag's name if not the field's; False: no flag.
-      enum: the allowed values; the flag refuses any other.
-      resume_safe: may change on resume (and does not make a sweep trial stale).
-      head: (stage fields) the head-only stage of `--head_epochs` takes it too.
-      factory: a default factory instead of a default (nested sections).
-    """
-    md = {"help": help, "flag": flag, "enum": enum, "resume_safe": resume_safe, "head": head}
-    if factory is not None:
-        return field(default_factory=factory, metadata=md)
-    return field(default=default, metadata=md)
-
-
-def choice(name: str, value: str, allowed) -> None:
-    check(value in allowed, f"--{name}={value!r} is not valid; allowed values: {', '.join(allowed)}")
-
-
-def _check_enums(section) -> None:
-    for f in dataclasses.fields(section):
-        if f.metadata.get("enum"):
-            choice(f.metadata.get("flag") or f.name, getattr(section, f.name), f.metadata["enum"])
 
 
 @dataclass(frozen=True)
@@ -332,62 +304,6 @@ class EarlyStoppingConfig:
         check(self.patience >= 0, f"--early_stopping_patience={self.patience} must be >= 0")
         check(self.start_from_epoch >= 0,
               f"--early_stopping_start_from_epoch={self.start_from_epoch} must be >= 0")
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    """One training stage: what is trainable, for how long, how fast.
-
-    `unfreeze` is an unfreeze spec (`none`, `all`, `top:K`, `blocks:a,b`, `from:NAME`,
-    `regex:PATTERN`, `auto:K`, `norm`, `bias`, `lora:R[@SPEC]`, parts joined by `+`), see
-    research/model/unfreeze.py. With `gradual_every`,
-    the stage starts with the top block of its spec and unfreezes one more block every
-    that many epochs; with `lr_decay_per_block`, block i below the top trains at
-    lr * decay**i. The flags set the fine-tuning stage (and, for the fields marked
-    `head=True`, the head-only stage of `--head_epochs`); `--stages` sets every stage.
-    """
-
-    name: str = opt("train", "", flag=False)
-    unfreeze: str = opt("all", "Unfreeze spec of the (fine-tuning) stage: none | all | top:K | blocks:a,b | "
-                        "from:NAME | regex:PAT | auto:K (= auto:rgn:K) | auto:probe:K (chosen at the stage's start) "
-                        "| norm (normalisation gamma/beta in every block) | bias (every bias plus the normalisation "
-                        "beta: BitFit; the convolutions of mobilenet, mobilenet_v2, inception_v3, xception and "
-                        "small_cnn have no bias, so there it is the beta alone) | lora:R or lora:R@SPEC (LoRA "
-                        "factors of rank R on the Conv/Dense layers of SPEC's blocks, default all) | parts joined "
-                        "by +, e.g. top:2+norm")
-    epochs: int = opt(20, "Epochs of the (fine-tuning) stage.", flag="finetune_epochs")
-    lr: float = opt(2e-3, "Learning rate (of the head stage, and of fine-tuning unless --finetune_lr).", head=True)
-    schedule: str = opt("cosine", "Learning-rate schedule within each stage.", enum=SCHEDULES, head=True)
-    warmup_epochs: float = opt(0.0, "Linear warmup at the start of each stage, in epochs.", head=True)
-    gradual_every: int = opt(0, "Gradual unfreezing: one more block every N epochs (0: off).")
-    lr_decay_per_block: float = opt(1.0, "Layer-wise LR decay per block below the top (1: off).")
-    patience: int | None = opt(None, "", flag=False)
-
-    def validate(self) -> None:
-        s = self
-        _check_enums(s)
-        check(re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) is not None,
-              f"stage name {s.name!r} may only contain letters, digits, '_', '.', '-'")
-        check(s.epochs >= 1, f"stage {s.name!r}: epochs={s.epochs} must be >= 1")
-        check(s.lr > 0 and math.isfinite(s.lr), f"stage {s.name!r}: lr={s.lr} must be a finite number > 0")
-        check(0 <= s.warmup_epochs <= s.epochs,
-              f"stage {s.name!r}: warmup_epochs={s.warmup_epochs} must be in [0, epochs={s.epochs}]")
-        check(s.gradual_every >= 0, f"stage {s.name!r}: gradual_every={s.gradual_every} must be >= 0")
-        check(0 < s.lr_decay_per_block <= 1,
-              f"stage {s.name!r}: lr_decay_per_block={s.lr_decay_per_block} must be in (0, 1]")
-        check(s.patience is None or s.patience >= 0, f"stage {s.name!r}: patience must be >= 0")
-        try:
-            s.spec
-        except UserError as e:
-            raise UserError(f"stage {s.name!r}: {e}") from None
-        check(not s.gradual_every or any(p.kind in ("all", "top", "blocks", "from", "auto") for p in s.spec.each),
-              f"stage {s.name!r}: gradual unfreezing adds whole blocks, and {s.unfreeze!r} names none "
-              "(norm, bias, lora: and regex: parts train from the stage's start)")
-
-    @functools.cached_property
-    def spec(self) -> UnfreezeSpec:
-        """`unfreeze`, parsed once per config (the field stays the string of the flag and config.json)."""
-        return UnfreezeSpec.parse(self.unfreeze)
 
 
 @dataclass(frozen=True)

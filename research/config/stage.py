@@ -1,0 +1,71 @@
+"""One training stage's settings (`StageConfig`): a run has one or more, in order."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass
+
+from research.config.declare import check_enums as _check_enums
+from research.config.declare import opt
+from research.config.specs import UnfreezeSpec, check
+from research.errors import UserError
+
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage: what is trainable, for how long, how fast.
+
+    `unfreeze` is an unfreeze spec (`none`, `all`, `top:K`, `blocks:a,b`, `from:NAME`,
+    `regex:PATTERN`, `auto:K`, `norm`, `bias`, `lora:R[@SPEC]`, parts joined by `+`), see
+    research/model/unfreeze.py. With `gradual_every`,
+    the stage starts with the top block of its spec and unfreezes one more block every
+    that many epochs; with `lr_decay_per_block`, block i below the top trains at
+    lr * decay**i. The flags set the fine-tuning stage (and, for the fields marked
+    `head=True`, the head-only stage of `--head_epochs`); `--stages` sets every stage.
+    """
+
+    name: str = opt("train", "", flag=False)
+    unfreeze: str = opt("all", "Unfreeze spec of the (fine-tuning) stage: none | all | top:K | blocks:a,b | "
+                        "from:NAME | regex:PAT | auto:K (= auto:rgn:K) | auto:probe:K (chosen at the stage's start) "
+                        "| norm (normalisation gamma/beta in every block) | bias (every bias plus the normalisation "
+                        "beta: BitFit; the convolutions of mobilenet, mobilenet_v2, inception_v3, xception and "
+                        "small_cnn have no bias, so there it is the beta alone) | lora:R or lora:R@SPEC (LoRA "
+                        "factors of rank R on the Conv/Dense layers of SPEC's blocks, default all) | parts joined "
+                        "by +, e.g. top:2+norm")
+    epochs: int = opt(20, "Epochs of the (fine-tuning) stage.", flag="finetune_epochs")
+    lr: float = opt(2e-3, "Learning rate (of the head stage, and of fine-tuning unless --finetune_lr).", head=True)
+    schedule: str = opt("cosine", "Learning-rate schedule within each stage.", enum=SCHEDULES, head=True)
+    warmup_epochs: float = opt(0.0, "Linear warmup at the start of each stage, in epochs.", head=True)
+    gradual_every: int = opt(0, "Gradual unfreezing: one more block every N epochs (0: off).")
+    lr_decay_per_block: float = opt(1.0, "Layer-wise LR decay per block below the top (1: off).")
+    patience: int | None = opt(None, "", flag=False)
+
+    def validate(self) -> None:
+        s = self
+        _check_enums(s)
+        check(re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) is not None,
+              f"stage name {s.name!r} may only contain letters, digits, '_', '.', '-'")
+        check(s.epochs >= 1, f"stage {s.name!r}: epochs={s.epochs} must be >= 1")
+        check(s.lr > 0 and math.isfinite(s.lr), f"stage {s.name!r}: lr={s.lr} must be a finite number > 0")
+        check(0 <= s.warmup_epochs <= s.epochs,
+              f"stage {s.name!r}: warmup_epochs={s.warmup_epochs} must be in [0, epochs={s.epochs}]")
+        check(s.gradual_every >= 0, f"stage {s.name!r}: gradual_every={s.gradual_every} must be >= 0")
+        check(0 < s.lr_decay_per_block <= 1,
+              f"stage {s.name!r}: lr_decay_per_block={s.lr_decay_per_block} must be in (0, 1]")
+        check(s.patience is None or s.patience >= 0, f"stage {s.name!r}: patience must be >= 0")
+        try:
+            s.spec
+        except UserError as e:
+            raise UserError(f"stage {s.name!r}: {e}") from None
+        check(not s.gradual_every or any(p.kind in ("all", "top", "blocks", "from", "auto") for p in s.spec.each),
+              f"stage {s.name!r}: gradual unfreezing adds whole blocks, and {s.unfreeze!r} names none "
+              "(norm, bias, lora: and regex: parts train from the stage's start)")
+
+    @functools.cached_property
+    def spec(self) -> UnfreezeSpec:
+        """`unfreeze`, parsed once per config (the field stays the string of the flag and config.json)."""
+        return UnfreezeSpec.parse(self.unfreeze)
