@@ -42,6 +42,11 @@ class StageConfig:
     warmup_epochs: float = opt(0.0, "Linear warmup at the start of each stage, in epochs.", head=True)
     gradual_every: int = opt(0, "Gradual unfreezing: one more block every N epochs (0: off).")
     lr_decay_per_block: float = opt(1.0, "Layer-wise LR decay per block below the top (1: off).")
+    base_lr_ratio: float = opt(1.0, "The base's learning rate as a fraction of the head's (fastai's discriminative "
+                               "rates; 1: the same; times the layer-wise decay).")
+    zero_lr_steps: int = opt(0, "The stage's first N steps update at learning rate 0: no weight moves, the "
+                             "optimizer's moments (Adam's) are estimated on N batches first; the schedule (warmup, "
+                             "decay) starts after them.")
     patience: int | None = opt(None, "", flag=False)
 
     def validate(self) -> None:
@@ -56,6 +61,9 @@ class StageConfig:
         check(s.gradual_every >= 0, f"stage {s.name!r}: gradual_every={s.gradual_every} must be >= 0")
         check(0 < s.lr_decay_per_block <= 1,
               f"stage {s.name!r}: lr_decay_per_block={s.lr_decay_per_block} must be in (0, 1]")
+        check(0 < s.base_lr_ratio <= 1e3 and math.isfinite(s.base_lr_ratio),
+              f"stage {s.name!r}: base_lr_ratio={s.base_lr_ratio} must be a finite number > 0 (1: off)")
+        check(s.zero_lr_steps >= 0, f"stage {s.name!r}: zero_lr_steps={s.zero_lr_steps} must be >= 0")
         check(s.patience is None or s.patience >= 0, f"stage {s.name!r}: patience must be >= 0")
         try:
             s.spec

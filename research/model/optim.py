@@ -20,7 +20,8 @@ class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup to `peak`, then constant or cosine decay to 0, over one stage.
 
     The step is the optimizer's own `iterations` counter; `start` is its value at
-    the start of the stage.
+    the start of the stage. The stage's first `hold` steps (`zero_lr_steps`) are at
+    learning rate 0, and the warmup and decay run over the steps after them.
     """
 
     def __init__(self):
@@ -29,16 +30,21 @@ class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.warmup = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage_warmup_steps")
         self.total = tf.Variable(1, dtype=tf.int64, trainable=False, name="stage_total_steps")
         self.cosine = tf.Variable(False, trainable=False, name="stage_cosine")
+        self.hold = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage_zero_lr_steps")
 
     def set_stage(self, stage: StageConfig, *, start_step: int, steps_per_epoch: int) -> None:
         self.start.assign(start_step)
         self.peak.assign(stage.lr)
         self.warmup.assign(int(round(stage.warmup_epochs * steps_per_epoch)))
-        self.total.assign(max(1, stage.epochs * steps_per_epoch))
+        self.hold.assign(stage.zero_lr_steps)
+        self.total.assign(max(1, stage.epochs * steps_per_epoch - stage.zero_lr_steps))
         self.cosine.assign(stage.schedule == "cosine")
 
     def __call__(self, step):
-        step = tf.cast(step, tf.int64) - self.start
+        step = tf.cast(step, tf.int64) - self.start - self.hold
+        return tf.where(step < 0, tf.constant(0.0), self._after_hold(step))
+
+    def _after_hold(self, step):
         peak = self.peak
         warm = tf.cast(self.warmup, tf.float32)
         s = tf.cast(step, tf.float32)

@@ -205,7 +205,7 @@ def layer_blocks(model: keras.Model, backbone: str) -> tuple[keras.Model, dict[s
 
 
 def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train_bn: bool = False,
-           lr_decay_per_block: float = 1.0, limit_top: int | None = None) -> Selection:
+           lr_decay_per_block: float = 1.0, base_lr_ratio: float = 1.0, limit_top: int | None = None) -> Selection:
     """Resolves `spec` on a classifier built by `backbones.build_classifier`.
 
     Args:
@@ -215,6 +215,7 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
       train_bn: the BatchNorm policy (see module docstring).
       lr_decay_per_block: LR multiplier per block below the top block of the
         whole backbone (timm's layer decay; 1.0 disables it).
+      base_lr_ratio: LR multiplier of every base variable (the head's is 1), times the decay.
       limit_top: gradual unfreezing: keep only the top `limit_top` of the spec's blocks.
 
     Returns:
@@ -267,11 +268,12 @@ def select(model: keras.Model, backbone: str, spec: UnfreezeSpec | str, *, train
                             f"blocks: {', '.join(names)}")
         chosen = [b for b in names if b in chosen_set or b in regex_blocks]
     mult = {}
-    if lr_decay_per_block != 1.0:
+    if lr_decay_per_block != 1.0 or base_lr_ratio != 1.0:
         depth = {b: len(names) - 1 - i for i, b in enumerate(names)}
         layer_of = {id(v): layer.name for layer in base.layers for v in layer.weights}
         for v in variables:
-            m = lr_decay_per_block ** depth[block_of[layer_of[id(v)]]]
+            m = lr_decay_per_block ** depth[block_of[layer_of[id(v)]]] if lr_decay_per_block != 1.0 else 1.0
+            m = m * base_lr_ratio if base_lr_ratio != 1.0 else m
             if m != 1.0:
                 mult[v.path] = float(m)
     # LoRA is enabled, at build, on every layer of these blocks Keras has it for: the others are skipped.

@@ -124,7 +124,8 @@ class Controller:
         for a in self.actions:
             spec = a.unfreeze_spec(ctx, run, stage, spec)
         selection = unfreeze.select(ctx.built.model, cfg_m.backbone, spec, train_bn=cfg_m.train_bn,
-                                    lr_decay_per_block=stage.lr_decay_per_block, limit_top=limit)
+                                    lr_decay_per_block=stage.lr_decay_per_block,
+                                    base_lr_ratio=stage.base_lr_ratio, limit_top=limit)
         unfreeze.apply_policy(ctx.built.model, cfg_m.backbone, selection)
         inputs = next((i for i in self._call("inputs", run, stage, selection, limit) if i is not None), self.images)
         inputs.trainer.set_trainable(selection.variables, selection.lr_multipliers)

@@ -1,0 +1,167 @@
+"""The options for the start of fine-tuning (issue 28), each pinned to a reference:
+
+- the stage schedule, warmup and zero-LR steps included, equals its closed form step by step;
+- `base_lr_ratio` equals two optimizers, the base's at lr * ratio, on the same gradients;
+- `zero_lr_steps` moves no weight and leaves Adam's moments what Adam accumulates from
+  those batches' gradients (the bias-corrected second moment: their weighted mean square);
+- (slow) a run with both resumes bit-identically after SIGKILL, and two mirrored
+  replicas equal one device.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from research.config import StageConfig, TrainConfig
+from research.model import backbones, unfreeze
+from research.model.optim import StageSchedule, build_optimizer
+from research.run.loop import Trainer
+from tests.conftest import run_module
+
+
+def _closed_form(stage: StageConfig, steps_per_epoch: int, s: int) -> float:
+    """The rate of the stage's step `s` (0-based): 0 for the first `zero_lr_steps`, then a
+    linear warmup over `warmup_epochs` and a cosine to 0 over the steps that are left."""
+    s -= stage.zero_lr_steps
+    if s < 0:
+        return 0.0
+    warm = round(stage.warmup_epochs * steps_per_epoch)
+    total = stage.epochs * steps_per_epoch - stage.zero_lr_steps
+    factor = min(1.0, (s + 1) / warm) if warm else 1.0
+    if stage.schedule == "cosine" and s >= warm:
+        factor *= 0.5 * (1 + math.cos(math.pi * min(max((s - warm) / max(total - warm, 1), 0.0), 1.0)))
+    return stage.lr * factor
+
+
+@pytest.mark.parametrize("warmup,hold,schedule", [(1.5, 0, "cosine"), (0.0, 7, "cosine"), (1.0, 5, "cosine"),
+                                                  (0.5, 3, "constant")])
+def test_the_schedule_equals_its_closed_form_step_by_step(warmup, hold, schedule):
+    spe, start = 10, 37  # a stage that starts after another's 37 steps
+    stage = StageConfig(epochs=3, lr=3e-4, warmup_epochs=warmup, zero_lr_steps=hold, schedule=schedule)
+    sched = StageSchedule()
+    sched.set_stage(stage, start_step=start, steps_per_epoch=spe)
+    got = [float(sched(start + s)) for s in range(3 * spe)]
+    want = [_closed_form(stage, spe, s) for s in range(3 * spe)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+    assert got[:hold] == [0.0] * hold and got[hold] > 0
+
+
+def _model(seed=0):
+    keras.utils.set_random_seed(seed)
+    base = backbones.build_base("small_cnn", image_size=16)
+    return backbones.build_classifier(base, 4, dropout=0.0)
+
+
+def _batches(n, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.uniform(0, 1, (8 * n, 16, 16, 3)).astype(np.float32)
+    y = rng.randint(0, 4, 8 * n).astype(np.int32)
+    return x, y
+
+
+def _grads(model, variables, x, y):
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=True))
+    return tape.gradient(loss, variables)
+
+
+def test_base_lr_ratio_equals_two_optimizers_on_the_same_gradients():
+    ratio, lr, steps = 0.1, 1e-3, 4
+    ours, ref = _model(), _model()
+    ref.set_weights(ours.get_weights())
+    sel = unfreeze.select(ours, "small_cnn", "all", base_lr_ratio=ratio)
+    head = {v.path for v in unfreeze.head_variables(ours)}
+    assert set(sel.lr_multipliers) == {v.path for v in sel.variables} - head
+    assert set(sel.lr_multipliers.values()) == {ratio}
+    unfreeze.apply_policy(ours, "small_cnn", sel)
+    sched = StageSchedule()
+    sched.set_stage(StageConfig(lr=lr, epochs=1, schedule="constant"), start_step=0, steps_per_epoch=steps)
+    opt = build_optimizer(TrainConfig(), sched)
+    opt.build(sel.variables)
+    trainer = Trainer(ours, opt, strategy=tf.distribute.get_strategy())
+    trainer.set_trainable(sel.variables, sel.lr_multipliers)
+
+    ref_sel = unfreeze.select(ref, "small_cnn", "all")
+    unfreeze.apply_policy(ref, "small_cnn", ref_sel)
+    ref_head = [v for v in ref_sel.variables if v.path in head]
+    ref_base = [v for v in ref_sel.variables if v.path not in head]
+    opt_head, opt_base = keras.optimizers.Adam(lr), keras.optimizers.Adam(lr * ratio)
+    opt_head.build(ref_head)
+    opt_base.build(ref_base)
+
+    start = [v.numpy().copy() for v in sel.variables]
+    x, y = _batches(steps)
+    trainer.train(iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(8)), steps)
+    for i in range(steps):
+        g = _grads(ref, ref_base + ref_head, x[8 * i:8 * i + 8], y[8 * i:8 * i + 8])
+        opt_base.apply(g[:len(ref_base)], ref_base)
+        opt_head.apply(g[len(ref_base):], ref_head)
+    for a, b in zip(sel.variables, ref_sel.variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7, err_msg=a.path)
+    assert all(not np.array_equal(a.numpy(), b) for a, b in zip(sel.variables, start))  # every variable moved
+
+
+def test_zero_lr_steps_move_no_weight_and_leave_adams_moments_of_those_batches():
+    hold, lr = 5, 1e-3
+    model = _model()
+    sel = unfreeze.select(model, "small_cnn", "all")
+    unfreeze.apply_policy(model, "small_cnn", sel)
+    sched = StageSchedule()
+    sched.set_stage(StageConfig(lr=lr, epochs=1, zero_lr_steps=hold, schedule="constant"), start_step=0,
+                    steps_per_epoch=hold + 2)
+    opt = build_optimizer(TrainConfig(), sched)
+    opt.build(sel.variables)
+    trainer = Trainer(model, opt, strategy=tf.distribute.get_strategy())
+    trainer.set_trainable(sel.variables)
+    before = [v.numpy().copy() for v in model.weights]
+    x, y = _batches(hold + 1)
+    it = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(8))
+    trainer.train(it, hold)
+    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, model.weights))  # not a bit moved
+    assert int(opt.iterations.numpy()) == hold
+
+    # What Adam accumulates from the same batches' gradients (the weights did not move, so
+    # each gradient is the batch's at the starting weights).
+    b1, b2 = opt.beta_1, opt.beta_2
+    grads = [[g.numpy().astype(np.float64) for g in _grads(model, sel.variables, x[8 * i:8 * i + 8],
+                                                            y[8 * i:8 * i + 8])] for i in range(hold)]
+    for j, v in enumerate(sel.variables):
+        gs = [g[j] for g in grads]
+        m = sum((1 - b1) * b1 ** (hold - 1 - i) * g for i, g in enumerate(gs))
+        s = sum((1 - b2) * b2 ** (hold - 1 - i) * g * g for i, g in enumerate(gs))
+        k = opt._get_variable_index(v)
+        np.testing.assert_allclose(opt._momentums[k].numpy(), m, rtol=2e-4, atol=1e-9, err_msg=v.path)
+        np.testing.assert_allclose(opt._velocities[k].numpy(), s, rtol=2e-4, atol=1e-12, err_msg=v.path)
+        # Bias-corrected, the second moment is the (beta_2-weighted) mean of the squared gradients.
+        weights = np.array([b2 ** (hold - 1 - i) for i in range(hold)])
+        mean_sq = sum(w * g * g for w, g in zip(weights, gs)) / weights.sum()
+        np.testing.assert_allclose(opt._velocities[k].numpy() / (1 - b2 ** hold), mean_sq, rtol=2e-4, atol=1e-12)
+    trainer.train(it, 1)  # the first real step: at the stage's rate
+    assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, model.weights))
+    assert float(sched(hold)) == pytest.approx(lr)
+
+
+# Both options on a second stage, with dropout and flips: every source of randomness.
+STAGES = ["--deterministic", "--image_size=16", "--classes=0-4", "--batch_size=32", "--steps_per_loop=5",
+          "--checkpoint_keep=10", "--stages=name=head unfreeze=none epochs=1 lr=3e-3; "
+          "name=ft unfreeze=all epochs=2 lr=1e-3 base_lr_ratio=0.1 zero_lr_steps=7"]
+
+
+@pytest.mark.slow
+def test_a_run_with_both_resumes_after_sigkill_and_two_replicas_match_one_device(tmp_path):
+    from tests.test_distribute_precision import COMMON, _run_and_compare
+    from tests.test_resume import assert_killed_run_resumes_bit_identically
+
+    args = [*STAGES, "--dropout=0.3", "--horizontal_flip"]
+    assert_killed_run_resumes_bit_identically(tmp_path / "kill", args, 3)  # killed inside the ft stage
+    # Replicas: one epoch, as tests/test_distribute_precision.py compares them (over more
+    # epochs the rounding of replica sums grows past its tolerance with or without these options).
+    plain = [*COMMON, "--base_lr_ratio=0.1", "--zero_lr_steps=7"]
+    one = tmp_path / "one"
+    r = run_module("launch.train", f"--workdir={one}", "--strategy=default", *plain)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _run_and_compare(one, tmp_path / "two", "--strategy=mirrored", "--cpu_devices=2", *plain)
