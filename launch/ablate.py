@@ -44,12 +44,14 @@ F = flags.FLAGS
 flags.DEFINE_string("root", None, "Sweep directory (default: /tmp/ablate_<study>).")
 flags.DEFINE_multi_string("sweep", [], "KEY:V1,V2,... over any launch.train flag (repeat for a grid; "
                           "use ';' between values that contain commas).")
-flags.DEFINE_enum("study", "sweep", ["sweep", "transfer", "recipes", "probe", "peft", "features"],
+flags.DEFINE_enum("study", "sweep", ["sweep", "transfer", "recipes", "probe", "peft", "features", "dip"],
                   "sweep: the --sweep grid; "
                   "transfer: Yosinski et al.; recipes: the Keras guide's model.fit recipe vs the defaults and any "
                   "--recipe; probe: linear probes per block and --auto specs against the sweep over --specs; "
                   "peft: block unfreezing against norm, bias and LoRA specs (--specs) at their parameter budgets; "
-                  "features: the head on other blocks (--specs: --features values), head-only and head-then-all.")
+                  "features: the head on other blocks (--specs: --features values), head-only and head-then-all; "
+                  "dip: the first fine-tuning epoch step by step on validation, the defaults on each --specs "
+                  "(default all,top:2) and each --recipe on the first.")
 flags.DEFINE_integer("parallel", 1, "Trials run at the same time (subprocesses).")
 flags.DEFINE_string("seeds", "0,1,2", "Transfer, recipes, probe and peft studies: seeds.")
 flags.DEFINE_string("specs", "", "Probe and peft studies: the unfreeze specs swept (';' between specs that contain "
@@ -57,7 +59,7 @@ flags.DEFINE_string("specs", "", "Probe and peft studies: the unfreeze specs swe
                     "none,norm,bias,lora:4,lora:16,top:1,top:2,top:4,all for peft). Features study: the "
                     "--features values (default: top,auto).")
 flags.DEFINE_string("auto", "auto:rgn:2,auto:probe:2", "Probe study: the auto specs judged against the sweep.")
-flags.DEFINE_multi_string("recipe", [], "Recipes study: NAME:FLAGS, a recipe run beside the guide's and the "
+flags.DEFINE_multi_string("recipe", [], "Recipes and dip studies: NAME:FLAGS, a recipe run beside the guide's and the "
                           "defaults, e.g. 'adapt:--bn=adapt --schedule=constant' (repeat for more).")
 flags.DEFINE_string("classes_a", "0-4", "Transfer study: the classes of half A.")
 flags.DEFINE_string("classes_b", "5-9", "Transfer study: the classes of half B.")
@@ -100,7 +102,7 @@ def main(argv):
     root = F.root or f"/tmp/ablate_{F.study}"
     if F.folds and F.study != "sweep":
         common.die(f"--folds cross-validates a --sweep; --study={F.study} does not take it", common.EXIT_USER_ERROR)
-    if F.study not in ("sweep", "peft", "features"):  # the studies build backbones in this process
+    if F.study not in ("sweep", "peft", "features", "dip"):  # the studies build backbones in this process
         common.start_tensorflow_quietly()
     if F.study == "transfer":
         from research.studies import transfer
@@ -126,6 +128,12 @@ def main(argv):
                                            features=_split(F.specs) or features.FEATURES, parallel=F.parallel,
                                            rerun=F.rerun, ready=common.start_tensorflow_quietly)
         report = "features.md"
+    elif F.study == "dip":
+        from research.studies import dip
+        rows = dip.run_dip_study(root, train_flags, config_from_args, seeds=_seeds(), recipes=F.recipe,
+                                 specs=_split(F.specs) or dip.SPECS, parallel=F.parallel, rerun=F.rerun,
+                                 ready=common.start_tensorflow_quietly)
+        report = "dip.md"
     elif F.study == "recipes":
         rows = ablation.run_recipe_study(root, train_flags, config_from_args, seeds=_seeds(),
                                          recipes=F.recipe, parallel=F.parallel, rerun=F.rerun)
