@@ -165,3 +165,30 @@ def test_a_run_with_both_resumes_after_sigkill_and_two_replicas_match_one_device
     r = run_module("launch.train", f"--workdir={one}", "--strategy=default", *plain)
     assert r.returncode == 0, r.stderr[-3000:]
     _run_and_compare(one, tmp_path / "two", "--strategy=mirrored", "--cpu_devices=2", *plain)
+
+
+@pytest.mark.slow
+def test_the_dip_study_scores_the_first_fine_tuning_epoch_as_the_run_does(tmp_path):
+    """Its curve starts at the head's last validation accuracy and ends, at the epoch's last
+    checkpoint, at the run's own first fine-tuning epoch's."""
+    import json
+
+    root = tmp_path / "dip"
+    r = run_module("launch.ablate", "--study=dip", f"--root={root}", "--seeds=0", "--specs=all",
+                   "--recipe=zero:--zero_lr_steps=3", "--", "--dataset=digits", "--backbone=small_cnn",
+                   "--image_size=16", "--classes=0-4", "--head_epochs=1", "--finetune_epochs=1",
+                   "--checkpoint_every_steps=5", "--deterministic", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("recipe-default__unfreeze-all__seed-0", "recipe-zero__unfreeze-all__seed-0"):
+        wd = root / "trials" / name
+        dip = json.loads((wd / "dip.json").read_text())
+        history = json.loads((wd / "results.json").read_text())["history"]
+        head, ft = history[0], history[1]
+        assert dip["curve"][0]["val/accuracy"] == head["val/accuracy"]
+        assert dip["curve"][-1]["step"] == ft["step"] - head["step"] == dip["steps_per_epoch"]
+        assert dip["curve"][-1]["val/accuracy"] == pytest.approx(ft["val/accuracy"], abs=1e-9)
+        assert dip["curve"][-1]["val/loss"] == pytest.approx(ft["val/loss"], rel=1e-5)
+        assert [c["step"] for c in dip["curve"]] == sorted({c["step"] for c in dip["curve"]})
+        assert len(dip["curve"]) >= 3
+    report = (root / "dip.md").read_text()
+    assert "| zero | all | 1 |" in report and (root / "dip.png").exists()

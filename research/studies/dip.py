@@ -99,7 +99,8 @@ def first_epoch(workdir: str, *, log=print) -> dict:
     from research.serve.evaluate import score
 
     paths = tf.train.get_checkpoint_state(os.path.join(workdir, "ckpt")).all_model_checkpoint_paths
-    inside = sorted((s, p) for p in paths if start < (s := _step_of(p)) <= end)
+    # One checkpoint per step: the epoch's own save may fall on a step a periodic one took.
+    inside = sorted({s: p for p in paths if start < (s := _step_of(p)) <= end}.items())
     config, model, names, _ = load_run(workdir, checkpoint=inside[0][1])
     curve = [{"step": 0, "val/accuracy": head[-1]["val/accuracy"], "val/loss": head[-1]["val/loss"]}]
     log(f"[ablate] {os.path.basename(workdir)}: scoring {len(inside)} checkpoints of the first fine-tuning epoch")
