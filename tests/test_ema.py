@@ -90,7 +90,9 @@ def test_a_run_monitors_the_average_and_keeps_it_in_best(tmp_path):
 @pytest.mark.parametrize("flags,message", [(["--ema_decay=1"], "--ema_decay=1.0 must be in [0, 1)"),
                                            (["--early_stopping_monitor=val_ema/loss"], "needs --ema_decay"),
                                            (["--ema_decay=0.9", "--head_epochs=1", "--lr_decay_per_block=0.5"],
-                                            "lr_decay_per_block is not supported")])
+                                            "lr_decay_per_block is not supported"),
+                                           (["--ema_decay=0.9", "--base_lr_ratio=0.1"],
+                                            "base_lr_ratio is not supported")])
 def test_bad_ema_flags_exit_2(tmp_path, flags, message):
     r = run_module("launch.train", f"--workdir={tmp_path / 'run'}", *flags)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
