@@ -102,6 +102,9 @@ def main(argv):
     root = F.root or f"/tmp/ablate_{F.study}"
     if F.folds and F.study != "sweep":
         common.die(f"--folds cross-validates a --sweep; --study={F.study} does not take it", common.EXIT_USER_ERROR)
+    cv_only = [n for n in ("select", "final", "split_seeds", "final_seeds") if F[n].present]
+    if cv_only and not F.folds:
+        common.die(f"--{cv_only[0]} belongs to a cross-validated sweep: add --folds=K", common.EXIT_USER_ERROR)
     if F.study not in ("sweep", "peft", "features", "dip"):  # the studies build backbones in this process
         common.start_tensorflow_quietly()
     if F.study == "transfer":

@@ -37,6 +37,8 @@ def main(argv):
         common.die("usage: python -m launch.evaluate --workdir=DIR [--dataset=...] [--split=val] "
                    "[--checkpoint=best|latest|PATH], or --ensemble=RUN1,RUN2,... [--split=test] (not both)",
                    common.EXIT_USER_ERROR)
+    if F.out and not F.ensemble:
+        common.die("--out is for --ensemble; a run's reports go to its own eval/", common.EXIT_USER_ERROR)
     common.start_tensorflow_quietly()
     if F.ensemble:
         from research.serve.ensemble import evaluate_ensemble

@@ -23,7 +23,7 @@ from scipy import stats as sps
 from research.config import DataConfig, ExperimentConfig, UserError
 from research.data import layout
 from research.studies import cv, stats, trials
-from tests.conftest import run_module
+from tests.conftest import run_module, shared_path
 
 LABELS = np.repeat([0, 1, 2], [23, 7, 12])
 
@@ -45,6 +45,18 @@ def test_refit_is_refused_where_it_has_nothing_to_decide_on():
     validate(ExperimentConfig(data=DataConfig(refit=True), train=_es(base, True, "train/loss")))
     with pytest.raises(UserError, match="refit"):
         DataConfig(dataset="tfds:mnist", refit=True).validate()
+    import dataclasses
+    for bad in (dict(stages=(dataclasses.replace(base.stages[0], unfreeze="auto:probe:1"),)),
+                dict(train=dataclasses.replace(base.train, cache_features=True)),
+                dict(train=dataclasses.replace(base.train, early_stopping=dataclasses.replace(
+                    base.train.early_stopping, restore_best_weights=True)))):
+        with pytest.raises(UserError, match="--refit"):
+            validate(dataclasses.replace(base, data=DataConfig(refit=True), **bad))
+    weights = shared_path("weights", "mobilenet_2_5_224_tf_no_top.h5")
+    if os.path.exists(weights):  # --features=auto needs pretrained weights before it reaches the refit's check
+        model = dataclasses.replace(base.model, backbone="mobilenet", alpha=0.25, weights=weights, features="auto")
+        with pytest.raises(UserError, match="--refit"):
+            validate(dataclasses.replace(base, data=DataConfig(refit=True, image_size=128), model=model))
 
 
 def _es(config, enabled, monitor):
@@ -82,19 +94,29 @@ def test_choose_takes_the_highest_cv_score_and_breaks_ties_by_the_lower_loss():
     assert cv.choose(_scored([0.9, 0.9], [0.4, 0.3]), "split") is None  # no single-split score
 
 
-def test_median_best_epochs_per_stage_rounds_halves_up(tmp_path):
-    best = [(3, 5), (4, 2), (8, None)]  # None: a stage that never had a best (its epochs count)
-    ts = []
-    for i, (head, ft) in enumerate(best):
-        t = trials.Trial(f"t{i}", {}, [])
-        os.makedirs(trials.trial_dir(str(tmp_path), t))
-        stages = [{"epochs_run": 8, "early_stopping": {"stage_best_epoch": head}},
-                  {"epochs_run": 6, "early_stopping": {"stage_best_epoch": ft}}]
-        with open(os.path.join(trials.trial_dir(str(tmp_path), t), "results.json"), "w") as f:
-            json.dump({"stages": stages}, f)
-        ts.append(t)
-    assert cv.median_best_epochs(str(tmp_path), ts) == (4, 5)
-    assert cv.median_best_epochs(str(tmp_path), ts[:2]) == (4, 4)  # 3.5 -> 4, 3.5 -> 4
+def _results(tmp_path, name, stages):
+    t = trials.Trial(name, {}, [])
+    os.makedirs(trials.trial_dir(str(tmp_path), t))
+    with open(os.path.join(trials.trial_dir(str(tmp_path), t), "results.json"), "w") as f:
+        json.dump({"stages": stages}, f)
+    return t
+
+
+def test_the_refit_trains_the_epochs_the_kept_fold_weights_went_through(tmp_path):
+    """Every epoch run (early stopped or not), or a stage's best epoch when it ended by
+    restoring its own best weights; the median over folds, halves rounded up."""
+    def stage(name, run, restored=None):
+        return {"name": name, "epochs_run": run,
+                "weights_from": f"best/ckpt-9 (stage {restored[0]}, epoch {restored[1]})" if restored
+                else "last epoch"}
+
+    ts = [_results(tmp_path, "a", [stage("head", 8), stage("ft", 6)]),
+          _results(tmp_path, "b", [stage("head", 8, ("head", 3)), stage("ft", 6, ("ft", 2))]),
+          _results(tmp_path, "c", [stage("head", 5), stage("ft", 6, ("head", 5))])]  # ft restored the head's
+    assert [cv.kept_epochs(s) for s in (stage("ft", 6, ("ft", 2)), stage("ft", 4), stage("ft", 6, ("head", 1)))] \
+        == [2, 4, 6]
+    assert cv.median_kept_epochs(str(tmp_path), ts) == (5, 6)  # (8, 3, 5) and (6, 2, 6)
+    assert cv.median_kept_epochs(str(tmp_path), ts[:2]) == (6, 4)  # 5.5 -> 6, 4.0
 
 
 def test_a_cv_sweeps_trials_are_a_plain_fold_sweeps_and_fold_flags_are_refused():
@@ -132,8 +154,10 @@ def digit_pool(tmp_path_factory):
     return root
 
 
+# Early stopping with patience 1: the folds run different epoch counts, which the refit's median reads.
 FLAGS = ["--backbone=small_cnn", "--image_size=16", "--batch_size=16", "--head_epochs=3", "--finetune_epochs=3",
-         "--finetune_lr=1e-3", "--unfreeze=all", "--deterministic"]
+         "--finetune_lr=1e-3", "--unfreeze=all", "--deterministic", "--early_stopping",
+         "--early_stopping_patience=1"]
 
 
 def _sweep(root, data):
@@ -176,9 +200,9 @@ def test_cv_sweep_chooses_by_cv_refits_ensembles_resumes_and_never_reads_test(di
 
     # Refit: exactly the folds' median best epoch per stage, no validation, no best/.
     fold_dirs = [os.path.join(root, "trials", f"lr-{pick}__fold-{i}") for i in range(3)]
-    best = [[s["early_stopping"]["stage_best_epoch"] for s in json.load(open(os.path.join(d, "results.json")))["stages"]]
-            for d in fold_dirs]
-    want = [int(np.median(col) + 0.5) for col in zip(*best)]
+    # The folds' weights are their last epoch's (no restore): every epoch each stage ran.
+    ran = [[s["epochs_run"] for s in json.load(open(os.path.join(d, "results.json")))["stages"]] for d in fold_dirs]
+    want = [int(np.floor(np.median(col) + 0.5)) for col in zip(*ran)]
     refit = os.path.join(root, "trials", f"lr-{pick}__final-refit")
     res = json.load(open(os.path.join(refit, "results.json")))
     assert [s["epochs_run"] for s in res["stages"]] == want

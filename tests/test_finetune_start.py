@@ -184,7 +184,8 @@ def test_the_dip_study_scores_the_first_fine_tuning_epoch_as_the_run_does(tmp_pa
         dip = json.loads((wd / "dip.json").read_text())
         history = json.loads((wd / "results.json").read_text())["history"]
         head, ft = history[0], history[1]
-        assert dip["curve"][0]["val/accuracy"] == head["val/accuracy"]
+        assert dip["curve"][0]["step"] == 0  # the head's last checkpoint, scored again
+        assert dip["curve"][0]["val/accuracy"] == pytest.approx(head["val/accuracy"], abs=1e-9)
         assert dip["curve"][-1]["step"] == ft["step"] - head["step"] == dip["steps_per_epoch"]
         assert dip["curve"][-1]["val/accuracy"] == pytest.approx(ft["val/accuracy"], abs=1e-9)
         assert dip["curve"][-1]["val/loss"] == pytest.approx(ft["val/loss"], rel=1e-5)

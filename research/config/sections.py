@@ -70,7 +70,8 @@ class DataConfig:
                      "train is the other K-1 folds; test is the same as without folds.")
     fold: int = opt(0, "With --folds=K, the fold that is validation: 0..K-1.")
     refit: bool = opt(False, "Train on the whole pool (every fold; without --folds, train and the carved validation) "
-                      "with no validation: no best/, and early stopping only on train/...; test is unchanged.")
+                      "with no validation: give each stage its epochs (early stopping and best/ only on train/...); "
+                      "test is unchanged.")
     classes: str = opt("", "Class subset by name or index, e.g. 0-4 or ants,bees (relabelled 0..k-1).")
     image_size: int = opt(0, "Input side in pixels (0: the backbone's default).")
     batch_size: int = opt(32, "Global batch size.")

@@ -62,7 +62,7 @@ class StageConfig:
         check(0 < s.lr_decay_per_block <= 1,
               f"stage {s.name!r}: lr_decay_per_block={s.lr_decay_per_block} must be in (0, 1]")
         check(0 < s.base_lr_ratio <= 1e3 and math.isfinite(s.base_lr_ratio),
-              f"stage {s.name!r}: base_lr_ratio={s.base_lr_ratio} must be a finite number > 0 (1: off)")
+              f"stage {s.name!r}: base_lr_ratio={s.base_lr_ratio} must be in (0, 1000] (1: off)")
         check(s.zero_lr_steps >= 0, f"stage {s.name!r}: zero_lr_steps={s.zero_lr_steps} must be >= 0")
         check(s.patience is None or s.patience >= 0, f"stage {s.name!r}: patience must be >= 0")
         try:

@@ -98,7 +98,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         check(not (es.enabled and es.monitor.startswith("val")),
               f"--refit trains without validation: --early_stopping_monitor={es.monitor} has nothing to read "
               "(monitor train/loss, or give each stage its epochs)")
+        check(not es.restore_best_weights, "--refit trains without validation: --restore_best_weights would "
+              "restore the epoch of the lowest training loss, not a chosen one (its epochs are fixed)")
         check(m.features != "auto", "--refit trains without validation, which --features=auto's probes read")
+        check(not t.cache_features, "--refit trains without validation, and --cache_features caches it too")
         check(not any(s.spec.auto is not None and s.spec.auto.method == "probe" for s in config.stages),
               "--refit trains without validation, which an auto:probe spec's probes read")
     return config

@@ -25,6 +25,7 @@ def load_members(workdirs: list[str], checkpoint: str = "latest") -> tuple[list,
       UserError: fewer than two runs, or runs that differ in classes, input size,
         preprocessing or evaluation crop (their probabilities would not be of one input).
     """
+    workdirs = [w for w in workdirs if w]
     if len(workdirs) < 2:
         raise UserError(f"an ensemble needs at least two runs, got {len(workdirs)}: {', '.join(workdirs) or 'none'}")
     members, paths, names = [], [], None
@@ -43,6 +44,12 @@ def load_members(workdirs: list[str], checkpoint: str = "latest") -> tuple[list,
         members.append((config, model))
         paths.append(path)
     return members, names, paths
+
+
+def _splitting(data) -> tuple:
+    """What decides a run's test split and its pool: equal for the folds of one recipe."""
+    return (data.dataset, data.classes, data.test, data.test_split, data.test_fraction, data.val_split,
+            data.train_split)
 
 
 def ensemble_model(members: list, class_names: list[str], paths: list[str]) -> keras.Model:
@@ -97,8 +104,11 @@ def evaluate_ensemble(workdirs: list[str], out_dir: str, *, dataset: str | None 
     own = members[0][0].data
     if split is None:
         split = "all" if dataset and evaluate.whole_folder(evaluate.DatasetRef.parse(dataset), own.source) else "test"
-    data = [c.data for c, _ in members]
-    if not dataset and split in ("val", "train", "all") and any(d != own for d in data[1:]):
+    splits = [_splitting(c.data) for c, _ in members]
+    if any(s != splits[0] for s in splits[1:]):
+        raise UserError("the members split their data differently (other data, classes or test split): their "
+                        "test images would be another member's training images")
+    if not dataset and split in ("val", "train", "all") and any(c.data != own for c, _ in members[1:]):
         raise UserError(f"--split={split}: the members split their data differently (e.g. other folds), so one "
                         "member's validation is another's training; score --split=test or another --dataset")
     which = "" if checkpoint == "latest" else "_" + os.path.basename(checkpoint.rstrip("/"))

@@ -145,8 +145,9 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
     if tta not in TTA:
         raise UserError(f"--tta={tta!r} is not valid; allowed values: {', '.join(TTA)}")
     config, model, class_names, path = load_run(workdir, checkpoint=checkpoint)
-    if split is None:
-        split = "all" if dataset and whole_folder(DatasetRef.parse(dataset), config.data.source) else "val"
+    if split is None:  # a --refit run has no validation: its own data defaults to test
+        split = ("all" if dataset and whole_folder(DatasetRef.parse(dataset), config.data.source)
+                 else "test" if config.data.refit and not dataset else "val")
     which = "" if checkpoint == "best" else "_" + os.path.basename(checkpoint.rstrip("/"))
     return score([(config, model)], class_names, {"workdir": workdir, "checkpoint": path}, workdir,
                  dataset=dataset, split=split, name=name, which=which, data_dir=data_dir,
@@ -195,6 +196,9 @@ def score(members: list, class_names: list[str], head: dict, out_root: str, *, d
     if split == "test" and source.test is None:
         raise UserError(f"{source_name} has no test split here (the run's --test={cfg.test}, test: "
                         f"{source.test_from}); evaluate --split=val, or another --dataset")
+    if split == "val" and not source.num_val:
+        raise UserError(f"{source_name} has no validation split here (a --refit run trains on every pool image); "
+                        "evaluate --split=test, or another --dataset")
     parts = {"all": ["train", "val", "test"], "train": ["train"], "test": ["test"]}.get(split, ["val"])
     datasets = [d for d in (getattr(source, p) for p in parts) if d is not None]
     split_ds = datasets[0]
@@ -214,8 +218,7 @@ def score(members: list, class_names: list[str], head: dict, out_root: str, *, d
         logits = outputs[0][0]
         log_probs = _log_softmax(logits)
     else:  # the members' class probabilities averaged: the ensemble's scores are its log-probabilities
-        log_probs = np.log(np.mean([np.exp(_log_softmax(out)) for out, _ in outputs], axis=0))
-        logits = log_probs
+        logits = log_probs = _member_mean([_log_softmax(out) for out, _ in outputs])
     pred = logits.argmax(axis=1)
     confusion = confusion_matrix(labels, pred, labels=np.arange(k))
     report = {

@@ -17,8 +17,10 @@ The chosen row's final model, for each of `final_seeds`, built only after the ch
 - **ensemble**: the K fold models of the seed, their class probabilities averaged
   (research/serve/ensemble.py), exported to `ROOT/final/<row>__seed-S/export/` and
   scored once on test;
-- **refit**: one run on the whole pool (`--refit`: no validation), each stage trained
-  for the median over the seed's folds of that stage's best epoch (1-based).
+- **refit**: one run on the whole pool (`--refit`: no validation, no early stopping),
+  each stage trained for the median over the seed's folds of the epochs the kept weights
+  went through (`kept_epochs`: every epoch run, or the stage's best epoch when it
+  restored its best weights).
 
 Everything that trains is a trial (research/studies/trials.py): a killed sweep resumes,
 finished trials are reused under the same config checks, `--parallel` runs several.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,8 +79,10 @@ class Plan:
 
     def refit_trial(self, row: dict, seed: str | None, stage_epochs: tuple[int, ...]) -> Trial:
         values = self._values(row, seed, **{FINAL_KEY: "refit"})
-        return Trial(trial_name(values), values, self._flags(row, seed, f"--folds={self.folds}", "--refit"),
-                     trial_name(row), stage_epochs=stage_epochs)
+        # Its epochs are fixed: nothing to stop early or restore (and no validation to read).
+        return Trial(trial_name(values), values,
+                     self._flags(row, seed, f"--folds={self.folds}", "--refit", "--noearly_stopping",
+                                 "--norestore_best_weights"), trial_name(row), stage_epochs=stage_epochs)
 
     def selection_trials(self) -> list[Trial]:
         return ([self.fold_trial(r, s, i) for r in self.rows for s in self.seeds for i in range(self.folds)]
@@ -151,7 +156,9 @@ def score_rows(p: Plan, results: dict[str, dict], baseline: dict | None) -> list
             common = [k for k in mine if k in theirs and mine[k] is not None and theirs[k] is not None]
             diff = stats.cv_interval([mine[k] - theirs[k] for k in common], p.folds,
                                      within=stats.difference_bounds(METRIC))
-        out.append({"row": row, "group": trial_name(row), "n": len(fold_rows), "cv": cv,
+        out.append({"row": row, "group": trial_name(row), "n": len(fold_rows),
+                    "complete": len(fold_rows) == p.folds * len(p.seeds) and len(split_rows) == len(p.split_seeds),
+                    "cv": cv,
                     "cv_loss": _mean(r.get(LOSS) for r in fold_rows),
                     "fold_test": _mean(r.get("test/accuracy") for r in fold_rows),
                     "split_n": len(split_rows),
@@ -166,22 +173,32 @@ def score_rows(p: Plan, results: dict[str, dict], baseline: dict | None) -> list
 
 def choose(scored: list[dict], method: str) -> dict | None:
     """The row with the highest score of `method` (`cv` or `split`), ties to the lower
-    validation loss; None when no row has that score."""
+    validation loss, among the rows with every trial done (a row missing a fold is scored
+    on other images); None when no row qualifies."""
     score, loss = ("cv", "cv_loss") if method == "cv" else ("split_val", "split_loss")
-    ok = [r for r in scored if math.isfinite(r[score].mean)]
+    ok = [r for r in scored if math.isfinite(r[score].mean) and r.get("complete", True)]
     if not ok:
         return None
     return max(ok, key=lambda r: (r[score].mean, -(r[loss] if math.isfinite(r[loss]) else math.inf)))
 
 
-def median_best_epochs(root: str, trials: list[Trial]) -> tuple[int, ...]:
-    """Per stage, the median over `trials` (the folds of one seed) of the stage's best
-    epoch (results.json counts it from 1), halves rounded up."""
+def kept_epochs(stage: dict) -> int:
+    """The epochs of a stage (a `results.json` record) that the weights it handed on went
+    through: its best epoch when it ended by restoring its own best weights
+    (`--restore_best_weights`), else every epoch it ran (early stopping included)."""
+    restored = re.fullmatch(r"best/\S+ \(stage (\S+), epoch (\d+)\)", stage.get("weights_from", ""))
+    if restored and restored.group(1) == stage["name"]:
+        return int(restored.group(2))
+    return stage["epochs_run"]
+
+
+def median_kept_epochs(root: str, trials: list[Trial]) -> tuple[int, ...]:
+    """Per stage, the median over `trials` (the folds of one seed) of `kept_epochs`, halves
+    rounded up: the refit trains what the fold models that CV scored trained."""
     per_trial = []
     for t in trials:
         with open(os.path.join(trial_dir(root, t), "results.json")) as f:
-            stages = json.load(f)["stages"]
-        per_trial.append([s["early_stopping"]["stage_best_epoch"] or s["epochs_run"] for s in stages])
+            per_trial.append([kept_epochs(s) for s in json.load(f)["stages"]])
     return tuple(int(math.floor(np.median(col) + 0.5)) for col in zip(*per_trial))
 
 
@@ -215,6 +232,7 @@ def run_cv_sweep(root: str, sweep_items: list[str], train_flags: list[str], make
     base_row = _baseline_row(p, baseline)
     trials = p.selection_trials()
     prepare(root, trials, make_config, rerun=rerun, log=log)
+    check_finals(p, trials, make_config)
     ready()
     run_all(root, trials, parallel=parallel, log=log)
     results = {r["trial"]: r for r in collect(root, trials)}
@@ -231,7 +249,7 @@ def run_cv_sweep(root: str, sweep_items: list[str], train_flags: list[str], make
         run_all(root, extra, parallel=parallel, log=log)
         results.update({r["trial"]: r for r in collect(root, extra)})
         if "refit" in p.finals:
-            final_trials = [p.refit_trial(chosen["row"], s, median_best_epochs(
+            final_trials = [p.refit_trial(chosen["row"], s, median_kept_epochs(
                 root, [p.fold_trial(chosen["row"], s, i) for i in range(p.folds)])) for s in p.final_seeds
                             if all(results[p.fold_trial(chosen["row"], s, i).name]["status"] == "done"
                                    for i in range(p.folds))]
@@ -245,6 +263,26 @@ def run_cv_sweep(root: str, sweep_items: list[str], train_flags: list[str], make
     write_report(root, p, scored, chosen, select, finals_out, rows)
     write_hparams(root, every)
     return rows
+
+
+def check_finals(p: Plan, trials: list[Trial], make_config: MakeConfig) -> None:
+    """Refuses, before anything runs, final models that could not be built after the choice:
+    a refit or a final seed whose flags are invalid, an ensemble scored on no test split.
+
+    Raises:
+      UserError: naming the row and what is wrong.
+    """
+    if "ensemble" in p.finals and p.final_seeds and any(t.config.data.test == "none" for t in trials):
+        raise UserError("--final=ensemble scores the fold ensemble once on test, and --test=none leaves no test "
+                        "split; pass --final=refit, or give the data a test split")
+    for row in p.rows:
+        for s in p.final_seeds:
+            checks = [p.fold_trial(row, s, 0)] + ([p.refit_trial(row, s, None)] if "refit" in p.finals else [])
+            for t in checks:
+                try:
+                    make_config(t.flags)
+                except UserError as e:
+                    raise UserError(f"the final models of {trial_name(row)}, seed {s}: {e}") from None
 
 
 def _baseline_row(p: Plan, spec: str | None) -> dict | None:
@@ -330,7 +368,7 @@ def write_report(root: str, p: Plan, scored: list[dict], chosen: dict | None, se
                   "| final model | seed | test/accuracy | trained | where |", "|---|---|---|---|---|"]
         for f in finals:
             trained = (f"{p.folds} fold models, probabilities averaged" if f["final"] == "ensemble"
-                       else f"the whole pool, epochs per stage {f['epochs']} (the folds' median best epoch)")
+                       else f"the whole pool, epochs per stage {f['epochs']} (the folds' median)")
             lines.append(f"| {f['final']} | {f['seed'] if f['seed'] is not None else ''} | "
                          f"{_f(f.get('test/accuracy'))} | {trained} | `{f['where']}` |")
         lines += ["", "| final model | test/accuracy, mean over seeds [95 % t-interval] |", "|---|---|"]
@@ -366,7 +404,10 @@ def agreement_lines(scored: list[dict]) -> list[str]:
             continue
         tau = stats.kendall_tau([r[key].mean for r in have], [r["all_test"] for r in have])
         pick = choose(have, method)
-        lines.append(f"| {label} | {tau:+.3f} | {pick['group']} | {_f(pick['all_test'])} |")
+        if pick is None:
+            continue
+        shown = f"{tau:+.3f}" if math.isfinite(tau) else "n/a (a constant score)"
+        lines.append(f"| {label} | {shown} | {pick['group']} | {_f(pick['all_test'])} |")
     best = max(rows, key=lambda r: r["all_test"])
     lines += ["", f"The row with the highest test accuracy, {best['group']} ({_f(best['all_test'])}), is named "
               f"here after the choice, never to make it ({len(truth)} rows)."]

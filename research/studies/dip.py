@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from research.config import UserError
 from research.studies import stats
 from research.studies.ablation import parse_recipes
 from research.studies.tables import code_lines, collect
@@ -60,6 +61,11 @@ def run_dip_study(root: str, train_flags: list[str], make_config: MakeConfig, *,
     """
     trials = dip_trials(train_flags, parse_recipes(recipes), list(specs), seeds)
     prepare(root, trials, make_config, rerun=rerun, log=log)
+    for t in trials:
+        if len(t.config.stages) < 2 or t.config.data.refit:
+            raise UserError(f"trial {t.name}: the dip study scores the fine-tuning stage that follows a first "
+                            "stage (e.g. --head_epochs=8) on validation; it has "
+                            f"{len(t.config.stages)} stage(s){' and no validation (--refit)' if t.config.data.refit else ''}")
     ready()
     run_all(root, trials, parallel=parallel, log=log)
     rows = collect(root, trials)
@@ -89,9 +95,9 @@ def first_epoch(workdir: str, *, log=print) -> dict:
     with open(os.path.join(workdir, "results.json")) as f:
         r = json.load(f)
     history = r["history"]
-    stages = list(dict.fromkeys(h["stage"] for h in history))
+    stages = list(dict.fromkeys(h["stage"] for h in history))  # the first stage, then the one studied
     head = [h for h in history if h["stage"] == stages[0]]
-    ft = [h for h in history if h["stage"] == stages[-1]]
+    ft = [h for h in history if h["stage"] == stages[1]]
     start, end = head[-1]["step"], ft[0]["step"]
     import tensorflow as tf
 
@@ -100,9 +106,10 @@ def first_epoch(workdir: str, *, log=print) -> dict:
 
     paths = tf.train.get_checkpoint_state(os.path.join(workdir, "ckpt")).all_model_checkpoint_paths
     # One checkpoint per step: the epoch's own save may fall on a step a periodic one took.
-    inside = sorted({s: p for p in paths if start < (s := _step_of(p)) <= end}.items())
+    # The head's last checkpoint (step 0), then the first fine-tuning epoch's.
+    inside = sorted({s: p for p in paths if start <= (s := _step_of(p)) <= end}.items())
     config, model, names, _ = load_run(workdir, checkpoint=inside[0][1])
-    curve = [{"step": 0, "val/accuracy": head[-1]["val/accuracy"], "val/loss": head[-1]["val/loss"]}]
+    curve = []
     log(f"[ablate] {os.path.basename(workdir)}: scoring {len(inside)} checkpoints of the first fine-tuning epoch")
     for step, path in inside:
         restore(workdir, path, model=model)

@@ -127,8 +127,9 @@ def prepare(root: str, trials: list[Trial], make_config: MakeConfig, *, rerun: b
         try:
             config = make_config(t.flags)
             if t.stage_epochs is not None:
-                config = dataclasses.replace(config, stages=tuple(
-                    dataclasses.replace(s, epochs=e) for s, e in zip(config.stages, t.stage_epochs, strict=True)))
+                from research.config import validate
+                config = validate(dataclasses.replace(config, stages=tuple(
+                    dataclasses.replace(s, epochs=e) for s, e in zip(config.stages, t.stage_epochs, strict=True))))
             if not config.data.cache_dir:
                 config = dataclasses.replace(config, data=dataclasses.replace(config.data, cache_dir=cache_dir))
             if t.kind == "guide":
