@@ -53,11 +53,12 @@ flags.DEFINE_enum("study", "sweep", ["sweep", "transfer", "recipes", "probe", "p
                   "dip: the first fine-tuning epoch step by step on validation, the defaults on each --specs "
                   "(default all,top:2) and each --recipe on the first.")
 flags.DEFINE_integer("parallel", 1, "Trials run at the same time (subprocesses).")
-flags.DEFINE_string("seeds", "0,1,2", "Transfer, recipes, probe and peft studies: seeds.")
+flags.DEFINE_string("seeds", "0,1,2", "Transfer, recipes, probe, peft, features and dip studies: seeds.")
 flags.DEFINE_string("specs", "", "Probe and peft studies: the unfreeze specs swept (';' between specs that contain "
                     "commas; default: none,top:1,top:2,top:4,all for probe, "
                     "none,norm,bias,lora:4,lora:16,top:1,top:2,top:4,all for peft). Features study: the "
-                    "--features values (default: top,auto).")
+                    "--features values (default: top,auto). Dip study: the specs the defaults run (default: all,top:2; each "
+                    "--recipe runs on the first).")
 flags.DEFINE_string("auto", "auto:rgn:2,auto:probe:2", "Probe study: the auto specs judged against the sweep.")
 flags.DEFINE_multi_string("recipe", [], "Recipes and dip studies: NAME:FLAGS, a recipe run beside the guide's and the "
                           "defaults, e.g. 'adapt:--bn=adapt --schedule=constant' (repeat for more).")

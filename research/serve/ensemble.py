@@ -79,8 +79,7 @@ def export_ensemble(workdirs: list[str], out_dir: str, *, checkpoint: str = "lat
                 "features": [run_features(c, p) for (c, _), p in zip(members, paths)],
                 "checkpoint": paths, "members": [os.path.abspath(w) for w in workdirs],
                 "combine": "mean of the members' class probabilities",
-                "input": "RGB pixels in [0, 255], upright (EXIF orientation applied), resized to image_size "
-                "(antialiased bilinear)", "eval_crop": config.data.eval_crop}
+                "input": export.INPUT, "eval_crop": config.data.eval_crop}
         return export.write_export(ensemble_model(members, class_names, paths), meta, out_dir)
     finally:
         keras.mixed_precision.set_global_policy(policy)

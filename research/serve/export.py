@@ -35,6 +35,9 @@ from research.model import backbones, lora
 from research.run.checkpoints import load_run, run_features
 from research.errors import UserError
 
+# What an exported model takes (labels.json's `input`).
+INPUT = "RGB pixels in [0, 255], upright (EXIF orientation applied), resized to image_size (antialiased bilinear)"
+
 # BGR mean of keras.applications' "caffe" preprocessing (vgg16, resnet50).
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
@@ -122,8 +125,7 @@ def _export(workdir, checkpoint, out_dir, class_names):
     full = inference_model(model, config.model.backbone, eval_crop=config.data.eval_crop)
     meta = {"class_names": class_names, "image_size": model.input_shape[1], "backbone": config.model.backbone,
             "features": run_features(config, path),
-            "checkpoint": path, "input": "RGB pixels in [0, 255], upright (EXIF orientation applied), "
-            "resized to image_size (antialiased bilinear)", "eval_crop": config.data.eval_crop}
+            "checkpoint": path, "input": INPUT, "eval_crop": config.data.eval_crop}
     return write_export(full, meta, out_dir or os.path.join(workdir, "export"))
 
 
