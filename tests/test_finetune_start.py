@@ -193,3 +193,11 @@ def test_the_dip_study_scores_the_first_fine_tuning_epoch_as_the_run_does(tmp_pa
         assert len(dip["curve"]) >= 3
     report = (root / "dip.md").read_text()
     assert "| zero | all | 1 |" in report and (root / "dip.png").exists()
+
+
+def test_zero_lr_steps_that_take_the_whole_stage_exit_2_before_anything_is_written(tmp_path):
+    wd = tmp_path / "run"
+    r = run_module("launch.train", f"--workdir={wd}", "--image_size=16", "--classes=0-4", "--finetune_epochs=1",
+                   "--zero_lr_steps=100000")
+    assert r.returncode == 2 and "zero_lr_steps=100000" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not wd.exists() or not any(wd.iterdir())

@@ -33,12 +33,8 @@ class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.hold = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage_zero_lr_steps")
 
     def set_stage(self, stage: StageConfig, *, start_step: int, steps_per_epoch: int) -> None:
-        """Raises UserError: zero-LR steps and warmup that leave the stage no step at its rate."""
-        steps, warm = stage.epochs * steps_per_epoch, int(round(stage.warmup_epochs * steps_per_epoch))
-        if stage.zero_lr_steps and stage.zero_lr_steps + warm >= steps:
-            raise UserError(f"stage {stage.name!r}: zero_lr_steps={stage.zero_lr_steps} and its warmup "
-                            f"({warm} steps) take all of its {steps} steps ({stage.epochs} epochs of "
-                            f"{steps_per_epoch}); use fewer")
+        """Raises UserError: as `check_steps`."""
+        check_steps(stage, steps_per_epoch)
         self.start.assign(start_step)
         self.peak.assign(stage.lr)
         self.warmup.assign(int(round(stage.warmup_epochs * steps_per_epoch)))
@@ -64,6 +60,15 @@ class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {}
+
+
+def check_steps(stage: StageConfig, steps_per_epoch: int) -> None:
+    """Raises UserError when zero-LR steps and the warmup leave the stage no step at its rate
+    (known once the data gives the steps per epoch)."""
+    steps, warm = stage.epochs * steps_per_epoch, int(round(stage.warmup_epochs * steps_per_epoch))
+    if stage.zero_lr_steps and stage.zero_lr_steps + warm >= steps:
+        raise UserError(f"stage {stage.name!r}: zero_lr_steps={stage.zero_lr_steps} and its warmup ({warm} steps) "
+                        f"take all of its {steps} steps ({stage.epochs} epochs of {steps_per_epoch}); use fewer")
 
 
 def build_optimizer(cfg: TrainConfig, schedule, *, loss_scale: bool = False) -> keras.optimizers.Optimizer:

@@ -29,6 +29,7 @@ from research.run import build as build_lib
 from research.run import checkpoints, distribute, head_features, preflight
 from research.run import workdir as workdir_lib
 from research.model import lora as lora_lib
+from research.model import optim
 from research.run.actions.base import Context
 from research.run.controller import Controller
 from research.run.loop import Trainer
@@ -96,6 +97,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
         raise UserError(f"one optimizer step needs batch_size*grad_accum_steps = "
                         f"{config.data.batch_size * t.grad_accum_steps} images but the training set has "
                         f"{source.num_train}")
+    for stage in config.stages:
+        optim.check_steps(stage, steps_per_epoch)
     trainer = Trainer(built.model, built.optimizer, strategy=strategy, grad_accum_steps=t.grad_accum_steps,
                       jit_compile=distribute.use_xla(t.jit_compile), label_smoothing=t.label_smoothing,
                       class_weights=weights)
