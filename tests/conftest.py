@@ -47,3 +47,22 @@ def tiny_folder(tmp_path):
             ext = "png" if j % 2 else "jpg"
             Image.fromarray(img).convert("RGB").resize((20 + j % 5, 16)).save(root / f"class {c}" / f"img {j}.{ext}")
     return root
+
+
+def write_digit_folders(root, plan: dict) -> None:
+    """Digits 0-2 as class folders, one sub-folder per split of `plan` ({split: slice of each
+    class's images}), under `root/real`, and under `root/scrambled` the same with every test
+    image filed under the wrong class: the fixture of the checks that no decision reads test."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for c in range(3):
+        idx = np.flatnonzero(d.target == c)
+        for split, sl in plan.items():
+            for copy, label in (("real", c), ("scrambled", (c + 1) % 3 if split == "test" else c)):
+                out = root / copy / split / f"digit{label}"
+                out.mkdir(parents=True, exist_ok=True)
+                for i in idx[sl]:
+                    Image.fromarray((d.images[i] * 255 / 16).astype("uint8")).convert("RGB").save(out / f"{i}.png")

@@ -23,7 +23,7 @@ from scipy import stats as sps
 from research.config import DataConfig, ExperimentConfig, UserError
 from research.data import layout
 from research.studies import cv, stats, trials
-from tests.conftest import run_module, shared_path
+from tests.conftest import run_module, shared_path, write_digit_folders
 
 LABELS = np.repeat([0, 1, 2], [23, 7, 12])
 
@@ -138,19 +138,8 @@ def test_a_cv_sweeps_trials_are_a_plain_fold_sweeps_and_fold_flags_are_refused()
 def digit_pool(tmp_path_factory):
     """Digits 0-2: train/ (the pool, 60 a class) and test/ (20 a class) class folders, and a
     copy whose test images are all filed under the wrong class."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
     root = tmp_path_factory.mktemp("cv")
-    for c in range(3):
-        idx = np.flatnonzero(d.target == c)
-        for split, sl in (("train", slice(0, 60)), ("test", slice(60, 80))):
-            for copy, label in (("real", c), ("scrambled", (c + 1) % 3 if split == "test" else c)):
-                out = root / copy / split / f"digit{label}"
-                out.mkdir(parents=True, exist_ok=True)
-                for i in idx[sl]:
-                    Image.fromarray((d.images[i] * 255 / 16).astype("uint8")).convert("RGB").save(out / f"{i}.png")
+    write_digit_folders(root, {"train": slice(0, 60), "test": slice(60, 80)})
     return root
 
 

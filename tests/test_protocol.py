@@ -20,7 +20,7 @@ from research.studies import stats, tables
 from research.data import sources
 from research.data import folders
 from research.config import DataConfig, UserError
-from tests.conftest import run_module
+from tests.conftest import run_module, write_digit_folders
 
 # --- the splits ----------------------------------------------------------------------------
 
@@ -134,20 +134,8 @@ def test_folder_splits_are_disjoint_for_every_layout(tmp_path):
 def digit_folders(tmp_path_factory):
     """Digits 0-2 as train/val/test class folders (`real`), and a copy whose test images
     are all filed under the wrong class (`scrambled`)."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
     root = tmp_path_factory.mktemp("protocol")
-    plan = {"train": slice(0, 40), "val": slice(40, 55), "test": slice(55, 75)}
-    for c in range(3):
-        idx = np.flatnonzero(d.target == c)
-        for split, sl in plan.items():
-            for copy, label in (("real", c), ("scrambled", (c + 1) % 3 if split == "test" else c)):
-                out = root / copy / split / f"digit{label}"
-                out.mkdir(parents=True, exist_ok=True)
-                for i in idx[sl]:
-                    Image.fromarray((d.images[i] * 255 / 16).astype("uint8")).convert("RGB").save(out / f"{i}.png")
+    write_digit_folders(root, {"train": slice(0, 40), "val": slice(40, 55), "test": slice(55, 75)})
     return root
 
 

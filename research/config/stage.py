@@ -73,6 +73,11 @@ class StageConfig:
               f"stage {s.name!r}: gradual unfreezing adds whole blocks, and {s.unfreeze!r} names none "
               "(norm, bias, lora: and regex: parts train from the stage's start)")
 
+    @property
+    def rescaled_updates(self) -> list[str]:
+        """The options of this stage that scale some variables' updates (a per-variable rate)."""
+        return [k for k in ("lr_decay_per_block", "base_lr_ratio") if getattr(self, k) != 1.0]
+
     @functools.cached_property
     def spec(self) -> UnfreezeSpec:
         """`unfreeze`, parsed once per config (the field stays the string of the flag and config.json)."""

@@ -28,6 +28,7 @@ finished trials are reused under the same config checks, `--parallel` runs sever
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -61,7 +62,7 @@ class Plan:
     final_seeds: list[str | None]
     finals: list[str] = field(default_factory=lambda: list(FINALS))
 
-    def _values(self, row: dict, seed: str | None, **extra) -> dict[str, str]:
+    def values(self, row: dict, seed: str | None, **extra) -> dict[str, str]:
         return {**row, **({SEED_KEY: seed} if seed is not None else {}), **extra}
 
     def _flags(self, row: dict, seed: str | None, *extra: str) -> list[str]:
@@ -69,16 +70,16 @@ class Plan:
                 *([f"--seed={seed}"] if seed is not None else []), *extra]
 
     def fold_trial(self, row: dict, seed: str | None, fold: int) -> Trial:
-        values = self._values(row, seed, **{FOLD_KEY: str(fold)})
+        values = self.values(row, seed, **{FOLD_KEY: str(fold)})
         return Trial(trial_name(values), values,
                      self._flags(row, seed, f"--folds={self.folds}", f"--fold={fold}"), trial_name(row))
 
     def split_trial(self, row: dict, seed: str | None) -> Trial:
-        values = self._values(row, seed)
+        values = self.values(row, seed)
         return Trial(trial_name(values), values, self._flags(row, seed), trial_name(row))
 
     def refit_trial(self, row: dict, seed: str | None, stage_epochs: tuple[int, ...]) -> Trial:
-        values = self._values(row, seed, **{FINAL_KEY: "refit"})
+        values = self.values(row, seed, **{FINAL_KEY: "refit"})
         # Its epochs are fixed: nothing to stop early or restore (and no validation to read).
         return Trial(trial_name(values), values,
                      self._flags(row, seed, f"--folds={self.folds}", "--refit", "--noearly_stopping",
@@ -115,14 +116,9 @@ def plan(sweep_items: list[str], train_flags: list[str], *, folds: int, split_se
                         f"{', '.join(FINALS)}")
     seeds: list[str | None] = next((list(v) for k, v in sweep if k == SEED_KEY), [None])
     grid = [(k, v) for k, v in sweep if k != SEED_KEY]
-    rows = [dict(zip([k for k, _ in grid], combo)) for combo in _product([v for _, v in grid])]
+    rows = [dict(zip([k for k, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])]
     return Plan(list(train_flags), keys, rows, folds, seeds, seeds if split_seeds is None else split_seeds,
                 seeds if final_seeds is None else final_seeds, finals)
-
-
-def _product(lists: list[list[str]]) -> list[tuple[str, ...]]:
-    import itertools
-    return list(itertools.product(*lists))
 
 
 # --- scores ------------------------------------------------------------------------------
@@ -308,7 +304,7 @@ def final_models(root: str, p: Plan, row: dict, results: dict, refits: list[Tria
         members = [p.fold_trial(row, s, i) for i in range(p.folds)]
         if "ensemble" in p.finals and all(results[t.name]["status"] == "done" for t in members):
             out.append(ensemble(root, [trial_dir(root, t) for t in members],
-                                os.path.join(root, "final", trial_name(p._values(row, s))), s, log=log))
+                                os.path.join(root, "final", trial_name(p.values(row, s))), s, log=log))
     for t in refits:
         r = results[t.name]
         out.append({"final": "refit", "seed": t.values.get(SEED_KEY), "test/accuracy": r.get("test/accuracy"),

@@ -65,8 +65,7 @@ class Ema(Action):
         monitor = config.train.early_stopping.monitor
         check(decay or not monitor.startswith("val_ema/"),
               f"--early_stopping_monitor={monitor} needs --ema_decay (the averaged weights it scores)")
-        scaled = [k for k in ("lr_decay_per_block", "base_lr_ratio")
-                  if any(getattr(s, k) != 1.0 for s in config.stages)]
+        scaled = [k for s in config.stages for k in s.rescaled_updates]
         check(not (decay and scaled), f"--ema_decay with {scaled[0] if scaled else ''} is not supported: the "
               "average would miss the per-variable rescaling of the updates")
 
