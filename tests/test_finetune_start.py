@@ -4,8 +4,11 @@
 - `base_lr_ratio` equals two optimizers, the base's at lr * ratio, on the same gradients;
 - `zero_lr_steps` moves no weight and leaves Adam's moments what Adam accumulates from
   those batches' gradients (the bias-corrected second moment: their weighted mean square);
-- (slow) a run with both resumes bit-identically after SIGKILL, and two mirrored
-  replicas equal one device.
+- a stage's own optimizer (SGD with momentum after the head's Adam) equals Keras's SGD
+  on the same gradients, its cosine starting at the stage's first step;
+- `continue_schedule` is one warmup + cosine over the stages' planned steps;
+- (slow) runs with each resume bit-identically after SIGKILL, two mirrored replicas
+  equal one device, and the learning rate a run logs is the closed form's.
 """
 
 import math
@@ -143,6 +146,114 @@ def test_zero_lr_steps_move_no_weight_and_leave_adams_moments_of_those_batches()
     trainer.train(it, 1)  # the first real step: at the stage's rate
     assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, model.weights))
     assert float(sched(hold)) == pytest.approx(lr)
+
+
+def test_a_stage_optimizer_of_its_own_equals_keras_sgd_after_adam_on_the_same_gradients():
+    """The head trains 3 steps with the run's Adam; then every variable trains 4 steps with
+    the stage's SGD (momentum 0.9), whose cosine starts at the stage's own first step."""
+    lr_head, lr_ft, n_head, n_ft = 3e-3, 1e-2, 3, 4
+    ours, ref = _model(), _model()
+    ref.set_weights(ours.get_weights())
+    sched = StageSchedule()
+    sel_head = unfreeze.select(ours, "small_cnn", "none")
+    sel_all = unfreeze.select(ours, "small_cnn", "all")
+    adam, sgd = build_optimizer(TrainConfig(), sched), build_optimizer(TrainConfig(), sched, name="sgd")
+    adam.build(sel_all.variables)
+    sgd.build(sel_all.variables)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.momentum == TrainConfig().momentum == 0.9
+    trainer = Trainer(ours, adam, strategy=tf.distribute.get_strategy())
+    x, y = _batches(n_head + n_ft)
+    it = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(8))
+    unfreeze.apply_policy(ours, "small_cnn", sel_head)
+    sched.set_stage(StageConfig(lr=lr_head, epochs=1, schedule="constant"), start_step=0, steps_per_epoch=n_head)
+    trainer.set_trainable(sel_head.variables)
+    trainer.train(it, n_head)
+    unfreeze.apply_policy(ours, "small_cnn", sel_all)
+    sched.set_stage(StageConfig(lr=lr_ft, epochs=1, optimizer="sgd"), start_step=0, steps_per_epoch=n_ft)
+    trainer.set_trainable(sel_all.variables, optimizer=sgd)
+    trainer.train(it, n_ft)
+    assert (int(adam.iterations.numpy()), int(sgd.iterations.numpy())) == (n_head, n_ft)
+
+    ref_head = unfreeze.select(ref, "small_cnn", "none").variables
+    ref_all = unfreeze.select(ref, "small_cnn", "all")
+    unfreeze.apply_policy(ref, "small_cnn", ref_all)
+    ref_adam = keras.optimizers.Adam(lr_head)
+    ref_sgd = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(lr_ft, n_ft), momentum=0.9)
+    for i in range(n_head + n_ft):
+        variables = ref_head if i < n_head else ref_all.variables
+        g = _grads(ref, variables, x[8 * i:8 * i + 8], y[8 * i:8 * i + 8])
+        (ref_adam if i < n_head else ref_sgd).apply(g, variables)
+    for a, b in zip(sel_all.variables, ref_all.variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7, err_msg=a.path)
+
+
+def test_continue_schedule_is_one_schedule_over_the_stages_planned_steps():
+    """A head stage with warmup, continued by two stages: the rate at every step of the three
+    is the closed form of one stage as long as the three (the continuing stages' own lr,
+    schedule and warmup unused); a stage after them restarts."""
+    spe = 10
+    head = StageConfig(name="head", unfreeze="none", epochs=2, lr=3e-3, warmup_epochs=0.5)
+    stages = (head, StageConfig(name="ft", epochs=3, lr=1e-9, schedule="constant", continue_schedule=True),
+              StageConfig(name="ft2", epochs=1, lr=1e-9, warmup_epochs=1, continue_schedule=True),
+              StageConfig(name="last", epochs=1, lr=5e-4, schedule="constant"))
+    one = StageConfig(epochs=6, lr=3e-3, warmup_epochs=0.5)
+    sched, got, step = StageSchedule(), [], 0
+    for stage in stages:
+        sched.set_stage(stage, start_step=step, steps_per_epoch=spe, stages=stages)
+        got += [float(sched(step + s)) for s in range(stage.epochs * spe)]
+        step += stage.epochs * spe
+    want = [_closed_form(one, spe, s) for s in range(60)] + [5e-4] * spe
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)  # float32: about eps * the peak
+    # A continuing stage that starts late (its stage before stopped early) starts at its planned place.
+    sched.set_stage(stages[1], start_step=7, steps_per_epoch=spe, stages=stages)
+    assert float(sched(7)) == pytest.approx(_closed_form(one, spe, 20), rel=1e-6)
+
+
+def _logged_rates(wd):
+    import json
+    return [(h["stage"], h["step"], h["learning_rate"]) for h in json.loads((wd / "results.json").read_text())["history"]]
+
+
+# A stage's own SGD after the head's Adam, continued by a third stage: every kind of stage start.
+OWN = ["--deterministic", "--image_size=16", "--classes=0-4", "--batch_size=32", "--steps_per_loop=5",
+       "--checkpoint_keep=10", "--stages=name=head unfreeze=none epochs=1 lr=3e-3; "
+       "name=ft unfreeze=all epochs=2 lr=1e-2 optimizer=sgd; name=ft2 unfreeze=all epochs=2 optimizer=sgd "
+       "continue_schedule=1"]
+
+
+@pytest.mark.slow
+def test_a_stage_optimizer_and_continue_schedule_resume_after_sigkill_and_match_on_two_replicas(tmp_path):
+    from tests.test_distribute_precision import COMMON, _run_and_compare
+    from tests.test_resume import assert_killed_run_resumes_bit_identically
+
+    args = [*OWN, "--dropout=0.3", "--horizontal_flip"]
+    assert_killed_run_resumes_bit_identically(tmp_path / "kill", args, 3)  # killed inside ft2
+    ref = tmp_path / "kill" / "ref"
+    rates = _logged_rates(ref)
+    spe = rates[0][1]  # the head's one epoch
+    # Each logged rate is the next step's: the head's cosine restarts at 0 for SGD's own steps,
+    # and ft2 goes on with ft's cosine over their 4 epochs.
+    ft_sgd = StageConfig(epochs=4, lr=1e-2)
+    want = [("head", spe, _closed_form(StageConfig(epochs=1, lr=3e-3), spe, spe))]
+    want += [(name, spe * (1 + e), _closed_form(ft_sgd, spe, spe * e)) for name, e in
+             (("ft", 1), ("ft", 2), ("ft2", 3), ("ft2", 4))]
+    assert [r[:2] for r in rates] == [w[:2] for w in want]
+    np.testing.assert_allclose([r[2] for r in rates], [w[2] for w in want], rtol=1e-5, atol=1e-9)
+    # The stage's optimizer is part of the checkpoint: another cannot be resumed into it.
+    changed = [a.replace("optimizer=sgd", "optimizer=adamw") for a in args]
+    r = run_module("launch.train", f"--workdir={ref}", *changed, "--allow_config_change")
+    assert r.returncode == 2 and "stages.1.optimizer" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+    plain = [*COMMON, "--head_epochs=1", "--finetune_optimizer=sgd", "--finetune_lr=1e-2"]
+    one = tmp_path / "one"
+    r = run_module("launch.train", f"--workdir={one}", "--strategy=default", *plain)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _run_and_compare(one, tmp_path / "two", "--strategy=mirrored", "--cpu_devices=2", *plain)
+    cont = [*COMMON, "--head_epochs=1", "--continue_schedule"]
+    one = tmp_path / "one_cont"
+    r = run_module("launch.train", f"--workdir={one}", "--strategy=default", *cont)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _run_and_compare(one, tmp_path / "two_cont", "--strategy=mirrored", "--cpu_devices=2", *cont)
 
 
 # Both options on a second stage, with dropout and flips: every source of randomness.

@@ -122,12 +122,20 @@ def parse_stages(text: str) -> tuple[StageConfig, ...]:
                   f"allowed keys: {', '.join(keys)}")
             name = _STAGE_ALIASES.get(key, key)
             try:
-                kwargs[name] = _STAGE_TYPES[name](value)
+                kwargs[name] = _parse_bool(value) if _STAGE_TYPES[name] is bool else _STAGE_TYPES[name](value)
             except ValueError:
                 raise UserError(f"--stages: {key}={value!r} in stage {i} is not a valid "
                                 f"{_STAGE_TYPES[name].__name__}") from None
         stages.append(StageConfig(**kwargs))
     return tuple(stages)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(text)
 
 
 def simple_stages(*, head_epochs: int, finetune_lr: float | None, **stage: Any) -> tuple[StageConfig, ...]:

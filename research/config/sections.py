@@ -21,11 +21,10 @@ from typing import Any
 from research.config.declare import check_enums as _check_enums
 from research.config.declare import choice, opt  # noqa: F401  (the sections' own, re-exported)
 from research.config.specs import SOURCE_KINDS, DatasetRef, check
-from research.config.stage import SCHEDULES, StageConfig  # noqa: F401  (re-exported)
+from research.config.stage import OPTIMIZERS, SCHEDULES, StageConfig  # noqa: F401  (re-exported)
 from research.errors import UserError
 from research.model import backbones  # imports no TensorFlow: the registry is lazy
 
-OPTIMIZERS = ("adam", "sgd", "adamw")
 JIT = ("auto", "true", "false")
 BN_POLICIES = ("frozen", "train", "adapt")
 BACKBONE_NAMES = tuple(backbones.BACKBONES)

@@ -13,6 +13,7 @@ from research.config.specs import UnfreezeSpec, check
 from research.errors import UserError
 
 SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adam", "sgd", "adamw")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,12 @@ class StageConfig:
     zero_lr_steps: int = opt(0, "The stage's first N steps update at learning rate 0: no weight moves, the "
                              "optimizer's moments (Adam's) are estimated on N batches first; the schedule (warmup, "
                              "decay) starts after them.")
+    optimizer: str = opt("", "The stage's own optimizer: adam | sgd | adamw (empty: --optimizer's). A stage "
+                         "with another optimizer than the run's gets one of its own, with its own slots and step "
+                         "count, checkpointed beside the run's (SGD takes --momentum).", flag="finetune_optimizer")
+    continue_schedule: bool = opt(False, "The stage does not restart the learning-rate schedule: it goes on "
+                                  "with the previous stage's (its lr, schedule, warmup), which then spans both "
+                                  "stages' planned steps; the stage's own lr, schedule and warmup are not used.")
     patience: int | None = opt(None, "", flag=False)
 
     def validate(self) -> None:
@@ -65,6 +72,10 @@ class StageConfig:
               f"stage {s.name!r}: base_lr_ratio={s.base_lr_ratio} must be in (0, 1000] (1: off)")
         check(s.zero_lr_steps >= 0, f"stage {s.name!r}: zero_lr_steps={s.zero_lr_steps} must be >= 0")
         check(s.patience is None or s.patience >= 0, f"stage {s.name!r}: patience must be >= 0")
+        check(s.optimizer in ("", *OPTIMIZERS), f"stage {s.name!r}: optimizer={s.optimizer!r} is not valid; "
+              f"allowed values: {', '.join(OPTIMIZERS)} (or empty: the run's --optimizer)")
+        check(not (s.continue_schedule and s.zero_lr_steps),
+              f"stage {s.name!r}: zero_lr_steps restarts the schedule at 0, which continue_schedule does not do")
         try:
             s.spec
         except UserError as e:

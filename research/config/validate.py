@@ -83,6 +83,12 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     check(len(set(names)) == len(names), f"stage names must be unique, got {names}")
     for s in config.stages:
         s.validate()
+    for prev, s in zip((None, *config.stages), config.stages):
+        if s.continue_schedule:
+            check(prev is not None, f"stage {s.name!r}: continue_schedule needs a stage before it to continue")
+            check((prev.optimizer or t.optimizer) == (s.optimizer or t.optimizer),
+                  f"stage {s.name!r}: continue_schedule goes on with the learning rate of stage {prev.name!r}, "
+                  f"which is another optimizer's ({prev.optimizer or t.optimizer}, not {s.optimizer or t.optimizer})")
     ranks = sorted({s.spec.lora.k for s in config.stages if s.spec.lora is not None})
     check(len(ranks) <= 1, f"the stages ask for LoRA ranks {ranks}; a run has one LoRA rank (its factors are "
           "created once, before the first stage)")

@@ -1,9 +1,11 @@
 """Optimizers, learning-rate schedules with warmup, loss scaling.
 
 One optimizer serves the whole run (see DESIGN: Keras checkpoints optimizer
-slots by position). Stages differ only in their learning-rate settings, which
-live in `StageSchedule`'s variables and are set eagerly at each stage start, so
-the traced step reads them and needs no retrace for a new learning rate.
+slots by position), and one more for each other optimizer a stage names
+(`StageConfig.optimizer`), each built once on every variable its stages train.
+Stages differ in their learning-rate settings, which live in `StageSchedule`'s
+variables and are set eagerly at each stage start, so the traced step reads them
+and needs no retrace for a new learning rate.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     The step is the optimizer's own `iterations` counter; `start` is its value at
     the start of the stage. The stage's first `hold` steps (`zero_lr_steps`) are at
-    learning rate 0, and the warmup and decay run over the steps after them.
+    learning rate 0, and the warmup and decay run over the steps after them. Stages
+    that `continue_schedule` share the schedule of the stage they continue: it spans
+    the planned steps of them all, and each starts at its planned place in it.
     """
 
     def __init__(self):
@@ -32,15 +36,23 @@ class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.cosine = tf.Variable(False, trainable=False, name="stage_cosine")
         self.hold = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage_zero_lr_steps")
 
-    def set_stage(self, stage: StageConfig, *, start_step: int, steps_per_epoch: int) -> None:
-        """Raises UserError: as `check_steps`."""
-        check_steps(stage, steps_per_epoch)
-        self.start.assign(start_step)
-        self.peak.assign(stage.lr)
-        self.warmup.assign(int(round(stage.warmup_epochs * steps_per_epoch)))
-        self.hold.assign(stage.zero_lr_steps)
-        self.total.assign(max(1, stage.epochs * steps_per_epoch - stage.zero_lr_steps))
-        self.cosine.assign(stage.schedule == "cosine")
+    def set_stage(self, stage: StageConfig, *, start_step: int, steps_per_epoch: int,
+                  stages: tuple[StageConfig, ...] = ()) -> None:
+        """Sets the schedule of `stage`, which starts at optimizer step `start_step`.
+
+        `stages`: the run's, when a stage may continue another's schedule (`stage` among them).
+
+        Raises UserError: as `check_steps`.
+        """
+        group = schedule_span(stages, stages.index(stage)) if stage in stages else [stage]
+        lead, planned = group[0], [s.epochs * steps_per_epoch for s in group]
+        check_steps(lead, steps_per_epoch)
+        self.start.assign(start_step - sum(planned[:group.index(stage)]))
+        self.peak.assign(lead.lr)
+        self.warmup.assign(int(round(lead.warmup_epochs * steps_per_epoch)))
+        self.hold.assign(lead.zero_lr_steps)
+        self.total.assign(max(1, sum(planned) - lead.zero_lr_steps))
+        self.cosine.assign(lead.schedule == "cosine")
 
     def __call__(self, step):
         step = tf.cast(step, tf.int64) - self.start - self.hold
@@ -62,6 +74,17 @@ class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return {}
 
 
+def schedule_span(stages: tuple[StageConfig, ...], index: int) -> list[StageConfig]:
+    """The stages whose one schedule `stages[index]` runs on: itself, and the stages it
+    continues (`continue_schedule`) or that continue it."""
+    first = last = index
+    while first > 0 and stages[first].continue_schedule:
+        first -= 1
+    while last + 1 < len(stages) and stages[last + 1].continue_schedule:
+        last += 1
+    return list(stages[first:last + 1])
+
+
 def check_steps(stage: StageConfig, steps_per_epoch: int) -> None:
     """Raises UserError when zero-LR steps and the warmup leave the stage no step at its rate
     (known once the data gives the steps per epoch)."""
@@ -71,12 +94,14 @@ def check_steps(stage: StageConfig, steps_per_epoch: int) -> None:
                         f"take all of its {steps} steps ({stage.epochs} epochs of {steps_per_epoch}); use fewer")
 
 
-def build_optimizer(cfg: TrainConfig, schedule, *, loss_scale: bool = False) -> keras.optimizers.Optimizer:
-    """Builds the run's optimizer.
+def build_optimizer(cfg: TrainConfig, schedule, *, name: str = "",
+                    loss_scale: bool = False) -> keras.optimizers.Optimizer:
+    """Builds the run's optimizer, or a stage's own.
 
     Args:
       cfg: optimizer name, momentum, weight decay, clipping.
       schedule: a learning rate or schedule.
+      name: the optimizer (empty: `cfg.optimizer`).
       loss_scale: wrap in `LossScaleOptimizer` (dynamic loss scaling, for
         mixed_float16). Clipping stays on the inner optimizer, which then sees
         unscaled gradients.
@@ -86,14 +111,15 @@ def build_optimizer(cfg: TrainConfig, schedule, *, loss_scale: bool = False) -> 
         # The average covers every variable the optimizer was built on (any stage's); each
         # step it moves them all, so a block frozen so far is averaged as its constant value.
         clip.update(use_ema=True, ema_momentum=cfg.ema_decay)
-    if cfg.optimizer == "adam":
+    name = name or cfg.optimizer
+    if name == "adam":
         opt = keras.optimizers.Adam(schedule, **clip)
-    elif cfg.optimizer == "sgd":
+    elif name == "sgd":
         opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum, **clip)
-    elif cfg.optimizer == "adamw":
+    elif name == "adamw":
         opt = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, **clip)
     else:
-        raise UserError(f"--optimizer={cfg.optimizer!r} is not valid; allowed values: adam, sgd, adamw")
+        raise UserError(f"--optimizer={name!r} is not valid; allowed values: adam, sgd, adamw")
     if loss_scale:
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt

@@ -99,7 +99,8 @@ def class_weights(config: ExperimentConfig, source: sources.Source) -> list[floa
 
 @dataclass
 class Model:
-    """The run's classifier, its backbone, its one optimizer and the per-stage LR schedule."""
+    """The run's classifier, its backbone, its optimizer (and the stages' own) and the
+    per-stage LR schedule."""
 
     model: keras.Model
     base: keras.Model
@@ -109,6 +110,15 @@ class Model:
     lora: lora_lib.Plan = dataclasses.field(default_factory=lambda: lora_lib.Plan([], []))
     whole: keras.Model | None = None  # the uncut base (`--features`): pretrained weights load into it
     features: str = "top"  # what the head reads, resolved
+    # `StageConfig.optimizer`s other than the run's, by name; each counts its own steps.
+    stage_optimizers: dict[str, keras.optimizers.Optimizer] = dataclasses.field(default_factory=dict)
+
+    def optimizer_for(self, stage) -> keras.optimizers.Optimizer:
+        return self.stage_optimizers.get(stage.optimizer, self.optimizer)
+
+    def step(self) -> int:
+        """The run's optimizer steps: every optimizer's, as each step is one optimizer's."""
+        return sum(int(o.iterations.numpy()) for o in (self.optimizer, *self.stage_optimizers.values()))
 
 
 def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.Strategy, *,
@@ -118,9 +128,9 @@ def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.St
     `features`: what the head reads, resolved (`--features=auto` is measured first,
     `research.run.head_features`); None: `--features` as given.
 
-    The optimizer is built on the union of every stage's variables, inside the
-    strategy scope (keras issue 23085), so its slot layout is the same for
-    every stage and every checkpoint.
+    The optimizer is built on the union of every stage's variables (a stage's own
+    optimizer on its stages'), inside the strategy scope (keras issue 23085), so its
+    slot layout is the same for every stage and every checkpoint.
 
     Raises:
       UserError: an unfreeze spec that does not fit the backbone, in any stage
@@ -136,9 +146,16 @@ def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.St
         selections = [unfreeze.select(model, cfg_m.backbone, s.spec, train_bn=cfg_m.train_bn)
                       for s in config.stages]
         schedule = StageSchedule()
-        optimizer = build_optimizer(config.train, schedule, loss_scale=config.train.precision == "mixed_float16")
+        scaled = config.train.precision == "mixed_float16"
+        optimizer = build_optimizer(config.train, schedule, loss_scale=scaled)
         optimizer.build(unfreeze.trainable_union(model, selections))
-    return Model(model, base, optimizer, schedule, size, lora, whole, features)
+        own = {}
+        for name in dict.fromkeys(s.optimizer for s in config.stages):
+            if name not in ("", config.train.optimizer):
+                own[name] = build_optimizer(config.train, schedule, name=name, loss_scale=scaled)
+                own[name].build(unfreeze.trainable_union(
+                    model, [sel for sel, s in zip(selections, config.stages) if s.optimizer == name]))
+    return Model(model, base, optimizer, schedule, size, lora, whole, features, own)
 
 
 def init_weights(config: ExperimentConfig, m: Model) -> None:

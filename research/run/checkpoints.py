@@ -50,21 +50,24 @@ class Checkpoints:
       workdir: run directory; `ckpt/` and `best/` are created inside it.
       model: the classifier.
       base: its backbone (saved separately for `init_from_run`).
-      optimizer: the single run optimizer.
+      optimizer: the run's optimizer.
       keep: how many latest checkpoints to keep.
       scratch_dir: where non-chief multi-worker replicas save (a throw-away
         directory, as TF's multi-worker guide prescribes); they still restore
         from `workdir/ckpt`.
+      stage_optimizers: the stages' own optimizers, by name (`optimizer_NAME` in the checkpoint).
     """
 
-    def __init__(self, workdir: str, *, model, base, optimizer, keep: int = 3, scratch_dir: str | None = None):
+    def __init__(self, workdir: str, *, model, base, optimizer, keep: int = 3, scratch_dir: str | None = None,
+                 stage_optimizers: dict | None = None):
         self.meta = tf.Variable("", dtype=tf.string, trainable=False, name="run_meta")
         self.model = model
         root = scratch_dir or workdir
         # Every worker restores from the run's own ckpt/, even those that save elsewhere.
         self.restore_dir = os.path.join(workdir, "ckpt")
         self.run_best_dir = os.path.join(workdir, "best")
-        self.full = tf.train.Checkpoint(model=model, base=base, optimizer=optimizer, meta=self.meta)
+        own = {f"optimizer_{name}": o for name, o in (stage_optimizers or {}).items()}
+        self.full = tf.train.Checkpoint(model=model, base=base, optimizer=optimizer, meta=self.meta, **own)
         self.weights_only = tf.train.Checkpoint(model=model, base=base, meta=self.meta)
         self.latest = tf.train.CheckpointManager(self.full, os.path.join(root, "ckpt"), max_to_keep=keep)
         self.best = tf.train.CheckpointManager(self.weights_only, os.path.join(root, "best"), max_to_keep=1)

@@ -88,8 +88,10 @@ class Controller:
         es = self._early_stopping(stage, run.early_stopping)
         if run.stage_start_step is None:
             run.stage_start_step = self.ctx.step()
-        self.ctx.built.schedule.set_stage(stage, start_step=run.stage_start_step,
-                                          steps_per_epoch=self.steps_per_epoch)
+        # The schedule counts the stage's own optimizer's steps, and all of the stage's are its.
+        own_steps = int(self.ctx.built.optimizer_for(stage).iterations.numpy())
+        self.ctx.built.schedule.set_stage(stage, start_step=own_steps - (self.ctx.step() - run.stage_start_step),
+                                          steps_per_epoch=self.steps_per_epoch, stages=self.config.stages)
         self._call("stage_start", run, stage)  # e.g. AdaBN, an auto: spec's choice: before any update
         while run.epoch < stage.epochs and not run.stage_stopped:
             inputs, selection = self._activate(run, stage)
@@ -128,7 +130,8 @@ class Controller:
                                     base_lr_ratio=stage.base_lr_ratio, limit_top=limit)
         unfreeze.apply_policy(ctx.built.model, cfg_m.backbone, selection)
         inputs = next((i for i in self._call("inputs", run, stage, selection, limit) if i is not None), self.images)
-        inputs.trainer.set_trainable(selection.variables, selection.lr_multipliers)
+        inputs.trainer.set_trainable(selection.variables, selection.lr_multipliers,
+                                     optimizer=ctx.built.optimizer_for(stage))
         self._call("trainable_set", run, stage, selection, inputs)
         label = stage.name if limit is None else f"{stage.name}/top{len(selection.blocks)}"
         record = dict(unfreeze.describe(selection, ctx.built.model, stage=stage.name, bn=cfg_m.bn), key=label,
@@ -200,8 +203,9 @@ class Controller:
         top5 = ctx.source.num_classes > 5
         metrics = {k: v for k, v in {**prefixed("train", train_m), **val_m}.items()
                    if top5 or not k.endswith("/top5_accuracy")}
-        metrics.update({"learning_rate": current_lr(ctx.built.optimizer), "images_per_second": run.images_per_second()})
-        scale = loss_scale_value(ctx.built.optimizer)
+        optimizer = ctx.built.optimizer_for(stage)
+        metrics.update({"learning_rate": current_lr(optimizer), "images_per_second": run.images_per_second()})
+        scale = loss_scale_value(optimizer)
         if scale is not None:
             metrics["loss_scale"] = scale
 

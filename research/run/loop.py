@@ -70,8 +70,8 @@ class Trainer:
 
     Args:
       model: the classifier (float32 logits).
-      optimizer: the run's single optimizer, already built on every variable any
-        stage may train.
+      optimizer: the run's optimizer, already built on every variable any stage may
+        train (`set_trainable` switches to a stage's own).
       strategy: a `tf.distribute.Strategy` (the default strategy on one device).
       grad_accum_steps: micro-batches per optimizer update. Gradients are summed
         in-graph within one step, so this works under MirroredStrategy (Keras's
@@ -109,8 +109,11 @@ class Trainer:
 
     # -- the step --------------------------------------------------------------
 
-    def set_trainable(self, variables: list, lr_multipliers: dict[str, float] | None = None) -> None:
-        """Sets the explicit variable list and makes a fresh traced step for it."""
+    def set_trainable(self, variables: list, lr_multipliers: dict[str, float] | None = None,
+                      optimizer=None) -> None:
+        """Sets the explicit variable list (and the optimizer that steps it, when a stage
+        has its own) and makes a fresh traced step for it."""
+        self.optimizer = optimizer or self.optimizer
         self.variables = list(variables)
         mult = lr_multipliers or {}
         self.lr_multipliers = [float(mult.get(v.path, 1.0)) for v in self.variables]

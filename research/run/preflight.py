@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from research.config import ExperimentConfig, UserError, config_diff, writable_dir
 from research.config.fields import with_defaults
@@ -111,8 +112,8 @@ def changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> li
     # The optimizer's slots are checkpointed by position: another optimizer would load one
     # slot's values into another (or fail to load at all); so would an option's own state.
     # So is the model: another `--features` is another set of variables, or other inputs to the head.
-    fixed = ([d for d in diff if d.startswith(("train.optimizer:", "model.features:", "model.features_norm:"))]
-             + actions.resume_conflicts(old, config))
+    fixed = ([d for d in diff if d.startswith(("train.optimizer:", "model.features:", "model.features_norm:"))
+              or re.match(r"stages\.\d+\.optimizer:", d)] + actions.resume_conflicts(old, config))
     if fixed:
         raise UserError(f"--workdir={workdir!r}: {'; '.join(fixed)}: changes the optimizer's checkpointed "
                         "state (or the model's variables or inputs, or an option's state), which cannot be "

@@ -106,7 +106,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, *, allow_config_c
     with workdir_lib.workdir_lock(workdir, enabled=chief):
         scratch = None if chief else tempfile.mkdtemp(prefix="worker_ckpt_")
         ckpts = checkpoints.Checkpoints(workdir, model=built.model, base=built.base, optimizer=built.optimizer,
-                                        keep=t.checkpoint_keep, scratch_dir=scratch)
+                                        keep=t.checkpoint_keep, scratch_dir=scratch,
+                                        stage_optimizers=built.stage_optimizers)
         ctx = Context(config=config, workdir=workdir, strategy=strategy, chief=chief, verbose=verbose,
                       source=source, pipeline=pipeline, built=built, trainer=trainer, ckpts=ckpts,
                       class_weights=weights, listeners=actions)

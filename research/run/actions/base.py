@@ -45,7 +45,7 @@ class Context:
     Attributes:
       config / workdir / strategy / chief: the run's.
       source / pipeline: the data and its tf.data pipeline.
-      built: `research.run.build.Model` (model, base, the one optimizer, schedule).
+      built: `research.run.build.Model` (model, base, the optimizers, schedule).
       trainer: the image trainer (`research.run.loop.Trainer`).
       class_weights: the training loss's per-class weights (None: unweighted).
       ckpts: `research.run.checkpoints.Checkpoints`.
@@ -76,7 +76,7 @@ class Context:
             print(text, flush=True)
 
     def step(self) -> int:
-        return int(self.built.optimizer.iterations.numpy())
+        return self.built.step()
 
     def evaluate(self, dataset, trainer=None) -> dict[str, float]:
         """Loss and accuracies of the model's current weights on a dataset (top-5 only with
