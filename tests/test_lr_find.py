@@ -26,9 +26,10 @@ def test_smoothing_and_the_suggestion_on_a_known_curve():
 
 def test_a_range_test_follows_its_schedule_and_stops_when_the_loss_diverges(tmp_path):
     r = run_module("launch.lr_find", f"--out={tmp_path}", "--steps=80", "--start=1e-5", "--end=1e4", "--",
-                   "--image_size=16", "--classes=0-4", "--optimizer=sgd", "--epochs=1")
+                   "--image_size=16", "--classes=0-4", "--finetune_optimizer=sgd", "--epochs=1")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "lr_find.json").read_text())
+    assert res["optimizer"] == "sgd"  # the stage's own, not the run's Adam
     n = res["steps_run"]
     assert 10 <= n < 80, n  # an SGD step at lr 1e4 diverges: the test stops early
     expected = 1e-5 * (1e4 / 1e-5) ** (np.arange(n) / 79)

@@ -121,7 +121,7 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     m = build_lib.build(config, source.num_classes, strategy)
     build_lib.init_weights(config, m)
     with strategy.scope():
-        optimizer = build_optimizer(config.train, ExponentialLR(start, end, steps),
+        optimizer = build_optimizer(config.train, ExponentialLR(start, end, steps), name=st.optimizer,
                                     loss_scale=config.train.precision == "mixed_float16")
         selection = unfreeze.select(m.model, config.model.backbone, st.spec, train_bn=config.model.train_bn)
         unfreeze.apply_policy(m.model, config.model.backbone, selection)
@@ -149,8 +149,8 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     if len(losses) < 5:
         raise UserError(f"the loss diverged after {len(losses)} steps from lr {start:g}; lower --start")
     lrs_a, smoothed = np.array(lrs), smooth(losses)
-    result = {"stage": st.name, "unfreeze": st.unfreeze, "note": note, "steps_run": len(losses), "start": start,
-              "end": end,
+    result = {"stage": st.name, "unfreeze": st.unfreeze, "optimizer": type(getattr(optimizer, "inner_optimizer", optimizer)).__name__.lower(),
+              "note": note, "steps_run": len(losses), "start": start, "end": end,
               "lrs": lrs, "losses": losses, "smoothed": smoothed.tolist(), "suggestion": suggest(lrs_a, smoothed),
               "seconds": time.perf_counter() - t0, "traces": trainer.tracing_count()}
     os.makedirs(out_dir, exist_ok=True)
