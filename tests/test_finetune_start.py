@@ -209,6 +209,22 @@ def test_continue_schedule_is_one_schedule_over_the_stages_planned_steps():
     assert float(sched(7)) == pytest.approx(_closed_form(one, spe, 20), rel=1e-6)
 
 
+def test_a_checkpoints_step_sums_its_optimizers_steps_a_loss_scaled_ones_inner(tmp_path):
+    """What `--study=dip` places checkpoints by: 3 steps of the run's loss-scaled Adam (whose
+    outer counter stays 0) and 2 of a stage's SGD are the run's step 5."""
+    from research.run.checkpoints import saved_step
+
+    v = keras.Variable(np.ones(3, np.float32))
+    run_opt = build_optimizer(TrainConfig(), 1e-3, loss_scale=True)
+    own = build_optimizer(TrainConfig(), 1e-3, name="sgd")
+    for opt, n in ((run_opt, 3), (own, 2)):
+        opt.build([v])
+        for _ in range(n):
+            opt.apply([tf.ones(3)], [v])
+    path = tf.train.Checkpoint(optimizer=run_opt, optimizer_sgd=own).save(str(tmp_path / "ckpt"))
+    assert saved_step(path) == 5
+
+
 def _logged_rates(wd):
     import json
     return [(h["stage"], h["step"], h["learning_rate"]) for h in json.loads((wd / "results.json").read_text())["history"]]
@@ -286,11 +302,13 @@ def test_the_dip_study_scores_the_first_fine_tuning_epoch_as_the_run_does(tmp_pa
 
     root = tmp_path / "dip"
     r = run_module("launch.ablate", "--study=dip", f"--root={root}", "--seeds=0", "--specs=all",
-                   "--recipe=zero:--zero_lr_steps=3", "--", "--dataset=digits", "--backbone=small_cnn",
+                   "--recipe=zero:--zero_lr_steps=3", "--recipe=sgd:--finetune_optimizer=sgd", "--",
+                   "--dataset=digits", "--backbone=small_cnn",
                    "--image_size=16", "--classes=0-4", "--head_epochs=1", "--finetune_epochs=1",
                    "--checkpoint_every_steps=5", "--deterministic", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("recipe-default__unfreeze-all__seed-0", "recipe-zero__unfreeze-all__seed-0"):
+    for name in ("recipe-default__unfreeze-all__seed-0", "recipe-zero__unfreeze-all__seed-0",
+                 "recipe-sgd__unfreeze-all__seed-0"):  # its steps are two optimizers
         wd = root / "trials" / name
         dip = json.loads((wd / "dip.json").read_text())
         history = json.loads((wd / "results.json").read_text())["history"]

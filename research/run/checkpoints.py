@@ -240,6 +240,18 @@ def run_state_of(path: str) -> RunState | None:
         return None
 
 
+def saved_step(path: str) -> int:
+    """The run's step when `ckpt/` checkpoint `path` was saved: the sum of its optimizers'
+    steps (the run's and each stage's own; a loss-scaled one counts in its inner optimizer)."""
+    reader = tf.train.load_checkpoint(path)
+    keys = reader.get_variable_to_shape_map()
+    total = 0
+    for top in sorted({k.split("/")[0] for k in keys if re.match(r"optimizer(_\w+)?/", k)}):
+        inner = f"{top}/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+        total += int(reader.get_tensor(inner if inner in keys else f"{top}/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+    return total
+
+
 def load_run(workdir: str, *, checkpoint: str = "best", class_names: list[str] | None = None):
     """Rebuilds a run's classifier and restores a checkpoint into it; reads the run's
     files only (`config.json`, `results.json` or the checkpoint), never its dataset.

@@ -78,13 +78,6 @@ def run_dip_study(root: str, train_flags: list[str], make_config: MakeConfig, *,
     return rows
 
 
-def _step_of(path: str) -> int:
-    import tensorflow as tf
-    reader = tf.train.load_checkpoint(path)
-    key = next(k for k in reader.get_variable_to_shape_map() if k.startswith("optimizer/") and "_iterations" in k)
-    return int(reader.get_tensor(key))
-
-
 def first_epoch(workdir: str, *, log=print) -> dict:
     """The head's last epoch and the first fine-tuning epoch of a finished two-stage run,
     step by step on validation (cached in `dip.json`)."""
@@ -101,13 +94,13 @@ def first_epoch(workdir: str, *, log=print) -> dict:
     start, end = head[-1]["step"], ft[0]["step"]
     import tensorflow as tf
 
-    from research.run.checkpoints import load_run, restore
+    from research.run.checkpoints import load_run, restore, saved_step
     from research.serve.evaluate import score
 
     paths = tf.train.get_checkpoint_state(os.path.join(workdir, "ckpt")).all_model_checkpoint_paths
     # One checkpoint per step: the epoch's own save may fall on a step a periodic one took.
     # The head's last checkpoint (step 0), then the first fine-tuning epoch's.
-    inside = sorted({s: p for p in paths if start <= (s := _step_of(p)) <= end}.items())
+    inside = sorted({s: p for p in paths if start <= (s := saved_step(p)) <= end}.items())
     config, model, names, _ = load_run(workdir, checkpoint=inside[0][1])
     curve = []
     log(f"[ablate] {os.path.basename(workdir)}: scoring {len(inside)} checkpoints of the first fine-tuning epoch")
