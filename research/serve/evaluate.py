@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
@@ -100,7 +101,7 @@ def tta_views(mode: str, size: int) -> list:
             lambda x: tf.image.flip_left_right(centre(x))]
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
@@ -154,19 +155,34 @@ def evaluate_run(workdir: str, *, dataset: str | None = None, split: str | None 
                  skip_bad_images=skip_bad_images, tta=tta)
 
 
-def score(members: list, class_names: list[str], head: dict, out_root: str, *, dataset: str | None, split: str,
-          name: str | None, which: str = "", data_dir: str | None = None, skip_bad_images: bool = False,
-          tta: str = "none") -> dict:
-    """Scores one classifier, or the mean class probabilities of several (an ensemble), on
-    `split` of the first member's data; writes `out_root/eval/<name>.json` and its figure.
+@dataclasses.dataclass
+class SplitData:
+    """One split of a run's data, as the run evaluated it.
 
-    Args:
-      members: `(config, model)` pairs with the same input size and preprocessing.
-      head: the report's first keys (what was scored).
+    Attributes:
+      images: (image, label) pairs, unbatched, raw pixels.
+      model_input: the run's evaluation view (`--eval_crop`) and preprocessing, of a batch.
+      config: the data config it was loaded with.
+      skipped: the unreadable images left out.
     """
-    config, model = members[0]
+
+    images: tf.data.Dataset
+    model_input: Callable
+    config: Any
+    skipped: list[str]
+
+    def batches(self) -> tf.data.Dataset:
+        return self.images.batch(64).map(lambda x, y: (self.model_input(x), y))
+
+
+def split_data(config, size: int, class_names: list[str], *, dataset: str | None, split: str,
+               data_dir: str | None = None, skip_bad_images: bool = False) -> SplitData:
+    """Loads `split` of the run's data (or of `dataset`, by the run's class names).
+
+    Raises:
+      UserError: a bad split, an unreadable image, or class names that differ.
+    """
     entry = backbones.get(config.model.backbone)
-    size = model.input_shape[1]
     cfg = config.data
     source_name = dataset or cfg.dataset
     source_ref = DatasetRef.parse(source_name)
@@ -210,22 +226,48 @@ def score(members: list, class_names: list[str], head: dict, out_root: str, *, d
     def model_input(x):
         return entry.preprocess(crop(tf.cast(x, tf.float32)))
 
-    ds = split_ds.batch(64).map(lambda x, y: (model_input(x), y))
+    return SplitData(split_ds, model_input, cfg, skipped)
+
+
+def loss_and_accuracy(log_probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The mean cross-entropy and the accuracy of (log-)probabilities."""
+    return (float(-log_probs[np.arange(len(labels)), labels].mean()),
+            float((log_probs.argmax(axis=1) == labels).mean()))
+
+
+def score(members: list, class_names: list[str], head: dict, out_root: str, *, dataset: str | None, split: str,
+          name: str | None, which: str = "", data_dir: str | None = None, skip_bad_images: bool = False,
+          tta: str = "none") -> dict:
+    """Scores one classifier, or the mean class probabilities of several (an ensemble), on
+    `split` of the first member's data; writes `out_root/eval/<name>.json` and its figure.
+
+    Args:
+      members: `(config, model)` pairs with the same input size and preprocessing.
+      head: the report's first keys (what was scored).
+    """
+    config, model = members[0]
+    entry = backbones.get(config.model.backbone)
+    size = model.input_shape[1]
+    data = split_data(config, size, class_names, dataset=dataset, split=split, data_dir=data_dir,
+                      skip_bad_images=skip_bad_images)
+    cfg, split_ds, model_input, skipped = data.config, data.images, data.model_input, data.skipped
+    ds = data.batches()
     outputs = [predict_dataset(m, ds) for _, m in members]
     labels = outputs[0][1]
     k = len(class_names)
     if len(members) == 1:
         logits = outputs[0][0]
-        log_probs = _log_softmax(logits)
+        log_probs = log_softmax(logits)
     else:  # the members' class probabilities averaged: the ensemble's scores are its log-probabilities
-        logits = log_probs = _member_mean([_log_softmax(out) for out, _ in outputs])
+        logits = log_probs = _member_mean([log_softmax(out) for out, _ in outputs])
     pred = logits.argmax(axis=1)
     confusion = confusion_matrix(labels, pred, labels=np.arange(k))
+    loss, accuracy = loss_and_accuracy(log_probs, labels)
     report = {
         **head, "dataset": cfg.dataset, "split": split,
         "num_examples": int(len(labels)), "class_names": class_names,
-        "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
-        "accuracy": float((pred == labels).mean()),
+        "loss": loss,
+        "accuracy": accuracy,
         "per_class": per_class_metrics(labels, pred, class_names),
         "confusion_matrix": confusion.tolist(),
         "skipped_images": skipped,
@@ -238,7 +280,7 @@ def score(members: list, class_names: list[str], head: dict, out_root: str, *, d
     if tta != "none":
         # `crops` views are crops already: the run's --eval_crop applies to the others only.
         view_input = (lambda x: entry.preprocess(tf.cast(x, tf.float32))) if tta == "crops" else model_input
-        probs = [np.exp(log_probs if view is None else _member_mean([_log_softmax(predict_dataset(
+        probs = [np.exp(log_probs if view is None else _member_mean([log_softmax(predict_dataset(
             m, split_ds.batch(64).map(lambda x, y, view=view: (view_input(view(x)), y)))[0]) for _, m in members]))
                  for view in tta_views(tta, size)]
         mean = np.mean(probs, axis=0)

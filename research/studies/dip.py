@@ -95,20 +95,21 @@ def first_epoch(workdir: str, *, log=print) -> dict:
     import tensorflow as tf
 
     from research.run.checkpoints import load_run, restore, saved_step
-    from research.serve.evaluate import score
+    from research.serve.evaluate import log_softmax, loss_and_accuracy, predict_dataset, split_data
 
     paths = tf.train.get_checkpoint_state(os.path.join(workdir, "ckpt")).all_model_checkpoint_paths
     # One checkpoint per step: the epoch's own save may fall on a step a periodic one took.
     # The head's last checkpoint (step 0), then the first fine-tuning epoch's.
     inside = sorted({s: p for p in paths if start <= (s := saved_step(p)) <= end}.items())
     config, model, names, _ = load_run(workdir, checkpoint=inside[0][1])
+    val = split_data(config, model.input_shape[1], names, dataset=None, split="val").batches()
     curve = []
     log(f"[ablate] {os.path.basename(workdir)}: scoring {len(inside)} checkpoints of the first fine-tuning epoch")
     for step, path in inside:
         restore(workdir, path, model=model)
-        rep = score([(config, model)], names, {"workdir": workdir, "checkpoint": path}, workdir, dataset=None,
-                    split="val", name=f"dip_step{step - start}")
-        curve.append({"step": step - start, "val/accuracy": rep["accuracy"], "val/loss": rep["loss"]})
+        logits, labels = predict_dataset(model, val)
+        loss, accuracy = loss_and_accuracy(log_softmax(logits), labels)
+        curve.append({"step": step - start, "val/accuracy": accuracy, "val/loss": loss})
     moved = [v for k, v in ft[0].items() if k.startswith("train/block_change/")]
     out = {"curve": curve, "head_last": head[-1]["val/accuracy"], "ft_first": ft[0]["val/accuracy"],
            "ft_epochs": [h["val/accuracy"] for h in ft], "ft_last": ft[-1]["val/accuracy"],
