@@ -12,6 +12,7 @@
 """
 
 import math
+import re
 
 import keras
 import numpy as np
@@ -225,6 +226,62 @@ def test_a_checkpoints_step_sums_its_optimizers_steps_a_loss_scaled_ones_inner(t
     assert saved_step(path) == 5
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--head_epochs=1", "--finetune_optimizer=sgd", "--ema_decay=0.99"], "--ema_decay with an optimizer of its own"),
+    (["--continue_schedule"], "continue_schedule needs a stage before it"),
+    (["--head_epochs=1", "--finetune_optimizer=sgd", "--continue_schedule"], "another optimizer's (adam, not sgd)"),
+    (["--head_epochs=1", "--continue_schedule", "--zero_lr_steps=3"], "zero_lr_steps restarts the schedule"),
+    (["--head_epochs=1", "--finetune_optimizer=rmsprop"], "optimizer='rmsprop' is not valid; allowed values: adam"),
+    (["--stages=epochs=1; epochs=1 continue_schedule=maybe"], "not a valid bool (1, true, yes, 0, false or no)")])
+def test_stage_optimizer_and_continue_schedule_refusals(args, message):
+    from launch.train import config_from_args
+    from research.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        config_from_args(["--image_size=16", *args])
+
+
+def test_resuming_with_another_stage_optimizer_is_refused_and_another_stage_is_not(tmp_path):
+    """Each optimizer is a part of the checkpoint; another stage with the run's optimizer is a
+    config change like any other (--allow_config_change)."""
+    from launch.train import config_from_args
+    from research.errors import UserError
+    from research.run.preflight import changes_on_resume
+    from tests.test_refusals import _fake_run
+
+    wd = tmp_path / "run"
+    base = ["--image_size=16", "--head_epochs=1", "--finetune_epochs=1"]
+    _fake_run(wd, config_from_args(base))
+    for extra, refused in ((["--finetune_optimizer=sgd"], "stages.1.optimizer: 'adam' -> 'sgd'"),
+                           (["--stages=name=head unfreeze=none epochs=1; name=finetune epochs=1; name=more epochs=1 "
+                             "optimizer=sgd"], "stage optimizers: [] -> ['sgd']")):
+        with pytest.raises(UserError, match=re.escape(refused)):
+            changes_on_resume(str(wd), config_from_args([*base, *extra]), allow=True)
+    more = config_from_args([*base, "--stages=name=head unfreeze=none epochs=1; name=finetune epochs=1; "
+                             "name=more epochs=1 optimizer=adam"])
+    assert any(d.startswith("stages.2.name:") for d in changes_on_resume(str(wd), more, allow=True))
+
+
+def test_each_optimizer_is_built_on_the_variables_of_its_stages_only():
+    """The run's Adam holds slots for the head only when fine-tuning has its own SGD; without a
+    stage optimizer the run's is built on every stage's variables, as before."""
+    from launch.train import config_from_args
+    from research.run import build as build_lib
+
+    def built(*args):
+        config = config_from_args(["--backbone=small_cnn", "--image_size=16", "--head_epochs=1", *args])
+        return build_lib.build(config, 5, tf.distribute.get_strategy())
+
+    own = built("--finetune_optimizer=sgd")
+    head = {v.path for v in unfreeze.head_variables(own.model)}
+    every = {v.path for v in unfreeze.select(own.model, "small_cnn", "all").variables}
+    assert {v.path for v in own.optimizer._trainable_variables} == head
+    assert {v.path for v in own.stage_optimizers["sgd"]._trainable_variables} == every
+    assert own.optimizer_for(StageConfig(optimizer="sgd")) is own.stage_optimizers["sgd"]
+    plain = built()
+    assert {v.path for v in plain.optimizer._trainable_variables} == every and not plain.stage_optimizers
+
+
 def _logged_rates(wd):
     import json
     return [(h["stage"], h["step"], h["learning_rate"]) for h in json.loads((wd / "results.json").read_text())["history"]]
@@ -233,7 +290,7 @@ def _logged_rates(wd):
 # A stage's own SGD after the head's Adam, continued by a third stage: every kind of stage start.
 OWN = ["--deterministic", "--image_size=16", "--classes=0-4", "--batch_size=32", "--steps_per_loop=5",
        "--checkpoint_keep=10", "--stages=name=head unfreeze=none epochs=1 lr=3e-3; "
-       "name=ft unfreeze=all epochs=2 lr=1e-2 optimizer=sgd; name=ft2 unfreeze=all epochs=2 optimizer=sgd "
+       "name=ft unfreeze=all epochs=2 lr=1e-2 optimizer=sgd; name=ft2 unfreeze=all epochs=3 optimizer=sgd "
        "continue_schedule=1"]
 
 
@@ -243,18 +300,22 @@ def test_a_stage_optimizer_and_continue_schedule_resume_after_sigkill_and_match_
     from tests.test_resume import assert_killed_run_resumes_bit_identically
 
     args = [*OWN, "--dropout=0.3", "--horizontal_flip"]
-    assert_killed_run_resumes_bit_identically(tmp_path / "kill", args, 3)  # killed inside ft2
+    # Save 5 is ft's end (each epoch saves, and each stage's end once more): killed inside ft2.
+    assert_killed_run_resumes_bit_identically(tmp_path / "kill", args, 5)
     ref = tmp_path / "kill" / "ref"
     rates = _logged_rates(ref)
     spe = rates[0][1]  # the head's one epoch
     # Each logged rate is the next step's: the head's cosine restarts at 0 for SGD's own steps,
-    # and ft2 goes on with ft's cosine over their 4 epochs.
-    ft_sgd = StageConfig(epochs=4, lr=1e-2)
+    # and ft2 goes on with ft's cosine over their 5 epochs.
+    ft_sgd = StageConfig(epochs=5, lr=1e-2)
     want = [("head", spe, _closed_form(StageConfig(epochs=1, lr=3e-3), spe, spe))]
     want += [(name, spe * (1 + e), _closed_form(ft_sgd, spe, spe * e)) for name, e in
-             (("ft", 1), ("ft", 2), ("ft2", 3), ("ft2", 4))]
+             (("ft", 1), ("ft", 2), ("ft2", 3), ("ft2", 4), ("ft2", 5))]
     assert [r[:2] for r in rates] == [w[:2] for w in want]
     np.testing.assert_allclose([r[2] for r in rates], [w[2] for w in want], rtol=1e-5, atol=1e-9)
+    import json
+    recorded = json.loads((ref / "results.json").read_text())["stages"]
+    assert [st["lr"] for st in recorded] == [3e-3, 1e-2, 1e-2]  # ft2 runs at ft's rate
     # The stage's optimizer is part of the checkpoint: another cannot be resumed into it.
     changed = [a.replace("optimizer=sgd", "optimizer=adamw") for a in args]
     r = run_module("launch.train", f"--workdir={ref}", *changed, "--allow_config_change")

@@ -125,7 +125,8 @@ def parse_stages(text: str) -> tuple[StageConfig, ...]:
                 kwargs[name] = _parse_bool(value) if _STAGE_TYPES[name] is bool else _STAGE_TYPES[name](value)
             except ValueError:
                 raise UserError(f"--stages: {key}={value!r} in stage {i} is not a valid "
-                                f"{_STAGE_TYPES[name].__name__}") from None
+                                f"{_STAGE_TYPES[name].__name__}"
+                                + (" (1, true, yes, 0, false or no)" if _STAGE_TYPES[name] is bool else "")) from None
         stages.append(StageConfig(**kwargs))
     return tuple(stages)
 

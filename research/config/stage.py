@@ -53,7 +53,8 @@ class StageConfig:
                          "count, checkpointed beside the run's (SGD takes --momentum).", flag="finetune_optimizer")
     continue_schedule: bool = opt(False, "The stage does not restart the learning-rate schedule: it goes on "
                                   "with the previous stage's (its lr, schedule, warmup), which then spans both "
-                                  "stages' planned steps; the stage's own lr, schedule and warmup are not used.")
+                                  "stages' planned steps (it starts at its planned place, also after an early "
+                                  "stop); the stage's own lr, schedule and warmup are not used.")
     patience: int | None = opt(None, "", flag=False)
 
     def validate(self) -> None:
@@ -83,6 +84,10 @@ class StageConfig:
         check(not s.gradual_every or any(p.kind in ("all", "top", "blocks", "from", "auto") for p in s.spec.each),
               f"stage {s.name!r}: gradual unfreezing adds whole blocks, and {s.unfreeze!r} names none "
               "(norm, bias, lora: and regex: parts train from the stage's start)")
+
+    def optimizer_of(self, run_optimizer: str) -> str:
+        """The optimizer that steps this stage, given the run's `--optimizer`."""
+        return self.optimizer or run_optimizer
 
     @property
     def rescaled_updates(self) -> list[str]:

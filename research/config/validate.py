@@ -86,9 +86,9 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     for prev, s in zip((None, *config.stages), config.stages):
         if s.continue_schedule:
             check(prev is not None, f"stage {s.name!r}: continue_schedule needs a stage before it to continue")
-            check((prev.optimizer or t.optimizer) == (s.optimizer or t.optimizer),
+            check(prev.optimizer_of(t.optimizer) == s.optimizer_of(t.optimizer),
                   f"stage {s.name!r}: continue_schedule goes on with the learning rate of stage {prev.name!r}, "
-                  f"which is another optimizer's ({prev.optimizer or t.optimizer}, not {s.optimizer or t.optimizer})")
+                  f"which is another optimizer's ({prev.optimizer_of(t.optimizer)}, not {s.optimizer_of(t.optimizer)})")
     ranks = sorted({s.spec.lora.k for s in config.stages if s.spec.lora is not None})
     check(len(ranks) <= 1, f"the stages ask for LoRA ranks {ranks}; a run has one LoRA rank (its factors are "
           "created once, before the first stage)")

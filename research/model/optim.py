@@ -21,8 +21,9 @@ from research.config import StageConfig, TrainConfig, UserError
 class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup to `peak`, then constant or cosine decay to 0, over one stage.
 
-    The step is the optimizer's own `iterations` counter; `start` is its value at
-    the start of the stage. The stage's first `hold` steps (`zero_lr_steps`) are at
+    The step is the stepping optimizer's own `iterations` counter; `start` is its
+    value at the start of the stage (of the stage's schedule, when it continues
+    another's: then it can be negative). The stage's first `hold` steps (`zero_lr_steps`) are at
     learning rate 0, and the warmup and decay run over the steps after them. Stages
     that `continue_schedule` share the schedule of the stage they continue: it spans
     the planned steps of them all, and each starts at its planned place in it.

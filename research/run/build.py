@@ -114,7 +114,7 @@ class Model:
     stage_optimizers: dict[str, keras.optimizers.Optimizer] = dataclasses.field(default_factory=dict)
 
     def optimizer_for(self, stage) -> keras.optimizers.Optimizer:
-        return self.stage_optimizers.get(stage.optimizer, self.optimizer)
+        return self.stage_optimizers.get(stage.optimizer, self.optimizer)  # "": the run's
 
     def step(self) -> int:
         """The run's optimizer steps: every optimizer's, as each step is one optimizer's."""
@@ -128,9 +128,9 @@ def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.St
     `features`: what the head reads, resolved (`--features=auto` is measured first,
     `research.run.head_features`); None: `--features` as given.
 
-    The optimizer is built on the union of every stage's variables (a stage's own
-    optimizer on its stages'), inside the strategy scope (keras issue 23085), so its
-    slot layout is the same for every stage and every checkpoint.
+    Each optimizer (the run's, and each other one a stage names) is built on the union
+    of the variables of the stages it steps, inside the strategy scope (keras issue
+    23085), so its slot layout is the same for every stage and every checkpoint.
 
     Raises:
       UserError: an unfreeze spec that does not fit the backbone, in any stage
@@ -146,16 +146,15 @@ def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.St
         selections = [unfreeze.select(model, cfg_m.backbone, s.spec, train_bn=cfg_m.train_bn)
                       for s in config.stages]
         schedule = StageSchedule()
-        scaled = config.train.precision == "mixed_float16"
-        optimizer = build_optimizer(config.train, schedule, loss_scale=scaled)
-        optimizer.build(unfreeze.trainable_union(model, selections))
-        own = {}
-        for name in dict.fromkeys(s.optimizer for s in config.stages):
-            if name not in ("", config.train.optimizer):
-                own[name] = build_optimizer(config.train, schedule, name=name, loss_scale=scaled)
-                own[name].build(unfreeze.trainable_union(
-                    model, [sel for sel, s in zip(selections, config.stages) if s.optimizer == name]))
-    return Model(model, base, optimizer, schedule, size, lora, whole, features, own)
+        scaled, run_name = config.train.precision == "mixed_float16", config.train.optimizer
+        names = [s.optimizer_of(run_name) for s in config.stages]
+        optimizers = {}
+        for name in dict.fromkeys([run_name, *names]):  # the run's first: its checkpoint key is `optimizer`
+            optimizers[name] = build_optimizer(config.train, schedule, name=name, loss_scale=scaled)
+            optimizers[name].build(unfreeze.trainable_union(
+                model, [sel for sel, n in zip(selections, names) if n == name]))
+        optimizer = optimizers.pop(run_name)
+    return Model(model, base, optimizer, schedule, size, lora, whole, features, optimizers)
 
 
 def init_weights(config: ExperimentConfig, m: Model) -> None:

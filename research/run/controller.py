@@ -23,7 +23,7 @@ from research.config import ExperimentConfig, StageConfig
 from research.early_stopping import EarlyStopping
 from research.errors import Interrupted, NonFiniteLoss
 from research.model import unfreeze
-from research.model.optim import current_lr, loss_scale_value
+from research.model.optim import current_lr, loss_scale_value, schedule_span
 from research.run.actions.base import Action, Context, Inputs
 from research.run.cadence import itstime
 from research.run.loop import add_sums, metrics_from_sums
@@ -264,7 +264,9 @@ class Controller:
         final_val = self._evaluate_all("val", ctx.pipeline.val_dataset)
         run.stages.append({
             "name": stage.name, "unfreeze": stage.unfreeze, "epochs_run": len(run.stage_history(stage.name)),
-            "epochs_max": stage.epochs, "lr": stage.lr, "early_stopped": bool(run.stage_stopped),
+            # A stage that continues another's schedule runs at that stage's rate.
+            "epochs_max": stage.epochs, "lr": schedule_span(self.config.stages, index)[0].lr,
+            "early_stopped": bool(run.stage_stopped),
             # The stage's own early-stopping state; the run's best epoch is results.json's `best`.
             "early_stopping": {"stopped_epoch": es.stopped_epoch if run.stage_stopped else None,
                                "stage_best_epoch": es.best_epoch if es.best is not None else None,

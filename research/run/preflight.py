@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 from research.config import ExperimentConfig, UserError, config_diff, writable_dir
 from research.config.fields import with_defaults
@@ -112,8 +111,8 @@ def changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> li
     # The optimizer's slots are checkpointed by position: another optimizer would load one
     # slot's values into another (or fail to load at all); so would an option's own state.
     # So is the model: another `--features` is another set of variables, or other inputs to the head.
-    fixed = ([d for d in diff if d.startswith(("train.optimizer:", "model.features:", "model.features_norm:"))
-              or re.match(r"stages\.\d+\.optimizer:", d)] + actions.resume_conflicts(old, config))
+    fixed = ([d for d in diff if d.startswith(("train.optimizer:", "model.features:", "model.features_norm:"))]
+             + _stage_optimizer_changes(old, config) + actions.resume_conflicts(old, config))
     if fixed:
         raise UserError(f"--workdir={workdir!r}: {'; '.join(fixed)}: changes the optimizer's checkpointed "
                         "state (or the model's variables or inputs, or an option's state), which cannot be "
@@ -127,6 +126,18 @@ def changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> li
         raise UserError(f"--workdir={workdir!r} holds a run with a different config; changed: {_summary(diff)}; "
                         "use another --workdir, or pass --allow_config_change to resume with the new config")
     return diff
+
+
+def _stage_optimizer_changes(old: dict, config: ExperimentConfig) -> list[str]:
+    """Another optimizer for a stage both configs have, or another set of stage optimizers:
+    each optimizer is a part of the checkpoint, with slots for its stages' variables."""
+    run_old, run_new = old["train"]["optimizer"], config.train.optimizer
+    before = [s.get("optimizer") or run_old for s in old.get("stages", [])]
+    after = [s.optimizer_of(run_new) for s in config.stages]
+    out = [f"stages.{i}.optimizer: {a!r} -> {b!r}" for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    if not out and set(before) - {run_old} != set(after) - {run_new}:
+        out.append(f"stage optimizers: {sorted(set(before) - {run_old})} -> {sorted(set(after) - {run_new})}")
+    return out
 
 
 def _summary(diff: list[str], shown: int = 8) -> str:

@@ -42,7 +42,7 @@ class RunState:
         counts within the stage).
       global_epoch: epochs trained so far over all stages (seeds data order).
       saves: latest-checkpoint counter (`ckpt/ckpt-<saves>`).
-      stage_start_step: optimizer step at which the current stage began.
+      stage_start_step: the run's step (every optimizer's steps) at which the current stage began.
       stage_stopped: early stopping fired in the current stage.
       early_stopping: the current stage's `EarlyStopping.state()`.
       epoch_sums: running metric sums of the current epoch, by name

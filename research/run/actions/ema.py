@@ -68,7 +68,7 @@ class Ema(Action):
         scaled = [k for s in config.stages for k in s.rescaled_updates]
         check(not (decay and scaled), f"--ema_decay with {scaled[0] if scaled else ''} is not supported: the "
               "average would miss the per-variable rescaling of the updates")
-        own = [s.name for s in config.stages if s.optimizer not in ("", config.train.optimizer)]
+        own = [s.name for s in config.stages if s.optimizer_of(config.train.optimizer) != config.train.optimizer]
         check(not (decay and own), f"--ema_decay with an optimizer of its own in stage {own[0] if own else ''!r} "
               "is not supported: the average lives in the run's optimizer, which that stage does not step")
 
