@@ -124,6 +124,10 @@ def _iv(values):
     return stats.t_interval(values, within=(0.0, 1.0))
 
 
+def _loss_iv(values):
+    return stats.t_interval(values, within=(0.0, math.inf))
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """One entry per (recipe, spec), in the order run, with paired differences against
     `default` on the same spec and seeds."""
@@ -140,18 +144,24 @@ def summarize(rows: list[dict]) -> list[dict]:
                                            {s: r[key] for s, r in ref.items()}, metric="val/accuracy")
 
         steps = sorted({c["step"] for r in rs for c in r["curve"]})
-        mean_curve = [float(np.mean([next((c["val/accuracy"] for c in r["curve"] if c["step"] == s), math.nan)
-                                     for r in rs])) for s in steps]
+
+        def mean_curve(key, rs=rs, steps=steps):
+            return [float(np.mean([next((c[key] for c in r["curve"] if c["step"] == s), math.nan) for r in rs]))
+                    for s in steps]
+
         epochs = np.mean([r["ft_epochs"] for r in rs], axis=0)
         head = float(np.mean([r["head_last"] for r in rs]))
         out.append({"recipe": recipe, "unfreeze": spec, "n": len(rs), "head_last": _iv([r["head_last"] for r in rs]),
                     "dip_low": _iv([r["dip_low"] for r in rs]), "ft_first": _iv([r["ft_first"] for r in rs]),
+                    "head_loss": _loss_iv([r["curve"][0]["val/loss"] for r in rs]),
+                    "loss_high": _loss_iv([max(c["val/loss"] for c in r["curve"][1:]) for r in rs]),
                     "ft_last": _iv([r["ft_last"] for r in rs]),
                     "d_first": None if recipe == "default" else diff("ft_first"),
                     "d_last": None if recipe == "default" else diff("ft_last"),
                     "block_change": float(np.mean([r["block_change"] for r in rs if r["block_change"] is not None]
                                                   or [math.nan])),
-                    "below_head": bool(min(epochs) < head), "steps": steps, "curve": mean_curve})
+                    "below_head": bool(min(epochs) < head), "steps": steps, "curve": mean_curve("val/accuracy"),
+                    "loss_curve": mean_curve("val/loss")})
     return out
 
 
@@ -161,37 +171,39 @@ def write_report(root: str, summary: list[dict], rows: list[dict]) -> None:
              "the first and last fine-tuning epochs (mean and 95 % t-interval over seeds); Δ: paired against "
              "`default` on the same spec and seeds; moved: `train/block_change` in the first fine-tuning epoch "
              "(‖θ − θ_start‖ / ‖θ_start‖, mean over blocks); below head: some fine-tuning epoch's mean under the "
-             "head's last.", "",
-             "| recipe | unfreeze | n | head's last | lowest, first ft epoch | ft epoch 1 | Δ ft epoch 1 | last ft "
-             "epoch | Δ last | moved | below head |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "head's last; val loss: the head's last, and the highest checkpoint of the first fine-tuning epoch.",
+             "", "| recipe | unfreeze | n | head's last | lowest, first ft epoch | ft epoch 1 | Δ ft epoch 1 | last ft "
+             "epoch | Δ last | moved | below head | val loss, head's last | val loss, highest |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         d1, dl = s["d_first"], s["d_last"]
         lines.append(f"| {s['recipe']} | {s['unfreeze']} | {s['n']} | {s['head_last'].format()} | "
                      f"{s['dip_low'].format()} | {s['ft_first'].format()} | "
                      f"{d1.format(signed=True) if d1 else '(baseline)'} | {s['ft_last'].format()} | "
                      f"{dl.format(signed=True) if dl else '(baseline)'} | {s['block_change']:.4f} | "
-                     f"{'yes' if s['below_head'] else 'no'} |")
+                     f"{'yes' if s['below_head'] else 'no'} | {s['head_loss'].format()} | {s['loss_high'].format()} |")
     lines += code_lines(rows)
     with open(os.path.join(root, "dip.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def plot(root: str, summary: list[dict]) -> str | None:
-    """Mean validation accuracy over the first fine-tuning epoch's steps, one line per row;
-    step 0 is the head's last epoch."""
+    """Mean validation accuracy and loss over the first fine-tuning epoch's steps, one line
+    per row; step 0 is the head's last epoch."""
     if not summary:
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for s in summary:
-        ax.plot(s["steps"], s["curve"], marker=".", label=f"{s['recipe']} ({s['unfreeze']})")
-    ax.set_xlabel("steps into the first fine-tuning epoch (0: the head's last epoch)")
-    ax.set_ylabel("val/accuracy (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, key, label in zip(axes, ("curve", "loss_curve"), ("val/accuracy", "val/loss")):
+        for s in summary:
+            ax.plot(s["steps"], s[key], marker=".", label=f"{s['recipe']} ({s['unfreeze']})")
+        ax.set_xlabel("steps into the first fine-tuning epoch (0: the head's last epoch)")
+        ax.set_ylabel(f"{label} (mean over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(root, "dip.png")
     fig.savefig(path, dpi=120)
