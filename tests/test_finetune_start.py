@@ -232,7 +232,8 @@ def test_a_checkpoints_step_sums_its_optimizers_steps_a_loss_scaled_ones_inner(t
     (["--head_epochs=1", "--finetune_optimizer=sgd", "--continue_schedule"], "another optimizer's (adam, not sgd)"),
     (["--head_epochs=1", "--continue_schedule", "--zero_lr_steps=3"], "zero_lr_steps restarts the schedule"),
     (["--head_epochs=1", "--finetune_optimizer=rmsprop"], "optimizer='rmsprop' is not valid; allowed values: adam"),
-    (["--stages=epochs=1; epochs=1 continue_schedule=maybe"], "not a valid bool (1, true, yes, 0, false or no)")])
+    (["--stages=epochs=1; epochs=1 continue_schedule=maybe"], "not a valid bool (1, true, yes, 0, false or no)"),
+    (["--head_epochs=1", "--finetune_optimizer=sgd", "--momentum=1.5"], "--momentum=1.5 must be in [0, 1]")])
 def test_stage_optimizer_and_continue_schedule_refusals(args, message):
     from launch.train import config_from_args
     from research.errors import UserError
@@ -260,6 +261,21 @@ def test_resuming_with_another_stage_optimizer_is_refused_and_another_stage_is_n
     more = config_from_args([*base, "--stages=name=head unfreeze=none epochs=1; name=finetune epochs=1; "
                              "name=more epochs=1 optimizer=adam"])
     assert any(d.startswith("stages.2.name:") for d in changes_on_resume(str(wd), more, allow=True))
+    # Naming the run's optimizer is no change: the same optimizer steps the stage.
+    assert changes_on_resume(str(wd), config_from_args([*base, "--finetune_optimizer=adam"]), allow=False) == []
+
+
+def test_the_printed_plan_names_each_stages_optimizer_rate_and_start_of_fine_tuning_options():
+    from launch.train import config_from_args
+
+    config = config_from_args(["--image_size=16", "--stages=name=head unfreeze=none epochs=2 lr=3e-3 warmup=1; "
+                               "name=ft epochs=4 lr=1e-2 optimizer=sgd zero_lr_steps=5 base_lr_ratio=0.1; "
+                               "name=more epochs=1 lr=9 optimizer=sgd continue_schedule=1"])
+    head, ft, more = config.stages
+    assert head.describe("adam") == "unfreeze none, 2 epoch(s) at lr 0.003 (cosine, warmup 1 epoch(s)), adam"
+    assert ft.describe("adam", head) == ("unfreeze all, 4 epoch(s) at lr 0.01 (cosine), sgd, "
+                                         "5 zero-LR step(s) first, the base at lr x 0.1")
+    assert more.describe("adam", ft) == "unfreeze all, 1 epoch(s) continuing stage ft's schedule, sgd"
 
 
 def test_each_optimizer_is_built_on_the_variables_of_its_stages_only():
@@ -316,6 +332,7 @@ def test_a_stage_optimizer_and_continue_schedule_resume_after_sigkill_and_match_
     import json
     recorded = json.loads((ref / "results.json").read_text())["stages"]
     assert [st["lr"] for st in recorded] == [3e-3, 1e-2, 1e-2]  # ft2 runs at ft's rate
+    assert [st["optimizer"] for st in recorded] == ["adam", "sgd", "sgd"]
     # The stage's optimizer is part of the checkpoint: another cannot be resumed into it.
     changed = [a.replace("optimizer=sgd", "optimizer=adamw") for a in args]
     r = run_module("launch.train", f"--workdir={ref}", *changed, "--allow_config_change")
@@ -325,11 +342,13 @@ def test_a_stage_optimizer_and_continue_schedule_resume_after_sigkill_and_match_
     one = tmp_path / "one"
     r = run_module("launch.train", f"--workdir={one}", "--strategy=default", *plain)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "2. finetune: unfreeze all, 1 epoch(s) at lr 0.01 (cosine), sgd" in r.stdout  # the printed plan
     _run_and_compare(one, tmp_path / "two", "--strategy=mirrored", "--cpu_devices=2", *plain)
     cont = [*COMMON, "--head_epochs=1", "--continue_schedule"]
     one = tmp_path / "one_cont"
     r = run_module("launch.train", f"--workdir={one}", "--strategy=default", *cont)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "2. finetune: unfreeze all, 1 epoch(s) continuing stage head's schedule, adam" in r.stdout
     _run_and_compare(one, tmp_path / "two_cont", "--strategy=mirrored", "--cpu_devices=2", *cont)
 
 

@@ -118,13 +118,13 @@ def parse_stages(text: str) -> tuple[StageConfig, ...]:
         kwargs: dict[str, Any] = {"name": f"stage{i}"}
         for tok in part.split():
             key, sep, value = tok.partition("=")
-            check(bool(sep) and key in keys, f"--stages: {tok!r} in stage {i} is not key=value with a known key; "
-                  f"allowed keys: {', '.join(keys)}")
+            check(bool(sep) and key in keys, f"--stages: {tok!r} in stage {i} (counted from 0) is not key=value "
+                  f"with a known key; allowed keys: {', '.join(keys)}")
             name = _STAGE_ALIASES.get(key, key)
             try:
                 kwargs[name] = _parse_bool(value) if _STAGE_TYPES[name] is bool else _STAGE_TYPES[name](value)
             except ValueError:
-                raise UserError(f"--stages: {key}={value!r} in stage {i} is not a valid "
+                raise UserError(f"--stages: {key}={value!r} in stage {i} (counted from 0) is not a valid "
                                 f"{_STAGE_TYPES[name].__name__}"
                                 + (" (1, true, yes, 0, false or no)" if _STAGE_TYPES[name] is bool else "")) from None
         stages.append(StageConfig(**kwargs))

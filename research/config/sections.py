@@ -364,6 +364,7 @@ class TrainConfig:
               f"--class_weight={t.class_weight!r} is not valid; allowed values: none, balanced, or a JSON file "
               "mapping class names to weights")
         check(t.clipnorm >= 0, f"--clipnorm={t.clipnorm} must be >= 0 (0 disables clipping)")
+        check(0 <= t.momentum <= 1, f"--momentum={t.momentum} must be in [0, 1]")
         check(t.cpu_devices >= 1, f"--cpu_devices={t.cpu_devices} must be >= 1")
         check(t.cpu_devices == 1 or t.strategy in ("mirrored", "multi_worker"),
               f"--cpu_devices={t.cpu_devices} splits the CPU for a mirrored run; it does nothing with "

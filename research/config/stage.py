@@ -85,6 +85,18 @@ class StageConfig:
               f"stage {s.name!r}: gradual unfreezing adds whole blocks, and {s.unfreeze!r} names none "
               "(norm, bias, lora: and regex: parts train from the stage's start)")
 
+    def describe(self, run_optimizer: str, previous: StageConfig | None = None) -> str:
+        """The stage in the run's printed plan (`previous`: the stage before it)."""
+        rate = (f"continuing stage {previous.name}'s schedule" if self.continue_schedule and previous else
+                f"at lr {self.lr:g} ({self.schedule}"
+                f"{f', warmup {self.warmup_epochs:g} epoch(s)' if self.warmup_epochs else ''})")
+        extras = [f"{self.zero_lr_steps} zero-LR step(s) first" if self.zero_lr_steps else "",
+                  f"the base at lr x {self.base_lr_ratio:g}" if self.base_lr_ratio != 1 else "",
+                  f"lr x {self.lr_decay_per_block:g} per block down" if self.lr_decay_per_block != 1 else "",
+                  f"one more block every {self.gradual_every} epoch(s)" if self.gradual_every else ""]
+        return ", ".join([f"unfreeze {self.unfreeze}", f"{self.epochs} epoch(s) {rate}",
+                          self.optimizer_of(run_optimizer), *filter(None, extras)])
+
     def optimizer_of(self, run_optimizer: str) -> str:
         """The optimizer that steps this stage, given the run's `--optimizer`."""
         return self.optimizer or run_optimizer

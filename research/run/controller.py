@@ -266,6 +266,7 @@ class Controller:
             "name": stage.name, "unfreeze": stage.unfreeze, "epochs_run": len(run.stage_history(stage.name)),
             # A stage that continues another's schedule runs at that stage's rate.
             "epochs_max": stage.epochs, "lr": schedule_span(self.config.stages, index)[0].lr,
+            "optimizer": stage.optimizer_of(self.config.train.optimizer),
             "early_stopped": bool(run.stage_stopped),
             # The stage's own early-stopping state; the run's best epoch is results.json's `best`.
             "early_stopping": {"stopped_epoch": es.stopped_epoch if run.stage_stopped else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from research.config import ExperimentConfig, UserError, config_diff, writable_dir
 from research.config.fields import with_defaults
@@ -107,7 +108,9 @@ def changes_on_resume(workdir: str, config: ExperimentConfig, allow: bool) -> li
         return []  # nothing trained yet: the new config simply replaces the old one
     with open(path) as f:
         old = with_defaults(json.load(f))
-    diff = config_diff(old, config.to_dict())
+    # A stage naming the run's optimizer and one leaving it empty are the same optimizer;
+    # an optimizer that does differ is in `_stage_optimizer_changes`.
+    diff = [d for d in config_diff(old, config.to_dict()) if not re.match(r"stages\.\d+\.optimizer:", d)]
     # The optimizer's slots are checkpointed by position: another optimizer would load one
     # slot's values into another (or fail to load at all); so would an option's own state.
     # So is the model: another `--features` is another set of variables, or other inputs to the head.

@@ -161,9 +161,9 @@ def _start(ctx: Context, ctl: Controller, run: RunState, resumed_from: str | Non
         changes = changes + data_changes
     ctx.summaries = Summaries(ctx.workdir, enabled=ctx.chief, resumed_at=run.saved_at if resumed_from else None)
     # The whole plan before the first step: --head_epochs alone also adds a fine-tuning stage.
-    ctx.say("stages: " + "; ".join(f"{i + 1}. {s.name}: unfreeze {s.unfreeze}, {s.epochs} epoch(s) at lr {s.lr:g} "
-                                   f"({s.schedule}{f', warmup {s.warmup_epochs:g} epoch(s)' if s.warmup_epochs else ''})"
-                                   for i, s in enumerate(config.stages)))
+    stages, run_opt = config.stages, config.train.optimizer
+    ctx.say("stages: " + "; ".join(f"{i + 1}. {s.name}: {s.describe(run_opt, stages[i - 1] if i else None)}"
+                                   for i, s in enumerate(stages)))
     if resumed_from:
         ctl.wall_before = run.wall_seconds
         for v, value in zip(ctl.seed_vars, run.seed_states):

@@ -105,7 +105,8 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     if not (0 < start < end) or steps < 10:
         raise UserError(f"--start={start}, --end={end}, --steps={steps}: need 0 < start < end and steps >= 10")
     if not -len(config.stages) <= stage < len(config.stages):
-        raise UserError(f"--stage={stage}: the config has {len(config.stages)} stage(s)")
+        raise UserError(f"--stage={stage}: the config has {len(config.stages)} stage(s), counted from 0 "
+                        f"(0 .. {len(config.stages) - 1}; negative counts from the last)")
     st = config.stages[stage]
     if st.spec.auto is not None:
         raise UserError(f"stage {st.name} unfreezes {st.unfreeze!r}, chosen only when a run reaches it; test the "
@@ -113,6 +114,9 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     index = stage % len(config.stages)
     note = (f"stage {st.name} was tested from the initial weights with a fresh head; the {index} stage(s) before "
             "it were not trained first, so the curve is only indicative for it") if index else ""
+    if st.continue_schedule and index:
+        note += (f"; stage {st.name} continues the schedule of the stage before it and trains at that stage's "
+                 "lr, not its own: a rate found here is set there")
     if note:
         logging.warning(note)
     strategy = distribute.setup(config.train)
