@@ -22,6 +22,12 @@ def test_smoothing_and_the_suggestion_on_a_known_curve():
     s = lr_find.suggest(lrs, loss)
     assert s["steepest"] == pytest.approx(1e-3, rel=0.15)
     assert s["min_loss_lr"] == pytest.approx(1e-1, rel=0.15) and s["min_lr_over_10"] == pytest.approx(1e-2, rel=0.15)
+    # It falls from about 3 (at the first read step) to about 1.0: two thirds of it gone.
+    skip = s["skipped_steps"]
+    assert s["fall"] == pytest.approx(1 - loss[skip:].min() / loss[skip], rel=1e-9) and s["fall"] > 0.6
+    # A loss that stays at ln(10) whatever the rate names no rate.
+    flat = lr_find.suggest(lrs, np.log(10) + 0.01 * np.sin(np.arange(121)))
+    assert flat["fall"] < lr_find.FLAT
 
 
 def test_a_range_test_follows_its_schedule_and_stops_when_the_loss_diverges(tmp_path):

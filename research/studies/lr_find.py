@@ -51,6 +51,7 @@ class ExponentialLR(keras.optimizers.schedules.LearningRateSchedule):
 
 WARMUP = 10  # steps whose smoothed loss is not read (suggest)
 SLOPE_WINDOW = 5
+FLAT = 0.05  # a smoothed loss that falls less than this (relative) over the range names no rate
 
 
 def smooth(losses: list[float], beta: float = 0.98) -> np.ndarray:
@@ -69,7 +70,8 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> dict[str, float]:
 
     The first tenth of the steps (at least `WARMUP`, at most a fifth of a short test) is
     not read: the smoothed loss there averages a handful of batches, and its first drops
-    are noise at rates far too small to train anything.
+    are noise at rates far too small to train anything. `fall`: how much of the smoothed
+    loss at the first read step is gone at the minimum; under `FLAT` the curve names no rate.
     """
     lrs, smoothed = np.asarray(lrs, np.float64), np.asarray(smoothed, np.float64)
     n = len(smoothed)
@@ -83,7 +85,7 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> dict[str, float]:
                   for i in range(skip, lowest + 2 - window)]
         steepest = float(lrs[skip + int(np.argmin(slopes)) + window // 2])
     return {"steepest": steepest, "min_lr_over_10": float(lrs[lowest]) / 10.0, "min_loss_lr": float(lrs[lowest]),
-            "skipped_steps": skip}
+            "skipped_steps": skip, "fall": float(1.0 - smoothed[lowest] / smoothed[skip])}
 
 
 def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, start: float = 1e-7,
@@ -153,9 +155,15 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
     if len(losses) < 5:
         raise UserError(f"the loss diverged after {len(losses)} steps from lr {start:g}; lower --start")
     lrs_a, smoothed = np.array(lrs), smooth(losses)
+    suggestion = suggest(lrs_a, smoothed)
+    if suggestion["fall"] < FLAT:
+        flat = (f"the smoothed loss fell by {suggestion['fall']:.1%} only over the range: the suggestion is not a "
+                "rate to trust (more --steps, another range, or a stage that can learn)")
+        logging.warning(flat)
+        note = f"{note}; {flat}" if note else flat
     result = {"stage": st.name, "unfreeze": st.unfreeze, "optimizer": type(getattr(optimizer, "inner_optimizer", optimizer)).__name__.lower(),
               "note": note, "steps_run": len(losses), "start": start, "end": end,
-              "lrs": lrs, "losses": losses, "smoothed": smoothed.tolist(), "suggestion": suggest(lrs_a, smoothed),
+              "lrs": lrs, "losses": losses, "smoothed": smoothed.tolist(), "suggestion": suggestion,
               "seconds": time.perf_counter() - t0, "traces": trainer.tracing_count()}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "lr_find.json"), "w") as f:
