@@ -300,7 +300,8 @@ def test_each_optimizer_is_built_on_the_variables_of_its_stages_only():
 
 def _logged_rates(wd):
     import json
-    return [(h["stage"], h["step"], h["learning_rate"]) for h in json.loads((wd / "results.json").read_text())["history"]]
+    history = json.loads((wd / "results.json").read_text())["history"]
+    return [(h["stage"], h["step"], h["learning_rate"]) for h in history]
 
 
 # A stage's own SGD after the head's Adam, continued by a third stage: every kind of stage start.

@@ -92,7 +92,8 @@ def check_steps(stage: StageConfig, steps_per_epoch: int) -> None:
     steps, warm = stage.epochs * steps_per_epoch, int(round(stage.warmup_epochs * steps_per_epoch))
     if stage.zero_lr_steps and stage.zero_lr_steps + warm >= steps:
         raise UserError(f"stage {stage.name!r}: zero_lr_steps={stage.zero_lr_steps} and its warmup ({warm} steps) "
-                        f"take all of its {steps} steps ({stage.epochs} epoch(s) of {steps_per_epoch} steps); use fewer")
+                        f"take all of its {steps} steps ({stage.epochs} epoch(s) of {steps_per_epoch} steps); "
+                        "use fewer")
 
 
 def build_optimizer(cfg: TrainConfig, schedule, *, name: str = "",
