@@ -55,7 +55,8 @@ class Controller:
         self._active_key, self._active = None, None
         self.t_start, self.wall_before = time.time(), 0.0
         self.first_step_seconds: float | None = None
-        self.epoch_images_per_second = self.epoch_seconds = 0.0
+        self.epoch_images_per_second: float | None = None
+        self.epoch_seconds: float | None = 0.0
 
     def _call(self, hook: str, *args) -> list:
         return [getattr(a, hook)(self.ctx, *args) for a in self.actions]
@@ -192,7 +193,7 @@ class Controller:
             if itstime(ctx.step(), every) and run.step_in_epoch < self.steps_per_epoch:
                 self.save_latest(run)
         # Said beside the epoch's validation line: Progbar prints every value with 4 decimals.
-        self.epoch_images_per_second = images / max(seconds, 1e-9)
+        self.epoch_images_per_second = images / seconds if seconds else None
         self.epoch_seconds = seconds if whole else None
         return metrics_from_sums(sums)
 
@@ -230,7 +231,9 @@ class Controller:
                             "step": step, **metrics, "train_seconds": self.epoch_seconds})
         shown = (f"val/loss {metrics['val/loss']:.4f}  val/accuracy {metrics['val/accuracy']:.4f}" if val_m
                  else f"train/loss {metrics['train/loss']:.4f} (no validation)")
-        ctx.say(f"  {shown}  ({self.epoch_images_per_second:.0f} img/s)")
+        # None after a resume that found the epoch's steps all done (saved just before its validation).
+        rate = f"  ({self.epoch_images_per_second:.0f} img/s)" if self.epoch_images_per_second is not None else ""
+        ctx.say(f"  {shown}{rate}")
         if improved:
             run.best = {"stage": stage.name, "stage_index": run.stage, "epoch": run.epoch,
                         "global_epoch": run.global_epoch, "monitor": es.monitor, "value": value,
