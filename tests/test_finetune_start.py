@@ -233,7 +233,9 @@ def test_a_checkpoints_step_sums_its_optimizers_steps_a_loss_scaled_ones_inner(t
     (["--head_epochs=1", "--continue_schedule", "--zero_lr_steps=3"], "zero_lr_steps restarts the schedule"),
     (["--head_epochs=1", "--finetune_optimizer=rmsprop"], "optimizer='rmsprop' is not valid; allowed values: adam"),
     (["--stages=epochs=1; epochs=1 continue_schedule=maybe"], "not a valid bool (1, true, yes, 0, false or no)"),
-    (["--head_epochs=1", "--finetune_optimizer=sgd", "--momentum=1.5"], "--momentum=1.5 must be in [0, 1]")])
+    (["--head_epochs=1", "--finetune_optimizer=sgd", "--momentum=1.5"], "--momentum=1.5 must be in [0, 1]"),
+    (["--head_epochs=1", "--finetune_optimizer=sgd", "--zero_lr_steps=3"], "SGD's momentum stays 0 at that rate"),
+    (["--stages=epochs=1; epochs=1 warmup=1 continue_schedule=1"], "so its own warmup would not be used")])
 def test_stage_optimizer_and_continue_schedule_refusals(args, message):
     from launch.train import config_from_args
     from research.errors import UserError
@@ -265,17 +267,57 @@ def test_resuming_with_another_stage_optimizer_is_refused_and_another_stage_is_n
     assert changes_on_resume(str(wd), config_from_args([*base, "--finetune_optimizer=adam"]), allow=False) == []
 
 
+def test_a_resume_whose_stages_give_an_optimizer_other_variables_exits_2_and_one_with_the_same_resumes(tmp_path):
+    """A stage added with the run's Adam, which so far stepped the head only (the base had
+    its own SGD): Adam's slots are checkpointed by position, so no checkpoint could be read.
+    A stage whose variables the optimizer already steps changes nothing it holds."""
+    from research.errors import UserError
+    from research.run.checkpoints import Checkpoints
+    from research.run.run_state import RunState
+
+    def checkpoints(model, adam_spec):
+        adam = build_optimizer(TrainConfig(), 1e-3)
+        sgd = build_optimizer(TrainConfig(), 1e-3, name="sgd")
+        adam.build(unfreeze.select(model, "small_cnn", adam_spec).variables)
+        sgd.build(unfreeze.select(model, "small_cnn", "all").variables)
+        return Checkpoints(str(tmp_path), model=model, base=model.get_layer("small_cnn"), optimizer=adam,
+                           stage_optimizers={"sgd": sgd})
+
+    model = _model()
+    checkpoints(model, "none").save_latest(RunState())
+    with pytest.raises(UserError, match=re.escape("the run's optimizer steps 5 variables, 2 in the checkpoint")):
+        checkpoints(_model(1), "all").restore_latest()
+    same = _model(1)
+    restored = checkpoints(same, "none").restore_latest()
+    assert restored is not None and restored[1].endswith("ckpt-1")
+    for a, b in zip(same.weights, model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_finetune_lr_with_continue_schedule_is_kept_but_said_to_be_unused(caplog):
+    from launch.train import config_from_args
+
+    config = config_from_args(["--image_size=16", "--head_epochs=1", "--continue_schedule", "--finetune_lr=1e-4"])
+    assert config.stages[1].lr == 1e-4  # a sweep's trial stays the same trial
+    assert "--finetune_lr=0.0001 is not used" in caplog.text
+
+
 def test_the_printed_plan_names_each_stages_optimizer_rate_and_start_of_fine_tuning_options():
     from launch.train import config_from_args
 
     config = config_from_args(["--image_size=16", "--stages=name=head unfreeze=none epochs=2 lr=3e-3 warmup=1; "
-                               "name=ft epochs=4 lr=1e-2 optimizer=sgd zero_lr_steps=5 base_lr_ratio=0.1; "
-                               "name=more epochs=1 lr=9 optimizer=sgd continue_schedule=1"])
-    head, ft, more = config.stages
-    assert head.describe("adam") == "unfreeze none, 2 epoch(s) at lr 0.003 (cosine, warmup 1 epoch(s)), adam"
-    assert ft.describe("adam", head) == ("unfreeze all, 4 epoch(s) at lr 0.01 (cosine), sgd, "
-                                         "5 zero-LR step(s) first, the base at lr x 0.1")
-    assert more.describe("adam", ft) == "unfreeze all, 1 epoch(s) continuing stage ft's schedule, sgd"
+                               "name=ft epochs=4 lr=1e-2 optimizer=adamw zero_lr_steps=5 base_lr_ratio=0.1; "
+                               "name=more epochs=1 optimizer=adamw continue_schedule=1; "
+                               "name=last epochs=1 optimizer=adamw continue_schedule=1"])
+    head, ft, more, last = config.stages
+    assert head.describe("adam", head) == "unfreeze none, 2 epoch(s) at lr 0.003 (cosine, warmup 1 epoch(s)), adam"
+    assert ft.describe("adam", ft) == ("unfreeze all, 4 epoch(s) at lr 0.01 (cosine), adamw, "
+                                       "5 zero-LR step(s) first, the base at lr x 0.1")
+    # Both run on ft's schedule, the lead of their span (results.json's stage lr is ft's).
+    from research.config.stage import schedule_span
+    assert [schedule_span(config.stages, i)[0].name for i in range(4)] == ["head", "ft", "ft", "ft"]
+    assert more.describe("adam", ft) == "unfreeze all, 1 epoch(s) continuing stage ft's schedule, adamw"
+    assert last.describe("adam", ft) == "unfreeze all, 1 epoch(s) continuing stage ft's schedule, adamw"
 
 
 def test_each_optimizer_is_built_on_the_variables_of_its_stages_only():
@@ -403,6 +445,7 @@ def test_the_dip_study_scores_the_first_fine_tuning_epoch_as_the_run_does(tmp_pa
         assert len(dip["curve"]) >= 3
     report = (root / "dip.md").read_text()
     assert "| zero | all | 1 |" in report and (root / "dip.png").exists()
+    assert "| val loss, head's last | val loss, highest |" in report
 
 
 def test_zero_lr_steps_that_take_the_whole_stage_exit_2_before_anything_is_written(tmp_path):

@@ -44,6 +44,8 @@ def test_a_range_test_follows_its_schedule_and_stops_when_the_loss_diverges(tmp_
     assert res["lrs"][0] <= res["suggestion"]["steepest"] <= res["lrs"][-1]
     assert (tmp_path / "lr_find.png").stat().st_size > 1000
     assert "suggested lr:" in r.stdout
+    # The note says a flat curve names no rate exactly when it is flat.
+    assert ("not a rate to trust" in res["note"]) == (res["suggestion"]["fall"] < lr_find.FLAT), res["note"]
 
 
 def test_bad_ranges_exit_2(tmp_path):

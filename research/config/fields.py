@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from absl import logging
+
 from research.config.sections import ExperimentConfig, StageConfig, check
 from research.errors import UserError
 
@@ -127,6 +129,11 @@ def parse_stages(text: str) -> tuple[StageConfig, ...]:
                 raise UserError(f"--stages: {key}={value!r} in stage {i} (counted from 0) is not a valid "
                                 f"{_STAGE_TYPES[name].__name__}"
                                 + (" (1, true, yes, 0, false or no)" if _STAGE_TYPES[name] is bool else "")) from None
+        given = [tok.partition("=")[0] for tok in part.split()]
+        unused = [k for k in given if _STAGE_ALIASES.get(k, k) in ("lr", "schedule", "warmup_epochs")
+                  ] if kwargs.get("continue_schedule") else []
+        check(not unused, f"--stages: stage {i} (counted from 0) continues the schedule of the stage before it, "
+              f"so its own {', '.join(unused)} would not be used; drop them")
         stages.append(StageConfig(**kwargs))
     return tuple(stages)
 
@@ -162,6 +169,10 @@ def simple_stages(*, head_epochs: int, finetune_lr: float | None, **stage: Any) 
         stages.append(StageConfig(**shared, name="head", unfreeze="none", epochs=head_epochs))
     if epochs > 0:
         lr = finetune_lr or stage.get("lr", StageConfig.lr)
+        if finetune_lr and stage.get("continue_schedule") and head_epochs > 0:
+            # Kept in the config as given (a sweep's trials stay the same trials); said here.
+            logging.warning("--finetune_lr=%g is not used: with --continue_schedule the fine-tuning stage goes on "
+                            "with the head stage's schedule (--lr=%g)", finetune_lr, shared.get("lr", StageConfig.lr))
         stages.append(StageConfig(**dict(stage, name="finetune" if head_epochs > 0 else "train", lr=lr)))
     return tuple(stages)
 

@@ -48,7 +48,7 @@ class StageConfig:
     zero_lr_steps: int = opt(0, "The stage's first N steps update at learning rate 0: no weight moves, the "
                              "optimizer's moments (Adam's) are estimated on N batches first; the schedule (warmup, "
                              "decay) starts after them.")
-    optimizer: str = opt("", "The stage's own optimizer: adam | sgd | adamw (empty: --optimizer's). A stage "
+    optimizer: str = opt("", f"The stage's own optimizer: {' | '.join(OPTIMIZERS)} (empty: --optimizer's). A stage "
                          "with another optimizer than the run's gets one of its own, with its own slots and step "
                          "count, checkpointed beside the run's (SGD takes --momentum).", flag="finetune_optimizer")
     continue_schedule: bool = opt(False, "The stage does not restart the learning-rate schedule: it goes on "
@@ -85,9 +85,10 @@ class StageConfig:
               f"stage {s.name!r}: gradual unfreezing adds whole blocks, and {s.unfreeze!r} names none "
               "(norm, bias, lora: and regex: parts train from the stage's start)")
 
-    def describe(self, run_optimizer: str, previous: StageConfig | None = None) -> str:
-        """The stage in the run's printed plan (`previous`: the stage before it)."""
-        rate = (f"continuing stage {previous.name}'s schedule" if self.continue_schedule and previous else
+    def describe(self, run_optimizer: str, lead: StageConfig | None = None) -> str:
+        """The stage in the run's printed plan (`lead`: the stage whose schedule it continues,
+        the first of `schedule_span`)."""
+        rate = (f"continuing stage {lead.name}'s schedule" if self.continue_schedule and lead else
                 f"at lr {self.lr:g} ({self.schedule}"
                 f"{f', warmup {self.warmup_epochs:g} epoch(s)' if self.warmup_epochs else ''})")
         extras = [f"{self.zero_lr_steps} zero-LR step(s) first" if self.zero_lr_steps else "",
@@ -110,3 +111,14 @@ class StageConfig:
     def spec(self) -> UnfreezeSpec:
         """`unfreeze`, parsed once per config (the field stays the string of the flag and config.json)."""
         return UnfreezeSpec.parse(self.unfreeze)
+
+
+def schedule_span(stages: tuple[StageConfig, ...], index: int) -> list[StageConfig]:
+    """The stages whose one schedule `stages[index]` runs on: itself, and the stages it
+    continues (`continue_schedule`) or that continue it."""
+    first = last = index
+    while first > 0 and stages[first].continue_schedule:
+        first -= 1
+    while last + 1 < len(stages) and stages[last + 1].continue_schedule:
+        last += 1
+    return list(stages[first:last + 1])

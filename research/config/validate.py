@@ -83,6 +83,9 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     check(len(set(names)) == len(names), f"stage names must be unique, got {names}")
     for s in config.stages:
         s.validate()
+        check(not (s.zero_lr_steps and s.optimizer_of(t.optimizer) == "sgd"),
+              f"stage {s.name!r}: zero_lr_steps estimates Adam's moments at learning rate 0; SGD's momentum stays "
+              "0 at that rate, so the steps would be lost")
     for prev, s in zip((None, *config.stages), config.stages):
         if s.continue_schedule:
             check(prev is not None, f"stage {s.name!r}: continue_schedule needs a stage before it to continue")

@@ -15,7 +15,8 @@ import math
 import keras
 import tensorflow as tf
 
-from research.config import StageConfig, TrainConfig, UserError
+from research.config import OPTIMIZERS, StageConfig, TrainConfig, UserError
+from research.config.stage import schedule_span
 
 
 class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -75,17 +76,6 @@ class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return {}
 
 
-def schedule_span(stages: tuple[StageConfig, ...], index: int) -> list[StageConfig]:
-    """The stages whose one schedule `stages[index]` runs on: itself, and the stages it
-    continues (`continue_schedule`) or that continue it."""
-    first = last = index
-    while first > 0 and stages[first].continue_schedule:
-        first -= 1
-    while last + 1 < len(stages) and stages[last + 1].continue_schedule:
-        last += 1
-    return list(stages[first:last + 1])
-
-
 def check_steps(stage: StageConfig, steps_per_epoch: int) -> None:
     """Raises UserError when zero-LR steps and the warmup leave the stage no step at its rate
     (known once the data gives the steps per epoch)."""
@@ -94,6 +84,15 @@ def check_steps(stage: StageConfig, steps_per_epoch: int) -> None:
         raise UserError(f"stage {stage.name!r}: zero_lr_steps={stage.zero_lr_steps} and its warmup ({warm} steps) "
                         f"take all of its {steps} steps ({stage.epochs} epoch(s) of {steps_per_epoch} steps); "
                         "use fewer")
+
+
+# Every name of research.config's OPTIMIZERS (which the flags are checked against before
+# TensorFlow starts), with the TrainConfig fields its optimizer takes.
+_OPTIMIZERS = {
+    "adam": lambda lr, cfg, **kw: keras.optimizers.Adam(lr, **kw),
+    "sgd": lambda lr, cfg, **kw: keras.optimizers.SGD(lr, momentum=cfg.momentum, **kw),
+    "adamw": lambda lr, cfg, **kw: keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay, **kw),
+}
 
 
 def build_optimizer(cfg: TrainConfig, schedule, *, name: str = "",
@@ -114,14 +113,9 @@ def build_optimizer(cfg: TrainConfig, schedule, *, name: str = "",
         # step it moves them all, so a block frozen so far is averaged as its constant value.
         clip.update(use_ema=True, ema_momentum=cfg.ema_decay)
     name = name or cfg.optimizer
-    if name == "adam":
-        opt = keras.optimizers.Adam(schedule, **clip)
-    elif name == "sgd":
-        opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum, **clip)
-    elif name == "adamw":
-        opt = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, **clip)
-    else:
-        raise UserError(f"--optimizer={name!r} is not valid; allowed values: adam, sgd, adamw")
+    if name not in _OPTIMIZERS:
+        raise UserError(f"--optimizer={name!r} is not valid; allowed values: {', '.join(OPTIMIZERS)}")
+    opt = _OPTIMIZERS[name](schedule, cfg, **clip)
     if loss_scale:
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt

@@ -299,8 +299,9 @@ def apply_policy(model: keras.Model, backbone: str, selection: Selection) -> Non
 
 
 def trainable_union(model: keras.Model, selections: list[Selection]) -> list:
-    """Every variable any of `selections` trains, in model order: what the single
-    optimizer is built on, so its checkpoint layout never changes between stages."""
+    """Every variable any of `selections` trains, in model order: what an optimizer is
+    built on (the selections of the stages it steps), so its checkpoint layout never
+    changes between stages."""
     ids = {id(v) for sel in selections for v in sel.variables}
     ordered = list(backbones.base_of(model).weights) + head_variables(model)
     return [v for v in {id(v): v for v in ordered}.values() if id(v) in ids]
@@ -325,7 +326,8 @@ def normalisation(model: keras.Model, bn: str) -> dict:
     for _, layer in backbones.leaf_layers(backbones.base_of(model)):
         if _is_norm(layer):
             counts[type(layer).__name__] = counts.get(type(layer).__name__, 0) + 1
-    meaning = BN_POLICY_MEANING[bn] if counts.get("BatchNormalization") else "no BatchNorm layer: the policy changes nothing"
+    meaning = (BN_POLICY_MEANING[bn] if counts.get("BatchNormalization")
+               else "no BatchNorm layer: the policy changes nothing")
     if set(counts) - {"BatchNormalization"}:
         meaning += "; " + _LAYER_NORMS
     return {"bn": bn, "layers": counts, "meaning": meaning}

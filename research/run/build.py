@@ -112,9 +112,10 @@ class Model:
     features: str = "top"  # what the head reads, resolved
     # `StageConfig.optimizer`s other than the run's, by name; each counts its own steps.
     stage_optimizers: dict[str, keras.optimizers.Optimizer] = dataclasses.field(default_factory=dict)
+    optimizer_name: str = "adam"  # the run's (`--optimizer`)
 
     def optimizer_for(self, stage) -> keras.optimizers.Optimizer:
-        return self.stage_optimizers.get(stage.optimizer, self.optimizer)  # "": the run's
+        return self.stage_optimizers.get(stage.optimizer_of(self.optimizer_name), self.optimizer)
 
     def step(self) -> int:
         """The run's optimizer steps: every optimizer's, as each step is one optimizer's."""
@@ -154,7 +155,7 @@ def build(config: ExperimentConfig, num_classes: int, strategy: tf.distribute.St
             optimizers[name].build(unfreeze.trainable_union(
                 model, [sel for sel, n in zip(selections, names) if n == name]))
         optimizer = optimizers.pop(run_name)
-    return Model(model, base, optimizer, schedule, size, lora, whole, features, optimizers)
+    return Model(model, base, optimizer, schedule, size, lora, whole, features, optimizers, run_name)
 
 
 def init_weights(config: ExperimentConfig, m: Model) -> None:

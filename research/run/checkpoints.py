@@ -37,6 +37,7 @@ from typing import Callable
 
 import tensorflow as tf
 from absl import logging
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from research.config import ExperimentConfig
 from research.errors import StorageError, UserError
@@ -66,8 +67,9 @@ class Checkpoints:
         # Every worker restores from the run's own ckpt/, even those that save elsewhere.
         self.restore_dir = os.path.join(workdir, "ckpt")
         self.run_best_dir = os.path.join(workdir, "best")
-        own = {f"optimizer_{name}": o for name, o in (stage_optimizers or {}).items()}
-        self.full = tf.train.Checkpoint(model=model, base=base, optimizer=optimizer, meta=self.meta, **own)
+        self.optimizers = {"optimizer": optimizer,
+                           **{f"optimizer_{name}": o for name, o in (stage_optimizers or {}).items()}}
+        self.full = tf.train.Checkpoint(model=model, base=base, meta=self.meta, **self.optimizers)
         self.weights_only = tf.train.Checkpoint(model=model, base=base, meta=self.meta)
         self.latest = tf.train.CheckpointManager(self.full, os.path.join(root, "ckpt"), max_to_keep=keep)
         self.best = tf.train.CheckpointManager(self.weights_only, os.path.join(root, "best"), max_to_keep=1)
@@ -109,17 +111,47 @@ class Checkpoints:
         paths = listed_checkpoints(self.restore_dir)
         for path in reversed(paths):
             try:
-                self.full.restore(path).assert_existing_objects_matched()
+                changed = self._optimizer_changes(path)
+                if not changed:
+                    self.full.restore(path).assert_existing_objects_matched()
             except Exception as e:  # noqa: BLE001  damaged files raise OpError, IndexError, ValueError...
                 logging.warning("checkpoint %s is unreadable (%s: %s); trying an older one",
                                 path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 continue
+            if changed:
+                workdir = os.path.dirname(self.restore_dir)
+                raise UserError(f"the run in {workdir!r} cannot resume with this config: {'; '.join(changed)} (a "
+                                "stage added, or another unfreeze spec); an optimizer's slots are checkpointed by "
+                                f"position; start a new run from its weights: --workdir=NEW --weights=ckpt:{workdir}")
             logging.info("restored checkpoint %s", path)
             return RunState.from_json(self.meta.numpy().decode()), path
         if paths:
             raise UserError(f"no readable checkpoint in {self.restore_dir!r}; "
                             "move it aside to start the run again")
         return None
+
+    def _optimizer_changes(self, path: str) -> list[str]:
+        """Each optimizer that steps another number of variables than in the checkpoint at
+        `path`: its stages' trainable sets changed, and its slots would restore into the wrong
+        variables (or fail on a shape), so no checkpoint of the run could be read."""
+        graph = trackable_object_graph_pb2.TrackableObjectGraph()
+        graph.ParseFromString(tf.train.load_checkpoint(path).get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+
+        def child(node: int | None, name: str) -> int | None:
+            if node is None:
+                return None
+            return next((c.node_id for c in graph.nodes[node].children if c.local_name == name), None)
+
+        out = []
+        for key, optimizer in self.optimizers.items():
+            saved = child(child(0, key), "_trainable_variables")  # what Keras's `build` was given
+            if saved is None:
+                continue
+            before, now = len(graph.nodes[saved].children), len(optimizer._trainable_variables)
+            if before != now:
+                name = "the run's optimizer" if key == "optimizer" else f"the stages' {key.split('_', 1)[1]}"
+                out.append(f"{name} steps {now} variables, {before} in the checkpoint")
+        return out
 
     def restore_best_weights(self) -> str | None:
         """Restores the model (weights and BN statistics) from `best/`; returns its path.

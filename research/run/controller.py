@@ -23,7 +23,8 @@ from research.config import ExperimentConfig, StageConfig
 from research.early_stopping import EarlyStopping
 from research.errors import Interrupted, NonFiniteLoss
 from research.model import unfreeze
-from research.model.optim import current_lr, loss_scale_value, schedule_span
+from research.config.stage import schedule_span
+from research.model.optim import current_lr, loss_scale_value
 from research.run.actions.base import Action, Context, Inputs
 from research.run.cadence import itstime
 from research.run.loop import add_sums, metrics_from_sums

@@ -66,12 +66,12 @@ def _unpack(vector: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 class Trainer:
-    """Owns the step functions for one model and one optimizer.
+    """Owns the step functions for one model and the optimizer stepping it.
 
     Args:
       model: the classifier (float32 logits).
-      optimizer: the run's optimizer, already built on every variable any stage may
-        train (`set_trainable` switches to a stage's own).
+      optimizer: the run's optimizer, already built on every variable its stages may
+        train (`set_trainable` switches to a stage's own, built on its stages').
       strategy: a `tf.distribute.Strategy` (the default strategy on one device).
       grad_accum_steps: micro-batches per optimizer update. Gradients are summed
         in-graph within one step, so this works under MirroredStrategy (Keras's
@@ -203,7 +203,7 @@ class Trainer:
 
         Exactly a per-variable learning rate for SGD (with momentum), Adam and
         AdamW, whose stored slots do not depend on the learning rate, while the
-        run keeps one optimizer.
+        run keeps one optimizer for them.
         """
         ctx = tf.distribute.get_replica_context()
 

@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from research.config import ExperimentConfig
+from research.config.stage import schedule_span
 from research import provenance
 from research.errors import UserError
 from research.run import actions as actions_lib
@@ -162,7 +163,7 @@ def _start(ctx: Context, ctl: Controller, run: RunState, resumed_from: str | Non
     ctx.summaries = Summaries(ctx.workdir, enabled=ctx.chief, resumed_at=run.saved_at if resumed_from else None)
     # The whole plan before the first step: --head_epochs alone also adds a fine-tuning stage.
     stages, run_opt = config.stages, config.train.optimizer
-    ctx.say("stages: " + "; ".join(f"{i + 1}. {s.name}: {s.describe(run_opt, stages[i - 1] if i else None)}"
+    ctx.say("stages: " + "; ".join(f"{i + 1}. {s.name}: {s.describe(run_opt, schedule_span(stages, i)[0])}"
                                    for i, s in enumerate(stages)))
     if resumed_from:
         ctl.wall_before = run.wall_seconds

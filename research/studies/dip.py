@@ -63,9 +63,10 @@ def run_dip_study(root: str, train_flags: list[str], make_config: MakeConfig, *,
     prepare(root, trials, make_config, rerun=rerun, log=log)
     for t in trials:
         if len(t.config.stages) < 2 or t.config.data.refit:
+            refit = " and no validation (--refit)" if t.config.data.refit else ""
             raise UserError(f"trial {t.name}: the dip study scores the fine-tuning stage that follows a first "
-                            "stage (e.g. --head_epochs=8) on validation; it has "
-                            f"{len(t.config.stages)} stage(s){' and no validation (--refit)' if t.config.data.refit else ''}")
+                            f"stage (e.g. --head_epochs=8) on validation; it has {len(t.config.stages)} stage(s)"
+                            f"{refit}")
     ready()
     run_all(root, trials, parallel=parallel, log=log)
     rows = collect(root, trials)
@@ -172,8 +173,8 @@ def write_report(root: str, summary: list[dict], rows: list[dict]) -> None:
              "`default` on the same spec and seeds; moved: `train/block_change` in the first fine-tuning epoch "
              "(‖θ − θ_start‖ / ‖θ_start‖, mean over blocks); below head: some fine-tuning epoch's mean under the "
              "head's last; val loss: the head's last, and the highest checkpoint of the first fine-tuning epoch.",
-             "", "| recipe | unfreeze | n | head's last | lowest, first ft epoch | ft epoch 1 | Δ ft epoch 1 | last ft "
-             "epoch | Δ last | moved | below head | val loss, head's last | val loss, highest |",
+             "", "| recipe | unfreeze | n | head's last | lowest, first ft epoch | ft epoch 1 | Δ ft epoch 1 "
+             "| last ft epoch | Δ last | moved | below head | val loss, head's last | val loss, highest |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         d1, dl = s["d_first"], s["d_last"]

@@ -161,8 +161,8 @@ def lr_range_test(config: ExperimentConfig, out_dir: str, *, stage: int = 0, sta
                 "rate to trust (more --steps, another range, or a stage that can learn)")
         logging.warning(flat)
         note = f"{note}; {flat}" if note else flat
-    built = type(getattr(optimizer, "inner_optimizer", optimizer)).__name__.lower()  # under a loss scale
-    result = {"stage": st.name, "unfreeze": st.unfreeze, "optimizer": built, "note": note, "steps_run": len(losses), "start": start, "end": end,
+    result = {"stage": st.name, "unfreeze": st.unfreeze, "optimizer": st.optimizer_of(config.train.optimizer),
+              "note": note, "steps_run": len(losses), "start": start, "end": end,
               "lrs": lrs, "losses": losses, "smoothed": smoothed.tolist(), "suggestion": suggestion,
               "seconds": time.perf_counter() - t0, "traces": trainer.tracing_count()}
     os.makedirs(out_dir, exist_ok=True)
