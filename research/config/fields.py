@@ -133,7 +133,7 @@ def parse_stages(text: str) -> tuple[StageConfig, ...]:
         unused = [k for k in given if _STAGE_ALIASES.get(k, k) in ("lr", "schedule", "warmup_epochs")
                   ] if kwargs.get("continue_schedule") else []
         check(not unused, f"--stages: stage {i} (counted from 0) continues the schedule of the stage before it, "
-              f"so its own {', '.join(unused)} would not be used; drop them")
+              f"so its own {', '.join(unused)} would not be used; drop {'it' if len(unused) == 1 else 'them'}")
         stages.append(StageConfig(**kwargs))
     return tuple(stages)
 
