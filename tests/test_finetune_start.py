@@ -398,18 +398,20 @@ def test_a_stage_optimizer_and_continue_schedule_resume_after_sigkill_and_match_
 @pytest.mark.slow
 def test_a_loss_scaled_stage_optimizer_and_a_second_one_resume_after_sigkill(tmp_path):
     """mixed_float16: the head's Adam and two stage optimizers (SGD, then AdamW), each
-    wrapped in its own loss scale, checkpointed and restored beside each other."""
+    wrapped in its own loss scale, checkpointed and restored beside each other; the run
+    ends on its best/ weights (weights only, whatever optimizer trained them)."""
     import json
     from tests.test_resume import assert_killed_run_resumes_bit_identically
 
     args = ["--deterministic", "--image_size=16", "--classes=0-4", "--batch_size=32", "--steps_per_loop=5",
-            "--checkpoint_keep=10", "--precision=mixed_float16", "--dropout=0.3",
+            "--checkpoint_keep=10", "--precision=mixed_float16", "--dropout=0.3", "--restore_best_weights",
             "--stages=name=head unfreeze=none epochs=1 lr=3e-3; name=ft unfreeze=top:1 epochs=1 lr=1e-2 optimizer=sgd; "
             "name=ft2 unfreeze=all epochs=2 lr=1e-4 optimizer=adamw"]
     assert_killed_run_resumes_bit_identically(tmp_path, args, 4)  # killed inside ft2
     ref = json.loads((tmp_path / "ref" / "results.json").read_text())
     assert [st["optimizer"] for st in ref["stages"]] == ["adam", "sgd", "adamw"]
     assert all("loss_scale" in h for h in ref["history"])
+    assert ref["final"]["val/loss"] == ref["best"]["val/loss"]  # the final scores are best/'s weights'
 
 
 # Both options on a second stage, with dropout and flips: every source of randomness.

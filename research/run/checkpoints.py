@@ -2,8 +2,8 @@
 `ema/`, resuming, reading weights out of a run, and the workdir lock.
 
 A checkpoint holds the model, the optimizer (slots, iteration counter, loss
-scale; and each stage's own, `optimizer_NAME`), the base model on its own (so another run can load just the backbone),
-and `meta`: the `RunState` as JSON (research/run/run_state.py). Data order and
+scale; and each stage's own, `optimizer_NAME`), the base model on its own (so
+another run can load just the backbone), and `meta`: the `RunState` as JSON (research/run/run_state.py). Data order and
 augmentation are functions of (seed, epoch), so they need no state of their own.
 
 How weights are read, and by whom:

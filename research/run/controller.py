@@ -56,8 +56,8 @@ class Controller:
         self._active_key, self._active = None, None
         self.t_start, self.wall_before = time.time(), 0.0
         self.first_step_seconds: float | None = None
-        self.epoch_images_per_second: float | None = None
-        self.epoch_seconds: float | None = 0.0
+        self.epoch_images_per_second: float | None = None  # None: no step ran (a resume at the epoch's end)
+        self.epoch_seconds: float | None = None
 
     def _call(self, hook: str, *args) -> list:
         return [getattr(a, hook)(self.ctx, *args) for a in self.actions]
@@ -232,9 +232,8 @@ class Controller:
                             "step": step, **metrics, "train_seconds": self.epoch_seconds})
         shown = (f"val/loss {metrics['val/loss']:.4f}  val/accuracy {metrics['val/accuracy']:.4f}" if val_m
                  else f"train/loss {metrics['train/loss']:.4f} (no validation)")
-        # None after a resume that found the epoch's steps all done (saved just before its validation).
-        rate = f"  ({self.epoch_images_per_second:.0f} img/s)" if self.epoch_images_per_second is not None else ""
-        ctx.say(f"  {shown}{rate}")
+        rate = self.epoch_images_per_second
+        ctx.say(f"  {shown}" + (f"  ({rate:.0f} img/s)" if rate is not None else ""))
         if improved:
             run.best = {"stage": stage.name, "stage_index": run.stage, "epoch": run.epoch,
                         "global_epoch": run.global_epoch, "monitor": es.monitor, "value": value,
